@@ -1,0 +1,65 @@
+"""Grouped-query attention: Mixtral, Qwen2-MoE (q/k/v bias), Qwen3-MoE (per-head q/k RMSNorm), Llama 4
+(chunked attention on RoPE layers, NoPE layers with temperature tuning, L2 q/k norm)."""
+
+import torch
+from torch import nn
+
+from moeserve.config import AttentionConfig, RopeConfig
+from moeserve.layers.attention.dense import causal_mask, dense_attention
+from moeserve.layers.norm import RMSNorm, rms_normalize
+from moeserve.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class GQAttention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope: RopeConfig | None,  # None: a NoPE layer
+        options: AttentionConfig,
+        norm_eps: float,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=options.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=options.o_bias)
+        if options.qk_norm == "rms":
+            self.q_norm = RMSNorm(head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim, norm_eps)
+        self.rotary = RotaryEmbedding(rope) if rope is not None else None
+        self.interleaved = rope is not None and rope.interleaved
+        self.l2_qk_norm = options.qk_norm == "l2" and rope is not None
+        self.norm_eps = norm_eps
+        self.temperature_tuning = options.temperature_tuning and rope is None
+        self.attn_scale, self.floor_scale = options.attn_scale, options.floor_scale
+        self.sliding_window = options.sliding_window
+        self.chunk_size = chunk_size
+        self.scale = head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, H], positions: [S]
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hq, D]
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hk, D]
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hk, D]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            cos, sin = (t.unsqueeze(-2) for t in self.rotary(positions))  # [S, 1, D/2]
+            q = apply_rotary(q, cos, sin, self.interleaved)
+            k = apply_rotary(k, cos, sin, self.interleaved)
+        if self.l2_qk_norm:
+            q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
+        if self.temperature_tuning:
+            q = (q * self.temperature(positions)[:, None, None]).to(q.dtype)
+        allowed = causal_mask(positions, positions, self.sliding_window, self.chunk_size)
+        out = dense_attention(q, k, v, allowed, self.scale)  # [B, S, Hq, D]
+        return self.o_proj(out.flatten(-2))
+
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+        """Llama 4 NoPE layers sharpen attention at long positions: 1 + s * log1p(floor((p + 1) / f))."""
+        return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0

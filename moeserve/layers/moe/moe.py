@@ -1,0 +1,40 @@
+import torch
+from torch import nn
+
+from moeserve.config import MoEConfig
+from moeserve.layers.mlp import MLP
+from moeserve.layers.moe.dispatch import LocalDispatcher
+from moeserve.layers.moe.experts import Experts
+from moeserve.layers.moe.router import Router
+
+
+class MoE(nn.Module):
+    """router -> dispatch -> experts -> combine (+ shared expert, optionally sigmoid-gated)."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig):
+        super().__init__()
+        self.moe = moe
+        self.gate = Router(hidden_size, moe)
+        self.experts = Experts(moe.num_experts, hidden_size, moe.intermediate_size)
+        if moe.shared_intermediate_size:
+            self.shared_experts = MLP(hidden_size, moe.shared_intermediate_size)
+        if moe.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.dispatcher = LocalDispatcher(moe.num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, H]
+        topk_ids, topk_weights = self.gate(x)  # [T, K]
+        expert_in = x
+        if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
+            expert_in = x * topk_weights.to(x.dtype)
+            topk_weights = torch.ones_like(topk_weights)
+        recv_x, counts, handle = self.dispatcher.dispatch(expert_in, topk_ids, topk_weights)
+        out = self.dispatcher.combine(self.experts(recv_x, counts), handle)
+        if hasattr(self, "shared_experts"):
+            shared = self.shared_experts(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.reshape(shape)

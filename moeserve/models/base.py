@@ -1,0 +1,86 @@
+"""What every family shares: the pre-norm decoder layer and the causal LM around it."""
+
+import re
+
+import torch
+from torch import nn
+
+from moeserve.config import ConfigFields, ModelConfig
+from moeserve.layers.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp  # dense MLP or MoE
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """embed -> [norm -> attention -> norm -> MLP or MoE] x L -> norm -> lm_head.
+
+    A family subclasses this with `parse_config`, `build_layer` and how its checkpoint names differ
+    from ours: `checkpoint_renames` (checkpoint -> ours) and `export_renames` (ours -> checkpoint),
+    regex substitutions applied in order. Our names are the Hugging Face in-memory names, with the
+    experts fused as `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I].
+    """
+
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    export_renames: tuple[tuple[str, str], ...] = ()
+    fused_experts_transposed = False  # Llama 4 stores experts as [E, H, 2I] and [E, I, H]
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, [self.build_layer(i) for i in range(config.num_layers)])
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def parse_config(cls, fields: ConfigFields) -> ModelConfig:
+        raise NotImplementedError
+
+    def build_layer(self, layer: int) -> DecoderLayer:
+        raise NotImplementedError
+
+    def is_ignored_checkpoint_key(self, name: str) -> bool:
+        """Checkpoint tensors that are not part of this model (e.g. DeepSeek's MTP layer)."""
+        return name.endswith("rotary_emb.inv_freq")
+
+    def to_our_name(self, name: str) -> str:
+        return _rename(name, self.checkpoint_renames)
+
+    def to_checkpoint_name(self, name: str) -> str:
+        return _rename(name, self.export_renames)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [B, S] -> logits [B, S, V], every sequence from position 0, no cache
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.lm_head(self.model(input_ids, positions))
+
+
+def _rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name

@@ -1,0 +1,25 @@
+"""architectures[0] of a config.json -> the model class that implements it."""
+
+from moeserve.config import ConfigError
+from moeserve.models.base import CausalLM
+from moeserve.models.deepseek import DeepseekForCausalLM
+from moeserve.models.llama4 import Llama4ForCausalLM
+from moeserve.models.mixtral import MixtralForCausalLM
+from moeserve.models.qwen_moe import QwenMoeForCausalLM
+
+ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,  # also Kimi-K2, which reuses it
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Llama4ForCausalLM": Llama4ForCausalLM,
+    "Llama4ForConditionalGeneration": Llama4ForCausalLM,  # its text model
+}
+
+
+def model_class(architecture: str, source: str) -> type[CausalLM]:
+    if architecture not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ConfigError(f"{source}: architecture '{architecture}' is not supported (supported: {supported})")
+    return ARCHITECTURES[architecture]
