@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from moeserve.config import ConfigFields, ModelConfig
+from moeserve.layers.attention.backend import AttentionBackend, DenseAttention
 from moeserve.layers.norm import RMSNorm
 
 
@@ -17,8 +18,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -29,10 +30,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden states [T, H]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, attn)
         return self.norm(x)
 
 
@@ -74,10 +76,13 @@ class CausalLM(nn.Module):
     def to_checkpoint_name(self, name: str) -> str:
         return _rename(name, self.export_renames)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
         # input_ids: [B, S] -> logits [B, S, V], every sequence from position 0, no cache
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.lm_head(self.model(input_ids, positions))
+        batch_size, seq_len = input_ids.shape
+        attn = attn or DenseAttention(batch_size, seq_len, input_ids.device)
+        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch_size)  # [B*S]
+        hidden = self.model(input_ids.flatten(), positions, attn)  # [B*S, H]
+        return self.lm_head(hidden).view(batch_size, seq_len, -1)
 
 
 def _rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:

@@ -15,7 +15,7 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 class DeepseekForCausalLM(CausalLM):
     def build_layer(self, layer: int) -> DecoderLayer:
         c = self.config
-        attn = MLAttention(c.hidden_size, c.num_heads, c.mla, c.rope, bias=c.attention.qkv_bias)
+        attn = MLAttention(c.hidden_size, c.num_heads, c.mla, c.rope, c.attention.qkv_bias, layer)
         mlp = MoE(c.hidden_size, c.moe) if c.is_moe_layer(layer) else MLP(c.hidden_size, c.intermediate_size)
         return DecoderLayer(attn, mlp, c.hidden_size, c.rms_norm_eps)
 

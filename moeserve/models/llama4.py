@@ -28,7 +28,7 @@ class Llama4ForCausalLM(CausalLM):
         a = c.attention
         rope = None if layer in a.nope_layers else c.rope
         chunk = a.chunk_size if layer in a.chunked_layers else None
-        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, rope, a, c.rms_norm_eps, chunk)
+        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, rope, a, c.rms_norm_eps, layer, chunk)
         mlp = MoE(c.hidden_size, c.moe) if c.is_moe_layer(layer) else MLP(c.hidden_size, c.intermediate_size)
         return DecoderLayer(attn, mlp, c.hidden_size, c.rms_norm_eps)
 

@@ -23,7 +23,8 @@ class MixtralForCausalLM(CausalLM):
 
     def build_layer(self, layer: int) -> DecoderLayer:
         c = self.config
-        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rope, c.attention, c.rms_norm_eps)
+        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rope, c.attention, c.rms_norm_eps,
+                           layer)
         return DecoderLayer(attn, MoE(c.hidden_size, c.moe), c.hidden_size, c.rms_norm_eps)
 
     @classmethod

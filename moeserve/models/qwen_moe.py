@@ -14,7 +14,8 @@ class QwenMoeForCausalLM(CausalLM):
 
     def build_layer(self, layer: int) -> DecoderLayer:
         c = self.config
-        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rope, c.attention, c.rms_norm_eps)
+        attn = GQAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rope, c.attention, c.rms_norm_eps,
+                           layer)
         mlp = MoE(c.hidden_size, c.moe) if c.is_moe_layer(layer) else MLP(c.hidden_size, c.intermediate_size)
         return DecoderLayer(attn, mlp, c.hidden_size, c.rms_norm_eps)
 

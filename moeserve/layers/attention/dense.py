@@ -1,4 +1,5 @@
-"""Attention over whole sequences with no cache: the plain forward and the reference for the engine."""
+"""Attention math shared by the backends: masks, eager attention (with its log-sum-exp), and the
+exact merge of two partial attentions over disjoint key sets."""
 
 import torch
 
@@ -20,19 +21,37 @@ def causal_mask(
     return allowed  # [Sq, Sk]
 
 
-def dense_attention(
-    q: torch.Tensor,  # [B, Sq, Hq, D]
-    k: torch.Tensor,  # [B, Sk, Hk, D]
-    v: torch.Tensor,  # [B, Sk, Hk, Dv]
+def attention_with_lse(
+    q: torch.Tensor,  # [..., Sq, Hq, D]
+    k: torch.Tensor,  # [..., Sk, Hk, D]
+    v: torch.Tensor,  # [..., Sk, Hk, Dv]
     allowed: torch.Tensor,  # [Sq, Sk] bool
     scale: float,
-) -> torch.Tensor:  # [B, Sq, Hq, Dv]
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [..., Sq, Hq, Dv], lse [..., Hq, Sq] fp32
     """Eager attention as Hugging Face computes it: scores in the input dtype, softmax in fp32.
-    Query head h reads KV head h // (Hq / Hk)."""
-    group = q.shape[2] // k.shape[2]
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    Query head h reads KV head h // (Hq / Hk). A query with no allowed key gets out 0, lse -inf."""
+    group = q.shape[-2] // k.shape[-2]
+    k = k.repeat_interleave(group, dim=-2)
+    v = v.repeat_interleave(group, dim=-2)
+    scores = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [..., Hq, Sq]
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0).to(q.dtype)
+    return torch.einsum("...hqk,...khd->...qhd", probs, v), lse
+
+
+def dense_attention(q, k, v, allowed, scale) -> torch.Tensor:
+    return attention_with_lse(q, k, v, allowed, scale)[0]
+
+
+def merge_attention(
+    out_a: torch.Tensor,  # [Sq, H, Dv]
+    lse_a: torch.Tensor,  # [H, Sq]
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over keys A and B from the attentions over A and over B (arXiv 2501.01005, 2.2)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).nan_to_num(0.0).transpose(0, 1).unsqueeze(-1)  # [Sq, H, 1]
+    weight_b = torch.exp(lse_b - lse).nan_to_num(0.0).transpose(0, 1).unsqueeze(-1)
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from moeserve.config import AttentionConfig, RopeConfig
-from moeserve.layers.attention.dense import causal_mask, dense_attention
 from moeserve.layers.norm import RMSNorm, rms_normalize
 from moeserve.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -20,9 +19,11 @@ class GQAttention(nn.Module):
         rope: RopeConfig | None,  # None: a NoPE layer
         options: AttentionConfig,
         norm_eps: float,
+        layer_idx: int,
         chunk_size: int | None = None,
     ):
         super().__init__()
+        self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=options.qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
@@ -41,23 +42,22 @@ class GQAttention(nn.Module):
         self.chunk_size = chunk_size
         self.scale = head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, H], positions: [S]
-        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hq, D]
-        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hk, D]
-        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))  # [B, S, Hk, D]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        # x: [T, H], positions: [T], attn: the AttentionBackend
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hq, D]
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            cos, sin = (t.unsqueeze(-2) for t in self.rotary(positions))  # [S, 1, D/2]
+            cos, sin = (t.unsqueeze(-2) for t in self.rotary(positions))  # [T, 1, D/2]
             q = apply_rotary(q, cos, sin, self.interleaved)
             k = apply_rotary(k, cos, sin, self.interleaved)
         if self.l2_qk_norm:
             q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
         if self.temperature_tuning:
             q = (q * self.temperature(positions)[:, None, None]).to(q.dtype)
-        allowed = causal_mask(positions, positions, self.sliding_window, self.chunk_size)
-        out = dense_attention(q, k, v, allowed, self.scale)  # [B, S, Hq, D]
+        out = attn.gqa(self.layer_idx, q, k, v, self.scale, self.sliding_window, self.chunk_size)  # [T, Hq, D]
         return self.o_proj(out.flatten(-2))
 
     def temperature(self, positions: torch.Tensor) -> torch.Tensor:

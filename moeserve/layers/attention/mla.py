@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeserve.config import MLAConfig, RopeConfig
-from moeserve.layers.attention.dense import causal_mask, dense_attention
+from moeserve.layers.attention.dense import attention_with_lse
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, apply_rotary, yarn_mscale
 
@@ -25,10 +25,11 @@ def mla_softmax_scale(mla: MLAConfig, rope: RopeConfig) -> float:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mla: MLAConfig, rope: RopeConfig, bias: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mla: MLAConfig, rope: RopeConfig, bias: bool, layer_idx: int):
         super().__init__()
         self.mla = mla
         self.num_heads = num_heads
+        self.layer_idx = layer_idx
         if mla.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden_size, num_heads * mla.qk_head_dim, bias=False)
         else:
@@ -43,45 +44,43 @@ class MLAttention(nn.Module):
         self.interleaved = rope.interleaved
         self.scale = mla_softmax_scale(mla, rope)
 
-    def project_q(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        # x: [T, H], positions: [T]
+        cos, sin = self.rotary(positions)  # [T, R/2]
         if self.mla.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.unflatten(-1, (self.num_heads, self.mla.qk_head_dim))  # [..., Hq, P + R]
-        q_nope, q_pe = q.split([self.mla.qk_nope_head_dim, self.mla.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rotary(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleaved)
-
-    def project_latent(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached part: c_kv [..., L] (normed latent) and k_pe [..., R] (shared rope key)."""
+        q_nope, q_pe = q.unflatten(-1, (self.num_heads, -1)).split(
+            [self.mla.qk_nope_head_dim, self.mla.qk_rope_head_dim], dim=-1)  # [T, Hq, P], [T, Hq, R]
+        q_pe = apply_rotary(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleaved)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.mla.kv_lora_rank, self.mla.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)
+        c_kv = self.kv_a_layernorm(c_kv)  # [T, L]: with k_pe [T, R], all the cache holds
+        k_pe = apply_rotary(k_pe, cos, sin, self.interleaved)
+        out = attn.mla(self.layer_idx, q_nope, q_pe, c_kv, k_pe, self)  # [T, Hq, V]
+        return self.o_proj(out.flatten(-2))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [Hq, P, L] and W_UV [Hq, V, L], views of kv_b_proj."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
         return w[:, : self.mla.qk_nope_head_dim], w[:, self.mla.qk_nope_head_dim :]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, H], positions: [S]
-        cos, sin = self.rotary(positions)
-        q_nope, q_pe = self.project_q(x, cos, sin)  # [B, S, Hq, P], [B, S, Hq, R]
-        c_kv, k_pe = self.project_latent(x, cos, sin)  # [B, S, L], [B, S, R]
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1))  # [B, S, Hq, P + V]
-        k_nope, v = kv.split([self.mla.qk_nope_head_dim, self.mla.v_head_dim], dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(-2).expand_as(q_pe)), dim=-1)
-        out = dense_attention(q, k, v, causal_mask(positions, positions), self.scale)  # [B, S, Hq, V]
-        return self.o_proj(out.flatten(-2))
 
-    def forward_absorbed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(positions)
-        q_nope, q_pe = self.project_q(x, cos, sin)
-        c_kv, k_pe = self.project_latent(x, cos, sin)
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("bshp,hpl->bshl", q_nope, w_uk)  # [B, S, Hq, L]
-        q = torch.cat((q_latent, q_pe), dim=-1)  # [B, S, Hq, L + R]
-        k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(2)  # [B, S, 1, L + R]: one KV head
-        out_latent = dense_attention(q, k, c_kv.unsqueeze(2), causal_mask(positions, positions), self.scale)
-        out = torch.einsum("bshl,hvl->bshv", out_latent, w_uv)  # [B, S, Hq, V]
-        return self.o_proj(out.flatten(-2))
+def mla_plain(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
+    """q [..., Sq, Hq, P|R] over latent keys c_kv [..., Sk, L], k_pe [..., Sk, R] -> (out [..., Sq, Hq, V], lse)."""
+    kv = attention.kv_b_proj(c_kv).unflatten(-1, (attention.num_heads, -1))  # [..., Sk, Hq, P + V]
+    k_nope, v = kv.split([attention.mla.qk_nope_head_dim, attention.mla.v_head_dim], dim=-1)
+    k_rope = k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], attention.num_heads, k_pe.shape[-1])
+    q = torch.cat((q_nope, q_pe), dim=-1)
+    k = torch.cat((k_nope, k_rope), dim=-1)
+    return attention_with_lse(q, k, v, allowed, attention.scale)
+
+
+def mla_absorbed(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
+    """The same attention as `mla_plain`, computed as MQA over the latent."""
+    w_uk, w_uv = attention.absorbed_weights()
+    q_latent = torch.einsum("...qhp,hpl->...qhl", q_nope, w_uk)  # [..., Sq, Hq, L]
+    q = torch.cat((q_latent, q_pe), dim=-1)  # [..., Sq, Hq, L + R]
+    k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(-2)  # [..., Sk, 1, L + R]: one KV head
+    out_latent, lse = attention_with_lse(q, k, c_kv.unsqueeze(-2), allowed, attention.scale)
+    return torch.einsum("...qhl,hvl->...qhv", out_latent, w_uv), lse
