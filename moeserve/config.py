@@ -227,3 +227,37 @@ def gqa_head_fields(fields: ConfigFields, num_heads: int, hidden_size: int) -> d
 def reject_sliding_window(fields: ConfigFields) -> None:
     if fields.get("use_sliding_window", False):
         raise fields.error("use_sliding_window=true is not supported for this family; set it to false")
+
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineArgs:
+    """How the engine runs a model; every field is checked, and an error names it and its range."""
+
+    model: str
+    dtype: str = "auto"  # auto: the checkpoint's dtype
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; default on CPU 512 MiB, on CUDA sized by gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0  # for requests that set no seed
+
+    def __post_init__(self):
+        def require(ok: bool, field_name: str, rule: str):
+            if not ok:
+                raise ConfigError(f"EngineArgs.{field_name} {rule}, got {getattr(self, field_name)!r}")
+
+        require(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
+        require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
+        require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
+        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
+        require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+                "must be a power of two")
+        require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")

@@ -76,13 +76,16 @@ class CausalLM(nn.Module):
     def to_checkpoint_name(self, name: str) -> str:
         return _rename(name, self.export_renames)
 
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [N, H] -> [N, V]
+
     def forward(self, input_ids: torch.Tensor, attn: AttentionBackend | None = None) -> torch.Tensor:
         # input_ids: [B, S] -> logits [B, S, V], every sequence from position 0, no cache
         batch_size, seq_len = input_ids.shape
         attn = attn or DenseAttention(batch_size, seq_len, input_ids.device)
         positions = torch.arange(seq_len, device=input_ids.device).repeat(batch_size)  # [B*S]
         hidden = self.model(input_ids.flatten(), positions, attn)  # [B*S, H]
-        return self.lm_head(hidden).view(batch_size, seq_len, -1)
+        return self.compute_logits(hidden).view(batch_size, seq_len, -1)
 
 
 def _rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:

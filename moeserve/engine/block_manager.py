@@ -1,0 +1,97 @@
+"""The paged KV cache's bookkeeping: which blocks each sequence owns, reference counts, and the
+prefix cache (full blocks keyed by a hash chained through their parent, evicted least recently used)."""
+
+import hashlib
+from collections import OrderedDict
+
+from moeserve.engine.sequence import Sequence
+
+
+def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
+    digest = hashlib.sha256(parent or b"")
+    digest.update(b",".join(str(t).encode() for t in token_ids))
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hash_of_block: list[bytes | None] = [None] * num_blocks
+        self.block_of_hash: dict[bytes, int] = {}
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def update_hashes(self, seq: Sequence) -> None:
+        for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(hash_block(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size]))
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest full-block prefix of seq; at least one token stays to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        self.update_hashes(seq)
+        blocks = []
+        for block_hash in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
+            if block_hash not in self.block_of_hash:
+                break
+            blocks.append(self.block_of_hash[block_hash])
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += len(blocks) * self.block_size
+        return blocks
+
+    def num_free_among(self, blocks: list[int]) -> int:
+        return sum(1 for b in blocks if self.ref_counts[b] == 0)
+
+    def take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+        seq.block_table = list(blocks)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+            block, _ = self.free_blocks.popitem(last=False)
+            if self.hash_of_block[block] is not None:  # evict its cached contents
+                del self.block_of_hash[self.hash_of_block[block]]
+                self.hash_of_block[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that computing has filled, so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_hashes(seq)
+        for i in range(seq.num_computed_tokens // self.block_size):
+            block, block_hash = seq.block_table[i], seq.block_hashes[i]
+            if self.hash_of_block[block] is None and block_hash not in self.block_of_hash:
+                self.hash_of_block[block] = block_hash
+                self.block_of_hash[block_hash] = block
+
+    def free(self, seq: Sequence) -> None:
+        """Release seq's blocks; its last blocks become the first evicted (least likely to be shared)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,227 @@
+"""The engine: requests in, tokens out, one scheduled step at a time."""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.config import ConfigError, EngineArgs
+from moeserve.engine.block_manager import BlockManager
+from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
+from moeserve.engine.kv_cache import allocate_kv_cache
+from moeserve.engine.memory import plan_num_blocks
+from moeserve.engine.model_runner import ModelRunner
+from moeserve.engine.outputs import CompletionOutput, RequestOutput
+from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.layers.sampler import Sampler
+from moeserve.loader.model_loader import load_config, resolve_checkpoint
+from moeserve.loader.model_loader import load_model
+from moeserve.loader.tokenizer import load_tokenizer
+from moeserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | dict  # text, or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class Engine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        config = load_config(args.model)
+        self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
+        self.model = load_model(args.model, self.dtype, self.device)
+        self.config = config
+        self.tokenizer = self.try_load_tokenizer(args.model)
+        self.max_model_len = args.max_model_len or config.max_position_embeddings
+        eos = set(config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.dtype, self.device)
+        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        sampler = Sampler(config.vocab_size, self.device, args.seed)
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, sampler, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.request_counter = itertools.count()
+        capacity = num_blocks * args.block_size
+        logger.info("KV cache: %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
+                    capacity, num_blocks, args.block_size, capacity / self.max_model_len, self.max_model_len)
+
+    @staticmethod
+    def try_load_tokenizer(model: str):
+        try:
+            return load_tokenizer(model)
+        except FileNotFoundError:
+            logger.warning("%s has no tokenizer: prompts must be token ids and outputs have no text", model)
+            return None
+
+    # Requests
+
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        """Check and tokenize a request without touching the engine's state (safe from any thread)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self.request_counter))
+        text, token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if not all(0 <= t < self.config.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which "
+                             "must leave room for at least one generated token")
+        max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
+        if len(token_ids) + max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={max_tokens} with a {len(token_ids)}-token prompt exceeds max_model_len="
+                             f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - len(token_ids)}")
+        params.check_token_ids(self.config.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+        seqs = [self.make_sequence(request_id, i, token_ids, params, max_tokens) for i in range(params.n)]
+        return Request(request_id, text, token_ids, params, seqs)
+
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+        return text, self.tokenizer.encode(text)
+
+    def make_sequence(self, request_id, index, token_ids, params, max_tokens) -> Sequence:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        seq = Sequence(request_id, index, list(token_ids), params, max_tokens, generator)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first prompt token has no logprob
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        return seq
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        request = self.make_request(prompt, params, request_id)
+        self.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self.output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # Steps
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        result = self.runner.execute(scheduled)
+        for seq, num_new in scheduled:
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq)
+            for index, entry in result.prompt_logprobs.get(id(seq), []):
+                if index == len(seq.prompt_logprobs):
+                    seq.prompt_logprobs.append(entry)
+        touched: dict[str, Request] = {}
+        for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
+            self.append_token(seq, token, logprobs)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self.output(request) for request in touched.values()]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or time.monotonic()
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            self.update_text(seq)
+        if seq.finish_reason is None and (seq.num_output_tokens >= seq.max_tokens or
+                                          seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def update_text(self, seq: Sequence) -> None:
+        if seq.detokenizer is None:
+            return
+        new = seq.detokenizer.new_text(seq.token_ids)
+        seq.text += new
+        stops = seq.params.stop
+        if not stops or seq.num_output_tokens < seq.params.min_tokens:
+            return
+        found = find_stop(seq.text, len(seq.text) - len(new), stops)
+        if found is not None:
+            start, stop = found
+            seq.text = seq.text[: start + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+            seq.held_back = 0
+        else:
+            seq.held_back = partial_stop_length(seq.text, stops)
+
+    def output(self, request: Request) -> RequestOutput:
+        wants_logprobs = request.params.logprobs is not None
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.visible_text,
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+                logprobs=list(seq.logprobs) if wants_logprobs else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=list(first.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
+            outputs=completions,
+            finished=all(seq.is_finished for seq in request.seqs),
+            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time or 0.0},
+        )

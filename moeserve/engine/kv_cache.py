@@ -1,0 +1,29 @@
+"""The KV cache tensors: allocated once, one view per layer.
+
+MLA layers cache only the latent, [c_kv | k_pe] (kv_lora_rank + qk_rope_head_dim values per token);
+GQA layers cache K and V per KV head.
+"""
+
+import math
+
+import torch
+
+from moeserve.config import ModelConfig
+
+
+def layer_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    if config.mla is not None:
+        return (num_blocks, block_size, config.mla.latent_dim)
+    return (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    per_layer = math.prod(layer_cache_shape(config, 1, block_size))
+    return config.num_layers * per_layer * torch.tensor([], dtype=dtype).element_size()
+
+
+def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> list[torch.Tensor]:
+    shape = layer_cache_shape(config, num_blocks, block_size)
+    cache = torch.zeros((config.num_layers, *shape), dtype=dtype, device=device)
+    return list(cache.unbind(0))

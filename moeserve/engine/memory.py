@@ -1,0 +1,54 @@
+"""How many KV blocks fit: a fixed budget on CPU; on CUDA what a profiling pass of the largest batch
+leaves under gpu_memory_utilization."""
+
+import logging
+
+import torch
+
+from moeserve.config import ConfigError, EngineArgs
+from moeserve.engine.kv_cache import bytes_per_block
+from moeserve.layers.attention.backend import DenseAttention
+from moeserve.models.base import CausalLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
+
+
+@torch.no_grad()
+def profile_peak_activation_bytes(model: CausalLM, args: EngineArgs, max_model_len: int, device) -> int:
+    """Peak memory above the weights while running the largest step: a full token budget, then the
+    logits of max_num_seqs rows."""
+    num_tokens = min(args.max_num_batched_tokens, max_model_len)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    hidden = model.model(ids, torch.arange(num_tokens, device=device), DenseAttention(1, num_tokens, device))
+    rows = min(args.max_num_seqs, num_tokens)
+    torch.softmax(model.compute_logits(hidden[:rows]).float(), dim=-1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del hidden
+    torch.cuda.empty_cache()
+    return peak
+
+
+def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device) -> int:
+    block_bytes = bytes_per_block(model.config, args.block_size, dtype)
+    if args.kv_cache_memory is not None:
+        budget = args.kv_cache_memory
+    elif device.type == "cuda":
+        activations = profile_peak_activation_bytes(model, args, max_model_len, device)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = args.gpu_memory_utilization * total - (total - free) - activations
+        logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after loading, %.2f GiB peak activations",
+                    total / 2**30, (total - free) / 2**30, activations / 2**30)
+    else:
+        budget = DEFAULT_CPU_KV_CACHE_BYTES
+    num_blocks = int(budget // block_bytes)
+    if num_blocks * args.block_size < max_model_len:
+        raise ConfigError(f"the KV cache holds {max(num_blocks, 0) * args.block_size} tokens, fewer than "
+                          f"max_model_len={max_model_len}: lower max_model_len or give the cache more memory "
+                          "(kv_cache_memory, gpu_memory_utilization)")
+    return num_blocks

@@ -1,0 +1,80 @@
+"""One engine step on the model: build the flattened batch, run the forward over the paged cache,
+sample the sequences whose tokens are all computed, and gather prompt logprobs when asked."""
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.engine.paged_attention import PagedAttention, PagedBatch
+from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
+from moeserve.models.base import CausalLM
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]  # sequences that got a new token, in the order of `output`
+    output: SamplerOutput
+    prompt_logprobs: dict[int, list[tuple[int, dict[int, Logprob]]]]  # id(seq) -> [(prompt index, entry)]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, sampler: Sampler,
+                 eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sampler = sampler
+        self.eos_token_ids = eos_token_ids
+        self.device = next(model.parameters()).device
+
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(seq.block_table, dtype=torch.long)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    @torch.no_grad()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        input_ids, positions, slot_mapping, context_slots = [], [], [], []
+        sample_rows, sampled, prompt_rows = [], [], []
+        offset = 0
+        for seq, num_new in scheduled:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping.append(self.slots(seq, start, end))
+            context_slots.append(self.slots(seq, 0, end).to(self.device))
+            if end == seq.num_tokens:
+                sample_rows.append(offset + num_new - 1)
+                sampled.append(seq)
+            if seq.params.prompt_logprobs is not None:
+                # the logits at position p score prompt token p + 1
+                prompt_rows += [(seq, offset + p - start, p + 1) for p in range(start, min(end, seq.num_prompt_tokens - 1))
+                                if p + 1 >= len(seq.prompt_logprobs)]
+            offset += num_new
+        batch = PagedBatch(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            query_lens=[n for _, n in scheduled],
+            context_lens=[seq.num_computed_tokens + n for seq, n in scheduled],
+            context_slots=context_slots,
+        )
+        ids = torch.tensor(input_ids, device=self.device)
+        hidden = self.model.model(ids, torch.tensor(positions, device=self.device),
+                                  PagedAttention(self.kv_caches, batch))  # [T, H]
+        output = SamplerOutput([], [])
+        if sampled:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            output = self.sampler(logits, sampled, self.eos_token_ids)
+        return StepResult(sampled, output, self.prompt_logprobs(hidden, ids, prompt_rows))
+
+    def prompt_logprobs(self, hidden, ids, rows) -> dict[int, list[tuple[int, dict[int, Logprob]]]]:
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[[row for _, row, _ in rows]]).float()
+        targets = torch.tensor([seq.token_ids[index] for seq, _, index in rows], device=self.device)
+        entries = token_logprobs(torch.log_softmax(logits, dim=-1), targets,
+                                 [seq.params.prompt_logprobs for seq, _, _ in rows])
+        result: dict[int, list] = {}
+        for (seq, _, index), entry in zip(rows, entries):
+            result.setdefault(id(seq), []).append((index, entry))
+        return result

@@ -1,0 +1,93 @@
+"""SamplingParams: what a request asks of the sampler, with vLLM's names, defaults and ranges."""
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter out of range; the message names the field and its allowed range."""
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per generated token (the sampled one is added)
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        check = _Checker()
+        check.int_range("n", self.n, 1, MAX_N)
+        check.float_range("temperature", self.temperature, 0.0, None)
+        check.that("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]", self.top_p)
+        check.that("top_k", isinstance(self.top_k, int) and (self.top_k >= 1 or self.top_k in (0, -1)),
+                   "must be 0 or -1 (off) or a positive integer", self.top_k)
+        check.float_range("min_p", self.min_p, 0.0, 1.0)
+        check.float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check.float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check.that("repetition_penalty", self.repetition_penalty > 0, "must be greater than 0", self.repetition_penalty)
+        if self.max_tokens is not None:
+            check.int_range("max_tokens", self.max_tokens, 1, None)
+        check.int_range("min_tokens", self.min_tokens, 0, self.max_tokens)
+        check.that("seed", self.seed is None or isinstance(self.seed, int), "must be an integer", self.seed)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                check.int_range(name, value, 0, MAX_LOGPROBS)
+        check.that("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings", self.stop)
+        check.that("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+                   "must not be empty", self.allowed_token_ids)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids in the request must exist in the model's vocabulary."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
+                          ("allowed_token_ids", self.allowed_token_ids or [])):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise SamplingParamsError(f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary "
+                                          f"[0, {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+class _Checker:
+    def that(self, name, ok, rule, value):
+        if not ok:
+            raise SamplingParamsError(f"SamplingParams.{name} {rule}, got {value!r}")
+
+    def int_range(self, name, value, low, high):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        self.that(name, ok, f"must be an integer in [{low}, {'inf' if high is None else high}]", value)
+
+    def float_range(self, name, value, low, high):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+        ok = ok and (high is None or value <= high)
+        self.that(name, ok, f"must be a number in [{low}, {'inf' if high is None else high}]", value)
