@@ -4,43 +4,84 @@ import argparse
 import logging
 import sys
 
-import torch
+from moeserve.config import EngineArgs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineArgs(model="")
+    parser.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
+    parser.add_argument("--dtype", default=defaults.dtype, help="auto (the checkpoint's), float32, bfloat16, float16")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU default 512 MiB)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def engine_args(args: argparse.Namespace) -> dict:
+    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed")
+    return {name: getattr(args, name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moeserve", description="Serve Mixture-of-Experts language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="complete a prompt greedily (no KV cache yet)")
-    generate.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
-    generate.add_argument("--prompt", required=True)
+    generate = commands.add_parser("generate", help="complete prompts")
+    add_engine_arguments(generate)
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     generate.add_argument("--max-tokens", type=int, default=32)
-    generate.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the requests' draws")
+    generate.add_argument("--n", type=int, default=1)
     generate.set_defaults(run=run_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    throughput = bench.add_parser("throughput", help="offline generation throughput")
+    add_engine_arguments(throughput)
+    throughput.add_argument("--num-prompts", type=int, default=64)
+    throughput.add_argument("--input-len", type=int, default=128)
+    throughput.add_argument("--output-len", type=int, default=64)
+    throughput.set_defaults(run=run_throughput)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError: the message says what to do
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, SamplingParamsError: the message says what to do
         print(f"moeserve: error: {e}", file=sys.stderr)
         return 2
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from moeserve import load_model, load_tokenizer
-    from moeserve.generate import greedy_generate
+    from moeserve.llm import LLM
+    from moeserve.sampling_params import SamplingParams
 
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    model = load_model(args.model, DTYPES[args.dtype], args.device)
-    tokenizer = load_tokenizer(args.model)
-    prompt_ids = tokenizer.encode(args.prompt)
-    output_ids = greedy_generate(model, prompt_ids, args.max_tokens)
-    print(args.prompt + tokenizer.decode(output_ids))
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed,
+                            max_tokens=args.max_tokens)
+    llm = LLM(args.model, **engine_args(args))
+    for prompt, output in zip(args.prompt, llm.generate(args.prompt, params)):
+        for completion in output.outputs:
+            print(prompt + completion.text)
+    return 0
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from moeserve.bench.throughput import run_throughput as measure
+    from moeserve.llm import LLM
+
+    llm = LLM(args.model, **engine_args(args))
+    print(measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed).report())
     return 0
 
 

@@ -1,29 +1,33 @@
-import torch
-
-import moeserve
 from moeserve.cli import main
-from moeserve.generate import greedy_generate
+from moeserve.llm import LLM
+from moeserve.sampling_params import SamplingParams
 
 
-def test_generate_prints_prompt_and_greedy_completion(capsys):
-    assert main(["generate", "--model", "tiny-qwen2-moe", "--prompt", "Once upon a time", "--max-tokens", "8"]) == 0
-    printed = capsys.readouterr().out.strip()
-    model = moeserve.load_model("tiny-qwen2-moe", progress=False)
-    tokenizer = moeserve.load_tokenizer("tiny-qwen2-moe")
-    expected = greedy_generate(model, tokenizer.encode("Once upon a time"), 8)
-    assert printed == "Once upon a time" + tokenizer.decode(expected)
+def test_generate_prints_prompt_and_completion_through_the_engine(capsys):
+    args = ["generate", "--model", "tiny-qwen2-moe", "--prompt", "Once upon a time", "--prompt", "Hello",
+            "--max-tokens", "8", "--temperature", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    outputs = LLM("tiny-qwen2-moe").generate(["Once upon a time", "Hello"], SamplingParams(temperature=0, max_tokens=8))
+    assert printed == ["Once upon a time" + outputs[0].outputs[0].text, "Hello" + outputs[1].outputs[0].text]
 
 
-def test_greedy_generate_takes_the_argmax_each_step():
-    model = moeserve.load_model("tiny-mixtral", progress=False)
-    prompt = [5, 17, 42]
-    output = greedy_generate(model, prompt, 5)
-    ids = torch.tensor([prompt + output])
-    logits = model(ids)[0]
-    for i, token in enumerate(output):
-        assert token == int(logits[len(prompt) - 1 + i].argmax())
+def test_seeded_sampling_from_the_command_line_is_reproducible(capsys):
+    args = ["generate", "--model", "tiny-mixtral", "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0.8",
+            "--top-p", "0.9", "--sampling-seed", "3"]
+    assert main(args) == 0 and main(args) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second
 
 
-def test_bad_model_name_is_a_clear_error(capsys):
+def test_bench_throughput_reports_rates(capsys):
+    args = ["bench", "throughput", "--model", "tiny-mixtral", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
+    assert main(args) == 0
+    assert "4 requests in" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_clear_errors(capsys):
     assert main(["generate", "--model", "nope", "--prompt", "x"]) == 2
     assert "neither a checkpoint folder nor a preset" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--top-p", "2"]) == 2
+    assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err

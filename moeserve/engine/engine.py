@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class Engine:
         self.model = load_model(args.model, self.dtype, self.device)
         self.config = config
         self.tokenizer = self.try_load_tokenizer(args.model)
+        self.tokenizer_lock = threading.Lock()  # requests are tokenized on the caller's thread
         self.max_model_len = args.max_model_len or config.max_position_embeddings
         eos = set(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -104,7 +106,8 @@ class Engine:
             raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
-        return text, self.tokenizer.encode(text)
+        with self.tokenizer_lock:
+            return text, self.tokenizer.encode(text)
 
     def make_sequence(self, request_id, index, token_ids, params, max_tokens) -> Sequence:
         generator = None
@@ -187,7 +190,8 @@ class Engine:
     def update_text(self, seq: Sequence) -> None:
         if seq.detokenizer is None:
             return
-        new = seq.detokenizer.new_text(seq.token_ids)
+        with self.tokenizer_lock:
+            new = seq.detokenizer.new_text(seq.token_ids)
         seq.text += new
         stops = seq.params.stop
         if not stops or seq.num_output_tokens < seq.params.min_tokens:
