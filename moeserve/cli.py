@@ -20,11 +20,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default=defaults.load_format,
+                        help="dummy: random weights (benchmarks; works for the real-shape presets)")
 
 
 def engine_args(args: argparse.Namespace) -> dict:
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed")
+             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed", "load_format")
     return {name: getattr(args, name) for name in names}
 
 

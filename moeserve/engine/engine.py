@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import EngineArgs
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
 from moeserve.engine.kv_cache import allocate_kv_cache
@@ -18,8 +18,9 @@ from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Logprob, Sequence
 from moeserve.layers.sampler import Sampler
-from moeserve.loader.model_loader import load_config, resolve_checkpoint
-from moeserve.loader.model_loader import load_model
+from moeserve.loader.model_loader import build_model, load_config, load_model
+from moeserve.loader.presets import SHAPE_PRESETS
+from moeserve.loader.random_init import random_init
 from moeserve.loader.tokenizer import load_tokenizer
 from moeserve.sampling_params import SamplingParams
 
@@ -44,9 +45,13 @@ class Engine:
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         config = load_config(args.model)
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
-        self.model = load_model(args.model, self.dtype, self.device)
+        if args.load_format == "dummy":
+            self.model = build_model(config, self.dtype, self.device)
+            random_init(self.model, args.seed)
+        else:
+            self.model = load_model(args.model, self.dtype, self.device)
         self.config = config
-        self.tokenizer = self.try_load_tokenizer(args.model)
+        self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
         self.tokenizer_lock = threading.Lock()  # requests are tokenized on the caller's thread
         self.max_model_len = args.max_model_len or config.max_position_embeddings
         eos = set(config.eos_token_ids)

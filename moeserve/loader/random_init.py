@@ -7,12 +7,14 @@ from moeserve.models.base import CausalLM
 
 def random_init(model: CausalLM, seed: int) -> None:
     """Weights with unit-scale activations (std 1/sqrt(fan_in)), norms near 1, small biases, and
-    routers spread wide enough that top-k choices are far from ties. Same seed, same weights."""
-    generator = torch.Generator().manual_seed(seed)
+    routers spread wide enough that top-k choices are far from ties. Drawn on the parameters' device:
+    same seed and device, same weights."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     hidden = model.config.hidden_size
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator)
+            noise = torch.randn(param.shape, generator=generator, device=device)
             if name.endswith("embed_tokens.weight"):
                 value = noise
             elif name.endswith("mlp.gate.weight"):  # router
