@@ -36,19 +36,21 @@ def profile_peak_activation_bytes(model: CausalLM, args: EngineArgs, max_model_l
 
 def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device) -> int:
     block_bytes = bytes_per_block(model.config, args.block_size, dtype)
+    where = ""
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory
     elif device.type == "cuda":
         activations = profile_peak_activation_bytes(model, args, max_model_len, device)
         free, total = torch.cuda.mem_get_info(device)
         budget = args.gpu_memory_utilization * total - (total - free) - activations
-        logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after loading, %.2f GiB peak activations",
-                    total / 2**30, (total - free) / 2**30, activations / 2**30)
+        where = (f" (GPU: {total / 2**30:.1f} GiB, {(total - free) / 2**30:.1f} GiB in use with this model's weights "
+                 f"and anything else on the GPU, {activations / 2**30:.2f} GiB peak activations)")
+        logger.info("KV cache budget %.1f GiB%s", budget / 2**30, where)
     else:
         budget = DEFAULT_CPU_KV_CACHE_BYTES
-    num_blocks = int(budget // block_bytes)
+    num_blocks = max(int(budget // block_bytes), 0)
     if num_blocks * args.block_size < max_model_len:
-        raise ConfigError(f"the KV cache holds {max(num_blocks, 0) * args.block_size} tokens, fewer than "
-                          f"max_model_len={max_model_len}: lower max_model_len or give the cache more memory "
+        raise ConfigError(f"the KV cache holds {num_blocks * args.block_size} tokens, fewer than "
+                          f"max_model_len={max_model_len}{where}: lower max_model_len or give the cache more memory "
                           "(kv_cache_memory, gpu_memory_utilization)")
     return num_blocks

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.engine.paged_attention import PagedAttention, PagedBatch
+from torch.nn.utils.rnn import pad_sequence
+
+from moeserve.engine.paged_attention import Chunk, PagedAttention, PagedBatch
 from moeserve.engine.sequence import Logprob, Sequence
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
 from moeserve.models.base import CausalLM
@@ -35,7 +37,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
-        input_ids, positions, slot_mapping, context_slots = [], [], [], []
+        input_ids, positions, slot_mapping, chunks = [], [], [], []
+        decode_rows, decode_slots = [], []
         sample_rows, sampled, prompt_rows = [], [], []
         offset = 0
         for seq, num_new in scheduled:
@@ -43,7 +46,11 @@ class ModelRunner:
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slot_mapping.append(self.slots(seq, start, end))
-            context_slots.append(self.slots(seq, 0, end).to(self.device))
+            if num_new == 1:
+                decode_rows.append(offset)
+                decode_slots.append(self.slots(seq, 0, end))
+            else:
+                chunks.append(Chunk(slice(offset, offset + num_new), self.slots(seq, 0, end).to(self.device)))
             if end == seq.num_tokens:
                 sample_rows.append(offset + num_new - 1)
                 sampled.append(seq)
@@ -54,9 +61,11 @@ class ModelRunner:
             offset += num_new
         batch = PagedBatch(
             slot_mapping=torch.cat(slot_mapping).to(self.device),
-            query_lens=[n for _, n in scheduled],
-            context_lens=[seq.num_computed_tokens + n for seq, n in scheduled],
-            context_slots=context_slots,
+            chunks=chunks,
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
+            decode_slots=(pad_sequence(decode_slots, batch_first=True) if decode_slots
+                          else torch.zeros(0, 0, dtype=torch.long)).to(self.device),
+            decode_positions=torch.tensor([positions[r] for r in decode_rows], dtype=torch.long, device=self.device),
         )
         ids = torch.tensor(input_ids, device=self.device)
         hidden = self.model.model(ids, torch.tensor(positions, device=self.device),

@@ -1,9 +1,10 @@
 """Attention over the paged KV cache: the torch reference backend.
 
-Each step writes the new tokens' keys (or MLA latents) through the slot mapping, then every sequence
-attends over its whole context, read through its block table. MLA decodes in the absorbed form over
-the latent; an MLA prefill chunk attends to itself causally in the plain form and to its cached
-context in a second pass, and the two are merged by log-sum-exp.
+Each step writes the new tokens' keys (or MLA latents) through the slot mapping, then attends over
+each sequence's whole context, read through its block table. Decodes (one new token) attend
+together in one padded batch; prefill chunks attend one sequence at a time. MLA decodes in the
+absorbed form over the latent; an MLA prefill chunk attends to itself causally in the plain form and
+to its cached context in a second pass, and the two are merged by log-sum-exp.
 """
 
 from dataclasses import dataclass
@@ -15,27 +16,31 @@ from moeserve.layers.attention.mla import mla_absorbed, mla_plain
 
 
 @dataclass
-class PagedBatch:
-    """Where each sequence's tokens live. Sequences are in batch order; tokens are flattened."""
+class Chunk:
+    """A sequence computing several tokens this step."""
 
+    tokens: slice  # its rows in the flattened batch
+    context_slots: torch.Tensor  # [context_len] cache slots of all its tokens, this step's included
+
+
+@dataclass
+class PagedBatch:
     slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
-    query_lens: list[int]  # new tokens of each sequence
-    context_lens: list[int]  # tokens in the cache for each sequence once this step's are written
-    context_slots: list[torch.Tensor]  # per sequence: [context_len] slots of its tokens, in order
+    chunks: list[Chunk]
+    decode_rows: torch.Tensor  # [N] rows of the sequences computing one token
+    decode_slots: torch.Tensor  # [N, Lmax] their context slots, padded (padding sits past the query)
+    decode_positions: torch.Tensor  # [N] position of each decode token
 
 
 class PagedAttention:
     def __init__(self, kv_caches: list[torch.Tensor], batch: PagedBatch):
         self.kv_caches = kv_caches
         self.batch = batch
+        decode = batch.decode_slots
+        self.decode_key_positions = torch.arange(decode.shape[-1], device=decode.device)
 
-    def sequences(self):
-        """(token range of the sequence in the batch, its context length, its context slots)."""
-        start = 0
-        for query_len, context_len, slots in zip(self.batch.query_lens, self.batch.context_lens,
-                                                 self.batch.context_slots):
-            yield slice(start, start + query_len), context_len, slots
-            start += query_len
+    def decode_mask(self, sliding_window=None, chunk_size=None) -> torch.Tensor:  # [N, 1, Lmax]
+        return causal_mask(self.batch.decode_positions[:, None], self.decode_key_positions, sliding_window, chunk_size)
 
     def gqa(self, layer, q, k, v, scale, sliding_window, chunk_size):
         cache = self.kv_caches[layer]  # [2, num_blocks, block_size, Hk, D]
@@ -43,33 +48,44 @@ class PagedAttention:
         keys[self.batch.slot_mapping] = k
         values[self.batch.slot_mapping] = v
         out = torch.empty_like(q)
-        for tokens, context_len, slots in self.sequences():
+        rows, slots = self.batch.decode_rows, self.batch.decode_slots
+        if rows.numel():
+            out[rows] = attention_with_lse(q[rows, None], keys[slots], values[slots],
+                                           self.decode_mask(sliding_window, chunk_size), scale)[0][:, 0]
+        for chunk in self.batch.chunks:
+            context_len = chunk.context_slots.numel()
             positions = torch.arange(context_len, device=q.device)
-            allowed = causal_mask(positions[context_len - q[tokens].shape[0] :], positions, sliding_window, chunk_size)
-            out[tokens] = attention_with_lse(q[tokens], keys[slots], values[slots], allowed, scale)[0]
+            query_positions = positions[context_len - q[chunk.tokens].shape[0] :]
+            allowed = causal_mask(query_positions, positions, sliding_window, chunk_size)
+            out[chunk.tokens] = attention_with_lse(q[chunk.tokens], keys[chunk.context_slots],
+                                                   values[chunk.context_slots], allowed, scale)[0]
         return out
 
     def mla(self, layer, q_nope, q_pe, c_kv, k_pe, attention):
         latent_cache = self.kv_caches[layer].flatten(0, 1)  # [slots, L + R]
-        kv_lora_rank = c_kv.shape[-1]
+        rank = c_kv.shape[-1]
         latent_cache[self.batch.slot_mapping] = torch.cat((c_kv, k_pe), dim=-1)
         out = q_nope.new_empty(*q_nope.shape[:2], attention.mla.v_head_dim)
-        for tokens, context_len, slots in self.sequences():
-            query_len = q_nope[tokens].shape[0]
-            latent = latent_cache[slots]  # [context_len, L + R]
-            cached_c_kv, cached_k_pe = latent[:, :kv_lora_rank], latent[:, kv_lora_rank:]
-            positions = torch.arange(context_len, device=q_nope.device)
-            new = slice(context_len - query_len, context_len)
-            if query_len == 1:  # decode: MQA over the latent
-                out[tokens] = mla_absorbed(attention, q_nope[tokens], q_pe[tokens], cached_c_kv, cached_k_pe,
-                                           causal_mask(positions[new], positions))[0]
-                continue
-            out_new, lse_new = mla_plain(attention, q_nope[tokens], q_pe[tokens], cached_c_kv[new], cached_k_pe[new],
-                                         causal_mask(positions[new], positions[new]))
-            if query_len < context_len:  # a later chunk: also attend to the cached context
-                past = slice(0, context_len - query_len)
-                out_past, lse_past = mla_plain(attention, q_nope[tokens], q_pe[tokens], cached_c_kv[past],
-                                               cached_k_pe[past], causal_mask(positions[new], positions[past]))
-                out_new = merge_attention(out_new, lse_new, out_past, lse_past)
-            out[tokens] = out_new
+        rows = self.batch.decode_rows
+        if rows.numel():  # MQA over the latent
+            latent = latent_cache[self.batch.decode_slots]  # [N, Lmax, L + R]
+            out[rows] = mla_absorbed(attention, q_nope[rows, None], q_pe[rows, None], latent[..., :rank],
+                                     latent[..., rank:], self.decode_mask())[0][:, 0]
+        for chunk in self.batch.chunks:
+            out[chunk.tokens] = self.mla_chunk(attention, q_nope[chunk.tokens], q_pe[chunk.tokens],
+                                               latent_cache[chunk.context_slots], rank)
+        return out
+
+    @staticmethod
+    def mla_chunk(attention, q_nope, q_pe, latent, rank):
+        """New tokens over themselves (causal), then over the cached context; merged by log-sum-exp."""
+        query_len, context_len = q_nope.shape[0], latent.shape[0]
+        c_kv, k_pe = latent[:, :rank], latent[:, rank:]
+        positions = torch.arange(context_len, device=q_nope.device)
+        new, past = slice(context_len - query_len, context_len), slice(0, context_len - query_len)
+        out, lse = mla_plain(attention, q_nope, q_pe, c_kv[new], k_pe[new], causal_mask(positions[new], positions[new]))
+        if query_len < context_len:
+            out_past, lse_past = mla_plain(attention, q_nope, q_pe, c_kv[past], k_pe[past],
+                                           causal_mask(positions[new], positions[past]))
+            out = merge_attention(out, lse, out_past, lse_past)
         return out

@@ -99,7 +99,7 @@ def test_logprobs_of_greedy_tokens_match_the_model(llm):
     output = llm.generate({"prompt_token_ids": prompt},
                           SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, prompt_logprobs=1))[0]
     completion = output.outputs[0]
-    ids = torch.tensor([prompt + completion.token_ids])
+    ids = torch.tensor([prompt + completion.token_ids], device=llm.engine.device)
     logprobs = torch.log_softmax(llm.engine.model(ids)[0].float(), dim=-1)  # [S, V]
     for i, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
         row = logprobs[len(prompt) - 1 + i]
@@ -116,7 +116,8 @@ def test_prompt_logprobs_survive_chunked_prefill():
     small_budget = LLM("tiny-mixtral", max_num_batched_tokens=3)
     prompt = list(range(30, 41))
     output = small_budget.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-    logprobs = torch.log_softmax(small_budget.engine.model(torch.tensor([prompt]))[0], dim=-1)
+    ids = torch.tensor([prompt], device=small_budget.engine.device)
+    logprobs = torch.log_softmax(small_budget.engine.model(ids)[0], dim=-1)
     assert len(output.prompt_logprobs) == len(prompt)
     for i in range(1, len(prompt)):
         assert output.prompt_logprobs[i][prompt[i]].logprob == pytest.approx(logprobs[i - 1, prompt[i]].item(), abs=1e-4)

@@ -5,27 +5,27 @@ import torch
 
 
 def causal_mask(
-    q_positions: torch.Tensor,  # [Sq]
-    k_positions: torch.Tensor,  # [Sk]
+    q_positions: torch.Tensor,  # [..., Sq]
+    k_positions: torch.Tensor,  # [..., Sk]
     sliding_window: int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """allowed[i, j]: query i may attend key j. Sliding window keeps the last `sliding_window` keys
+    """allowed[..., i, j]: query i may attend key j. Sliding window keeps the last `sliding_window` keys
     (Mistral, Hugging Face convention); chunked attention keeps keys in the query's chunk (Llama 4)."""
-    q, k = q_positions[:, None], k_positions[None, :]
+    q, k = q_positions[..., :, None], k_positions[..., None, :]
     allowed = k <= q
     if sliding_window is not None:
         allowed &= k > q - sliding_window
     if chunk_size is not None:
         allowed &= torch.div(k, chunk_size, rounding_mode="floor") == torch.div(q, chunk_size, rounding_mode="floor")
-    return allowed  # [Sq, Sk]
+    return allowed  # [..., Sq, Sk]
 
 
 def attention_with_lse(
     q: torch.Tensor,  # [..., Sq, Hq, D]
     k: torch.Tensor,  # [..., Sk, Hk, D]
     v: torch.Tensor,  # [..., Sk, Hk, Dv]
-    allowed: torch.Tensor,  # [Sq, Sk] bool
+    allowed: torch.Tensor,  # [..., Sq, Sk] bool
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out [..., Sq, Hq, Dv], lse [..., Hq, Sq] fp32
     """Eager attention as Hugging Face computes it: scores in the input dtype, softmax in fp32.
@@ -34,7 +34,7 @@ def attention_with_lse(
     k = k.repeat_interleave(group, dim=-2)
     v = v.repeat_interleave(group, dim=-2)
     scores = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    scores = scores.float().masked_fill(~allowed.unsqueeze(-3), float("-inf"))  # mask broadcast over heads
     lse = torch.logsumexp(scores, dim=-1)  # [..., Hq, Sq]
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0).to(q.dtype)
     return torch.einsum("...hqk,...khd->...qhd", probs, v), lse
