@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--num-prompts", type=int, default=64)
     throughput.add_argument("--input-len", type=int, default=128)
     throughput.add_argument("--output-len", type=int, default=64)
+    throughput.add_argument("--compare-hf", action="store_true",
+                            help="also run the same workload through transformers' generate (baseline)")
     throughput.set_defaults(run=run_throughput)
 
     args = parser.parse_args(argv)
@@ -79,11 +81,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
+    from moeserve.bench.throughput import run_hf_baseline
     from moeserve.bench.throughput import run_throughput as measure
     from moeserve.llm import LLM
 
     llm = LLM(args.model, **engine_args(args))
-    print(measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed).report())
+    print("moeserve:", measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed).report())
+    if args.compare_hf:
+        device, dtype = str(llm.engine.device), str(llm.engine.dtype).removeprefix("torch.")
+        del llm
+        result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
+        print("transformers generate:", result.report())
     return 0
 
 

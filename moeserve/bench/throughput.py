@@ -35,3 +35,48 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     seconds = time.perf_counter() - start
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return ThroughputResult(num_prompts, num_prompts * input_len, output_tokens, seconds)
+
+
+def run_hf_baseline(model: str, num_prompts: int, input_len: int, output_len: int, device: str, dtype: str,
+                    seed: int = 0) -> ThroughputResult:
+    """The same workload through transformers' generate, one batch of all prompts (no padding needed:
+    they have equal lengths). Shape presets get transformers' own random weights."""
+    import transformers
+
+    from moeserve.loader.model_loader import resolve_checkpoint
+    from moeserve.loader.presets import SHAPE_PRESETS
+
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        if model in SHAPE_PRESETS:
+            config = transformers.AutoConfig.for_model(**hf_config_fields(SHAPE_PRESETS[model]))
+            hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=torch_dtype)
+    hf_model.eval()
+    vocab_size = hf_model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (num_prompts, input_len), generator=generator).to(device)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True, top_k=0,
+                  attention_mask=torch.ones_like(ids))
+    hf_model.generate(ids[:1, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2, "attention_mask": None})
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        generated = hf_model.generate(ids, **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    output_tokens = (generated.shape[1] - input_len) * num_prompts
+    return ThroughputResult(num_prompts, num_prompts * input_len, output_tokens, seconds)
+
+
+MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
+                "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen2MoeForCausalLM": "qwen2_moe",
+                "MixtralForCausalLM": "mixtral", "Llama4ForCausalLM": "llama4_text"}
+
+
+def hf_config_fields(preset: dict) -> dict:
+    fields = {k: v for k, v in preset.items() if k not in ("architectures", "torch_dtype")}
+    return {"model_type": MODEL_TYPES[preset["architectures"][0]], **fields}

@@ -83,15 +83,21 @@ def test_stop_token_id_ends_the_completion(llm):
 
 def test_stop_string_across_tokens_is_cut_from_the_text(llm):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    free_run = llm.generate("Hello", params)[0].outputs[0].text
-    stop = free_run[3:6]  # three characters that may span token boundaries
-    assert len(stop) == 3
+    free_run = llm.generate("Hello", params)[0].outputs[0]
+    tokenizer = llm.engine.tokenizer
+    pieces = [tokenizer.decode([t]) for t in free_run.token_ids]
+    # a stop string made of the end of one token's text and the start of the next one's
+    i = next(i for i in range(2, len(pieces) - 1) if pieces[i].isprintable() and pieces[i + 1].isprintable()
+             and "\ufffd" not in pieces[i] + pieces[i + 1] and pieces[i].strip() and pieces[i + 1].strip())
+    stop = pieces[i][-1] + pieces[i + 1][:1]
+    text = free_run.text
+    expected_end = text.index(stop)
     result = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]))[0]
-    assert result.outputs[0].text == free_run[: free_run.index(stop)]
+    assert result.outputs[0].text == text[:expected_end]
     assert result.outputs[0].finish_reason == "stop" and result.outputs[0].stop_reason == stop
     kept = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop],
                                                 include_stop_str_in_output=True))[0]
-    assert kept.outputs[0].text == free_run[: free_run.index(stop) + 3]
+    assert kept.outputs[0].text == text[: expected_end + len(stop)]
 
 
 def test_logprobs_of_greedy_tokens_match_the_model(llm):
@@ -171,3 +177,16 @@ def test_stop_string_helpers():
     assert find_stop("hello", 3, ["xyz"]) is None
     assert partial_stop_length("the end", ["end.", "ndx"]) == 3
     assert partial_stop_length("abc", ["zzz"]) == 0
+
+
+def test_streamed_text_never_shows_a_possible_stop_string_prefix(llm):
+    free_run = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].outputs[0].text
+    stop = free_run[6:9]
+    engine = llm.engine
+    request_id = engine.add_request("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o.outputs[0].text for o in engine.step() if o.request_id == request_id]
+    final = seen[-1]
+    assert final == free_run[: free_run.index(stop)]
+    assert all(final.startswith(text) for text in seen)

@@ -5,6 +5,7 @@ import torch
 import transformers
 
 import moeserve
+from moeserve.bench.throughput import hf_config_fields
 from moeserve.loader import presets
 from moeserve.loader.model_loader import resolve_checkpoint
 
@@ -62,6 +63,10 @@ def test_shape_preset_has_the_published_parameter_count(name):
     model = moeserve.build_model(moeserve.load_config(name), torch.bfloat16, device="meta")
     total = sum(p.numel() for p in model.parameters())
     assert total == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.01)
+    config = transformers.AutoConfig.for_model(**hf_config_fields(presets.SHAPE_PRESETS[name]))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    assert total == sum(p.numel() for p in reference.parameters())
 
 
 def test_shape_presets_have_no_weights():
