@@ -52,20 +52,23 @@ class BlockManager:
             if block_hash not in self.block_of_hash:
                 break
             blocks.append(self.block_of_hash[block_hash])
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(blocks) * self.block_size
         return blocks
 
     def num_free_among(self, blocks: list[int]) -> int:
         return sum(1 for b in blocks if self.ref_counts[b] == 0)
 
     def take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        """Give seq the cached blocks `match_prefix` found (counted for the hit rate)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += len(blocks) * self.block_size
         for block in blocks:
             if self.ref_counts[block] == 0:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
         seq.block_table = list(blocks)
         seq.num_computed_tokens = len(blocks) * self.block_size
+        seq.num_cached_blocks = len(blocks)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
@@ -81,11 +84,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self.update_hashes(seq)
-        for i in range(seq.num_computed_tokens // self.block_size):
+        num_full = seq.num_computed_tokens // self.block_size
+        for i in range(seq.num_cached_blocks, num_full):
             block, block_hash = seq.block_table[i], seq.block_hashes[i]
             if self.hash_of_block[block] is None and block_hash not in self.block_of_hash:
                 self.hash_of_block[block] = block_hash
                 self.block_of_hash[block_hash] = block
+        seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; its last blocks become the first evicted (least likely to be shared)."""
@@ -95,3 +100,4 @@ class BlockManager:
                 self.free_blocks[block] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0

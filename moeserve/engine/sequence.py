@@ -34,6 +34,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
+    num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
