@@ -20,13 +20,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--quantization", choices=("fp8", "nvfp4"), default=None,
+                        help="quantize a bf16 checkpoint's weights as they load")
     parser.add_argument("--load-format", choices=("auto", "dummy"), default=defaults.load_format,
                         help="dummy: random weights (benchmarks; works for the real-shape presets)")
 
 
 def engine_args(args: argparse.Namespace) -> dict:
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed", "load_format")
+             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed", "load_format",
+             "quantization")
     return {name: getattr(args, name) for name in names}
 
 
@@ -56,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--compare-hf", action="store_true",
                             help="also run the same workload through transformers' generate (baseline)")
     throughput.set_defaults(run=run_throughput)
+
+    quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
+    quantize.add_argument("source", help="checkpoint folder or tiny preset")
+    quantize.add_argument("destination", help="new folder to write")
+    quantize.add_argument("--format", required=True, choices=("fp8", "nvfp4"),
+                          help="fp8: DeepSeek 128x128 blocks; nvfp4: ModelOpt layout")
+    quantize.set_defaults(run=run_quantize)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -92,6 +102,28 @@ def run_throughput(args: argparse.Namespace) -> int:
         del llm
         result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
         print("transformers generate:", result.report())
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from moeserve.loader.model_loader import load_config, resolve_checkpoint
+    from moeserve.loader.model_loader import load_model
+    from moeserve.quant.apply import quantize_model
+    from moeserve.quant.export import write_quantized_checkpoint
+
+    destination = Path(args.destination)
+    if destination.exists():
+        raise ValueError(f"{destination} already exists; choose a new folder")
+    source = resolve_checkpoint(args.source)
+    dtype = getattr(torch, load_config(source).dtype)
+    model = load_model(source, dtype)
+    plan = quantize_model(model, args.format)
+    write_quantized_checkpoint(model, plan, source, destination)
+    print(f"wrote {args.format} checkpoint to {destination}")
     return 0
 
 

@@ -248,6 +248,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0  # for requests that set no seed
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights (benchmarks, shape presets)
+    quantization: str | None = None  # fp8 or nvfp4: quantize a high-precision checkpoint as it loads
 
     def __post_init__(self):
         def require(ok: bool, field_name: str, rule: str):
@@ -256,6 +257,7 @@ class EngineArgs:
 
         require(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
         require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        require(self.quantization in (None, "fp8", "nvfp4"), "quantization", "must be fp8, nvfp4 or None")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")

@@ -22,6 +22,7 @@ from moeserve.loader.model_loader import build_model, load_config, load_model
 from moeserve.loader.presets import SHAPE_PRESETS
 from moeserve.loader.random_init import random_init
 from moeserve.loader.tokenizer import load_tokenizer
+from moeserve.quant.apply import quantize_model
 from moeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ class Engine:
         if args.load_format == "dummy":
             self.model = build_model(config, self.dtype, self.device)
             random_init(self.model, args.seed)
+            if args.quantization:
+                quantize_model(self.model, args.quantization)
         else:
-            self.model = load_model(args.model, self.dtype, self.device)
+            self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization)
         self.config = config
         self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
         self.tokenizer_lock = threading.Lock()  # requests are tokenized on the caller's thread

@@ -12,8 +12,12 @@ from moeserve.loader.checkpoint import CheckpointReader
 from moeserve.loader.weights import load_weights
 from moeserve.models.base import CausalLM
 from moeserve.models.registry import model_class
+from moeserve.quant.apply import QuantPlan, apply_plan, quantize_model, weight_bytes_by_format
+from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_module_paths
 
 logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("fp8", "nvfp4")
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -30,27 +34,37 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_config(name_or_path: str | Path) -> ModelConfig:
+def raw_config(name_or_path: str | Path) -> tuple[dict, Path | None, str]:
     if str(name_or_path) in presets.SHAPE_PRESETS:
-        return parse_config(presets.SHAPE_PRESETS[str(name_or_path)], f"preset {name_or_path}")
+        return presets.SHAPE_PRESETS[str(name_or_path)], None, f"preset {name_or_path}"
     folder = resolve_checkpoint(name_or_path)
-    raw = read_config_json(folder)
-    if "quantization_config" in raw:
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ConfigError(f"{folder / 'config.json'}: quantized checkpoints (quant_method={method!r}) are not "
-                          "supported yet; use a bf16 checkpoint")
-    return parse_config(raw, str(folder / "config.json"))
+    return read_config_json(folder), folder, str(folder / "config.json")
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
-    """The model with uninitialised weights, allocated once, in `dtype` (router parameters that the
-    reference keeps in fp32 stay fp32)."""
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    raw, folder, source = raw_config(name_or_path)
+    detect_scheme(raw, folder, source)  # an unsupported quantization scheme fails here, naming it
+    return parse_config(raw, source)
+
+
+def checkpoint_scheme(name_or_path: str | Path) -> CheckpointScheme | None:
+    raw, folder, source = raw_config(name_or_path)
+    return detect_scheme(raw, folder, source)
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                plan: QuantPlan | None = None) -> CausalLM:
+    """The model with uninitialised weights, allocated once: float parameters in `dtype` (router
+    parameters that the reference keeps in fp32 stay fp32), quantized ones as the plan says."""
     with torch.device("meta"):
         model = model_class(config.architecture, "config")(config)
     model.to(dtype)
     for module in model.modules():
         for name in getattr(module, "fp32_params", ()):
             getattr(module, name).data = getattr(module, name).data.float()
+    if plan is not None:
+        with torch.device("meta"):
+            apply_plan(model, plan)
     model.to_empty(device=device)
     return model.requires_grad_(False).eval()
 
@@ -60,15 +74,32 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantization: str | None = None,
 ) -> CausalLM:
-    """A checkpoint folder or preset name -> the model; `model(input_ids [B, S])` gives logits [B, S, V]."""
+    """A checkpoint folder or preset name -> the model; `model(input_ids [B, S])` gives logits [B, S, V].
+    Quantized checkpoints load in their own format; `quantization` (fp8, nvfp4) quantizes a
+    high-precision checkpoint as it loads."""
     start = time.perf_counter()
     folder = resolve_checkpoint(name_or_path)
     config = load_config(folder)
-    model = build_model(config, dtype, device)
+    scheme = checkpoint_scheme(folder)
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if scheme is not None:
+            raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
     with CheckpointReader(folder) as reader:
-        load_weights(model, reader, progress)
-    num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    logger.info("Loaded %s (%s) in %.1f s: %.1f MiB of weights in %s on %s", name_or_path, config.architecture,
-                time.perf_counter() - start, num_bytes / 2**20, dtype, device)
+        plan = None
+        if scheme is not None:
+            to_ours = model_class(config.architecture, "config").to_our_name
+            linears, experts = quantized_module_paths(scheme, reader.names(), to_ours)
+            plan = QuantPlan(scheme.format, frozenset(linears), frozenset(experts), scheme.block)
+        model = build_model(config, dtype, device, plan)
+        load_weights(model, reader, scheme, progress)
+    if quantization is not None:
+        quantize_model(model, quantization)
+    sizes = ", ".join(f"{fmt} {size / 2**20:.1f} MiB" for fmt, size in sorted(weight_bytes_by_format(model).items()))
+    logger.info("Loaded %s (%s%s) in %.1f s on %s: weights %s", name_or_path, config.architecture,
+                f", {scheme.name}" if scheme else (f", quantized to {quantization} on load" if quantization else ""),
+                time.perf_counter() - start, device, sizes)
     return model

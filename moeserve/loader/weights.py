@@ -1,119 +1,175 @@
 """Checkpoint tensors <-> model parameters.
 
 Loading is strict: every parameter must be filled exactly once, every checkpoint tensor must land
-somewhere (or be one the family ignores), and shapes must match; each error names the tensor and
-its file. Experts load from per-expert keys (`experts.{e}.gate_proj.weight`, ...) or from fused
-tensors (`experts.gate_up_proj`, `experts.down_proj`; transposed for Llama 4).
+somewhere (or be one the family or the quantization scheme ignores), and shapes and dtypes must
+match; each error names the tensor and its file. Experts load from per-expert keys
+(`experts.{e}.gate_proj.weight`, ...) or from fused tensors (`experts.gate_up_proj`, `experts.down_proj`;
+transposed for Llama 4). Quantized tensors are named by the checkpoint's scheme (quant/schemes.py).
 """
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from moeserve.loader.checkpoint import CheckpointError, CheckpointReader
 from moeserve.models.base import CausalLM
+from moeserve.quant.schemes import CheckpointScheme
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<suffix>\w+)$")
 _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_EXPERT_PARAM = re.compile(r"^(?P<base>.*\.experts\.(?P<proj>gate_up_proj|down_proj))(\.(?P<field>\w+))?$")
+_PARTS = {"gate_proj": 0, "up_proj": 1}
+_QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8)
+
+
+@dataclass
+class Target:
+    view: torch.Tensor  # the part of a parameter this tensor fills
+    pieces: list[tuple]  # which pieces of the model it fills (for the missing / twice checks)
+    transposed: bool = False
+    reciprocal: bool = False
 
 
 def expected_pieces(params: dict[str, torch.Tensor]) -> set[tuple]:
     """What loading must fill: whole parameters, and each expert's gate, up and down separately."""
     pieces = set()
     for name, param in params.items():
-        if name.endswith("experts.gate_up_proj"):
-            pieces |= {(name, e, part) for e in range(param.shape[0]) for part in ("gate", "up")}
-        elif name.endswith("experts.down_proj"):
-            pieces |= {(name, e, "down") for e in range(param.shape[0])}
-        else:
+        match = _EXPERT_PARAM.match(name)
+        if match is None:
             pieces.add((name,))
+        elif match["proj"] == "gate_up_proj":
+            pieces |= {(name, e, part) for e in range(param.shape[0]) for part in ("gate", "up")}
+        else:
+            pieces |= {(name, e, "down") for e in range(param.shape[0])}
     return pieces
 
 
-def locate(model: CausalLM, ours: str, params: dict) -> tuple[torch.Tensor, list[tuple], bool]:
-    """Our name of a checkpoint tensor -> (the view of a parameter to fill, pieces it fills, transposed)."""
+def locate(model: CausalLM, ours: str, params: dict, scheme: CheckpointScheme | None) -> Target:
+    """Our name of a checkpoint tensor -> where it goes. KeyError if nowhere."""
+    field = None
     if m := _PER_EXPERT.match(ours):
-        expert = int(m["expert"])
-        if m["proj"] == "down_proj":
-            name = f"{m['prefix']}.down_proj"
-            if name in params and expert < params[name].shape[0]:
-                return params[name][expert], [(name, expert, "down")], False
-        else:
-            name = f"{m['prefix']}.gate_up_proj"
-            if name in params and expert < params[name].shape[0]:
-                half = params[name].shape[1] // 2
-                part = "gate" if m["proj"] == "gate_proj" else "up"
-                rows = slice(0, half) if part == "gate" else slice(half, 2 * half)
-                return params[name][expert, rows], [(name, expert, part)], False
+        expert, proj, suffix = int(m["expert"]), m["proj"], m["suffix"]
+        base = f"{m['prefix']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        part = "down" if proj == "down_proj" else proj.removesuffix("_proj")
+        if scheme is not None and suffix in scheme.fields and f"{base}.{scheme.fields[suffix]}" in params:
+            name = f"{base}.{scheme.fields[suffix]}"
+            index = (expert,) if proj == "down_proj" else (expert, _PARTS[proj])
+            if expert < params[name].shape[0]:
+                return Target(params[name][index], [(name, expert, part)], reciprocal=suffix in scheme.reciprocal)
+        elif suffix == "weight" and base in params and expert < params[base].shape[0]:
+            if proj == "down_proj":
+                return Target(params[base][expert], [(base, expert, part)])
+            half = params[base].shape[1] // 2
+            rows = slice(0, half) if part == "gate" else slice(half, 2 * half)
+            return Target(params[base][expert, rows], [(base, expert, part)])
     elif (m := _FUSED.match(ours)) and ours in params:
         param = params[ours]
         parts = ("gate", "up") if m["proj"] == "gate_up_proj" else ("down",)
-        pieces = [(ours, e, part) for e in range(param.shape[0]) for part in parts]
-        return param, pieces, model.fused_experts_transposed
-    elif ours in params:
-        return params[ours], [(ours,)], False
+        return Target(param, [(ours, e, part) for e in range(param.shape[0]) for part in parts],
+                      transposed=model.fused_experts_transposed)
+    else:
+        module, _, suffix = ours.rpartition(".")
+        if scheme is not None and suffix in scheme.fields:
+            field = f"{module}.weight.{scheme.fields[suffix]}"
+        if field in params:
+            return Target(params[field], [(field,)], reciprocal=suffix in scheme.reciprocal)
+        if ours in params:
+            return Target(params[ours], [(ours,)])
     raise KeyError(ours)
 
 
-def load_weights(model: CausalLM, reader: CheckpointReader, progress: bool = True) -> None:
+def load_weights(model: CausalLM, reader: CheckpointReader, scheme: CheckpointScheme | None = None,
+                 progress: bool = True) -> None:
     params = dict(model.named_parameters())
     pending = expected_pieces(params)
     tied_head = model.config.tie_word_embeddings
     for name in tqdm(reader.names(), desc="Loading weights", unit="tensor", disable=not progress):
         if model.is_ignored_checkpoint_key(name) or (tied_head and name == "lm_head.weight"):
             continue
-        ours = model.to_our_name(name)
+        if scheme is not None and name.rpartition(".")[2] in scheme.ignored:
+            continue
         try:
-            view, pieces, transposed = locate(model, ours, params)
+            target = locate(model, model.to_our_name(name), params, scheme)
         except KeyError:
             raise CheckpointError(f"{reader.path_of(name)}: unexpected tensor '{name}': the "
                                   f"{model.config.architecture} model has no parameter for it") from None
-        expected = list(view.transpose(-1, -2).shape if transposed else view.shape)
-        if reader.shape(name) != expected:
-            raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' has shape {reader.shape(name)}, "
-                                  f"the model expects {expected}")
-        if not pending.issuperset(pieces):
+        check_shape(reader, name, target)
+        if not pending.issuperset(target.pieces):
             raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' fills weights already loaded from "
                                   "another tensor (both per-expert and fused expert tensors?)")
         tensor = reader.get(name)
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8) and view.is_floating_point():
-            raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' is quantized ({tensor.dtype}) but the "
-                                  "checkpoint's config declares no quantization moeserve understands")
+        check_dtype(reader, name, tensor, target.view)
+        if target.reciprocal:
+            tensor = 1.0 / tensor.float()
         with torch.no_grad():
-            view.copy_(tensor.transpose(-1, -2) if transposed else tensor)
-        pending.difference_update(pieces)
+            target.view.copy_((tensor.transpose(-1, -2) if target.transposed else tensor).reshape(target.view.shape))
+        pending.difference_update(target.pieces)
     if pending:
-        missing = sorted(checkpoint_name_of(model, piece) for piece in pending)
+        missing = sorted(checkpoint_name_of(model, piece, scheme) for piece in pending)
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{reader.folder}: checkpoint is missing tensors: {shown}")
 
 
-def checkpoint_name_of(model: CausalLM, piece: tuple) -> str:
+def check_shape(reader: CheckpointReader, name: str, target: Target) -> None:
+    expected = list(target.view.transpose(-1, -2).shape if target.transposed else target.view.shape)
+    found = reader.shape(name)
+    if found != expected and not (expected == [] and found == [1]):
+        raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' has shape {found}, the model expects {expected}")
+
+
+def check_dtype(reader: CheckpointReader, name: str, tensor: torch.Tensor, view: torch.Tensor) -> None:
+    """Quantized data must arrive in its exact dtype; float weights must not arrive quantized."""
+    if view.dtype in _QUANTIZED_DTYPES and tensor.dtype != view.dtype:
+        raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' is {tensor.dtype}, the checkpoint's "
+                              f"quantization scheme needs {view.dtype}")
+    if view.dtype not in _QUANTIZED_DTYPES and tensor.dtype in _QUANTIZED_DTYPES:
+        raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' is quantized ({tensor.dtype}) but the model "
+                              "expects it in high precision: the checkpoint's config declares no quantization "
+                              "(or no scale tensor for this layer)")
+
+
+def checkpoint_name_of(model: CausalLM, piece: tuple, scheme: CheckpointScheme | None) -> str:
     name = piece[0]
-    if len(piece) == 3 and not model.fused_experts_transposed:
-        prefix = name.rsplit(".", 1)[0]
-        name = f"{prefix}.{piece[1]}.{piece[2]}_proj.weight"
+    match = _EXPERT_PARAM.match(name)
+    if len(piece) == 3 and match and not (match["field"] is None and model.fused_experts_transposed):
+        suffix = scheme.suffix_of(match["field"]) if match["field"] else "weight"
+        name = f"{match['base'].rsplit('.', 1)[0]}.{piece[1]}.{piece[2]}_proj.{suffix}"
+    elif name.count(".weight.") == 1 and scheme is not None:
+        module, _, field = name.rpartition(".weight.")
+        name = f"{module}.{scheme.suffix_of(field)}"
     return model.to_checkpoint_name(name)
 
 
-def export_state_dict(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+def export_state_dict(model: CausalLM, scheme: CheckpointScheme | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Our parameters under the family's checkpoint names and layout (per-expert keys, or Llama 4's
-    transposed fused tensors), as transformers' save_pretrained writes them."""
+    transposed fused tensors), quantized ones under the scheme's names, as checkpoints store them."""
     for name, param in model.named_parameters():
         data = param.detach()
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            if model.fused_experts_transposed:
-                yield model.to_checkpoint_name(name), data.transpose(1, 2).contiguous()
-                continue
-            prefix = name.rsplit(".", 1)[0]
+        match = _EXPERT_PARAM.match(name)
+        if match and match["field"]:  # quantized experts: [E, 2, ...] or [E, ...]
+            prefix, suffix = match["base"].rsplit(".", 1)[0], scheme.suffix_of(match["field"])
             for e in range(data.shape[0]):
-                if name.endswith("gate_up_proj"):
+                if match["proj"] == "gate_up_proj":
+                    for proj, part in _PARTS.items():
+                        yield model.to_checkpoint_name(f"{prefix}.{e}.{proj}.{suffix}"), data[e, part].contiguous()
+                else:
+                    yield model.to_checkpoint_name(f"{prefix}.{e}.down_proj.{suffix}"), data[e].contiguous()
+        elif match and not model.fused_experts_transposed:
+            prefix = match["base"].rsplit(".", 1)[0]
+            for e in range(data.shape[0]):
+                if match["proj"] == "gate_up_proj":
                     gate, up = data[e].chunk(2, dim=0)
                     yield model.to_checkpoint_name(f"{prefix}.{e}.gate_proj.weight"), gate.contiguous()
                     yield model.to_checkpoint_name(f"{prefix}.{e}.up_proj.weight"), up.contiguous()
                 else:
                     yield model.to_checkpoint_name(f"{prefix}.{e}.down_proj.weight"), data[e].contiguous()
+        elif match:
+            yield model.to_checkpoint_name(name), data.transpose(1, 2).contiguous()
+        elif ".weight." in name and scheme is not None:  # a quantized linear's field
+            module, _, field = name.rpartition(".weight.")
+            yield model.to_checkpoint_name(f"{module}.{scheme.suffix_of(field)}"), data.contiguous()
         else:
             yield model.to_checkpoint_name(name), data.contiguous()

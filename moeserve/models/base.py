@@ -70,11 +70,13 @@ class CausalLM(nn.Module):
         """Checkpoint tensors that are not part of this model (e.g. DeepSeek's MTP layer)."""
         return name.endswith("rotary_emb.inv_freq")
 
-    def to_our_name(self, name: str) -> str:
-        return _rename(name, self.checkpoint_renames)
+    @classmethod
+    def to_our_name(cls, name: str) -> str:
+        return _rename(name, cls.checkpoint_renames)
 
-    def to_checkpoint_name(self, name: str) -> str:
-        return _rename(name, self.export_renames)
+    @classmethod
+    def to_checkpoint_name(cls, name: str) -> str:
+        return _rename(name, cls.export_renames)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [N, H] -> [N, V]

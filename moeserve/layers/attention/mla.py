@@ -12,6 +12,7 @@ from moeserve.config import MLAConfig, RopeConfig
 from moeserve.layers.attention.dense import attention_with_lse
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, apply_rotary, yarn_mscale
+from moeserve.quant.formats import weight_matrix
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm ignore rms_norm_eps in the reference
 
@@ -60,9 +61,10 @@ class MLAttention(nn.Module):
         out = attn.mla(self.layer_idx, q_nope, q_pe, c_kv, k_pe, self)  # [T, Hq, V]
         return self.o_proj(out.flatten(-2))
 
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [Hq, P, L] and W_UV [Hq, V, L], views of kv_b_proj."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [Hq, P, L] and W_UV [Hq, V, L], views of kv_b_proj (dequantized if it is quantized)."""
+        w = weight_matrix(self.kv_b_proj.weight, (), dtype)
+        w = w.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
         return w[:, : self.mla.qk_nope_head_dim], w[:, self.mla.qk_nope_head_dim :]
 
 
@@ -78,7 +80,7 @@ def mla_plain(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
 
 def mla_absorbed(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
     """The same attention as `mla_plain`, computed as MQA over the latent."""
-    w_uk, w_uv = attention.absorbed_weights()
+    w_uk, w_uv = attention.absorbed_weights(q_nope.dtype)
     q_latent = torch.einsum("...qhp,hpl->...qhl", q_nope, w_uk)  # [..., Sq, Hq, L]
     q = torch.cat((q_latent, q_pe), dim=-1)  # [..., Sq, Hq, L + R]
     k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(-2)  # [..., Sk, 1, L + R]: one KV head

@@ -2,9 +2,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.quant.formats import weight_matrix
+
 
 class Experts(nn.Module):
     """E SwiGLU experts, fused: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I].
+    Quantized, they are QuantizedWeights of shape [E, 2, I, H] (gate and up scaled separately, as
+    checkpoints store them) and [E, H, I].
 
     Input rows arrive grouped by expert (`counts[e]` rows for expert e, in order); this is the torch
     reference that the grouped-GEMM kernels implement.
@@ -26,5 +30,6 @@ class Experts(nn.Module):
         return out
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate_up = weight_matrix(self.gate_up_proj, e, x.dtype).reshape(-1, x.shape[-1])  # [2I, H]
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, weight_matrix(self.down_proj, e, x.dtype))

@@ -1,0 +1,103 @@
+"""Putting quantized weights into a model: swap modules for a checkpoint's plan (before allocation),
+or quantize a loaded high-precision model in place (quantize on load)."""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeserve.layers.linear import QuantLinear
+from moeserve.layers.moe.experts import Experts
+from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
+from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    format: str
+    linears: frozenset[str]  # module paths of quantized Linear layers
+    experts: frozenset[str]  # module paths of quantized Experts modules
+    block: tuple[int, int] = (128, 128)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
+    """Give the planned modules quantized weights (empty: loading fills them)."""
+    for path in sorted(plan.linears):
+        linear = model.get_submodule(path)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{path} is quantized in the checkpoint but is not a linear layer of this model")
+        weight = make_quantized_weight(plan.format, (linear.out_features, linear.in_features), plan.block)
+        _replace(model, path, QuantLinear(weight, linear.bias))
+    for path in sorted(plan.experts):
+        experts = model.get_submodule(path)
+        num_experts, two_i, hidden = experts.gate_up_proj.shape
+        del experts.gate_up_proj, experts.down_proj
+        experts.gate_up_proj = make_quantized_weight(plan.format, (num_experts, 2, two_i // 2, hidden), plan.block)
+        experts.down_proj = make_quantized_weight(plan.format, (num_experts, hidden, two_i // 2), plan.block)
+
+
+def default_plan(model: nn.Module, fmt: str) -> QuantPlan:
+    """What quantize-on-load quantizes: every linear inside the decoder layers and every expert; the
+    router, norms, embeddings, lm head and Qwen2's one-output shared-expert gate stay as they are.
+    NVFP4 leaves a layer whose input size is not a multiple of 16 in high precision."""
+    def fits(in_features: int) -> bool:
+        return fmt != "nvfp4" or in_features % NVFP4_BLOCK == 0
+
+    linears, experts, kept = set(), set(), []
+    for path, module in model.named_modules():
+        if not path.startswith("model.layers."):
+            continue
+        if isinstance(module, nn.Linear) and not path.endswith("shared_expert_gate"):
+            (linears.add(path) if fits(module.in_features) else kept.append(path))
+        elif isinstance(module, Experts):
+            _, two_i, hidden = module.gate_up_proj.shape
+            (experts.add(path) if fits(hidden) and fits(two_i // 2) else kept.append(path))
+    if kept:
+        logger.warning("kept in high precision (input size not a multiple of %d): %s", NVFP4_BLOCK, ", ".join(kept))
+    return QuantPlan(fmt, frozenset(linears), frozenset(experts))
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, fmt: str) -> QuantPlan:
+    """Quantize a loaded model's weights in place, layer by layer."""
+    plan = default_plan(model, fmt)
+    for path in sorted(plan.linears):
+        linear = model.get_submodule(path)
+        weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features)).to(linear.weight.device)
+        weight.quantize_from(linear.weight)
+        _replace(model, path, QuantLinear(weight, linear.bias))
+    for path in sorted(plan.experts):
+        experts = model.get_submodule(path)
+        num_experts, two_i, hidden = experts.gate_up_proj.shape
+        device = experts.gate_up_proj.device
+        gate_up = make_quantized_weight(fmt, (num_experts, 2, two_i // 2, hidden)).to(device)
+        down = make_quantized_weight(fmt, (num_experts, hidden, two_i // 2)).to(device)
+        gate_up.quantize_from(experts.gate_up_proj)
+        down.quantize_from(experts.down_proj)
+        del experts.gate_up_proj, experts.down_proj
+        experts.gate_up_proj, experts.down_proj = gate_up, down
+    return plan
+
+
+def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters, grouped by the format that holds them (a float dtype or a quantized format)."""
+    totals: dict[str, int] = {}
+    quantized_params = set()
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            size = sum(p.numel() * p.element_size() for p in module.parameters())
+            totals[module.format] = totals.get(module.format, 0) + size
+            quantized_params |= {id(p) for p in module.parameters()}
+    for p in model.parameters():
+        if id(p) not in quantized_params:
+            key = str(p.dtype).removeprefix("torch.")
+            totals[key] = totals.get(key, 0) + p.numel() * p.element_size()
+    return totals

@@ -1,0 +1,70 @@
+"""FP8 E4M3: DeepSeek-style block weights and per-token-group activations.
+
+Weights [..., N, K] are cut into blocks of `block` (default 128x128; the last blocks may be partial);
+each block has one fp32 scale, a multiplier: w ~= values * scale, scale = amax(block) / 448
+(DeepSeek's `weight_scale_inv` and compressed-tensors' `weight_scale` are both this multiplier).
+Activations [T, K] get one scale per token per group of 128 channels, computed at run time.
+With `ue8m0` the scales are rounded up to a power of two (exponent-only scales).
+"""
+
+import torch
+
+E4M3_MAX = 448.0
+E4M3_MIN_SUBNORMAL = 2.0**-9
+_TINY = 1e-12  # amax floor: an all-zero block gets a tiny scale and exact zeros, never 0/0
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E4M3 value (ties to even), saturating at +-448 (torch's cast would give NaN)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def round_scale_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
+    """UE8M0: the smallest power of two >= scale, so that x / scale still fits in E4M3."""
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
+def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    scale = amax.float().clamp(min=_TINY) / E4M3_MAX
+    return round_scale_to_power_of_two(scale) if ue8m0 else scale
+
+
+def _blocked(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """[..., N, K] zero-padded to whole blocks, viewed as [..., N/bn, bn, K/bk, bk]."""
+    bn, bk = block
+    n, k = w.shape[-2:]
+    padded = torch.nn.functional.pad(w, (0, -k % bk, 0, -n % bn))
+    return padded.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))
+
+
+def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False):
+    """w [..., N, K] -> (values float8_e4m3fn [..., N, K], scale fp32 [..., ceil(N/bn), ceil(K/bk)])."""
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantize a weight with NaN or inf values to FP8")
+    blocks = _blocked(w.float(), block)  # [..., nN, bn, nK, bk]
+    scale = block_scales(blocks.abs().amax(dim=(-3, -1)), ue8m0)  # [..., nN, nK]
+    values = to_e4m3(blocks / scale[..., :, None, :, None])
+    n, k = w.shape[-2:]
+    return values.flatten(-4, -3).flatten(-2, -1)[..., :n, :k].contiguous(), scale
+
+
+def dequantize_fp8_block(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, k = values.shape[-2:]
+    expanded = scale.repeat_interleave(block[0], dim=-2)[..., :n, :].repeat_interleave(block[1], dim=-1)[..., :k]
+    return (values.float() * expanded).to(dtype)
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
+    """x [T, K] (K a multiple of `group`) -> (values float8_e4m3fn [T, K], scales fp32 [T, K/group]).
+    NaN in a group makes that group's scale and values NaN (it propagates; it is never hidden)."""
+    if x.shape[-1] % group:
+        raise ValueError(f"per-token FP8 groups need a hidden size divisible by {group}, got {x.shape[-1]}")
+    groups = x.float().unflatten(-1, (-1, group))  # [T, K/g, g]
+    scales = block_scales(groups.abs().amax(dim=-1), ue8m0)
+    return to_e4m3(groups / scales[..., None]).flatten(-2), scales
+
+
+def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    group = values.shape[-1] // scales.shape[-1]
+    return (values.float().unflatten(-1, (-1, group)) * scales[..., None]).flatten(-2).to(dtype)
