@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moeserve.quant.fp8 import (E4M3_MAX, dequantize_fp8_block, dequantize_fp8_groups, quantize_fp8_block,
+from moeserve.quant.fp8 import (dequantize_fp8_block, dequantize_fp8_groups, quantize_fp8_block,
                                 quantize_fp8_groups, round_scale_to_power_of_two, to_e4m3)
 from moeserve.quant.nvfp4 import (dequantize_nvfp4, e2m1_codes, e2m1_values, global_scale_of, pack_nibbles,
                                   quantize_nvfp4, quantize_nvfp4_weight, unpack_nibbles)
