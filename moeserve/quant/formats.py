@@ -67,7 +67,8 @@ class Nvfp4Weight(QuantizedWeight):
         self.global_scale = _frozen(shape[:-2], torch.float32)  # one per matrix
 
     def dequantize(self, dtype, index=()):
-        return dequantize_nvfp4(self.packed[index], self.block_scale[index], self.global_scale[index][..., None], dtype)
+        global_scale = self.global_scale[index][..., None, None]  # one per [N, K] matrix
+        return dequantize_nvfp4(self.packed[index], self.block_scale[index], global_scale, dtype)
 
     def quantize_from(self, w):
         packed, block_scale, global_scale = quantize_nvfp4_weight(w.reshape(self.shape))

@@ -60,11 +60,11 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
     NaN in a group makes that group's scale and values NaN (it propagates; it is never hidden)."""
     if x.shape[-1] % group:
         raise ValueError(f"per-token FP8 groups need a hidden size divisible by {group}, got {x.shape[-1]}")
-    groups = x.float().unflatten(-1, (-1, group))  # [T, K/g, g]
+    groups = x.float().unflatten(-1, (x.shape[-1] // group, group))  # [T, K/g, g]
     scales = block_scales(groups.abs().amax(dim=-1), ue8m0)
     return to_e4m3(groups / scales[..., None]).flatten(-2), scales
 
 
 def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     group = values.shape[-1] // scales.shape[-1]
-    return (values.float().unflatten(-1, (-1, group)) * scales[..., None]).flatten(-2).to(dtype)
+    return (values.float().unflatten(-1, (scales.shape[-1], group)) * scales[..., None]).flatten(-2).to(dtype)

@@ -47,30 +47,38 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def global_scale_of(amax: torch.Tensor) -> torch.Tensor:
-    """amax / (6 * 448); 1.0 where amax is 0."""
+    """amax / (6 * 448); 1.0 where amax is 0 (NaN stays NaN)."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
+
+
+def _check_global(global_scale: torch.Tensor, data: torch.Tensor) -> None:
+    if global_scale.dim() != data.dim() or global_scale.shape[-1] != 1:
+        raise ValueError(f"the NVFP4 global scale must have shape [..., 1] matching data of rank {data.dim()}, "
+                         f"got {list(global_scale.shape)}")
 
 
 def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor):
-    """x [..., K] (K a multiple of 16), global_scale broadcastable to x[..., 0] ->
+    """x [..., K] (K a multiple of 16), global_scale [..., 1] (same rank as x) ->
     (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16])."""
     if x.shape[-1] % BLOCK:
         raise ValueError(f"NVFP4 needs the reduced dimension to be a multiple of {BLOCK}, got {x.shape[-1]}")
-    blocks = x.float().unflatten(-1, (-1, BLOCK))  # [..., K/16, 16]
-    global_scale = global_scale.float()[..., None]
+    _check_global(global_scale, x)
+    blocks = x.float().unflatten(-1, (x.shape[-1] // BLOCK, BLOCK))  # [..., K/16, 16]
+    global_scale = global_scale.float()
     amax = blocks.abs().amax(dim=-1)
     raw = (amax / (E2M1_MAX * global_scale)).clamp(min=E4M3_MIN_SUBNORMAL)
-    block_scale = to_e4m3(torch.where(amax > 0, raw, torch.ones_like(raw)))
+    block_scale = to_e4m3(torch.where(amax == 0, torch.ones_like(raw), raw))
     scaled = blocks / (block_scale.float() * global_scale)[..., None]
     return pack_nibbles(e2m1_codes(scaled).flatten(-2)), block_scale
 
 
 def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed [..., K/2], block_scale [..., K/16], global_scale broadcastable to block_scale[..., 0]."""
-    values = e2m1_values(unpack_nibbles(packed)).unflatten(-1, (-1, BLOCK))  # [..., K/16, 16]
-    scale = block_scale.float() * global_scale.float()[..., None]  # [..., K/16]
+    """packed [..., K/2], block_scale [..., K/16], global_scale [..., 1] (same rank)."""
+    _check_global(global_scale, packed)
+    values = e2m1_values(unpack_nibbles(packed)).unflatten(-1, (block_scale.shape[-1], BLOCK))  # [..., K/16, 16]
+    scale = block_scale.float() * global_scale.float()  # [..., K/16]
     return (values * scale[..., None]).flatten(-2).to(dtype)
 
 
@@ -80,5 +88,5 @@ def quantize_nvfp4_weight(w: torch.Tensor):
     if not torch.isfinite(w).all():
         raise ValueError("cannot quantize a weight with NaN or inf values to NVFP4")
     global_scale = global_scale_of(w.abs().amax(dim=(-2, -1)))
-    packed, block_scale = quantize_nvfp4(w, global_scale[..., None])
+    packed, block_scale = quantize_nvfp4(w, global_scale[..., None, None])
     return packed, block_scale, global_scale

@@ -32,7 +32,7 @@ def quantize_tensor(scheme: str, name: str, w: torch.Tensor) -> tuple[dict, torc
         scale_name = "weight_scale_inv" if scheme == "deepseek-fp8" else "weight_scale"
         return {name: values, base + scale_name: scale}, dequantize_fp8_block(values, scale)
     packed, block_scale, global_scale = quantize_nvfp4_weight(w)
-    restored = dequantize_nvfp4(packed, block_scale, global_scale)
+    restored = dequantize_nvfp4(packed, block_scale, global_scale.view(1, 1))
     if scheme == "modelopt-nvfp4":
         return {name: packed, base + "weight_scale": block_scale, base + "weight_scale_2": global_scale,
                 base + "input_scale": torch.tensor(0.01)}, restored

@@ -40,14 +40,14 @@ def test_nvfp4_global_and_block_scales():
     assert global_scale.item() == 1.0
     assert block_scale.float().tolist() == [[448.0, 0.5, 1.0]]  # the third block is all zero: 1.0
     assert global_scale_of(torch.tensor(0.0)).item() == 1.0
-    assert dequantize_nvfp4(packed, block_scale, global_scale[..., None])[0, 32:].abs().sum() == 0
+    assert dequantize_nvfp4(packed, block_scale, global_scale[..., None, None])[0, 32:].abs().sum() == 0
 
 
 def test_nvfp4_round_trip_is_exact_on_representable_values():
     codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
     codes.view(8, 4, 16)[..., 0] = 7  # each block holds a 6, so its scale is recovered exactly
     block_scale = to_e4m3(torch.rand(8, 4) * 4 + 0.1)
-    global_scale = torch.tensor(0.37)
+    global_scale = torch.full((8, 1), 0.37)
     w = dequantize_nvfp4(pack_nibbles(codes), block_scale, global_scale)
     packed, scales = quantize_nvfp4(w, global_scale)
     assert torch.equal(dequantize_nvfp4(packed, scales, global_scale), w)
@@ -92,7 +92,7 @@ def test_nvfp4_error_bound_on_random_weights():
     w = torch.randn(4, 96, 256)
     packed, block_scale, global_scale = quantize_nvfp4_weight(w)
     assert packed.shape == (4, 96, 128) and block_scale.shape == (4, 96, 16) and global_scale.shape == (4,)
-    restored = dequantize_nvfp4(packed, block_scale, global_scale[:, None])  # global: one per [N, K] matrix
+    restored = dequantize_nvfp4(packed, block_scale, global_scale[:, None, None])  # one per [N, K] matrix
     step = (block_scale.float() * global_scale[:, None, None]).repeat_interleave(16, -1)
     # the coarsest E2M1 step is 2 (between 4 and 6): at most 1 unit of the block's scale off
     assert ((restored - w).abs() <= step * 1.0001).all()
@@ -106,6 +106,11 @@ def test_fp8_token_groups_round_trip_and_error():
     assert ((dequantize_fp8_groups(values, scales) - x).norm() / x.norm()).item() < 0.04
     with pytest.raises(ValueError, match="hidden size divisible by 128, got 100"):
         quantize_fp8_groups(torch.randn(2, 100))
+
+
+def test_global_scale_rank_is_checked():
+    with pytest.raises(ValueError, match=r"global scale must have shape \[..., 1\] matching data of rank 2, got \[3\]"):
+        quantize_nvfp4(torch.randn(3, 32), torch.ones(3))
 
 
 def test_non_finite_weights_are_refused_and_activations_propagate_nan():

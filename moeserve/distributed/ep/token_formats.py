@@ -1,0 +1,132 @@
+"""How tokens travel between ranks in expert-parallel dispatch: one contiguous uint8 payload per
+token, so a dispatcher sends rows of bytes whatever the format (gloo rejects float8 tensors anyway).
+
+Byte layout of one token's payload, hidden size H (a multiple of 128 for the quantized formats):
+
+| format | bytes | layout |
+|---|---|---|
+| bf16 | 2H | H bfloat16 values |
+| fp8 | H + H/32 | H float8_e4m3fn values, then H/128 float32 scales (one per 128 channels, a multiplier: x ~= value * scale) |
+| nvfp4 | H/2 + H/16 + 4 | H/2 bytes of E2M1 codes (element 2i in the low nibble), then H/16 float8_e4m3fn block scales (one per 16), then one float32 global scale |
+
+All multi-byte values are little-endian. The receiver either unpacks to a float tensor, or takes
+zero-copy views (`Fp8Tokens`, `Nvfp4Tokens`) of the payload and feeds them to the expert GEMM.
+NVFP4's global scale is computed per token (amax of the token / 2688) or per tensor (amax of the
+batch, the same value written into every token); the layout is the same. A NaN in a token makes that
+token's scales NaN: it propagates, it is never hidden.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
+from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
+from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
+
+FP8_GROUP = 128
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """[T, ...] -> [T, bytes per row] uint8, sharing memory when t is contiguous."""
+    row_bytes = math.prod(t.shape[1:]) * t.element_size()
+    if t.numel() == 0:  # empty tensors may carry strides that a dtype view refuses
+        return torch.empty(t.shape[0], row_bytes, dtype=torch.uint8, device=t.device)
+    return t.contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes)
+
+
+def _check_hidden(name: str, hidden: int) -> None:
+    if hidden % FP8_GROUP:
+        raise ValueError(f"the {name} token format needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
+
+
+class Bf16Format:
+    name = "bf16"
+
+    def payload_bytes(self, hidden: int) -> int:
+        return 2 * hidden
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, 2H] uint8
+        return _bytes(x.to(torch.bfloat16))
+
+    def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return payload.view(torch.bfloat16).to(dtype)
+
+
+@dataclass
+class Fp8Tokens:
+    values: torch.Tensor  # [T, H] float8_e4m3fn, a view of the payload
+    scales: torch.Tensor  # [T, H/128] float32, a view of the payload
+
+
+class Fp8Format:
+    name = "fp8"
+
+    def payload_bytes(self, hidden: int) -> int:
+        _check_hidden(self.name, hidden)
+        return hidden + 4 * hidden // FP8_GROUP
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        _check_hidden(self.name, x.shape[-1])
+        values, scales = quantize_fp8_groups(x, FP8_GROUP)
+        return torch.cat((_bytes(values), _bytes(scales)), dim=1)
+
+    def views(self, payload: torch.Tensor, hidden: int) -> Fp8Tokens:
+        return Fp8Tokens(payload[:, :hidden].view(torch.float8_e4m3fn),
+                         payload[:, hidden : self.payload_bytes(hidden)].view(torch.float32))
+
+    def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        tokens = self.views(payload, hidden)
+        return dequantize_fp8_groups(tokens.values, tokens.scales, dtype)
+
+
+@dataclass
+class Nvfp4Tokens:
+    packed: torch.Tensor  # [T, H/2] uint8 codes
+    block_scales: torch.Tensor  # [T, H/16] float8_e4m3fn
+    global_scales: torch.Tensor  # [T, 1] float32
+
+
+class Nvfp4Format:
+    def __init__(self, global_scale: str = "per_token"):
+        if global_scale not in ("per_token", "per_tensor"):
+            raise ValueError(f"global_scale must be per_token or per_tensor, got {global_scale!r}")
+        self.global_scale = global_scale
+        self.name = "nvfp4"
+
+    def payload_bytes(self, hidden: int) -> int:
+        _check_hidden(self.name, hidden)
+        return hidden // 2 + hidden // NVFP4_BLOCK + 4
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        _check_hidden(self.name, x.shape[-1])
+        amax = x.abs().float().amax(dim=-1, keepdim=True)  # [T, 1]
+        if self.global_scale == "per_tensor":
+            amax = amax.amax(dim=0, keepdim=True).expand_as(amax) if amax.numel() else amax
+        global_scale = global_scale_of(amax)
+        packed, block_scales = quantize_nvfp4(x, global_scale)
+        return torch.cat((_bytes(packed), _bytes(block_scales), _bytes(global_scale)), dim=1)
+
+    def views(self, payload: torch.Tensor, hidden: int) -> Nvfp4Tokens:
+        codes_end = hidden // 2
+        scales_end = codes_end + hidden // NVFP4_BLOCK
+        return Nvfp4Tokens(payload[:, :codes_end], payload[:, codes_end:scales_end].view(torch.float8_e4m3fn),
+                           payload[:, scales_end : scales_end + 4].view(torch.float32))
+
+    def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        tokens = self.views(payload, hidden)
+        return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
+
+
+TOKEN_FORMATS = ("bf16", "fp8", "nvfp4")
+
+
+def token_format(name: str):
+    if name == "bf16":
+        return Bf16Format()
+    if name == "fp8":
+        return Fp8Format()
+    if name == "nvfp4":
+        return Nvfp4Format()
+    raise ValueError(f"unknown token format {name!r} (known: {', '.join(TOKEN_FORMATS)})")

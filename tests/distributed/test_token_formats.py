@@ -1,0 +1,79 @@
+"""Token payloads on the wire: round trips, byte layout, zero-copy views, documented errors."""
+
+import pytest
+import torch
+
+from moeserve.distributed.ep.token_formats import Nvfp4Format, token_format
+from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
+from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
+
+
+def tokens(num_tokens: int, hidden: int) -> torch.Tensor:
+    return (torch.randn(num_tokens, hidden) * torch.rand(num_tokens, 1) * 4).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
+@pytest.mark.parametrize("hidden", [128, 384, 7168])
+def test_round_trips(num_tokens, hidden):
+    x = tokens(num_tokens, hidden)
+    for name, bound in (("bf16", 0.0), ("fp8", 0.04), ("nvfp4", 0.12)):
+        fmt = token_format(name)
+        payload = fmt.pack(x)
+        assert payload.dtype == torch.uint8 and payload.shape == (num_tokens, fmt.payload_bytes(hidden))
+        restored = fmt.unpack(payload, hidden, torch.float32)
+        assert restored.shape == x.shape and torch.isfinite(restored).all()
+        if num_tokens:
+            error = ((restored - x.float()).norm() / x.float().norm()).item()
+            assert error <= bound, name
+
+
+def test_payload_sizes_follow_the_documented_layout():
+    assert token_format("bf16").payload_bytes(7168) == 14336
+    assert token_format("fp8").payload_bytes(7168) == 7168 + 56 * 4
+    assert token_format("nvfp4").payload_bytes(7168) == 3584 + 448 + 4
+
+
+def test_fp8_payload_is_the_per_token_group_quantization_and_views_share_memory():
+    x = tokens(5, 256)
+    fmt = token_format("fp8")
+    payload = fmt.pack(x)
+    values, scales = quantize_fp8_groups(x)
+    views = fmt.views(payload, 256)
+    assert torch.equal(views.values.view(torch.uint8), values.view(torch.uint8)) and torch.equal(views.scales, scales)
+    assert views.values.data_ptr() == payload.data_ptr()
+    assert views.scales.data_ptr() == payload.data_ptr() + 256
+    assert torch.equal(fmt.unpack(payload, 256, torch.float32), dequantize_fp8_groups(values, scales))
+
+
+@pytest.mark.parametrize("scope", ["per_token", "per_tensor"])
+def test_nvfp4_payload_layout_and_global_scale(scope):
+    x = tokens(6, 128)
+    fmt = Nvfp4Format(scope)
+    views = fmt.views(fmt.pack(x), 128)
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    expected_global = global_scale_of(amax if scope == "per_token" else amax.max().expand_as(amax))
+    assert torch.equal(views.global_scales, expected_global)
+    packed, scales = quantize_nvfp4(x, expected_global)
+    assert torch.equal(views.packed, packed) and torch.equal(views.block_scales.view(torch.uint8), scales.view(torch.uint8))
+    torch.testing.assert_close(fmt.unpack(fmt.pack(x), 128, torch.float32),
+                               dequantize_nvfp4(packed, scales, expected_global), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fp8", "nvfp4"])
+def test_hidden_sizes_that_are_not_multiples_of_128_are_refused(name):
+    with pytest.raises(ValueError, match=f"the {name} token format needs a hidden size divisible by 128, got 200"):
+        token_format(name).pack(tokens(3, 200))
+
+
+def test_nan_in_one_token_stays_in_that_token():
+    x = tokens(3, 128).float()
+    x[1, 7] = float("nan")
+    for name in ("fp8", "nvfp4"):
+        fmt = token_format(name)
+        restored = fmt.unpack(fmt.pack(x), 128, torch.float32)
+        assert restored[1].isnan().any() and not restored[[0, 2]].isnan().any(), name
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown token format 'int4' \\(known: bf16, fp8, nvfp4\\)"):
+        token_format("int4")
