@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                             help="also run the same workload through transformers' generate (baseline)")
     throughput.set_defaults(run=run_throughput)
 
+    info = commands.add_parser("info", help="parameters and weight memory of a model, per format")
+    info.add_argument("--model", required=True, help="checkpoint folder or preset (real-shape presets work)")
+    info.set_defaults(run=run_info)
+
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
@@ -103,6 +107,28 @@ def run_throughput(args: argparse.Namespace) -> int:
         result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
         print("transformers generate:", result.report())
     return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from moeserve.quant.apply import planned_weight_bytes
+
+    from moeserve.loader.model_loader import load_config
+
+    config = load_config(args.model)
+    print(f"{args.model}: {config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.moe.num_experts} experts (top-{config.moe.top_k}), {len(config.moe_layers)} MoE layers")
+    for fmt in (None, "fp8", "nvfp4"):
+        sizes = planned_weight_bytes(config, fmt)
+        detail = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(sizes.items()))
+        print(f"  {fmt or 'bf16':>6}: {human_bytes(sum(sizes.values())):>10}  ({detail})")
+    return 0
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def run_quantize(args: argparse.Namespace) -> int:

@@ -177,3 +177,16 @@ def test_already_quantized_checkpoint_refuses_quantize_on_load(tmp_path):
     quantized, _ = write_checkpoints("ct-fp8", tmp_path)
     with pytest.raises(ConfigError, match=r"already quantized \(compressed-tensors FP8_BLOCK\); drop the quantization option"):
         moeserve.load_model(quantized, quantization="nvfp4")
+
+
+def test_deepseek_v3_weight_memory_per_format(capsys):
+    from moeserve.quant.apply import planned_weight_bytes
+
+    config = moeserve.load_config("deepseek-v3")
+    total = {fmt: sum(planned_weight_bytes(config, fmt).values()) for fmt in (None, "fp8", "nvfp4")}
+    router_params = 58 * (256 * 7168 + 256)  # kept in fp32: 2 more bytes each
+    assert total[None] == 2 * 671026419200 + 2 * router_params
+    assert 0.50 < total["fp8"] / total[None] < 0.51  # 1 byte + 1/4096 of a float per weight
+    assert 0.28 < total["nvfp4"] / total[None] < 0.29  # 4.5 bits per weight
+    assert main(["info", "--model", "deepseek-v3"]) == 0
+    assert "nvfp4:   380.5 GB" in capsys.readouterr().out
