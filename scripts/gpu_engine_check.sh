@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Device calls for the engine. Stage "tests": the CUDA tests, the CPU suite on this node's package
-# versions, and throughput of the tiny model (CPU, CUDA) and DeepSeek-V2-Lite's real shape with random
+# Device calls. Stage "tests": the CUDA tests and the CPU suite on this node's package versions.
+# Stage "bench": throughput of the tiny model (CPU, CUDA) and DeepSeek-V2-Lite's real shape with random
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
-# Qwen3-30B-A3B's shape the same way.   Usage: bash scripts/gpu_engine_check.sh tests|qwen3
+# Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4),
+# and whether transformers loads our FP8 export.
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant [more stages]
 set -u
-STAGE=${1:-tests}
+STAGES=${*:-tests}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -17,15 +20,24 @@ bench() {  # label, then arguments of moeserve bench throughput
   echo "$label | $(grep -A100 "== $label:" "$OUT/bench.log" | grep -E "KV cache:|requests in" | sed 's/.*engine: //' | tr '\n' ' ')" >> "$OUT/bench_table.txt"
 }
 : > "$OUT/bench_table.txt"
-if [ "$STAGE" = tests ]; then
+if has tests; then
   python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
   # the CPU suite, on this node's package versions (CUDA hidden: these tests expect the CPU)
   CUDA_VISIBLE_DEVICES= python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/gpu 2>&1 | tee "$OUT/cpu_suite_on_gpu_node.log" | tail -4
+fi
+if has bench; then
   bench "tiny-deepseek-v3 cpu fp32" --model tiny-deepseek-v3 --device cpu --num-prompts 64 --input-len 128 --output-len 64 --compare-hf
   bench "tiny-deepseek-v3 cuda fp32" --model tiny-deepseek-v3 --device cuda --num-prompts 64 --input-len 128 --output-len 64 --compare-hf
   bench "deepseek-v2-lite dummy cuda bf16" --model deepseek-v2-lite --load-format dummy --device cuda --dtype bfloat16 --max-model-len 8192 --num-prompts 64 --input-len 256 --output-len 64 --compare-hf
-else
+fi
+if has qwen3; then
   bench "qwen3-30b-a3b dummy cuda bf16" --model qwen3-30b-a3b --load-format dummy --device cuda --dtype bfloat16 --max-model-len 8192 --num-prompts 64 --input-len 256 --output-len 64 --compare-hf
+fi
+if has quant; then
+  for fmt in fp8 nvfp4; do
+    bench "deepseek-v2-lite dummy cuda $fmt" --model deepseek-v2-lite --load-format dummy --device cuda --dtype bfloat16 --quantization $fmt --max-model-len 8192 --num-prompts 32 --input-len 256 --output-len 32
+  done
+  python3 scripts/check_hf_loads_fp8.py 2>&1 | tail -1 | tee -a "$OUT/bench_table.txt"
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"

@@ -1,0 +1,28 @@
+"""Quantized models on CUDA: the reference path (weights dequantized on the GPU) gives what it gives
+on the CPU."""
+
+import pytest
+import torch
+
+import moeserve
+from moeserve.llm import LLM
+from moeserve.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+PROMPTS = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 40)]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v3", "tiny-qwen3-moe"])
+def test_quantized_logits_and_greedy_tokens_on_cuda_equal_cpu(preset, fmt):
+    input_ids = torch.randint(3, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    cpu_model = moeserve.load_model(preset, quantization=fmt, progress=False)
+    cuda_model = moeserve.load_model(preset, device="cuda", quantization=fmt, progress=False)
+    for (name, a), (_, b) in zip(cpu_model.named_parameters(), cuda_model.named_parameters()):
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.cpu().reshape(-1).view(torch.uint8)), name
+    torch.testing.assert_close(cuda_model(input_ids.cuda()).cpu(), cpu_model(input_ids), rtol=1e-4, atol=1e-4)
+    cpu = [o.outputs[0].token_ids for o in LLM(preset, device="cpu", quantization=fmt).generate(PROMPTS, GREEDY)]
+    cuda = [o.outputs[0].token_ids for o in LLM(preset, device="cuda", quantization=fmt).generate(PROMPTS, GREEDY)]
+    assert cuda == cpu
