@@ -22,7 +22,7 @@ from moeserve.loader.model_loader import build_model, load_config, load_model
 from moeserve.loader.presets import SHAPE_PRESETS
 from moeserve.loader.random_init import random_init
 from moeserve.loader.tokenizer import load_tokenizer
-from moeserve.quant.apply import quantize_model
+from moeserve.quant.apply import describe_weight_bytes, quantize_model
 from moeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Engine:
             random_init(self.model, args.seed)
             if args.quantization:
                 quantize_model(self.model, args.quantization)
+            logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(self.model))
         else:
             self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization)
         self.config = config

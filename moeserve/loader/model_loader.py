@@ -12,7 +12,7 @@ from moeserve.loader.checkpoint import CheckpointReader
 from moeserve.loader.weights import load_weights
 from moeserve.models.base import CausalLM
 from moeserve.models.registry import model_class
-from moeserve.quant.apply import QuantPlan, apply_plan, quantize_model, weight_bytes_by_format
+from moeserve.quant.apply import QuantPlan, apply_plan, describe_weight_bytes, quantize_model
 from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_module_paths
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def load_model(
         load_weights(model, reader, scheme, progress)
     if quantization is not None:
         quantize_model(model, quantization)
-    sizes = ", ".join(f"{fmt} {size / 2**20:.1f} MiB" for fmt, size in sorted(weight_bytes_by_format(model).items()))
+    sizes = describe_weight_bytes(model)
     logger.info("Loaded %s (%s%s) in %.1f s on %s: weights %s", name_or_path, config.architecture,
                 f", {scheme.name}" if scheme else (f", quantized to {quantization} on load" if quantization else ""),
                 time.perf_counter() - start, device, sizes)

@@ -71,20 +71,25 @@ def quantize_model(model: nn.Module, fmt: str) -> QuantPlan:
     plan = default_plan(model, fmt)
     for path in sorted(plan.linears):
         linear = model.get_submodule(path)
-        weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features)).to(linear.weight.device)
+        with torch.device(linear.weight.device):
+            weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features))
         weight.quantize_from(linear.weight)
         _replace(model, path, QuantLinear(weight, linear.bias))
     for path in sorted(plan.experts):
         experts = model.get_submodule(path)
         num_experts, two_i, hidden = experts.gate_up_proj.shape
-        device = experts.gate_up_proj.device
-        gate_up = make_quantized_weight(fmt, (num_experts, 2, two_i // 2, hidden)).to(device)
-        down = make_quantized_weight(fmt, (num_experts, hidden, two_i // 2)).to(device)
+        with torch.device(experts.gate_up_proj.device):
+            gate_up = make_quantized_weight(fmt, (num_experts, 2, two_i // 2, hidden))
+            down = make_quantized_weight(fmt, (num_experts, hidden, two_i // 2))
         gate_up.quantize_from(experts.gate_up_proj)
         down.quantize_from(experts.down_proj)
         del experts.gate_up_proj, experts.down_proj
         experts.gate_up_proj, experts.down_proj = gate_up, down
     return plan
+
+
+def describe_weight_bytes(model: nn.Module) -> str:
+    return ", ".join(f"{fmt} {size / 2**20:.1f} MiB" for fmt, size in sorted(weight_bytes_by_format(model).items()))
 
 
 def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
