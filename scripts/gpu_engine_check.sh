@@ -2,8 +2,7 @@
 # Device calls. Stage "tests": the CUDA tests and the CPU suite on this node's package versions.
 # Stage "bench": throughput of the tiny model (CPU, CUDA) and DeepSeek-V2-Lite's real shape with random
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
-# Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4),
-# and whether transformers loads our FP8 export.
+# Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
 # Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant [more stages]
 set -u
 STAGES=${*:-tests}
@@ -37,7 +36,6 @@ if has quant; then
   for fmt in fp8 nvfp4; do
     bench "deepseek-v2-lite dummy cuda $fmt" --model deepseek-v2-lite --load-format dummy --device cuda --dtype bfloat16 --quantization $fmt --max-model-len 8192 --num-prompts 32 --input-len 256 --output-len 32
   done
-  python3 scripts/check_hf_loads_fp8.py 2>&1 | tail -1 | tee -a "$OUT/bench_table.txt"
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"

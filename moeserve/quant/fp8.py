@@ -21,11 +21,18 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def round_scale_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
     """UE8M0: the smallest power of two >= scale, so that x / scale still fits in E4M3."""
-    return torch.exp2(torch.ceil(torch.log2(scale)))
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def exact_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, correctly rounded on every device (CUDA divides by a Python number through its
+    reciprocal, one ulp off at times: scales must not depend on where a model was quantized)."""
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
 
 
 def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = amax.float().clamp(min=_TINY) / E4M3_MAX
+    scale = exact_div(amax.float().clamp(min=_TINY), E4M3_MAX)
     return round_scale_to_power_of_two(scale) if ue8m0 else scale
 
 

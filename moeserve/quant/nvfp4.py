@@ -12,7 +12,7 @@ Bit layout (NVIDIA's NVFP4, ModelOpt checkpoints):
 
 import torch
 
-from moeserve.quant.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, to_e4m3
+from moeserve.quant.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, exact_div, to_e4m3
 
 E2M1_MAX = 6.0
 BLOCK = 16
@@ -49,7 +49,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def global_scale_of(amax: torch.Tensor) -> torch.Tensor:
     """amax / (6 * 448); 1.0 where amax is 0 (NaN stays NaN)."""
     amax = amax.float()
-    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
+    return torch.where(amax == 0, torch.ones_like(amax), exact_div(amax, E2M1_MAX * E4M3_MAX))
 
 
 def _check_global(global_scale: torch.Tensor, data: torch.Tensor) -> None:
