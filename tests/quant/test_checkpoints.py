@@ -190,3 +190,21 @@ def test_deepseek_v3_weight_memory_per_format(capsys):
     assert 0.28 < total["nvfp4"] / total[None] < 0.29  # 4.5 bits per weight
     assert main(["info", "--model", "deepseek-v3"]) == 0
     assert "nvfp4:   380.5 GB" in capsys.readouterr().out
+
+
+def test_transformers_reads_the_fp8_export_as_its_fine_grained_fp8_scheme(tmp_path):
+    import transformers
+
+    assert main(["quantize", PRESET, str(tmp_path / "fp8"), "--format", "fp8"]) == 0
+    from transformers.quantizers import AutoQuantizationConfig
+
+    raw = transformers.AutoConfig.from_pretrained(tmp_path / "fp8").quantization_config
+    parsed = AutoQuantizationConfig.from_dict(raw)
+    assert type(parsed).__name__ == "FineGrainedFP8Config"
+    assert list(parsed.weight_block_size) == [128, 128]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fp8" / "model.safetensors"), "pt") as f:
+        scale = f.get_slice("model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv")
+        assert scale.get_dtype() == "F32" and scale.get_shape() == [1, 1]  # ceil(64/128) x ceil(128/128)
+        assert f.get_slice("model.layers.1.mlp.experts.3.gate_proj.weight").get_dtype() == "F8_E4M3"
