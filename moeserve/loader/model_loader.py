@@ -41,15 +41,16 @@ def raw_config(name_or_path: str | Path) -> tuple[dict, Path | None, str]:
     return read_config_json(folder), folder, str(folder / "config.json")
 
 
+def load_config_and_scheme(name_or_path: str | Path) -> tuple[ModelConfig, CheckpointScheme | None]:
+    """The model config, and the quantization scheme of the checkpoint (None: high precision).
+    An unsupported scheme fails here, naming it."""
+    raw, folder, source = raw_config(name_or_path)
+    scheme = detect_scheme(raw, folder, source)
+    return parse_config(raw, source), scheme
+
+
 def load_config(name_or_path: str | Path) -> ModelConfig:
-    raw, folder, source = raw_config(name_or_path)
-    detect_scheme(raw, folder, source)  # an unsupported quantization scheme fails here, naming it
-    return parse_config(raw, source)
-
-
-def checkpoint_scheme(name_or_path: str | Path) -> CheckpointScheme | None:
-    raw, folder, source = raw_config(name_or_path)
-    return detect_scheme(raw, folder, source)
+    return load_config_and_scheme(name_or_path)[0]
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -81,8 +82,7 @@ def load_model(
     high-precision checkpoint as it loads."""
     start = time.perf_counter()
     folder = resolve_checkpoint(name_or_path)
-    config = load_config(folder)
-    scheme = checkpoint_scheme(folder)
+    config, scheme = load_config_and_scheme(folder)
     if quantization is not None:
         if quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")

@@ -59,7 +59,7 @@ def test_seeded_request_is_reproducible_inside_different_batches(llm):
     assert batch[3].outputs[0].token_ids == alone
 
 
-def test_n_completions_share_the_prompt_and_differ(llm):
+def test_n_completions_come_back_indexed_and_differ(llm):
     output = llm.generate({"prompt_token_ids": [3, 4, 5, 6]}, SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=10))[0]
     assert [c.index for c in output.outputs] == [0, 1, 2, 3]
     assert len({tuple(c.token_ids) for c in output.outputs}) > 1
