@@ -64,6 +64,15 @@ class CheckpointReader:
         except Exception as e:
             raise CheckpointError(f"{self.path_of(name)}: cannot read tensor '{name}' ({e})") from None
 
+    def get_slice(self, name: str, dim: int, start: int, end: int) -> torch.Tensor:
+        """Rows (or columns, ...) [start, end) of a tensor along dim, read without the rest."""
+        handle = self._open(self.file_of[name])
+        index = tuple([slice(None)] * dim + [slice(start, end)])
+        try:
+            return handle.get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"{self.path_of(name)}: cannot read tensor '{name}' ({e})") from None
+
     def close(self) -> None:
         self._handles.clear()
 

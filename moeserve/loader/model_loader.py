@@ -12,7 +12,9 @@ from moeserve.loader.checkpoint import CheckpointReader
 from moeserve.loader.weights import load_weights
 from moeserve.models.base import CausalLM
 from moeserve.models.registry import model_class
+from moeserve.distributed.parallelize import ParallelOptions, parallelize
 from moeserve.quant.apply import QuantPlan, apply_plan, describe_weight_bytes, quantize_model
+from moeserve.quant.formats import QuantizedWeight
 from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_module_paths
 
 logger = logging.getLogger(__name__)
@@ -54,20 +56,29 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                plan: QuantPlan | None = None) -> CausalLM:
+                plan: QuantPlan | None = None, parallel: ParallelOptions | None = None) -> CausalLM:
     """The model with uninitialised weights, allocated once: float parameters in `dtype` (router
-    parameters that the reference keeps in fp32 stay fp32), quantized ones as the plan says."""
+    parameters that the reference keeps in fp32 stay fp32), quantized ones as the plan says, and with
+    `parallel`, only this rank's shard."""
     with torch.device("meta"):
         model = model_class(config.architecture, "config")(config)
-    model.to(dtype)
-    for module in model.modules():
-        for name in getattr(module, "fp32_params", ()):
-            getattr(module, name).data = getattr(module, name).data.float()
-    if plan is not None:
-        with torch.device("meta"):
+        if plan is not None:
             apply_plan(model, plan)
+        if parallel is not None:
+            parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype)
+    cast_float_params(model, dtype)
     model.to_empty(device=device)
     return model.requires_grad_(False).eval()
+
+
+def cast_float_params(model: CausalLM, dtype: torch.dtype) -> None:
+    """Float parameters to dtype, except those the reference keeps in fp32 and quantized data."""
+    quantized = {id(p) for m in model.modules() if isinstance(m, QuantizedWeight) for p in m.parameters()}
+    for module in model.modules():
+        keep_fp32 = set(getattr(module, "fp32_params", ()))
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in quantized:
+                param.data = param.data.to(torch.float32 if name in keep_fp32 else dtype)
 
 
 def load_model(
@@ -76,10 +87,11 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantization: str | None = None,
+    parallel: ParallelOptions | None = None,
 ) -> CausalLM:
     """A checkpoint folder or preset name -> the model; `model(input_ids [B, S])` gives logits [B, S, V].
     Quantized checkpoints load in their own format; `quantization` (fp8, nvfp4) quantizes a
-    high-precision checkpoint as it loads."""
+    high-precision checkpoint as it loads. With `parallel`, this rank builds and reads only its shard."""
     start = time.perf_counter()
     folder = resolve_checkpoint(name_or_path)
     config, scheme = load_config_and_scheme(folder)
@@ -88,13 +100,16 @@ def load_model(
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
+        if parallel is not None and parallel.groups.layout.tp > 1:
+            raise ConfigError("quantizing on load with tp > 1 is not supported yet; use --dp N --ep N, or "
+                              "quantize first with `moeserve quantize` and load that with --ep")
     with CheckpointReader(folder) as reader:
         plan = None
         if scheme is not None:
             to_ours = model_class(config.architecture, "config").to_our_name
             linears, experts = quantized_module_paths(scheme, reader.names(), to_ours)
             plan = QuantPlan(scheme.format, frozenset(linears), frozenset(experts), scheme.block)
-        model = build_model(config, dtype, device, plan)
+        model = build_model(config, dtype, device, plan, parallel)
         load_weights(model, reader, scheme, progress)
     if quantization is not None:
         quantize_model(model, quantization)

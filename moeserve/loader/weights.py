@@ -31,6 +31,13 @@ class Target:
     pieces: list[tuple]  # which pieces of the model it fills (for the missing / twice checks)
     transposed: bool = False
     reciprocal: bool = False
+    shard: object = None  # a Shard: this rank reads only that slice of the checkpoint tensor
+    experts: tuple[int, ...] | None = None  # fused expert tensors: the rows of this rank's experts
+    inner: object = None  # fused expert tensors split over tp: this rank's Shard of the intermediate size
+    fused_gate_up: bool = False
+
+
+SKIP = None  # locate's answer for a tensor that belongs to another rank
 
 
 def expected_pieces(params: dict[str, torch.Tensor]) -> set[tuple]:
@@ -47,38 +54,53 @@ def expected_pieces(params: dict[str, torch.Tensor]) -> set[tuple]:
     return pieces
 
 
-def locate(model: CausalLM, ours: str, params: dict, scheme: CheckpointScheme | None) -> Target:
-    """Our name of a checkpoint tensor -> where it goes. KeyError if nowhere."""
+def locate(model: CausalLM, ours: str, params: dict, scheme: CheckpointScheme | None) -> Target | None:
+    """Our name of a checkpoint tensor -> where it goes (SKIP: another rank's). KeyError if nowhere."""
+    specs = getattr(model, "shard_specs", {})
     field = None
     if m := _PER_EXPERT.match(ours):
-        expert, proj, suffix = int(m["expert"]), m["proj"], m["suffix"]
-        base = f"{m['prefix']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-        part = "down" if proj == "down_proj" else proj.removesuffix("_proj")
-        if scheme is not None and suffix in scheme.fields and f"{base}.{scheme.fields[suffix]}" in params:
-            name = f"{base}.{scheme.fields[suffix]}"
-            index = (expert,) if proj == "down_proj" else (expert, _PARTS[proj])
-            if expert < params[name].shape[0]:
-                return Target(params[name][index], [(name, expert, part)], reciprocal=suffix in scheme.reciprocal)
-        elif suffix == "weight" and base in params and expert < params[base].shape[0]:
-            if proj == "down_proj":
-                return Target(params[base][expert], [(base, expert, part)])
-            half = params[base].shape[1] // 2
-            rows = slice(0, half) if part == "gate" else slice(half, 2 * half)
-            return Target(params[base][expert, rows], [(base, expert, part)])
-    elif (m := _FUSED.match(ours)) and ours in params:
-        param = params[ours]
+        return locate_expert(m, params, scheme, specs.get(m["prefix"]))
+    if (m := _FUSED.match(ours)) and ours in params:
+        param, spec = params[ours], specs.get(m["prefix"])
         parts = ("gate", "up") if m["proj"] == "gate_up_proj" else ("down",)
         return Target(param, [(ours, e, part) for e in range(param.shape[0]) for part in parts],
-                      transposed=model.fused_experts_transposed)
-    else:
-        module, _, suffix = ours.rpartition(".")
-        if scheme is not None and suffix in scheme.fields:
-            field = f"{module}.weight.{scheme.fields[suffix]}"
-        if field in params:
-            return Target(params[field], [(field,)], reciprocal=suffix in scheme.reciprocal)
-        if ours in params:
-            return Target(params[ours], [(ours,)])
+                      transposed=model.fused_experts_transposed, experts=spec.experts if spec else None,
+                      inner=spec.inner if spec else None, fused_gate_up=m["proj"] == "gate_up_proj")
+    module, _, suffix = ours.rpartition(".")
+    if scheme is not None and suffix in scheme.fields:
+        field = f"{module}.weight.{scheme.fields[suffix]}"
+    if field in params:
+        return Target(params[field], [(field,)], reciprocal=suffix in scheme.reciprocal)
+    if ours in params:
+        return Target(params[ours], [(ours,)], shard=specs.get(ours))
     raise KeyError(ours)
+
+
+def locate_expert(m: re.Match, params: dict, scheme: CheckpointScheme | None, spec) -> Target | None:
+    expert, proj, suffix = int(m["expert"]), m["proj"], m["suffix"]
+    base = f"{m['prefix']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    part = "down" if proj == "down_proj" else proj.removesuffix("_proj")
+    slot = expert if spec is None else spec.slot_of(expert)
+    inner = None
+    if spec is not None and spec.inner is not None:  # gate/up rows or down columns of this rank
+        inner = type(spec.inner)(1 if proj == "down_proj" else 0, spec.inner.index, spec.inner.count)
+    if scheme is not None and suffix in scheme.fields and f"{base}.{scheme.fields[suffix]}" in params:
+        name = f"{base}.{scheme.fields[suffix]}"
+        if slot is None:
+            return SKIP
+        if slot < params[name].shape[0]:
+            index = (slot,) if proj == "down_proj" else (slot, _PARTS[proj])
+            return Target(params[name][index], [(name, slot, part)], reciprocal=suffix in scheme.reciprocal)
+    elif suffix == "weight" and base in params:
+        if slot is None:
+            return SKIP
+        if slot < params[base].shape[0]:
+            if proj == "down_proj":
+                return Target(params[base][slot], [(base, slot, part)], shard=inner)
+            half = params[base].shape[1] // 2
+            rows = slice(0, half) if part == "gate" else slice(half, 2 * half)
+            return Target(params[base][slot, rows], [(base, slot, part)], shard=inner)
+    raise KeyError(m.string)
 
 
 def load_weights(model: CausalLM, reader: CheckpointReader, scheme: CheckpointScheme | None = None,
@@ -96,16 +118,22 @@ def load_weights(model: CausalLM, reader: CheckpointReader, scheme: CheckpointSc
         except KeyError:
             raise CheckpointError(f"{reader.path_of(name)}: unexpected tensor '{name}': the "
                                   f"{model.config.architecture} model has no parameter for it") from None
+        if target is SKIP:
+            continue
         check_shape(reader, name, target)
         if not pending.issuperset(target.pieces):
             raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' fills weights already loaded from "
                                   "another tensor (both per-expert and fused expert tensors?)")
-        tensor = reader.get(name)
+        tensor = read(reader, name, target)
         check_dtype(reader, name, tensor, target.view)
         if target.reciprocal:
             tensor = 1.0 / tensor.float()
+        if target.transposed:
+            tensor = tensor.transpose(-1, -2)
+        if target.inner is not None:
+            tensor = split_fused_intermediate(tensor, target.inner, target.fused_gate_up)
         with torch.no_grad():
-            target.view.copy_((tensor.transpose(-1, -2) if target.transposed else tensor).reshape(target.view.shape))
+            target.view.copy_(tensor.reshape(target.view.shape))
         pending.difference_update(target.pieces)
     if pending:
         missing = sorted(checkpoint_name_of(model, piece, scheme) for piece in pending)
@@ -113,9 +141,36 @@ def load_weights(model: CausalLM, reader: CheckpointReader, scheme: CheckpointSc
         raise CheckpointError(f"{reader.folder}: checkpoint is missing tensors: {shown}")
 
 
+def read(reader: CheckpointReader, name: str, target: Target) -> torch.Tensor:
+    """The checkpoint tensor, or only this rank's part of it."""
+    if target.shard is not None:
+        start, end = target.shard.bounds(reader.shape(name)[target.shard.dim])
+        return reader.get_slice(name, target.shard.dim, start, end)
+    tensor = reader.get(name)
+    return tensor[list(target.experts)] if target.experts is not None else tensor
+
+
+def split_fused_intermediate(tensor: torch.Tensor, inner, gate_up: bool) -> torch.Tensor:
+    """[E, 2I, H] -> this rank's gate rows and up rows; [E, H, I] -> this rank's columns."""
+    if not gate_up:
+        start, end = inner.bounds(tensor.shape[2])
+        return tensor[:, :, start:end]
+    gate, up = tensor.chunk(2, dim=1)
+    start, end = inner.bounds(gate.shape[1])
+    return torch.cat((gate[:, start:end], up[:, start:end]), dim=1)
+
+
 def check_shape(reader: CheckpointReader, name: str, target: Target) -> None:
-    expected = list(target.view.transpose(-1, -2).shape if target.transposed else target.view.shape)
+    expected = list(target.view.shape)
+    if target.inner is not None:  # in our orientation: [E, 2I, H] or [E, H, I]
+        expected[1 if target.fused_gate_up else 2] *= target.inner.count
+    if target.transposed:
+        expected[-1], expected[-2] = expected[-2], expected[-1]
+    if target.shard is not None:
+        expected[target.shard.dim] *= target.shard.count
     found = reader.shape(name)
+    if target.experts is not None:
+        found = [len(target.experts)] + found[1:]
     if found != expected and not (expected == [] and found == [1]):
         raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' has shape {found}, the model expects {expected}")
 
@@ -136,7 +191,10 @@ def checkpoint_name_of(model: CausalLM, piece: tuple, scheme: CheckpointScheme |
     match = _EXPERT_PARAM.match(name)
     if len(piece) == 3 and match and not (match["field"] is None and model.fused_experts_transposed):
         suffix = scheme.suffix_of(match["field"]) if match["field"] else "weight"
-        name = f"{match['base'].rsplit('.', 1)[0]}.{piece[1]}.{piece[2]}_proj.{suffix}"
+        prefix = match["base"].rsplit(".", 1)[0]
+        spec = getattr(model, "shard_specs", {}).get(prefix)
+        expert = piece[1] if spec is None else spec.experts[piece[1]]
+        name = f"{prefix}.{expert}.{piece[2]}_proj.{suffix}"
     elif name.count(".weight.") == 1 and scheme is not None:
         module, _, field = name.rpartition(".weight.")
         name = f"{module}.{scheme.suffix_of(field)}"

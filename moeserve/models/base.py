@@ -90,6 +90,11 @@ class CausalLM(nn.Module):
         return self.compute_logits(hidden).view(batch_size, seq_len, -1)
 
 
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent), leaf, module)
+
+
 def _rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
     for pattern, replacement in rules:
         name = re.sub(pattern, replacement, name)

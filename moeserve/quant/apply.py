@@ -9,6 +9,7 @@ from torch import nn
 
 from moeserve.layers.linear import QuantLinear
 from moeserve.layers.moe.experts import Experts
+from moeserve.models.base import replace_submodule
 from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 
@@ -23,11 +24,6 @@ class QuantPlan:
     block: tuple[int, int] = (128, 128)
 
 
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
 def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     """Give the planned modules quantized weights (empty: loading fills them)."""
     for path in sorted(plan.linears):
@@ -35,7 +31,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{path} is quantized in the checkpoint but is not a linear layer of this model")
         weight = make_quantized_weight(plan.format, (linear.out_features, linear.in_features), plan.block)
-        _replace(model, path, QuantLinear(weight, linear.bias))
+        replace_submodule(model, path, QuantLinear(weight, linear.bias))
     for path in sorted(plan.experts):
         experts = model.get_submodule(path)
         num_experts, two_i, hidden = experts.gate_up_proj.shape
@@ -74,7 +70,7 @@ def quantize_model(model: nn.Module, fmt: str) -> QuantPlan:
         with torch.device(linear.weight.device):
             weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features))
         weight.quantize_from(linear.weight)
-        _replace(model, path, QuantLinear(weight, linear.bias))
+        replace_submodule(model, path, QuantLinear(weight, linear.bias))
     for path in sorted(plan.experts):
         experts = model.get_submodule(path)
         num_experts, two_i, hidden = experts.gate_up_proj.shape

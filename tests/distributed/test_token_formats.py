@@ -29,6 +29,7 @@ def test_round_trips(num_tokens, hidden):
 
 def test_payload_sizes_follow_the_documented_layout():
     assert token_format("bf16").payload_bytes(7168) == 14336
+    assert token_format("bf16", torch.float32).payload_bytes(7168) == 28672  # fp32 runs send fp32
     assert token_format("fp8").payload_bytes(7168) == 7168 + 56 * 4
     assert token_format("nvfp4").payload_bytes(7168) == 3584 + 448 + 4
 

@@ -5,7 +5,7 @@ Byte layout of one token's payload, hidden size H (a multiple of 128 for the qua
 
 | format | bytes | layout |
 |---|---|---|
-| bf16 | 2H | H bfloat16 values |
+| bf16 | 2H | H bfloat16 values: unquantized, in the activation dtype (fp32 rows, 4H bytes, in fp32 runs) |
 | fp8 | H + H/32 | H float8_e4m3fn values, then H/128 float32 scales (one per 128 channels, a multiplier: x ~= value * scale) |
 | nvfp4 | H/2 + H/16 + 4 | H/2 bytes of E2M1 codes (element 2i in the low nibble), then H/16 float8_e4m3fn block scales (one per 16), then one float32 global scale |
 
@@ -28,7 +28,7 @@ from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvf
 FP8_GROUP = 128
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
+def as_row_bytes(t: torch.Tensor) -> torch.Tensor:
     """[T, ...] -> [T, bytes per row] uint8, sharing memory when t is contiguous."""
     row_bytes = math.prod(t.shape[1:]) * t.element_size()
     if t.numel() == 0:  # empty tensors may carry strides that a dtype view refuses
@@ -41,17 +41,22 @@ def _check_hidden(name: str, hidden: int) -> None:
         raise ValueError(f"the {name} token format needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
 
 
-class Bf16Format:
+class UnquantizedFormat:
+    """Tokens as they are, in the activation dtype (the "bf16" format when serving in bf16)."""
+
     name = "bf16"
 
-    def payload_bytes(self, hidden: int) -> int:
-        return 2 * hidden
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, 2H] uint8
-        return _bytes(x.to(torch.bfloat16))
+    def payload_bytes(self, hidden: int) -> int:
+        return hidden * self.dtype.itemsize
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H * itemsize] uint8
+        return as_row_bytes(x.to(self.dtype))
 
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return payload.view(torch.bfloat16).to(dtype)
+        return payload.contiguous().view(self.dtype).to(dtype)
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Fp8Format:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         _check_hidden(self.name, x.shape[-1])
         values, scales = quantize_fp8_groups(x, FP8_GROUP)
-        return torch.cat((_bytes(values), _bytes(scales)), dim=1)
+        return torch.cat((as_row_bytes(values), as_row_bytes(scales)), dim=1)
 
     def views(self, payload: torch.Tensor, hidden: int) -> Fp8Tokens:
         return Fp8Tokens(payload[:, :hidden].view(torch.float8_e4m3fn),
@@ -106,7 +111,7 @@ class Nvfp4Format:
             amax = amax.amax(dim=0, keepdim=True).expand_as(amax) if amax.numel() else amax
         global_scale = global_scale_of(amax)
         packed, block_scales = quantize_nvfp4(x, global_scale)
-        return torch.cat((_bytes(packed), _bytes(block_scales), _bytes(global_scale)), dim=1)
+        return torch.cat((as_row_bytes(packed), as_row_bytes(block_scales), as_row_bytes(global_scale)), dim=1)
 
     def views(self, payload: torch.Tensor, hidden: int) -> Nvfp4Tokens:
         codes_end = hidden // 2
@@ -122,9 +127,9 @@ class Nvfp4Format:
 TOKEN_FORMATS = ("bf16", "fp8", "nvfp4")
 
 
-def token_format(name: str):
+def token_format(name: str, activation_dtype: torch.dtype = torch.bfloat16):
     if name == "bf16":
-        return Bf16Format()
+        return UnquantizedFormat(activation_dtype)
     if name == "fp8":
         return Fp8Format()
     if name == "nvfp4":

@@ -19,11 +19,17 @@ class LocalHandle:
 
 
 class LocalDispatcher:
-    def __init__(self, num_experts: int):
+    """`token_format` (optional) passes each token through a wire format's quantization, as an
+    expert-parallel dispatcher would: the single-rank reference for quantized dispatch."""
+
+    def __init__(self, num_experts: int, token_format=None):
         self.num_experts = num_experts
+        self.token_format = token_format
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         # x: [T, H], topk_ids / topk_weights: [T, K]
+        if self.token_format is not None:
+            x = self.token_format.unpack(self.token_format.pack(x), x.shape[1], x.dtype)
         flat_ids = topk_ids.flatten()  # [T*K]
         order = torch.argsort(flat_ids, stable=True)
         token_of_row = order // topk_ids.shape[1]

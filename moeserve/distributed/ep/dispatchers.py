@@ -1,0 +1,139 @@
+"""Expert-parallel dispatchers: the Dispatcher interface of layers/moe/dispatch.py across ranks.
+
+`all_to_all`: split sizes are exchanged first (a host sync), then one `all_to_all_single` of byte
+rows. A token goes once to each rank that holds at least one of its experts, as one row of
+[token payload (token format) | K local expert slots (int32, -1: not here) | K routing weights (fp32)];
+the receiver fans the row out to its experts and, at combine, sums the row's expert outputs with their
+weights before sending one row back (in the activation dtype), so combine traffic is per rank, not
+per expert. `allgather`: all tokens to all ranks, local experts on everything, reduce-scatter back:
+the simple baseline. Any rank may send or receive nothing.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
+from moeserve.distributed.layout import ExpertMap
+
+
+def fan_out(slots: torch.Tensor, weights: torch.Tensor, num_local: int):
+    """Rows of received tokens x their K slots (-1: none) -> (row of each expert input, its weight,
+    rows per local expert), grouped by expert."""
+    row, k = (slots >= 0).nonzero(as_tuple=True)
+    slot = slots[row, k].long()
+    order = torch.argsort(slot, stable=True)
+    return row[order], weights[row, k][order], torch.bincount(slot, minlength=num_local)
+
+
+@dataclass
+class AllToAllHandle:
+    send_token_index: torch.Tensor  # [S] token of each sent row, rows ordered by destination rank
+    send_counts: list[int]
+    recv_counts: list[int]
+    expert_input_row: torch.Tensor  # [N] received row of each expert input
+    expert_input_weight: torch.Tensor  # [N] fp32
+    num_tokens: int
+    dtype: torch.dtype
+
+
+class AllToAllDispatcher:
+    def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
+        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
+        self.num_local = len(expert_map.local_experts(ep_rank))
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.format = token_format(dispatch_format, dtype)
+
+    def exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        return recv_counts.tolist()
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        # x: [T, H]; topk_ids, topk_weights: [T, K]
+        hidden, top_k = x.shape[1], topk_ids.shape[1]
+        destination = self.rank_of_expert[topk_ids]  # [T, K]
+        goes_to = F.one_hot(destination, self.ep).amax(dim=1).bool()  # [T, ep]
+        rank_of_row, token_of_row = goes_to.T.nonzero(as_tuple=True)  # rows sorted by destination
+        here = destination[token_of_row] == rank_of_row[:, None]  # [S, K]
+        slots = torch.where(here, self.slot_of_expert[topk_ids[token_of_row]], -1).to(torch.int32)
+        weights = torch.where(here, topk_weights[token_of_row].float(), 0.0)
+        payload = torch.cat((self.format.pack(x[token_of_row]), as_row_bytes(slots), as_row_bytes(weights)), dim=1)
+        send_counts = goes_to.sum(dim=0)
+        recv_counts = self.exchange_counts(send_counts)
+        send_counts = send_counts.tolist()
+        received = payload.new_empty(sum(recv_counts), payload.shape[1])
+        dist.all_to_all_single(received, payload, recv_counts, send_counts, group=self.group)
+        token_bytes = self.format.payload_bytes(hidden)
+        recv_x = self.format.unpack(received[:, :token_bytes], hidden, x.dtype)
+        recv_slots = received[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
+        recv_weights = received[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        rows, row_weights, counts = fan_out(recv_slots, recv_weights, self.num_local)
+        handle = AllToAllHandle(token_of_row, send_counts, recv_counts, rows, row_weights, x.shape[0], x.dtype)
+        return recv_x[rows], counts, handle
+
+    def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        # y: [N, H] expert outputs -> [T, H]: each received row's weighted sum goes back once
+        per_row = torch.zeros(sum(handle.recv_counts), y.shape[1], dtype=torch.float32, device=y.device)
+        per_row.index_add_(0, handle.expert_input_row, y.float() * handle.expert_input_weight[:, None])
+        back = per_row.new_empty(sum(handle.send_counts), y.shape[1], dtype=handle.dtype)
+        dist.all_to_all_single(back, per_row.to(handle.dtype), handle.send_counts, handle.recv_counts, group=self.group)
+        out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        out.index_add_(0, handle.send_token_index, back.float())
+        return out.to(handle.dtype)
+
+
+@dataclass
+class AllGatherHandle:
+    expert_input_row: torch.Tensor  # [N] gathered token of each expert input
+    expert_input_weight: torch.Tensor
+    padded_tokens: int  # tokens per rank after padding
+    num_tokens: int
+    dtype: torch.dtype
+
+
+class AllGatherDispatcher:
+    def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
+        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
+        self.ep_rank = ep_rank
+        self.num_local = len(expert_map.local_experts(ep_rank))
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.format = token_format(dispatch_format, dtype)
+
+    def gather(self, rows: torch.Tensor, padded: int) -> torch.Tensor:
+        rows = F.pad(rows, (0, 0, 0, padded - rows.shape[0]))
+        out = rows.new_empty(self.ep * padded, rows.shape[1])
+        dist.all_gather_into_tensor(out, rows, group=self.group)
+        return out
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        sizes = torch.tensor([x.shape[0]], device=x.device).repeat(self.ep)
+        dist.all_to_all_single(sizes, sizes.clone(), group=self.group)  # every rank's token count
+        padded = max(sizes.tolist())
+        hidden, top_k = x.shape[1], topk_ids.shape[1]
+        valid = torch.ones_like(topk_ids, dtype=torch.int32)
+        meta = torch.cat((as_row_bytes(topk_ids.to(torch.int32)), as_row_bytes(valid), as_row_bytes(topk_weights.float())), dim=1)
+        gathered = self.gather(torch.cat((self.format.pack(x), meta), dim=1), padded)
+        token_bytes = self.format.payload_bytes(hidden)
+        all_x = self.format.unpack(gathered[:, :token_bytes], hidden, x.dtype)
+        ids = gathered[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32).long()
+        is_real = gathered[:, token_bytes + 4 * top_k : token_bytes + 8 * top_k].contiguous().view(torch.int32) > 0
+        weights = gathered[:, token_bytes + 8 * top_k :].contiguous().view(torch.float32)
+        here = is_real & (self.rank_of_expert[ids] == self.ep_rank)
+        slots = torch.where(here, self.slot_of_expert[ids], -1)
+        rows, row_weights, counts = fan_out(slots, weights, self.num_local)
+        return all_x[rows], counts, AllGatherHandle(rows, row_weights, padded, x.shape[0], x.dtype)
+
+    def combine(self, y: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
+        partial = torch.zeros(self.ep * handle.padded_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        partial.index_add_(0, handle.expert_input_row, y.float() * handle.expert_input_weight[:, None])
+        mine = partial.new_empty(handle.padded_tokens, y.shape[1], dtype=handle.dtype)
+        dist.reduce_scatter_tensor(mine, partial.to(handle.dtype), group=self.group)
+        return mine[: handle.num_tokens]
+
+
+DISPATCHERS = {"all_to_all": AllToAllDispatcher, "allgather": AllGatherDispatcher}

@@ -1,0 +1,202 @@
+"""Applying a parallel layout to a model built on the meta device, before its weights load.
+
+The model code stays single-device: these functions swap modules for their sharded versions, set
+each MoE layer's dispatcher, and record in `model.shard_specs` which slice of each checkpoint
+tensor a parameter holds, so that every rank reads only its own part of the checkpoint.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeserve.config import ConfigError
+from moeserve.distributed.ep.dispatchers import DISPATCHERS
+from moeserve.distributed.ep.token_formats import token_format
+from moeserve.distributed.layout import ExpertMap, ParallelGroups
+from moeserve.distributed.tensor_parallel import RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from moeserve.layers.attention.gqa import GQAttention
+from moeserve.layers.attention.mla import MLAttention
+from moeserve.layers.mlp import MLP
+from moeserve.layers.moe.dispatch import LocalDispatcher
+from moeserve.layers.moe.experts import Experts
+from moeserve.layers.moe.moe import MoE
+from moeserve.models.base import CausalLM, replace_submodule
+from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    groups: ParallelGroups
+    dispatch_format: str = "bf16"  # token format of EP dispatch: bf16 (unquantized), fp8, nvfp4
+    backend: str = "all_to_all"  # or allgather
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank holds part `index` of `count` equal parts of the checkpoint tensor along `dim`."""
+
+    dim: int
+    index: int
+    count: int
+
+    def bounds(self, size: int) -> tuple[int, int]:
+        part = size // self.count
+        return self.index * part, (self.index + 1) * part
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """The logical experts of this rank's slots; with `inner`, also a slice of each expert's
+    intermediate dimension (gate and up rows, down columns)."""
+
+    experts: tuple[int, ...]
+    inner: Shard | None = None
+
+    def slot_of(self, expert: int) -> int | None:
+        return self.experts.index(expert) if expert in self.experts else None
+
+
+def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
+                backend: str = "all_to_all", device="cpu", dtype=torch.float32) -> None:
+    layout = groups.layout
+    layout.check_model(model.config)
+    if backend not in DISPATCHERS:
+        raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)})")
+    token_format(dispatch_format)  # an unknown format fails here
+    specs: dict = {}
+    if layout.tp > 1:
+        shard_dense_parts(model, groups, specs)
+    for path, moe in [(p, m) for p, m in model.named_modules() if isinstance(m, MoE)]:
+        if layout.ep > 1:
+            shard_experts_over_ranks(moe, path, groups, dispatch_format, backend, device, dtype, specs)
+        elif layout.tp > 1:
+            split_experts_intermediate(moe, path, groups, specs)
+    model.shard_specs = specs
+
+
+def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
+    linear = model.get_submodule(path)
+    _require_plain(linear, path)
+    if linear.out_features % tp:
+        raise ConfigError(f"{path}: {linear.out_features} output features cannot be split over tp={tp}")
+    replace_submodule(model, path, nn.Linear(linear.in_features, linear.out_features // tp, linear.bias is not None))
+    specs[f"{path}.weight"] = Shard(0, tp_rank, tp)
+    if linear.bias is not None:
+        specs[f"{path}.bias"] = Shard(0, tp_rank, tp)
+
+
+def row(model, path: str, groups: ParallelGroups, specs: dict) -> None:
+    linear, tp = model.get_submodule(path), groups.layout.tp
+    _require_plain(linear, path)
+    if linear.in_features % tp:
+        raise ConfigError(f"{path}: {linear.in_features} input features cannot be split over tp={tp}")
+    replace_submodule(model, path, RowParallelLinear(linear.in_features // tp, linear.out_features,
+                                                     linear.bias is not None, groups.tp_group))
+    specs[f"{path}.weight"] = Shard(1, groups.tp_rank, tp)
+
+
+def _require_plain(linear: nn.Module, path: str) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"{path}: tensor parallelism over quantized linears is not supported yet; "
+                          "use data-parallel attention with expert parallelism (--dp N --ep N)")
+
+
+def shard_dense_parts(model: CausalLM, groups: ParallelGroups, specs: dict) -> None:
+    """Attention heads, dense MLPs and shared experts over tp; vocabulary-parallel embedding and head."""
+    tp, tp_rank = groups.layout.tp, groups.tp_rank
+    for path, module in list(model.named_modules()):
+        if isinstance(module, GQAttention):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                column(model, f"{path}.{name}", tp_rank, tp, specs)
+            row(model, f"{path}.o_proj", groups, specs)
+        elif isinstance(module, MLAttention):
+            column(model, f"{path}.{'q_proj' if module.mla.q_lora_rank is None else 'q_b_proj'}", tp_rank, tp, specs)
+            column(model, f"{path}.kv_b_proj", tp_rank, tp, specs)
+            row(model, f"{path}.o_proj", groups, specs)
+            module.num_heads //= tp
+        elif isinstance(module, MLP):
+            column(model, f"{path}.gate_proj", tp_rank, tp, specs)
+            column(model, f"{path}.up_proj", tp_rank, tp, specs)
+            row(model, f"{path}.down_proj", groups, specs)
+    config = model.config
+    if config.vocab_size % tp:
+        raise ConfigError(f"vocabulary size {config.vocab_size} cannot be split over tp={tp}")
+    part = config.vocab_size // tp
+    model.model.embed_tokens = VocabParallelEmbedding(part, config.hidden_size, tp_rank * part, groups.tp_group)
+    model.lm_head = VocabParallelLMHead(config.hidden_size, part, groups.tp_group, tp)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    specs["model.embed_tokens.weight"] = specs["lm_head.weight"] = Shard(0, tp_rank, tp)
+
+
+def resized_experts(experts: Experts, num_experts: int, intermediate: int) -> Experts:
+    """An Experts module like `experts` (plain or quantized) with other sizes."""
+    hidden = experts.gate_up_proj.shape[-1]
+    new = Experts(num_experts, hidden, intermediate)
+    if isinstance(experts.gate_up_proj, QuantizedWeight):
+        block = getattr(experts.gate_up_proj, "block", (128, 128))
+        del new.gate_up_proj, new.down_proj
+        new.gate_up_proj = make_quantized_weight(experts.gate_up_proj.format, (num_experts, 2, intermediate, hidden), block)
+        new.down_proj = make_quantized_weight(experts.gate_up_proj.format, (num_experts, hidden, intermediate), block)
+    return new
+
+
+def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, dispatch_format: str, backend: str,
+                             device, dtype, specs: dict) -> None:
+    layout = groups.layout
+    expert_map = ExpertMap.contiguous(moe.moe.num_experts, layout.ep)
+    local = expert_map.local_experts(groups.ep_rank)
+    moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)
+    specs[f"{path}.experts"] = ExpertShard(tuple(local))
+    dispatcher = DISPATCHERS[backend](expert_map, groups.ep_group, groups.ep_rank, dispatch_format, device, dtype)
+    if layout.tp > 1:
+        dispatcher = TokenSplitDispatcher(dispatcher, groups.tp_group, groups.tp_rank, layout.tp)
+    moe.dispatcher = dispatcher
+
+
+def split_experts_intermediate(moe: MoE, path: str, groups: ParallelGroups, specs: dict) -> None:
+    tp = groups.layout.tp
+    if isinstance(moe.experts.gate_up_proj, QuantizedWeight):
+        raise ConfigError(f"{path}: splitting quantized experts over tp is not supported yet; use --ep")
+    moe.experts = resized_experts(moe.experts, moe.moe.num_experts, moe.moe.intermediate_size // tp)
+    specs[f"{path}.experts"] = ExpertShard(tuple(range(moe.moe.num_experts)), Shard(0, groups.tp_rank, tp))
+    moe.dispatcher = SummingDispatcher(moe.dispatcher, groups.tp_group)
+
+
+class SummingDispatcher:
+    """Experts split along their intermediate size: each rank's combine is a partial sum."""
+
+    def __init__(self, inner: LocalDispatcher, group):
+        self.inner, self.group = inner, group
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        return self.inner.dispatch(x, topk_ids, topk_weights)
+
+    def combine(self, y, handle):
+        out = self.inner.combine(y, handle)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+class TokenSplitDispatcher:
+    """TP attention + EP MoE: the tp ranks of a group hold the same tokens; each dispatches its own
+    contiguous share, and the results are gathered back over the group."""
+
+    def __init__(self, inner, group, tp_rank: int, tp: int):
+        self.inner, self.group, self.tp_rank, self.tp = inner, group, tp_rank, tp
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        share = -(-x.shape[0] // self.tp)
+        mine = slice(self.tp_rank * share, (self.tp_rank + 1) * share)
+        recv_x, counts, handle = self.inner.dispatch(x[mine], topk_ids[mine], topk_weights[mine])
+        return recv_x, counts, (handle, share, x.shape[0])
+
+    def combine(self, y, handle):
+        inner_handle, share, num_tokens = handle
+        out = self.inner.combine(y, inner_handle)
+        padded = torch.nn.functional.pad(out, (0, 0, 0, share - out.shape[0]))
+        gathered = padded.new_empty(self.tp * share, out.shape[1])
+        dist.all_gather_into_tensor(gathered, padded.contiguous(), group=self.group)
+        return gathered[:num_tokens]

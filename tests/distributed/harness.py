@@ -1,0 +1,34 @@
+"""Run a function on N gloo ranks (spawned processes) and collect what each returns."""
+
+import os
+import socket
+import tempfile
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        result = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def run_ranks(world: int, fn, *args) -> list:
+    """fn(rank, world, *args) on `world` ranks; fn must be a module-level function."""
+    out_dir = tempfile.mkdtemp(prefix="moeserve-ranks-")
+    mp.spawn(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"{rank}.pt")) for rank in range(world)]
