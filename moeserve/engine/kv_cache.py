@@ -11,19 +11,20 @@ import torch
 from moeserve.config import ModelConfig
 
 
-def layer_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+def layer_cache_shape(config: ModelConfig, num_blocks: int, block_size: int, tp: int = 1) -> tuple[int, ...]:
+    """With tensor parallelism a rank caches its KV heads; MLA's latent is shared by all heads."""
     if config.mla is not None:
         return (num_blocks, block_size, config.mla.latent_dim)
-    return (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return (2, num_blocks, block_size, config.num_kv_heads // tp, config.head_dim)
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_layer = math.prod(layer_cache_shape(config, 1, block_size))
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
+    per_layer = math.prod(layer_cache_shape(config, 1, block_size, tp))
     return config.num_layers * per_layer * torch.tensor([], dtype=dtype).element_size()
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
-    shape = layer_cache_shape(config, num_blocks, block_size)
+                      device: torch.device, tp: int = 1) -> list[torch.Tensor]:
+    shape = layer_cache_shape(config, num_blocks, block_size, tp)
     cache = torch.zeros((config.num_layers, *shape), dtype=dtype, device=device)
     return list(cache.unbind(0))

@@ -1,5 +1,7 @@
 """Deterministic random weights, for the built-in tiny models and for benchmarks with real shapes."""
 
+import zlib
+
 import torch
 
 from moeserve.models.base import CausalLM
@@ -7,13 +9,14 @@ from moeserve.models.base import CausalLM
 
 def random_init(model: CausalLM, seed: int) -> None:
     """Weights with unit-scale activations (std 1/sqrt(fan_in)), norms near 1, small biases, and
-    routers spread wide enough that top-k choices are far from ties. Drawn on the parameters' device:
-    same seed and device, same weights."""
+    routers spread wide enough that top-k choices are far from ties. Each parameter draws from its own
+    stream (seed and name) on the parameters' device, so replicated parameters agree across ranks."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     hidden = model.config.hidden_size
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
+        for name, param in model.named_parameters():
+            generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             noise = torch.randn(param.shape, generator=generator, device=device)
             if name.endswith("embed_tokens.weight"):
                 value = noise
