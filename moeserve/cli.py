@@ -22,6 +22,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quantization", choices=("fp8", "nvfp4"), default=None,
                         help="quantize a bf16 checkpoint's weights as they load")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--dp", type=int, default=1, help="data parallel attention groups")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel size (divides tp * dp)")
+    parser.add_argument("--ep-backend", choices=("all_to_all", "allgather"), default=defaults.ep_backend)
+    parser.add_argument("--ep-dispatch-format", choices=("bf16", "fp8", "nvfp4"), default=defaults.ep_dispatch_format,
+                        help="tokens on the wire in EP dispatch (bf16: unquantized)")
+    parser.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
+                        help="seconds a collective may wait before every rank gives up")
     parser.add_argument("--load-format", choices=("auto", "dummy"), default=defaults.load_format,
                         help="dummy: random weights (benchmarks; works for the real-shape presets)")
 
@@ -29,7 +37,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_args(args: argparse.Namespace) -> dict:
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed", "load_format",
-             "quantization")
+             "quantization", "tp", "dp", "ep", "ep_backend", "ep_dispatch_format", "dist_timeout")
     return {name: getattr(args, name) for name in names}
 
 
@@ -80,27 +88,73 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def on_ranks(args: argparse.Namespace, fn) -> int:
+    """Run fn(args, context) on one process, or on every rank of --tp/--dp/--ep (started here, or by torchrun)."""
+    from moeserve.distributed.launch import launch, under_torchrun
+    from moeserve.distributed.layout import ParallelLayout
+
+    layout = ParallelLayout(args.tp, args.dp, args.ep)
+    if layout.world_size == 1 and not under_torchrun():
+        return fn(args, None)
+    device = args.device if args.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    launch(layout, device, args.dist_timeout, _rank_main, fn, args)
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _rank_main(context, fn, args: argparse.Namespace) -> None:
+    import os
+
+    from moeserve.distributed.launch import device_for_rank
+
+    if args.device != "cpu":
+        args.device = device_for_rank("cuda" if args.device == "auto" else args.device, int(os.environ["LOCAL_RANK"]))
+    logging.basicConfig(level=logging.INFO if context.rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s [rank {context.rank}] %(name)s: %(message)s", force=True)
+    fn(args, context)
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    return on_ranks(args, generate_on_rank)
+
+
+def generate_on_rank(args: argparse.Namespace, context) -> int:
     from moeserve.llm import LLM
     from moeserve.sampling_params import SamplingParams
 
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed,
                             max_tokens=args.max_tokens)
-    llm = LLM(args.model, **engine_args(args))
-    for prompt, output in zip(args.prompt, llm.generate(args.prompt, params)):
-        for completion in output.outputs:
-            print(prompt + completion.text)
+    llm = LLM(args.model, context=context, **engine_args(args))
+    outputs = llm.generate(args.prompt, params)
+    if context is None or context.rank == 0:
+        for prompt, output in zip(args.prompt, outputs):
+            for completion in output.outputs:
+                print(prompt + completion.text, flush=True)
     return 0
 
 
 def run_throughput(args: argparse.Namespace) -> int:
+    return on_ranks(args, throughput_on_rank)
+
+
+def throughput_on_rank(args: argparse.Namespace, context) -> int:
     from moeserve.bench.throughput import run_hf_baseline
     from moeserve.bench.throughput import run_throughput as measure
     from moeserve.llm import LLM
 
-    llm = LLM(args.model, **engine_args(args))
-    print("moeserve:", measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed).report())
+    llm = LLM(args.model, context=context, **engine_args(args))
+    result = measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
+    if context is not None:
+        if context.rank == 0:
+            print(f"moeserve (tp={args.tp} dp={args.dp} ep={args.ep}):", result.report(), flush=True)
+        return 0
+    print("moeserve:", result.report())
     if args.compare_hf:
         device, dtype = str(llm.engine.device), str(llm.engine.dtype).removeprefix("torch.")
         del llm

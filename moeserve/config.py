@@ -249,6 +249,12 @@ class EngineArgs:
     seed: int = 0  # for requests that set no seed
     load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights (benchmarks, shape presets)
     quantization: str | None = None  # fp8 or nvfp4: quantize a high-precision checkpoint as it loads
+    tp: int = 1  # tensor parallel size (attention heads, dense MLPs; experts too when ep = 1)
+    dp: int = 1  # data parallel attention: groups of tp ranks with their own requests
+    ep: int = 1  # expert parallel size: experts are spread over ep ranks
+    ep_backend: str = "all_to_all"  # or allgather
+    ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
+    dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
 
     def __post_init__(self):
         def require(ok: bool, field_name: str, rule: str):
@@ -258,6 +264,9 @@ class EngineArgs:
         require(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
         require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         require(self.quantization in (None, "fp8", "nvfp4"), "quantization", "must be fp8, nvfp4 or None")
+        require(self.ep_backend in ("all_to_all", "allgather"), "ep_backend", "must be all_to_all or allgather")
+        require(self.ep_dispatch_format in ("bf16", "fp8", "nvfp4"), "ep_dispatch_format", "must be bf16, fp8 or nvfp4")
+        require(self.dist_timeout > 0, "dist_timeout", "must be positive")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")

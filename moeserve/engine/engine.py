@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.config import EngineArgs
+from moeserve.distributed.launch import DistributedContext
+from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
 from moeserve.engine.kv_cache import allocate_kv_cache
@@ -40,20 +42,27 @@ class Request:
 
 
 class Engine:
-    def __init__(self, args: EngineArgs):
+    """One rank's engine. With a DistributedContext it holds this rank's shard of the model and its
+    own KV cache; LockstepEngine steps the ranks together."""
+
+    def __init__(self, args: EngineArgs, context: DistributedContext | None = None):
         self.args = args
         self.device = torch.device(args.device if args.device != "auto" else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         config = load_config(args.model)
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
+        parallel = None
+        if context is not None:
+            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend)
         if args.load_format == "dummy":
-            self.model = build_model(config, self.dtype, self.device)
+            self.model = build_model(config, self.dtype, self.device, parallel=parallel)
             random_init(self.model, args.seed)
             if args.quantization:
                 quantize_model(self.model, args.quantization)
             logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(self.model))
         else:
-            self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization)
+            self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization,
+                                    parallel=parallel)
         self.config = config
         self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
         self.tokenizer_lock = threading.Lock()  # requests are tokenized on the caller's thread
@@ -63,8 +72,13 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.dtype, self.device)
-        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device)
+        tp = context.groups.layout.tp if context is not None else 1
+        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.dtype, self.device, tp)
+        if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
+            smallest = torch.tensor([num_blocks])
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN, group=context.control)
+            num_blocks = int(smallest)
+        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device, tp)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         sampler = Sampler(config.vocab_size, self.device, args.seed)
@@ -156,9 +170,12 @@ class Engine:
 
     # Steps
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, lockstep: bool = False) -> list[RequestOutput]:
+        """One scheduled step. In lockstep with other ranks a step without work still runs a forward."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if lockstep:
+                self.runner.execute_empty()
             return []
         result = self.runner.execute(scheduled)
         for seq, num_new in scheduled:

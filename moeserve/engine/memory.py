@@ -34,8 +34,9 @@ def profile_peak_activation_bytes(model: CausalLM, args: EngineArgs, max_model_l
     return peak
 
 
-def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device) -> int:
-    block_bytes = bytes_per_block(model.config, args.block_size, dtype)
+def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device,
+                    tp: int = 1) -> int:
+    block_bytes = bytes_per_block(model.config, args.block_size, dtype, tp)
     where = ""
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory

@@ -29,11 +29,21 @@ class ModelRunner:
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
+        self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)
         blocks = torch.tensor(seq.block_table, dtype=torch.long)
         return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    @torch.no_grad()
+    def execute_empty(self) -> None:
+        """A forward over zero tokens: what a rank with no work runs, so that collectives inside the
+        model (MoE dispatch, tensor-parallel reductions) find every rank."""
+        self.empty_steps += 1
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        batch = PagedBatch(empty, [], empty, torch.zeros(0, 0, dtype=torch.long, device=self.device), empty)
+        self.model.model(empty, empty, PagedAttention(self.kv_caches, batch))
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
