@@ -72,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--model", required=True, help="checkpoint folder or preset (real-shape presets work)")
     info.set_defaults(run=run_info)
 
+    ep = bench.add_parser("ep", help="expert-parallel dispatch and combine on their own")
+    ep.add_argument("--ranks", type=int, default=2, help="EP ranks (spawned here unless under torchrun)")
+    ep.add_argument("--tokens-per-rank", default="128,4096", help="comma-separated")
+    ep.add_argument("--hidden", type=int, default=7168)
+    ep.add_argument("--topk", type=int, default=8)
+    ep.add_argument("--experts", type=int, default=256)
+    ep.add_argument("--format", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
+    ep.add_argument("--backend", default="all_to_all,allgather", help="comma-separated: all_to_all, allgather")
+    ep.add_argument("--iterations", type=int, default=20)
+    ep.add_argument("--device", default="auto")
+    ep.add_argument("--dist-timeout", type=float, default=300.0)
+    ep.set_defaults(run=run_bench_ep)
+
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
@@ -161,6 +174,35 @@ def throughput_on_rank(args: argparse.Namespace, context) -> int:
         result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
         print("transformers generate:", result.report())
     return 0
+
+
+def run_bench_ep(args: argparse.Namespace) -> int:
+    from moeserve.distributed.launch import launch
+    from moeserve.distributed.layout import ParallelLayout
+
+    device = args.device if args.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    launch(ParallelLayout(dp=args.ranks, ep=args.ranks), device, args.dist_timeout, bench_ep_on_rank, args)
+    return 0
+
+
+def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from moeserve.bench.ep import HEADER, measure_point, report_row
+
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device != "cpu" and _cuda_available() else "cpu")
+    if context.rank == 0:
+        print(f"EP dispatch/combine: {args.ranks} ranks on {device.type}, hidden {args.hidden}, top-{args.topk} of "
+              f"{args.experts} experts, uniform random routing\n{HEADER}", flush=True)
+    for tokens in (int(t) for t in args.tokens_per_rank.split(",")):
+        for fmt in args.format.split(","):
+            for backend in args.backend.split(","):
+                point = measure_point(tokens, args.hidden, args.topk, args.experts, fmt, backend, device,
+                                      context.groups.ep_group, context.control, args.iterations)
+                if context.rank == 0:
+                    print(report_row(tokens, fmt, backend, point), flush=True)
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 # Stage "bench": throughput of the tiny model (CPU, CUDA) and DeepSeek-V2-Lite's real shape with random
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
-# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant [more stages]
+# Stage "ep" (2 or more GPUs): the distributed tests on NCCL, and bench ep at DeepSeek-V3 shapes.
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep [more stages]
 set -u
 STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -36,6 +37,12 @@ if has quant; then
   for fmt in fp8 nvfp4; do
     bench "deepseek-v2-lite dummy cuda $fmt" --model deepseek-v2-lite --load-format dummy --device cuda --dtype bfloat16 --quantization $fmt --max-model-len 8192 --num-prompts 32 --input-len 256 --output-len 32
   done
+fi
+if has ep; then
+  GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  python3 -m pytest tests/gpu -q -p no:cacheprovider -k distributed 2>&1 | tee "$OUT/gpu_ep_tests.log" | tail -2
+  timeout 500 python3 -m moeserve bench ep --ranks "$GPUS" --tokens-per-rank 128,4096 --hidden 7168 --topk 8 \
+    --experts 256 2>&1 | tee "$OUT/bench_ep.log" | grep -E "^\||^EP" >> "$OUT/bench_table.txt"
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"

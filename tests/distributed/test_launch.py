@@ -52,3 +52,12 @@ def test_a_failing_rank_on_one_node_ends_both_nodes_within_the_timeout():
     assert node0.returncode != 0 and node1.returncode != 0
     assert "rank 3 failed on purpose" in node1.stderr
     assert time.monotonic() - start < 150
+
+
+def test_bench_ep_reports_every_point():
+    command = [sys.executable, "-m", "moeserve", "bench", "ep", "--ranks", "2", "--tokens-per-rank", "0,9",
+               "--hidden", "256", "--topk", "3", "--experts", "8", "--iterations", "2", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 * 3 * 2  # tokens x formats x backends

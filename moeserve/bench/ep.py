@@ -1,0 +1,103 @@
+"""Expert-parallel dispatch and combine on their own: random tokens, uniform random top-k routing,
+experts that return their input. Per point: median latency of dispatch and of combine (slowest rank),
+the bytes each rank sends to other ranks per second, and NCCL's (or gloo's) all_to_all_single of the
+same bytes per rank, timed in the same run, as the yardstick."""
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moeserve.distributed.ep.dispatchers import DISPATCHERS
+from moeserve.distributed.layout import ExpertMap
+
+
+@dataclass
+class EpPoint:
+    dispatch_us: float
+    combine_us: float
+    dispatch_bytes: int  # sent to other ranks by this rank
+    combine_bytes: int
+    yardstick_us: float  # all_to_all_single of dispatch_bytes + combine_bytes, evenly split
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_us(fn, device, iterations: int, group) -> float:
+    times = []
+    for _ in range(iterations):
+        dist.barrier(group=group)
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e6)
+    median = torch.tensor([statistics.median(times)])
+    dist.all_reduce(median, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
+    return median.item()
+
+
+def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, backend: str, device,
+                  group, control, iterations: int = 20) -> EpPoint:
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    expert_map = ExpertMap.contiguous(experts, world)
+    dispatcher = DISPATCHERS[backend](expert_map, group, rank, fmt, device, torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(rank)
+    x = torch.randn(tokens, hidden, device=device, generator=generator).to(torch.bfloat16)
+    topk_ids = torch.rand(tokens, experts, device=device, generator=generator).topk(top_k, dim=1).indices
+    topk_weights = torch.rand(tokens, top_k, device=device, generator=generator)
+    state = {}
+
+    def dispatch():
+        state["out"] = dispatcher.dispatch(x, topk_ids, topk_weights)
+
+    def combine():
+        recv_x, _, handle = state["out"]
+        dispatcher.combine(recv_x, handle)
+
+    for _ in range(3):
+        dispatch(), combine()
+    dispatch_us = _median_us(dispatch, device, iterations, control)
+    combine_us = _median_us(combine, device, iterations, control)
+    dispatch_bytes, combine_bytes = sent_bytes(state["out"][2], dispatcher, hidden, top_k, rank, backend)
+    yardstick_us = yardstick(dispatch_bytes + combine_bytes, world, device, group, control, iterations)
+    return EpPoint(dispatch_us, combine_us, dispatch_bytes, combine_bytes, yardstick_us)
+
+
+def sent_bytes(handle, dispatcher, hidden: int, top_k: int, rank: int, backend: str) -> tuple[int, int]:
+    row_bytes = dispatcher.format.payload_bytes(hidden) + 8 * top_k
+    if backend == "all_to_all":
+        to_others = sum(c for r, c in enumerate(handle.send_counts) if r != rank)
+        back_to_others = sum(c for r, c in enumerate(handle.recv_counts) if r != rank)
+        return to_others * row_bytes, back_to_others * hidden * 2
+    others = dispatcher.ep - 1  # allgather: every padded row goes to every other rank, and comes back reduced
+    return others * handle.padded_tokens * row_bytes, others * handle.padded_tokens * hidden * 2
+
+
+def yardstick(total_bytes: int, world: int, device, group, control, iterations: int) -> float:
+    """all_to_all_single moving the busiest rank's dispatch + combine bytes from every rank, evenly split."""
+    busiest = torch.tensor([total_bytes])
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=control)
+    per_peer = max(1, int(busiest) // max(world - 1, 1))
+    send = torch.empty(per_peer * world, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    return _median_us(lambda: dist.all_to_all_single(recv, send, group=group), device, iterations, control)
+
+
+def report_row(tokens, fmt, backend, point: EpPoint) -> str:
+    def rate(nbytes, us):
+        return nbytes / us / 1e3  # GB/s
+
+    total_us = point.dispatch_us + point.combine_us
+    return (f"| {tokens} | {fmt} | {backend} | {point.dispatch_us:.0f} | {point.combine_us:.0f} | "
+            f"{rate(point.dispatch_bytes, point.dispatch_us):.2f} | {rate(point.combine_bytes, point.combine_us):.2f} | "
+            f"{point.yardstick_us:.0f} | {point.yardstick_us / total_us:.2f} |")
+
+
+HEADER = ("| tokens/rank | format | backend | dispatch us | combine us | dispatch GB/s/rank | combine GB/s/rank | "
+          "a2a same bytes us | a2a time / ours |\n|---|---|---|---|---|---|---|---|---|")
