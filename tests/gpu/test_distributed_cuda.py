@@ -16,6 +16,7 @@ from moeserve.distributed.parallelize import ParallelOptions
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(GPUS < 2, reason="needs 2 or more GPUs")
+RANKS = max(GPUS, 2)  # layouts below are built at collection, also where the tests then skip
 
 
 def batch(seed):
@@ -29,8 +30,8 @@ def logits_on_rank(context, preset, fmt, backend, out_dir):
     torch.save(model(batch(context.groups.dp_rank).to(device)).cpu(), os.path.join(out_dir, f"{context.rank}.pt"))
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(dp=GPUS, ep=GPUS), ParallelLayout(tp=2, dp=max(GPUS // 2, 1), ep=GPUS),
-                                    ParallelLayout(tp=2, dp=max(GPUS // 2, 1), ep=1)], ids=["dp-ep", "tp-attn-ep", "tp"])
+@pytest.mark.parametrize("layout", [ParallelLayout(dp=RANKS, ep=RANKS), ParallelLayout(tp=2, dp=RANKS // 2, ep=RANKS),
+                                    ParallelLayout(tp=2, dp=RANKS // 2, ep=1)], ids=["dp-ep", "tp-attn-ep", "tp"])
 @pytest.mark.parametrize("backend", ["all_to_all", "allgather"])
 def test_distributed_logits_equal_one_gpu(layout, backend):
     for preset in ("tiny-deepseek-v3", "tiny-qwen3-moe"):
