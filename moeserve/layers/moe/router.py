@@ -45,11 +45,17 @@ def select_experts(
         choice = scores
     if moe.group_score is not None:
         choice = mask_to_top_groups(choice, moe)
-    topk_ids = torch.topk(choice, moe.top_k, dim=-1, sorted=False).indices  # [T, K]
+    topk_ids = top_k_lowest_index(choice, moe.top_k)  # [T, K]
     topk_weights = scores.gather(1, topk_ids)
     if moe.renormalize:
         topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
     return topk_ids, topk_weights * moe.scaling_factor
+
+
+def top_k_lowest_index(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values, best first; among equal values the lowest index wins
+    (torch.topk leaves ties unspecified; the routing kernels break them this way too)."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def mask_to_top_groups(choice: torch.Tensor, moe: MoEConfig) -> torch.Tensor:
@@ -58,7 +64,7 @@ def mask_to_top_groups(choice: torch.Tensor, moe: MoEConfig) -> torch.Tensor:
     if moe.group_score == "max":
         group_scores = grouped.max(dim=-1).values
     else:
-        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
-    top_groups = torch.topk(group_scores, moe.topk_groups, dim=-1, sorted=False).indices
+        group_scores = grouped.sort(dim=-1, descending=True).values[..., :2].sum(dim=-1)  # [T, G]: sum of top-2
+    top_groups = top_k_lowest_index(group_scores, moe.topk_groups)
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)

@@ -1,0 +1,112 @@
+"""Routing kernels: router logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32), one
+program per token. Reference: moeserve.layers.moe.router.select_experts (same ties: lowest index first).
+
+`softmax_topk`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen, V2-Lite).
+`grouped_topk`: DeepSeek-V3 noaux_tc: sigmoid scores, the correction bias for choosing only, groups
+ranked by the sum of their two best biased scores, top-k inside the best groups, renormalised, scaled.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.config import MoEConfig
+
+
+@triton.jit
+def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, num_experts, stride_t,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    token = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + token * stride_t + experts, mask=experts < num_experts, other=-float("inf")).to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, axis=0))
+    probs = probs / tl.sum(probs, axis=0)
+    remaining = tl.where(experts < num_experts, probs, -1.0)
+    total = 0.0
+    for k in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, axis=0, tie_break_left=True)
+        value = tl.max(remaining, axis=0)
+        tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
+        tl.store(weights_ptr + token * TOP_K + k, value)
+        total += value
+        remaining = tl.where(experts == best, -2.0, remaining)
+    _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
+
+
+@triton.jit
+def _rescale(weights_ptr, total, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr):
+    """Renormalise (+1e-20, as the references) and scale the K stored weights (K need not be a power of 2)."""
+    factor = SCALE / (total + 1e-20) if RENORMALIZE else SCALE
+    for k in tl.static_range(TOP_K):
+        tl.store(weights_ptr + k, tl.load(weights_ptr + k) * factor)
+
+
+@triton.jit
+def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, stride_t,
+                         NUM_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr):
+    token = tl.program_id(0)
+    groups = tl.arange(0, NUM_GROUPS)[:, None]
+    members = tl.arange(0, GROUP_SIZE)[None, :]
+    experts = groups * GROUP_SIZE + members  # [G, E/G]
+    scores = tl.sigmoid(tl.load(logits_ptr + token * stride_t + experts).to(tl.float32))
+    choice = scores + tl.load(bias_ptr + experts).to(tl.float32)
+    # group score: the sum of its two best biased scores
+    first = tl.max(choice, axis=1)
+    first_at = tl.argmax(choice, axis=1, tie_break_left=True)
+    second = tl.max(tl.where(members == first_at[:, None], -float("inf"), choice), axis=1)
+    group_scores = first + second  # [G]
+    group_ids = tl.arange(0, NUM_GROUPS)
+    kept = tl.zeros([NUM_GROUPS], dtype=tl.int1)
+    for _ in tl.static_range(TOPK_GROUPS):
+        best = tl.argmax(group_scores, axis=0, tie_break_left=True)
+        kept = kept | (group_ids == best)
+        group_scores = tl.where(group_ids == best, -float("inf"), group_scores)
+    remaining = tl.where(kept[:, None], choice, -float("inf"))
+    total = 0.0
+    for k in tl.static_range(TOP_K):
+        flat = tl.reshape(remaining, [NUM_GROUPS * GROUP_SIZE])
+        best = tl.argmax(flat, axis=0, tie_break_left=True)
+        weight = tl.sum(tl.where(tl.reshape(experts, [NUM_GROUPS * GROUP_SIZE]) == best,
+                                 tl.reshape(scores, [NUM_GROUPS * GROUP_SIZE]), 0.0), axis=0)
+        tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
+        tl.store(weights_ptr + token * TOP_K + k, weight)
+        total += weight
+        remaining = tl.where(experts == best, -float("inf"), remaining)
+    _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, scaling_factor: float = 1.0):
+    num_tokens, num_experts = logits.shape
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    if num_tokens:
+        _softmax_topk_kernel[(num_tokens,)](logits, ids, weights, num_experts, logits.stride(0), top_k, renormalize,
+                                            float(scaling_factor), triton.next_power_of_2(num_experts))
+    return ids, weights
+
+
+def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor, moe: MoEConfig):
+    num_tokens, num_experts = logits.shape
+    group_size = num_experts // moe.num_groups
+    ids = torch.empty(num_tokens, moe.top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(num_tokens, moe.top_k, dtype=torch.float32, device=logits.device)
+    if num_tokens:
+        _grouped_topk_kernel[(num_tokens,)](logits, correction_bias, ids, weights, logits.stride(0), moe.num_groups,
+                                            group_size, moe.topk_groups, moe.top_k, moe.renormalize,
+                                            float(moe.scaling_factor))
+    return ids, weights
+
+
+def supports(moe: MoEConfig) -> bool:
+    """The routing rules these kernels implement (others run the torch reference)."""
+    if moe.scoring == "softmax" and moe.group_score is None:
+        return True
+    groups_ok = moe.group_score == "top2_sum" and moe.correction_bias
+    sizes_ok = _power_of_two(moe.num_groups) and _power_of_two(moe.num_experts // max(moe.num_groups, 1))
+    return bool(groups_ok and sizes_ok and moe.num_experts // moe.num_groups >= 2)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
