@@ -57,8 +57,8 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
         state["out"] = dispatcher.dispatch(x, topk_ids, topk_weights)
 
     def combine():
-        recv_x, _, handle = state["out"]
-        dispatcher.combine(recv_x, handle)
+        rows, _, handle = state["out"]
+        dispatcher.combine(rows, handle)  # experts that return their input
 
     for _ in range(3):
         dispatch(), combine()

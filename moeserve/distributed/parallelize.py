@@ -190,8 +190,8 @@ class TokenSplitDispatcher:
     def dispatch(self, x, topk_ids, topk_weights):
         share = -(-x.shape[0] // self.tp)
         mine = slice(self.tp_rank * share, (self.tp_rank + 1) * share)
-        recv_x, counts, handle = self.inner.dispatch(x[mine], topk_ids[mine], topk_weights[mine])
-        return recv_x, counts, (handle, share, x.shape[0])
+        rows, layout, handle = self.inner.dispatch(x[mine], topk_ids[mine], topk_weights[mine])
+        return rows, layout, (handle, share, x.shape[0])
 
     def combine(self, y, handle):
         inner_handle, share, num_tokens = handle

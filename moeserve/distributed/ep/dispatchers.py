@@ -3,10 +3,10 @@
 `all_to_all`: split sizes are exchanged first (a host sync), then one `all_to_all_single` of byte
 rows. A token goes once to each rank that holds at least one of its experts, as one row of
 [token payload (token format) | K local expert slots (int32, -1: not here) | K routing weights (fp32)];
-the receiver fans the row out to its experts and, at combine, sums the row's expert outputs with their
-weights before sending one row back (in the activation dtype), so combine traffic is per rank, not
-per expert. `allgather`: all tokens to all ranks, local experts on everything, reduce-scatter back:
-the simple baseline. Any rank may send or receive nothing.
+the receiver's experts return each row's weighted sum over its experts there, and one row goes back
+(in the activation dtype), so combine traffic is per rank, not per expert. `allgather`: all tokens to
+all ranks, local experts on everything, reduce-scatter back: the simple baseline. Any rank may send
+or receive nothing.
 """
 
 from dataclasses import dataclass
@@ -17,15 +17,7 @@ import torch.nn.functional as F
 
 from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
 from moeserve.distributed.layout import ExpertMap
-
-
-def fan_out(slots: torch.Tensor, weights: torch.Tensor, num_local: int):
-    """Rows of received tokens x their K slots (-1: none) -> (row of each expert input, its weight,
-    rows per local expert), grouped by expert."""
-    row, k = (slots >= 0).nonzero(as_tuple=True)
-    slot = slots[row, k].long()
-    order = torch.argsort(slot, stable=True)
-    return row[order], weights[row, k][order], torch.bincount(slot, minlength=num_local)
+from moeserve.layers.moe.experts import RowLayout
 
 
 @dataclass
@@ -33,8 +25,6 @@ class AllToAllHandle:
     send_token_index: torch.Tensor  # [S] token of each sent row, rows ordered by destination rank
     send_counts: list[int]
     recv_counts: list[int]
-    expert_input_row: torch.Tensor  # [N] received row of each expert input
-    expert_input_weight: torch.Tensor  # [N] fp32
     num_tokens: int
     dtype: torch.dtype
 
@@ -42,7 +32,6 @@ class AllToAllHandle:
 class AllToAllDispatcher:
     def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
         self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
-        self.num_local = len(expert_map.local_experts(ep_rank))
         self.group = group
         self.ep = dist.get_world_size(group)
         self.format = token_format(dispatch_format, dtype)
@@ -71,16 +60,13 @@ class AllToAllDispatcher:
         recv_x = self.format.unpack(received[:, :token_bytes], hidden, x.dtype)
         recv_slots = received[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
         recv_weights = received[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
-        rows, row_weights, counts = fan_out(recv_slots, recv_weights, self.num_local)
-        handle = AllToAllHandle(token_of_row, send_counts, recv_counts, rows, row_weights, x.shape[0], x.dtype)
-        return recv_x[rows], counts, handle
+        handle = AllToAllHandle(token_of_row, send_counts, recv_counts, x.shape[0], x.dtype)
+        return recv_x, RowLayout(recv_slots, recv_weights), handle
 
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        # y: [N, H] expert outputs -> [T, H]: each received row's weighted sum goes back once
-        per_row = torch.zeros(sum(handle.recv_counts), y.shape[1], dtype=torch.float32, device=y.device)
-        per_row.index_add_(0, handle.expert_input_row, y.float() * handle.expert_input_weight[:, None])
-        back = per_row.new_empty(sum(handle.send_counts), y.shape[1], dtype=handle.dtype)
-        dist.all_to_all_single(back, per_row.to(handle.dtype), handle.send_counts, handle.recv_counts, group=self.group)
+        # y: [R, H] each received row's weighted sum over the experts here -> back to [T, H]
+        back = y.new_empty(sum(handle.send_counts), y.shape[1], dtype=handle.dtype)
+        dist.all_to_all_single(back, y.to(handle.dtype), handle.send_counts, handle.recv_counts, group=self.group)
         out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
         out.index_add_(0, handle.send_token_index, back.float())
         return out.to(handle.dtype)
@@ -88,8 +74,6 @@ class AllToAllDispatcher:
 
 @dataclass
 class AllGatherHandle:
-    expert_input_row: torch.Tensor  # [N] gathered token of each expert input
-    expert_input_weight: torch.Tensor
     padded_tokens: int  # tokens per rank after padding
     num_tokens: int
     dtype: torch.dtype
@@ -99,7 +83,6 @@ class AllGatherDispatcher:
     def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
         self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
         self.ep_rank = ep_rank
-        self.num_local = len(expert_map.local_experts(ep_rank))
         self.group = group
         self.ep = dist.get_world_size(group)
         self.format = token_format(dispatch_format, dtype)
@@ -125,14 +108,12 @@ class AllGatherDispatcher:
         weights = gathered[:, token_bytes + 8 * top_k :].contiguous().view(torch.float32)
         here = is_real & (self.rank_of_expert[ids] == self.ep_rank)
         slots = torch.where(here, self.slot_of_expert[ids], -1)
-        rows, row_weights, counts = fan_out(slots, weights, self.num_local)
-        return all_x[rows], counts, AllGatherHandle(rows, row_weights, padded, x.shape[0], x.dtype)
+        return all_x, RowLayout(slots, weights), AllGatherHandle(padded, x.shape[0], x.dtype)
 
     def combine(self, y: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
-        partial = torch.zeros(self.ep * handle.padded_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-        partial.index_add_(0, handle.expert_input_row, y.float() * handle.expert_input_weight[:, None])
-        mine = partial.new_empty(handle.padded_tokens, y.shape[1], dtype=handle.dtype)
-        dist.reduce_scatter_tensor(mine, partial.to(handle.dtype), group=self.group)
+        # y: [ep * padded, H] this rank's partial sums for every gathered token -> summed, this rank's share
+        mine = y.new_empty(handle.padded_tokens, y.shape[1], dtype=handle.dtype)
+        dist.reduce_scatter_tensor(mine, y.to(handle.dtype).contiguous(), group=self.group)
         return mine[: handle.num_tokens]
 
 

@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -5,13 +7,21 @@ from torch import nn
 from moeserve.quant.formats import weight_matrix
 
 
+@dataclass
+class RowLayout:
+    """Which local experts each input row goes to: slots [R, K] (-1: none here) with weights [R, K] fp32."""
+
+    slots: torch.Tensor
+    weights: torch.Tensor
+
+
 class Experts(nn.Module):
     """E SwiGLU experts, fused: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I].
     Quantized, they are QuantizedWeights of shape [E, 2, I, H] (gate and up scaled separately, as
     checkpoints store them) and [E, H, I].
 
-    Input rows arrive grouped by expert (`counts[e]` rows for expert e, in order); this is the torch
-    reference that the grouped-GEMM kernels implement.
+    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. This is the torch
+    reference (fan out by expert, loop over experts); the fused kernels compute the same on CUDA.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -20,14 +30,18 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # x: [N, H] grouped by expert; counts: [E]
-        out = torch.empty_like(x)
-        ends = counts.cumsum(0).tolist()
+    def forward(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        row, k = (layout.slots >= 0).nonzero(as_tuple=True)
+        slot = layout.slots[row, k].long()
+        order = torch.argsort(slot, stable=True)
+        row, slot, weight = row[order], slot[order], layout.weights[row, k][order]
+        ends = torch.bincount(slot, minlength=self.num_experts).cumsum(0).tolist()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
             if end > start:
-                out[start:end] = self.expert(e, x[start:end])
-        return out
+                rows = row[start:end]
+                out.index_add_(0, rows, self.expert(e, x[rows]).float() * weight[start:end, None])
+        return out.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = weight_matrix(self.gate_up_proj, e, x.dtype).reshape(-1, x.shape[-1])  # [2I, H]

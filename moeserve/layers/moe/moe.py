@@ -30,8 +30,8 @@ class MoE(nn.Module):
         if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
             expert_in = x * topk_weights.to(x.dtype)
             topk_weights = torch.ones_like(topk_weights)
-        recv_x, counts, handle = self.dispatcher.dispatch(expert_in, topk_ids, topk_weights)
-        out = self.dispatcher.combine(self.experts(recv_x, counts), handle)
+        rows, layout, handle = self.dispatcher.dispatch(expert_in, topk_ids, topk_weights)
+        out = self.dispatcher.combine(self.experts(rows, layout), handle)
         if hasattr(self, "shared_experts"):
             shared = self.shared_experts(x)
             if hasattr(self, "shared_expert_gate"):
