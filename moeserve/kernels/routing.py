@@ -99,6 +99,12 @@ def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor, moe: MoECo
     return ids, weights
 
 
+def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None):
+    if moe.scoring == "softmax":
+        return softmax_topk(logits, moe.top_k, moe.renormalize, moe.scaling_factor)
+    return grouped_topk(logits, correction_bias, moe)
+
+
 def supports(moe: MoEConfig) -> bool:
     """The routing rules these kernels implement (others run the torch reference)."""
     if moe.scoring == "softmax" and moe.group_score is None:

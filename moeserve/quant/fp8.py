@@ -63,15 +63,17 @@ def dequantize_fp8_block(values: torch.Tensor, scale: torch.Tensor, block: tuple
 
 
 def quantize_fp8_groups(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
-    """x [T, K] (K a multiple of `group`) -> (values float8_e4m3fn [T, K], scales fp32 [T, K/group]).
-    NaN in a group makes that group's scale and values NaN (it propagates; it is never hidden)."""
-    if x.shape[-1] % group:
-        raise ValueError(f"per-token FP8 groups need a hidden size divisible by {group}, got {x.shape[-1]}")
-    groups = x.float().unflatten(-1, (x.shape[-1] // group, group))  # [T, K/g, g]
+    """x [T, K] -> (values float8_e4m3fn [T, K], scales fp32 [T, ceil(K/group)]); a last partial group
+    has its own scale. NaN in a group makes that group's scale and values NaN (it propagates)."""
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x.float(), (0, -k % group))
+    groups = padded.unflatten(-1, (padded.shape[-1] // group, group))  # [T, ceil(K/g), g]
     scales = block_scales(groups.abs().amax(dim=-1), ue8m0)
-    return to_e4m3(groups / scales[..., None]).flatten(-2), scales
+    return to_e4m3(groups / scales[..., None]).flatten(-2)[..., :k].contiguous(), scales
 
 
-def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    group = values.shape[-1] // scales.shape[-1]
-    return (values.float().unflatten(-1, (scales.shape[-1], group)) * scales[..., None]).flatten(-2).to(dtype)
+def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, group: int = 128,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    k = values.shape[-1]
+    expanded = scales.repeat_interleave(group, dim=-1)[..., :k]
+    return (values.float() * expanded).to(dtype)

@@ -83,7 +83,7 @@ class Fp8Format:
 
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         tokens = self.views(payload, hidden)
-        return dequantize_fp8_groups(tokens.values, tokens.scales, dtype)
+        return dequantize_fp8_groups(tokens.values, tokens.scales, FP8_GROUP, dtype)
 
 
 @dataclass

@@ -20,8 +20,9 @@ class Experts(nn.Module):
     Quantized, they are QuantizedWeights of shape [E, 2, I, H] (gate and up scaled separately, as
     checkpoints store them) and [E, H, I].
 
-    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. This is the torch
-    reference (fan out by expert, loop over experts); the fused kernels compute the same on CUDA.
+    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. On CUDA the fused
+    Triton kernels compute it (moeserve.kernels.fused_moe); `reference` is the torch specification
+    (fan out by expert, loop over experts) that runs elsewhere and that the kernels are tested against.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -31,6 +32,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        if x.is_cuda:
+            from moeserve.kernels.fused_moe import fused_experts
+
+            return fused_experts(self, x, layout)
+        return self.reference(x, layout)
+
+    def reference(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         row, k = (layout.slots >= 0).nonzero(as_tuple=True)
         slot = layout.slots[row, k].long()
         order = torch.argsort(slot, stable=True)

@@ -24,7 +24,13 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight)
-        return select_experts(logits, self.moe, getattr(self, "e_score_correction_bias", None))
+        bias = getattr(self, "e_score_correction_bias", None)
+        if logits.is_cuda:
+            from moeserve.kernels import routing
+
+            if routing.supports(self.moe):
+                return routing.route(logits, self.moe, bias)
+        return select_experts(logits, self.moe, bias)
 
 
 def select_experts(

@@ -1,0 +1,76 @@
+"""SiLU-and-mul, optionally fused with the FP8 per-token 1x128 quantization of its output, and the
+top-k reduce. References: torch (silu(gate) * up; moeserve.quant.fp8.quantize_fp8_groups; a sum)."""
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_GROUP = 128
+
+
+@triton.jit
+def round_to_e4m3_grid(x):
+    """x (|x| <= 448) rounded to the nearest E4M3 value, ties to even, still in fp32: adding and
+    subtracting 1.5 * 2^(23 + q) rounds to a multiple of 2^q, the E4M3 spacing at x's exponent. The
+    cast to fp8 that follows is then exact (the Triton interpreter's own cast rounds wrongly)."""
+    magnitude = tl.abs(x)
+    exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    quantum = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2^-6 step by 2^-9
+    magic = 1.5 * tl.exp2((23 + quantum).to(tl.float32))
+    rounded = (magnitude + magic) - magic
+    return tl.where(x < 0, -rounded, rounded)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_in, stride_out, stride_scale,
+                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    offs = group * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < intermediate
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + intermediate + offs, mask=ok, other=0.0).to(tl.float32)
+    y = gate * tl.sigmoid(gate) * up
+    if QUANTIZE:  # one scale per 128 values: amax / 448
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+        q = round_to_e4m3_grid(tl.minimum(tl.maximum(y / scale, -448.0), 448.0))
+        tl.store(out_ptr + row * stride_out + offs, q.to(tl.float8e4nv), mask=ok)
+        tl.store(scale_ptr + row * stride_scale + group, scale)
+    else:
+        tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
+    """gate_up [R, 2I] -> silu(gate) * up [R, I] in gate_up's dtype, or (FP8 values, scales [R, ceil(I/128)])."""
+    rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    groups = triton.cdiv(intermediate, FP8_GROUP)
+    if quantize:
+        out = torch.empty(rows, intermediate, dtype=torch.float8_e4m3fn, device=gate_up.device)
+        scales = torch.empty(rows, groups, dtype=torch.float32, device=gate_up.device)
+    else:
+        out, scales = torch.empty(rows, intermediate, dtype=gate_up.dtype, device=gate_up.device), None
+    if rows:
+        _silu_and_mul_kernel[(rows, groups)](gate_up, out, scales if quantize else out, intermediate,
+                                             gate_up.stride(0), out.stride(0), scales.stride(0) if quantize else 0,
+                                             BLOCK=FP8_GROUP, QUANTIZE=quantize)
+    return (out, scales) if quantize else out
+
+
+@triton.jit
+def _sum_over_k_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (row * TOP_K + k) * hidden + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_over_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]."""
+    rows, hidden = y.shape[0] // top_k, y.shape[1]
+    out = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
+    if rows:
+        _sum_over_k_kernel[(rows, triton.cdiv(hidden, 1024))](y, out, hidden, TOP_K=top_k, BLOCK=1024)
+    return out

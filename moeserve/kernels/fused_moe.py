@@ -1,0 +1,35 @@
+"""The experts' forward on CUDA: layout -> gate_up GEMM (tokens read by index) -> SiLU-and-mul
+(+ FP8 quantization for W8A8) -> down GEMM (routed weight in the epilogue) -> sum over k.
+Reference: moeserve.layers.moe.experts.Experts.forward (same inputs, same output)."""
+
+import torch
+
+from moeserve.kernels.activation import silu_and_mul, sum_over_k
+from moeserve.kernels.moe_gemm import FP8, GemmConfig, moe_gemm, weight_format
+from moeserve.kernels.moe_layout import block_layout
+from moeserve.layers.moe.experts import Experts, RowLayout
+from moeserve.quant.fp8 import quantize_fp8_groups
+
+
+def default_config(num_rows: int) -> GemmConfig:
+    """Small M blocks when each expert sees few rows (decode), large ones for prefill."""
+    if num_rows <= 1024:
+        return GemmConfig(block_m=16, block_n=64, block_k=128)
+    return GemmConfig(block_m=64, block_n=128, block_k=64)
+
+
+def fused_experts(experts: Experts, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
+    rows, top_k = layout.slots.shape
+    config = config or default_config(rows * top_k)
+    block = block_layout(layout.slots, experts.num_experts, config.block_m)
+    fp8 = weight_format(experts.gate_up_proj) == FP8
+    a, a_scale = quantize_fp8_groups(x) if fp8 else (x, None)
+    intermediate = experts.down_proj.shape[-1]
+    gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)
+    moe_gemm(a, a_scale, experts.gate_up_proj, block, gate_up, rows_per_a_row=top_k, config=config)
+    activation = silu_and_mul(gate_up, quantize=fp8)
+    act, act_scale = activation if fp8 else (activation, None)
+    down = torch.zeros(rows * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # rows for other ranks stay 0
+    moe_gemm(act, act_scale, experts.down_proj, block, down, rows_per_a_row=1,
+             row_weights=layout.weights.reshape(-1).float().contiguous(), config=config)
+    return sum_over_k(down, top_k)

@@ -1,0 +1,135 @@
+"""Grouped GEMM over the experts of a BlockLayout, one kernel for three weight formats.
+
+out[row] = a[row // rows_per_a_row] @ W[expert(row)]^T (* row_weight[row]): the activations are read
+by row index (no permuted copy); the routed weight is applied in the epilogue (down projection).
+Formats: bf16 (or fp32) weights; FP8 128x128 block weights with FP8 1x128 per-token activations
+(W8A8: the block scales multiply each K step's partial product, accumulation in fp32); NVFP4 weights
+dequantized in registers and multiplied with 16-bit activations (W4A16; Hopper has no FP4 MMA).
+Quantized gate_up weights keep separate scales for their gate and up halves (`n_part` rows each).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels.moe_layout import BlockLayout
+from moeserve.quant.formats import Fp8BlockWeight, Nvfp4Weight
+
+BF16, FP8, NVFP4 = 0, 1, 2
+FP8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def e2m1_to_float(code):
+    """E2M1 codes (uint8 0-15) -> fp32: bit 3 sign, magnitude 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
+    m = code & 7
+    frac = (m & 1).to(tl.float32)
+    normal = (1.0 + 0.5 * frac) * tl.exp2((m >> 1).to(tl.float32) - 1.0)
+    magnitude = tl.where(m < 2, 0.5 * frac, normal)
+    return tl.where((code & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_global_ptr, out_ptr, row_weight_ptr,
+    sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, num_rows, rows_per_a_row, n_part,
+    stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_ge, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < num_rows
+    a_rows = (rows // rows_per_a_row).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w_base = w_ptr + expert * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
+            offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            j_ok = offs_j < K // 2
+            w_mask = j_ok[:, None] & n_ok[None, :]
+            packed = tl.load(w_base + offs_n[None, :] * stride_wn + offs_j[:, None], mask=w_mask, other=0)
+            block_scale = tl.load(w_scale_ptr + expert * stride_wse + offs_n[None, :] * stride_wsn + offs_j[:, None] // 8,
+                                  mask=w_mask, other=0.0).to(tl.float32)
+            part_scale = tl.load(w_global_ptr + expert * stride_ge + offs_n // n_part, mask=n_ok, other=0.0)
+            scale = block_scale * part_scale[None, :]
+            a_even = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :], mask=valid[:, None] & j_ok[None, :], other=0.0)
+            a_odd = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :] + 1, mask=valid[:, None] & j_ok[None, :], other=0.0)
+            w_even = (e2m1_to_float(packed & 0xF) * scale).to(a_even.dtype)
+            w_odd = (e2m1_to_float(packed >> 4) * scale).to(a_odd.dtype)
+            acc += tl.dot(a_even, w_even) + tl.dot(a_odd, w_odd)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if FORMAT == 1:  # FP8 W8A8: this K step lies in one 128-wide scale block (BLOCK_K divides 128)
+                a_scale = tl.load(a_scale_ptr + a_rows * stride_as + k0 // 128, mask=valid, other=0.0)
+                n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
+                w_scale = tl.load(w_scale_ptr + expert * stride_wse + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
+                acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
+            else:
+                acc += tl.dot(a, w)
+    if WEIGHTED:
+        acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+def weight_format(weight) -> int:
+    if isinstance(weight, Fp8BlockWeight):
+        return FP8
+    if isinstance(weight, Nvfp4Weight):
+        return NVFP4
+    return BF16
+
+
+def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: BlockLayout, out: torch.Tensor,
+             rows_per_a_row: int, row_weights: torch.Tensor | None = None, config: GemmConfig = GemmConfig()) -> None:
+    """out[row] (row in the layout) = a[row // rows_per_a_row] @ W[expert]^T, times row_weights[row] if given.
+    weight: [E, N, K] tensor, or a QuantizedWeight of shape [E, N, K] or [E, 2, N/2, K] (gate and up)."""
+    fmt = weight_format(weight)
+    shape = weight.shape
+    num_experts, k = shape[0], shape[-1]
+    n_part = shape[-2]
+    n = n_part * (2 if len(shape) == 4 else 1)
+    dummy = a.new_empty(1, dtype=torch.float32)
+    if fmt == BF16:
+        w, w_scale, w_global = weight, dummy.view(1, 1, 1), dummy
+    elif fmt == FP8:
+        if config.block_k > FP8_BLOCK or FP8_BLOCK % config.block_k or weight.block != (FP8_BLOCK, FP8_BLOCK):
+            raise ValueError("the FP8 grouped GEMM needs 128x128 weight blocks and BLOCK_K dividing 128")
+        w, w_scale, w_global = weight.values.view(num_experts, n, k), weight.scale.view(num_experts, -1, weight.scale.shape[-1]), dummy
+    else:
+        w = weight.packed.view(num_experts, n, k // 2)
+        w_scale = weight.block_scale.view(num_experts, n, k // 16)
+        w_global = weight.global_scale.reshape(num_experts, -1)
+    a_scale = a_scale if a_scale is not None else dummy.view(1, 1)
+    grid = (layout.sorted_rows.numel() // config.block_m, triton.cdiv(n, config.block_n))
+    _moe_gemm_kernel[grid](
+        a, a_scale, w, w_scale, w_global, out, row_weights if row_weights is not None else dummy,
+        layout.sorted_rows, layout.block_expert, layout.num_padded,
+        n, k, layout.num_rows, rows_per_a_row, n_part,
+        a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        w_global.stride(0) if w_global.dim() > 1 else 0, out.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        FORMAT=fmt, WEIGHTED=row_weights is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
