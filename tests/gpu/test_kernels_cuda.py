@@ -37,15 +37,19 @@ def experts_of(fmt):
 def reference(experts, fmt, x, layout):
     if fmt != "fp8":
         return experts.reference(x, layout).float()
-    def fp8(t):
-        return dequantize_fp8_groups(*quantize_fp8_groups(t)).to(t.dtype)
+
+    def fp8(t):  # W8A8: activations through FP8 1x128 quantization, in fp32
+        return dequantize_fp8_groups(*quantize_fp8_groups(t))
+
     out = torch.zeros(x.shape, device="cuda")
     for e in range(EXPERTS):
         row, k = (layout.slots == e).nonzero(as_tuple=True)
         if row.numel():
-            gate, up = F.linear(fp8(x[row]), experts.gate_up_proj.dequantize(x.dtype, e).reshape(-1, HIDDEN)).chunk(2, -1)
-            y = F.linear(fp8(F.silu(gate) * up), experts.down_proj.dequantize(x.dtype, e))
-            out.index_add_(0, row, y.float() * layout.weights[row, k, None])
+            gate_up = experts.gate_up_proj.dequantize(torch.float32, e).reshape(-1, HIDDEN)
+            h = F.linear(fp8(x[row]), gate_up).to(x.dtype).float()  # the kernel stores gate_up in x's dtype
+            gate, up = h.chunk(2, -1)
+            y = F.linear(fp8(F.silu(gate) * up), experts.down_proj.dequantize(torch.float32, e))
+            out.index_add_(0, row, y * layout.weights[row, k, None])
     return out
 
 
