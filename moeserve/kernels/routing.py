@@ -66,14 +66,18 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, stride_t,
     remaining = tl.where(kept[:, None], choice, -float("inf"))
     total = 0.0
     for k in tl.static_range(TOP_K):
-        flat = tl.reshape(remaining, [NUM_GROUPS * GROUP_SIZE])
-        best = tl.argmax(flat, axis=0, tie_break_left=True)
-        weight = tl.sum(tl.where(tl.reshape(experts, [NUM_GROUPS * GROUP_SIZE]) == best,
-                                 tl.reshape(scores, [NUM_GROUPS * GROUP_SIZE]), 0.0), axis=0)
+        # the best expert: the best group first, then its best member (no reshape: on the GPU a reshaped
+        # argmax does not map back to expert ids); ties go to the lowest group, then the lowest member
+        group = tl.argmax(tl.max(remaining, axis=1), axis=0, tie_break_left=True)
+        in_group = tl.where(groups == group, remaining, -float("inf"))
+        member = tl.argmax(tl.max(in_group, axis=0), axis=0, tie_break_left=True)
+        best = group * GROUP_SIZE + member
+        picked = experts == best
+        weight = tl.sum(tl.sum(tl.where(picked, scores, 0.0), axis=1), axis=0)
         tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
         tl.store(weights_ptr + token * TOP_K + k, weight)
         total += weight
-        remaining = tl.where(experts == best, -float("inf"), remaining)
+        remaining = tl.where(picked, -float("inf"), remaining)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 
