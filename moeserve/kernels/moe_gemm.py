@@ -47,7 +47,7 @@ def _moe_gemm_kernel(
     N, K, num_rows, rows_per_a_row, n_part,
     stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_ge, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr,
+    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,7 +75,7 @@ def _moe_gemm_kernel(
             a_odd = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :] + 1, mask=valid[:, None] & j_ok[None, :], other=0.0)
             w_even = (e2m1_to_float(packed & 0xF) * scale).to(a_even.dtype)
             w_odd = (e2m1_to_float(packed >> 4) * scale).to(a_odd.dtype)
-            acc += tl.dot(a_even, w_even) + tl.dot(a_odd, w_odd)
+            acc += tl.dot(a_even, w_even, input_precision=PRECISION) + tl.dot(a_odd, w_odd, input_precision=PRECISION)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -87,7 +87,7 @@ def _moe_gemm_kernel(
                 w_scale = tl.load(w_scale_ptr + expert * stride_wse + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
                 acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
             else:
-                acc += tl.dot(a, w)
+                acc += tl.dot(a, w, input_precision=PRECISION)
     if WEIGHTED:
         acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -131,5 +131,7 @@ def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: Bloc
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         w_global.stride(0) if w_global.dim() > 1 else 0, out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        FORMAT=fmt, WEIGHTED=row_weights is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+        FORMAT=fmt, WEIGHTED=row_weights is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
