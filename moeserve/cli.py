@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--dist-timeout", type=float, default=300.0)
     ep.set_defaults(run=run_bench_ep)
 
+    moe = bench.add_parser("moe", help="one MoE layer's experts on one GPU: kernels vs baselines")
+    moe.add_argument("--model", default="deepseek-v3", help="a preset or checkpoint (its expert shapes are used)")
+    moe.add_argument("--local-experts", default="32", help="comma-separated, e.g. 32,256")
+    moe.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
+    moe.add_argument("--dtype", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
+    moe.set_defaults(run=run_bench_moe)
+
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
@@ -203,6 +210,27 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
                                       context.groups.ep_group, context.control, args.iterations)
                 if context.rank == 0:
                     print(report_row(tokens, fmt, backend, point), flush=True)
+
+
+def run_bench_moe(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeserve.bench.moe import measure
+    from moeserve.loader.model_loader import load_config
+
+    if not torch.cuda.is_available():
+        raise ValueError("moeserve bench moe times CUDA kernels and needs a GPU")
+    config = load_config(args.model)
+    print(f"{args.model}: hidden {config.hidden_size}, expert intermediate {config.moe.intermediate_size}, "
+          f"top-{config.moe.top_k}; {torch.cuda.get_device_name()}")
+    print("| local experts | tokens | implementation | ms | TFLOP/s | weight TB/s |\n|---|---|---|---|---|---|")
+    for experts in (int(e) for e in args.local_experts.split(",")):
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            for fmt in args.dtype.split(","):
+                for p in measure(config, experts, tokens, fmt, "cuda"):
+                    print(f"| {experts} | {tokens} | {p.name} | {p.milliseconds:.3f} | {p.tflops:.1f} | "
+                          f"{p.weight_tb_per_s:.2f} |", flush=True)
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
 # Stage "ep" (2 or more GPUs): the distributed tests on NCCL, and bench ep at DeepSeek-V3 shapes.
-# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep [more stages]
+# Stage "moe": the kernel tests and moeserve bench moe at DeepSeek-V3 shapes.
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe [more stages]
 set -u
 STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -43,6 +44,11 @@ if has ep; then
   python3 -m pytest tests/gpu -q -p no:cacheprovider -k distributed 2>&1 | tee "$OUT/gpu_ep_tests.log" | tail -2
   timeout 500 python3 -m moeserve bench ep --ranks "$GPUS" --tokens-per-rank 128,4096 --hidden 7168 --topk 8 \
     --experts 256 2>&1 | tee "$OUT/bench_ep.log" | grep -E "^\||^EP" >> "$OUT/bench_table.txt"
+fi
+if has moe; then
+  python3 -m pytest tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider 2>&1 | tail -2
+  timeout 500 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
+    | grep -E "^\|" >> "$OUT/bench_table.txt"
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"
