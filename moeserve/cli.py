@@ -7,9 +7,10 @@ import sys
 from moeserve.config import EngineArgs
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     defaults = EngineArgs(model="")
-    parser.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
+    if model_required:
+        parser.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -57,6 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the requests' draws")
     generate.add_argument("--n", type=int, default=1)
     generate.set_defaults(run=run_generate)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_path", metavar="MODEL", help="checkpoint folder or preset name")
+    add_engine_arguments(serve, model_required=False)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or MOESERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
+    serve.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    serve.add_argument("--max-concurrent-requests", type=int, default=256, help="more in flight get 429")
+    serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger bodies get 413")
+    serve.set_defaults(run=run_serve)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     throughput = bench.add_parser("throughput", help="offline generation throughput")
@@ -137,6 +151,27 @@ def _rank_main(context, fn, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if context.rank == 0 else logging.WARNING,
                         format=f"%(levelname)s [rank {context.rank}] %(name)s: %(message)s", force=True)
     fn(args, context)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    args.model = args.model_path
+    return on_ranks(args, serve_on_rank)
+
+
+def serve_on_rank(args: argparse.Namespace, context) -> int:
+    import os
+    from pathlib import Path
+
+    from moeserve.server.app import ServerConfig
+    from moeserve.server.serve import serve
+
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    config = ServerConfig(model_name=args.served_model_name or args.model,
+                          api_key=args.api_key or os.environ.get("MOESERVE_API_KEY"), chat_template=template,
+                          max_n=args.max_n, max_concurrent_requests=args.max_concurrent_requests,
+                          max_request_bytes=args.max_request_bytes)
+    serve(EngineArgs(model=args.model, **engine_args(args)), config, args.host, args.port, context)
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -253,5 +253,6 @@ class Engine:
             prompt_logprobs=list(first.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
             outputs=completions,
             finished=all(seq.is_finished for seq in request.seqs),
-            metrics={"arrival_time": first.arrival_time, "first_token_time": first.first_token_time or 0.0},
+            metrics={"queue_time": first.first_scheduled_time - first.arrival_time}
+            if first.first_scheduled_time is not None else {},
         )

@@ -76,6 +76,8 @@ class LockstepEngine:
                                                          spec.params, spec.request_id))
         for request_id in message.aborts:
             self.engine.abort(request_id)
+        if not any(loads) and not message.assignments:  # nobody has work: every rank knows it, skip the forward
+            return [], True
         outputs = self.engine.step(lockstep=True)
         gathered = [None] * dist.get_world_size() if self.is_coordinator else None
         mine = outputs if self.context.groups.tp_rank == 0 else []

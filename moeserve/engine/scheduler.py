@@ -5,6 +5,7 @@ what is left of the budget), then waiting ones, first come first served. When th
 blocks, the newest running sequence is preempted: its blocks are freed and it is recomputed later.
 """
 
+import time
 from collections import deque
 
 from moeserve.engine.block_manager import BlockManager
@@ -52,6 +53,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            seq.first_scheduled_time = seq.first_scheduled_time or time.monotonic()
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new

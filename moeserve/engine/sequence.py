@@ -44,6 +44,7 @@ class Sequence:
     text: str = ""  # detokenized output, cut at a stop string
     held_back: int = 0  # trailing characters of `text` that may still become a stop string
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None
     detokenizer: object | None = None  # IncrementalDetokenizer, when the model has a tokenizer
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-PRESET_FORMAT = 2  # bump when generation changes, so cached folders are rebuilt
+PRESET_FORMAT = 3  # bump when generation changes, so cached folders are rebuilt
 
 _SPECIAL = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
 _TINY_VOCAB = 512

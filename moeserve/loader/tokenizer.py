@@ -6,6 +6,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: the tiny presets' bos, eos, pad
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 # Text the tiny tokenizer learns its merges from; any English prose would do.
 _CORPUS = """\
@@ -45,6 +49,7 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
         "pad_token": "<pad>",
         "add_bos_token": False,
         "model_max_length": 4096,
+        "chat_template": TINY_CHAT_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 

@@ -15,7 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = AsyncEngine(EngineArgs(model="tiny-mixtral"))
+    engine = AsyncEngine.from_args(EngineArgs(model="tiny-mixtral"))
     yield engine
     engine.shutdown()
 

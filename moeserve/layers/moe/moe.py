@@ -21,11 +21,23 @@ class MoE(nn.Module):
         if moe.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher = LocalDispatcher(moe.num_experts)
+        self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert so far (metrics)
+
+    @property
+    def expert_tokens(self) -> torch.Tensor:
+        return self.routed_tokens if self.routed_tokens is not None else torch.zeros(self.moe.num_experts, dtype=torch.long)
+
+    def count_routed(self, topk_ids: torch.Tensor) -> None:
+        if self.routed_tokens is None or self.routed_tokens.device != topk_ids.device:
+            self.routed_tokens = torch.zeros(self.moe.num_experts, dtype=torch.long, device=topk_ids.device)
+        flat = topk_ids.flatten()
+        self.routed_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # on the device: no sync
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         topk_ids, topk_weights = self.gate(x)  # [T, K]
+        self.count_routed(topk_ids)
         expert_in = x
         if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
             expert_in = x * topk_weights.to(x.dtype)

@@ -1,0 +1,234 @@
+"""The HTTP server, started for real on a loopback port, driven by the official openai client, httpx,
+and a schema fuzzer."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from moeserve.config import EngineArgs
+from moeserve.engine.async_engine import AsyncEngine
+from moeserve.server.app import ServerConfig, build_app
+from tests.distributed.harness import free_port
+
+MODEL, KEY = "tiny-mixtral", "test-key"
+
+
+def start_server(config: ServerConfig, **engine_args):
+    engine = AsyncEngine.from_args(EngineArgs(model=MODEL, **engine_args))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, server=server, thread=thread)
+
+
+def stop_server(running):
+    running.server.should_exit = True
+    running.thread.join(timeout=30)
+    running.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = start_server(ServerConfig(model_name=MODEL, api_key=KEY, max_request_bytes=2**20), max_num_seqs=128)
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def headers():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def wait_until_idle(engine, seconds=20):
+    manager = engine.engine.block_manager
+    deadline = time.monotonic() + seconds
+    while (engine.engine.has_unfinished_requests() or manager.num_free_blocks < manager.num_blocks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not engine.engine.has_unfinished_requests() and manager.num_free_blocks == manager.num_blocks
+
+
+def test_openai_client_completion_stream_and_usage(client):
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    full = client.completions.create(**kwargs)
+    assert full.choices[0].finish_reason in ("stop", "length") and full.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_openai_client_chat_stream_and_usage(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_completion_tokens=10, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].message.role == "assistant" and full.usage.prompt_tokens > 3
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_logprobs_n_and_extras(client):
+    completion = client.completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == len(logprobs.tokens) and all(lp <= 0 for lp in logprobs.token_logprobs)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(entry.top_logprobs) == 3 for entry in content)
+    many = client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, n=3, temperature=1.0, seed=7,
+                                     extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
+                                                 "ignore_eos": True, "min_tokens": 6})
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in many.choices)
+
+
+def test_seed_reproduces(client):
+    def run(seed):
+        return client.completions.create(model=MODEL, prompt="The", max_tokens=12, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    assert run(3) == run(3)
+    assert len({run(3), run(4), run(5)}) > 1
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "other", "prompt": "x"}, 400, "the model `other` does not exist"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature must be a number in [0.0, inf]"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ({"model": MODEL, "prompt": "x", "n": 100}, 400, "n must be between 1 and 16"),
+    ({"model": MODEL, "prompt": [5] * 5000}, 400, "the prompt has 5000 tokens; max_model_len is 4096"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 9000}, 400, "exceeds max_model_len=4096"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
+    ({"model": MODEL, "prompt": [], "max_tokens": 3}, 400, "prompt: must not be empty"),
+    ({"model": MODEL}, 400, "prompt: Field required"),
+])
+def test_bad_completion_input_gets_400_naming_the_problem(server, body, status, message):
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = httpx.post(f"{server.url}/v1/completions", content=content,
+                          headers={**headers(), "Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_bad_chat_input(server):
+    def post(body):
+        return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers())
+
+    assert "messages" in post({"model": MODEL, "messages": []}).json()["error"]["message"]
+    response = post({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
+    assert response.status_code == 400 and "messages.0.role" in response.json()["error"]["message"]
+    response = post({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+
+
+def test_auth_size_limit_and_open_health(server):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 401
+    wrong = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers=headers()).json()["data"][0]["id"] == MODEL
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    huge = httpx.post(f"{server.url}/v1/completions", content="x" * (2**20 + 10),
+                      headers={**headers(), "Content-Type": "application/json"})
+    assert huge.status_code == 413
+
+
+def test_concurrent_streams_give_the_greedy_text_they_get_alone(server):
+    prompts = [f"Story number {i}:" for i in range(8)]
+
+    async def one(http, prompt):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        text = ""
+        async with http.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers()) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def run(all_prompts):
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, p) for p in all_prompts))
+
+    alone = asyncio.run(run(prompts))  # eight at a time first, to know each prompt's text
+    together = asyncio.run(run([prompts[i % 8] for i in range(64)]))
+    assert together == [alone[i % 8] for i in range(64)]
+    assert wait_until_idle(server.engine)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_request(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers(), timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    assert wait_until_idle(server.engine)
+
+
+def test_metrics_move_as_requests_are_served(server, client):
+    def scrape():
+        lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in lines if line.startswith("moeserve:")}
+
+    before = scrape()
+    client.completions.create(model=MODEL, prompt="Count", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    after = scrape()
+    label = f'{{model_name="{MODEL}"}}'
+    assert after[f"moeserve:generation_tokens_total{label}"] - before[f"moeserve:generation_tokens_total{label}"] == 5
+    assert after[f"moeserve:time_to_first_token_seconds_count{label}"] > before[f"moeserve:time_to_first_token_seconds_count{label}"]
+    assert after[f"moeserve:prefix_cache_queries_total{label}"] > before[f"moeserve:prefix_cache_queries_total{label}"]
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
+                 "prompt_tokens_total", "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
+                 "request_queue_time_seconds_count", "prefix_cache_hits_total"):
+        assert f"moeserve:{name}{label}" in after, name
+    routed = [v for k, v in after.items() if k.startswith("moeserve:expert_tokens_total")]
+    assert len(routed) == 3 * 8 and sum(routed) > 0  # 3 MoE layers x 8 experts
+
+
+def test_too_many_concurrent_requests_get_429():
+    running = start_server(ServerConfig(model_name=MODEL, max_concurrent_requests=1))
+    try:
+        slow = {"model": MODEL, "prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=slow, timeout=30) as first:
+            lines = first.iter_lines()  # held: a discarded iterator closes the stream (a disconnect)
+            next(lines)
+            second = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+            assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        stop_server(running)
+
+
+def test_schema_fuzzing_finds_no_server_errors():
+    running = start_server(ServerConfig(model_name=MODEL, api_key=KEY), max_model_len=96)  # short: fast generations
+    try:
+        command = [sys.executable, "-m", "schemathesis.cli", "run", f"{running.url}/openapi.json", "--checks",
+                   "not_a_server_error", "--max-examples", "60", "-H", f"Authorization: Bearer {KEY}",
+                   "--request-timeout", "30", "--generation-deterministic", "--suppress-health-check", "all"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        assert "passed" in result.stdout and " 0 generated" not in result.stdout
+    finally:
+        stop_server(running)
