@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q
 
 run: setup
-	$(VENV)/bin/moeserve generate --model tiny-deepseek-v3 --prompt "The router scores each expert" --max-tokens 24 --temperature 0
+	$(VENV)/bin/moeserve serve tiny-deepseek-v3
 
 clean:
 	rm -rf $(VENV)

@@ -99,6 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--dist-timeout", type=float, default=300.0)
     ep.set_defaults(run=run_bench_ep)
 
+    serving = bench.add_parser("serve", help="load an OpenAI-compatible server; TTFT, TPOT, ITL, throughput")
+    serving.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serving.add_argument("--model", required=True, help="the model name the server serves")
+    serving.add_argument("--num-prompts", type=int, default=100)
+    serving.add_argument("--input-len", type=int, default=256)
+    serving.add_argument("--output-len", type=int, default=64)
+    serving.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf: all at once")
+    serving.add_argument("--max-concurrency", type=int, default=None)
+    serving.add_argument("--seed", type=int, default=0)
+    serving.add_argument("--ignore-eos", action="store_true", help="exact output lengths (servers that accept it)")
+    serving.add_argument("--api-key", default=None)
+    serving.add_argument("--vocab-size", type=int, default=500, help="random prompt token ids are below this")
+    serving.add_argument("--save-result", default=None, help="write the report as JSON")
+    serving.add_argument("--plot", default=None, help="write a latency picture (PNG; needs matplotlib)")
+    serving.set_defaults(run=run_bench_serve)
+
     moe = bench.add_parser("moe", help="one MoE layer's experts on one GPU: kernels vs baselines")
     moe.add_argument("--model", default="deepseek-v3", help="a preset or checkpoint (its expert shapes are used)")
     moe.add_argument("--local-experts", default="32", help="comma-separated, e.g. 32,256")
@@ -115,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from moeserve.distributed.launch import RankFailure
+
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, SamplingParamsError: the message says what to do
         print(f"moeserve: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:
+        print(f"moeserve: a rank failed, every rank stopped. {e}", file=sys.stderr)
+        return 1
 
 
 def on_ranks(args: argparse.Namespace, fn) -> int:
@@ -245,6 +266,25 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
                                       context.groups.ep_group, context.control, args.iterations)
                 if context.rank == 0:
                     print(report_row(tokens, fmt, backend, point), flush=True)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from moeserve.bench.serve import plot, run_benchmark, save
+
+    report, results = asyncio.run(run_benchmark(args.base_url, args.model, args.num_prompts, args.input_len,
+                                                args.output_len, args.request_rate, args.max_concurrency, args.seed,
+                                                args.ignore_eos, args.api_key, args.vocab_size))
+    print(report.text())
+    failures = [r.error for r in results if not r.ok]
+    if failures:
+        print(f"first failure: {failures[0]}")
+    if args.save_result:
+        save(report, args.save_result, {k: v for k, v in vars(args).items() if k != "run"})
+    if args.plot:
+        plot(results, args.plot)
+    return 0 if not failures else 1
 
 
 def run_bench_moe(args: argparse.Namespace) -> int:

@@ -5,9 +5,15 @@ MASTER_PORT set, one or many nodes) each process joins from its environment inst
 A rank that fails takes the others down within a bounded time: spawned ranks are terminated by the
 parent, which re-raises the failed rank's error; torchrun's agent stops its node's workers, and
 ranks on other nodes leave their next collective when `timeout` expires. Nothing waits forever.
+
+Stopping: SIGINT or SIGTERM to the launching process goes on to rank 0 as SIGTERM (a server there
+shuts down gracefully and tells the other ranks to stop); the other ranks ignore SIGINT, which a
+terminal sends to every process, so it cannot break them out of a collective.
 """
 
 import os
+import pickle
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +22,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from moeserve.distributed.layout import ParallelGroups, ParallelLayout
+
+
+class RankFailure(RuntimeError):
+    """A spawned rank failed; the message starts with the rank that failed first (the cause: the others
+    usually fail after it, their collectives cut off)."""
 
 
 @dataclass
@@ -62,6 +74,8 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, layout: ParallelLayout, device: str, timeout_s: float, port: int, fn: Callable, args: tuple):
+    if rank != 0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(max(1, torch.get_num_threads() // layout.world_size))
     context = init_distributed(layout, device, timeout_s, rank, f"tcp://127.0.0.1:{port}")
@@ -84,4 +98,30 @@ def launch(layout: ParallelLayout, device: str, timeout_s: float, fn: Callable, 
         finally:
             dist.destroy_process_group()
         return
-    mp.spawn(_spawned, args=(layout, device, timeout_s, _free_port(), fn, args), nprocs=layout.world_size, join=True)
+    ranks = mp.start_processes(_spawned, args=(layout, device, timeout_s, _free_port(), fn, args),
+                               nprocs=layout.world_size, join=False, start_method="spawn")
+
+    def stop_rank_0(signum, frame):
+        if ranks.processes[0].is_alive():
+            os.kill(ranks.processes[0].pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop_rank_0) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not ranks.join():  # raises if a rank fails, after stopping the others
+            pass
+    except ProcessException as error:
+        raise RankFailure(failures_in_order(ranks.error_files) or str(error)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def failures_in_order(error_files: list[str]) -> str:
+    """The tracebacks the failed ranks left (torch.multiprocessing writes them), earliest first."""
+    written = [(os.path.getmtime(path), rank, path) for rank, path in enumerate(error_files)
+               if os.path.exists(path) and os.path.getsize(path) > 0]
+    parts = []
+    for _, rank, path in sorted(written):
+        with open(path, "rb") as f:
+            parts.append(f"rank {rank} failed:\n{pickle.load(f)}")  # a traceback string this launcher's ranks wrote
+    return "\n".join(parts)

@@ -1,7 +1,9 @@
 """`moeserve serve`: the HTTP server on rank 0, the engine behind it (in lockstep on every rank when the
 layout has several)."""
 
+import contextlib
 import logging
+import signal
 
 import uvicorn
 
@@ -36,7 +38,19 @@ def serve(engine_args: EngineArgs, config: ServerConfig, host: str, port: int, c
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{config.model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
 
+    server = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop taking requests, finish the open responses, then return
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")  # SIGINT / SIGTERM: graceful shutdown
+        server.run()
     finally:
         async_engine.shutdown()  # aborts what is still running; in lockstep, tells the other ranks to stop
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn re-raises SIGINT / SIGTERM after shutting down, which would end the process before the
+    engine (and, in lockstep, the other ranks) can stop; the handlers above take its place."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield

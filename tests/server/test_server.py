@@ -232,3 +232,51 @@ def test_schema_fuzzing_finds_no_server_errors():
         assert "passed" in result.stdout and " 0 generated" not in result.stdout
     finally:
         stop_server(running)
+
+
+def test_bench_serve_reports_like_vllm(server, tmp_path, capsys):
+    from moeserve.cli import main
+
+    result_file = tmp_path / "result.json"
+    args = ["bench", "serve", "--base-url", server.url, "--model", MODEL, "--num-prompts", "12", "--input-len", "16",
+            "--output-len", "6", "--request-rate", "50", "--max-concurrency", "4", "--ignore-eos", "--api-key", KEY,
+            "--save-result", str(result_file)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for label in ("successful requests", "output token throughput", "Mean TTFT", "P99 ITL", "Median TPOT"):
+        assert label.lower() in printed.lower()
+    report = json.loads(result_file.read_text())["report"]
+    assert report["successful_requests"] == 12 and report["total_output_tokens"] == 12 * 6
+    assert report["total_input_tokens"] == 12 * 16 and report["ttft_ms"]["median"] > 0
+
+
+def test_two_rank_server_answers_like_one_process_and_shuts_down_cleanly():
+    import os
+    import signal
+
+    port = free_port()
+    command = [sys.executable, "-m", "moeserve", "serve", "tiny-deepseek-v3", "--port", str(port), "--device", "cpu",
+               "--dp", "2", "--ep", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        bodies = [{"model": "tiny-deepseek-v3", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+                  for prompt in ("Hello", "The router scores", "Once upon")]
+        served = [httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=b, timeout=60).json() for b in bodies]
+        from moeserve.llm import LLM
+        from moeserve.sampling_params import SamplingParams
+
+        alone = LLM("tiny-deepseek-v3").generate([b["prompt"] for b in bodies], SamplingParams(temperature=0, max_tokens=8))
+        assert [s["choices"][0]["text"] for s in served] == [o.outputs[0].text for o in alone]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "curl http://127.0.0.1" in stdout
