@@ -5,6 +5,8 @@
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
 # Stage "ep" (2 or more GPUs): the distributed tests on NCCL, and bench ep at DeepSeek-V3 shapes.
 # Stage "moe": the kernel tests and moeserve bench moe at DeepSeek-V3 shapes.
+# Stage "serve" (needs the wheels of scripts/fetch_server_wheels.sh, carried as .whl): the server on
+# DeepSeek-V2-Lite's real shape with random weights, measured with moeserve bench serve.
 # Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe [more stages]
 set -u
 STAGES=${*:-tests}
@@ -49,6 +51,18 @@ if has moe; then
   python3 -m pytest tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider 2>&1 | tail -2
   timeout 500 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
     | grep -E "^\|" >> "$OUT/bench_table.txt"
+fi
+if has serve; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+  python3 -m moeserve serve deepseek-v2-lite --load-format dummy --dtype bfloat16 --device cuda --max-model-len 8192 \
+    --port 8000 > "$OUT/serve.log" 2>&1 &
+  for _ in $(seq 120); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 2; done
+  for rate in inf 4; do
+    echo "== serve deepseek-v2-lite random bf16, request rate $rate" >> "$OUT/bench_table.txt"
+    timeout 240 python3 -m moeserve bench serve --model deepseek-v2-lite --num-prompts 64 --input-len 256 \
+      --output-len 64 --request-rate $rate --ignore-eos 2>&1 | tail -17 >> "$OUT/bench_table.txt"
+  done
+  kill %1
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"
