@@ -1,5 +1,5 @@
 """A load generator for any OpenAI-compatible server (moeserve's or vLLM's), reporting what
-`vllm bench serve` reports: TTFT = send to first streamed token; ITL = gaps between streamed chunks;
+`vllm bench serve` reports: TTFT = send to the first streamed chunk; ITL = gaps between streamed chunks;
 TPOT per request = (e2e - TTFT) / (output tokens - 1). Prompts are random token ids of an exact
 length (sent as a token array), outputs have an exact length with ignore_eos."""
 
@@ -73,7 +73,7 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict, headers: di
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # one chunk per step with new tokens (text may be held back or absent)
                     now = time.perf_counter()
                     if last is None:
                         result.ttft = now - start

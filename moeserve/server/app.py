@@ -302,8 +302,8 @@ def sse(shape, streams, n: int, metrics: Metrics, include_usage: bool) -> Stream
                     i = completion.index
                     new_text = completion.text[sent_text[i]:]
                     final = completion.finish_reason is not None
-                    if not new_text and not final and opened[i]:
-                        continue
+                    if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
+                        continue  # a chunk per step with new tokens, even while their text is held back
                     kwargs = {"first": not opened[i]} if isinstance(shape, ChatShape) else {}
                     chunks.append(shape.choice(p * n + i, completion, new_text, sent_tokens[i], final, **kwargs))
                     opened[i] = True
