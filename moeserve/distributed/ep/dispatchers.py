@@ -20,6 +20,15 @@ from moeserve.distributed.layout import ExpertMap
 from moeserve.layers.moe.experts import RowLayout
 
 
+class ExpertParallelDispatcher:
+    def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
+        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)  # [E] each
+        self.ep_rank = ep_rank
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.format = token_format(dispatch_format, dtype)
+
+
 @dataclass
 class AllToAllHandle:
     send_token_index: torch.Tensor  # [S] token of each sent row, rows ordered by destination rank
@@ -29,13 +38,7 @@ class AllToAllHandle:
     dtype: torch.dtype
 
 
-class AllToAllDispatcher:
-    def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
-        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
-        self.group = group
-        self.ep = dist.get_world_size(group)
-        self.format = token_format(dispatch_format, dtype)
-
+class AllToAllDispatcher(ExpertParallelDispatcher):
     def exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -79,14 +82,7 @@ class AllGatherHandle:
     dtype: torch.dtype
 
 
-class AllGatherDispatcher:
-    def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
-        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)
-        self.ep_rank = ep_rank
-        self.group = group
-        self.ep = dist.get_world_size(group)
-        self.format = token_format(dispatch_format, dtype)
-
+class AllGatherDispatcher(ExpertParallelDispatcher):
     def gather(self, rows: torch.Tensor, padded: int) -> torch.Tensor:
         rows = F.pad(rows, (0, 0, 0, padded - rows.shape[0]))
         out = rows.new_empty(self.ep * padded, rows.shape[1])
