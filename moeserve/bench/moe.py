@@ -68,6 +68,29 @@ def grouped_mm_baseline(experts: Experts, x, slots):
     return torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offsets)
 
 
+def rowwise_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> FP8 values [E, N, K] and one fp32 scale per output row [E, N]."""
+    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 448.0
+    return (w.float() / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def scaled_grouped_mm_baseline(gate_up, down, x, slots, num_experts):
+    """FP8 rowwise torch._scaled_grouped_mm (activations quantized per row, weights per output row)."""
+    flat = slots.flatten().long()
+    order = flat.argsort()
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    rows = x[order // slots.shape[1]].float()
+    a_scale = rows.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
+    a = (rows / a_scale[:, None]).to(torch.float8_e4m3fn)
+    (w1, s1), (w2, s2) = gate_up, down
+    h = torch._scaled_grouped_mm(a, w1.transpose(-2, -1), a_scale, s1, offs=offsets, out_dtype=torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    act = (F.silu(gate) * up).float()
+    act_scale = act.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
+    act_fp8 = (act / act_scale[:, None]).to(torch.float8_e4m3fn)
+    return torch._scaled_grouped_mm(act_fp8, w2.transpose(-2, -1), act_scale, s2, offs=offsets, out_dtype=torch.bfloat16)
+
+
 def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device) -> list[MoePoint]:
     experts = make_experts(config, local_experts, fmt, device)
     top_k = min(config.moe.top_k, local_experts)
@@ -90,4 +113,12 @@ def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, devi
             points.append(point("torch._grouped_mm bf16", lambda: grouped_mm_baseline(experts, x, slots)))
         except (RuntimeError, TypeError) as error:
             print(f"  torch._grouped_mm unavailable: {error}")
+    if fmt == "fp8":
+        gate_up = rowwise_fp8(experts.gate_up_proj.dequantize(torch.bfloat16).reshape(local_experts, -1, config.hidden_size))
+        down = rowwise_fp8(experts.down_proj.dequantize(torch.bfloat16))
+        try:
+            points.append(point("torch._scaled_grouped_mm fp8 rowwise",
+                                lambda: scaled_grouped_mm_baseline(gate_up, down, x, slots, local_experts)))
+        except (RuntimeError, TypeError) as error:
+            print(f"  torch._scaled_grouped_mm unavailable: {error}")
     return points
