@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     moe.add_argument("--local-experts", default="32", help="comma-separated, e.g. 32,256")
     moe.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
     moe.add_argument("--dtype", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
+    moe.add_argument("--tune-output", default=None,
+                     help="instead of the comparison, sweep block sizes and write the table (JSON) here")
     moe.set_defaults(run=run_bench_moe)
 
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
@@ -298,6 +300,8 @@ def run_bench_moe(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     print(f"{args.model}: hidden {config.hidden_size}, expert intermediate {config.moe.intermediate_size}, "
           f"top-{config.moe.top_k}; {torch.cuda.get_device_name()}")
+    if args.tune_output:
+        return write_tuned_table(args, config)
     print("| local experts | tokens | implementation | ms | TFLOP/s | weight TB/s |\n|---|---|---|---|---|---|")
     for experts in (int(e) for e in args.local_experts.split(",")):
         for tokens in (int(t) for t in args.tokens.split(",")):
@@ -305,6 +309,33 @@ def run_bench_moe(args: argparse.Namespace) -> int:
                 for p in measure(config, experts, tokens, fmt, "cuda"):
                     print(f"| {experts} | {tokens} | {p.name} | {p.milliseconds:.3f} | {p.tflops:.1f} | "
                           f"{p.weight_tb_per_s:.2f} |", flush=True)
+    return 0
+
+
+def write_tuned_table(args: argparse.Namespace, config) -> int:
+    import datetime
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from moeserve.bench.moe import tune
+    from moeserve.kernels.tuning import METHOD
+
+    table = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "method": METHOD,
+             "command": "moeserve bench moe " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                          if k in ("model", "local_experts", "tokens", "dtype")),
+             "configs": {}}
+    experts = int(args.local_experts.split(",")[0])
+    top_k = min(config.moe.top_k, experts)
+    for fmt in args.dtype.split(","):
+        shape = f"{fmt}/{config.hidden_size}x{config.moe.intermediate_size}"
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            best, ms = tune(config, experts, tokens, fmt, "cuda")
+            table["configs"].setdefault(shape, {})[str(tokens * top_k)] = asdict(best)
+            print(f"| {fmt} | {tokens} tokens | {ms:.3f} ms | {asdict(best)} |", flush=True)
+    with open(args.tune_output, "w") as f:
+        json.dump(table, f, indent=2)
     return 0
 
 

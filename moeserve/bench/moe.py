@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moeserve.config import ModelConfig
 from moeserve.kernels.fused_moe import fused_experts
+from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.quant.formats import make_quantized_weight
 
@@ -122,3 +123,25 @@ def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, devi
         except (RuntimeError, TypeError) as error:
             print(f"  torch._scaled_grouped_mm unavailable: {error}")
     return points
+
+
+def tune(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device) -> tuple[GemmConfig, float]:
+    """The fastest candidate block configuration for this shape (and its time in ms)."""
+    from moeserve.kernels.tuning import candidates
+
+    experts = make_experts(config, local_experts, fmt, device)
+    top_k = min(config.moe.top_k, local_experts)
+    x = torch.randn(tokens, config.hidden_size, device=device).bfloat16()
+    slots = torch.rand(tokens, local_experts, device=device).argsort(dim=1)[:, :top_k].int()
+    layout = RowLayout(slots, torch.rand(tokens, top_k, device=device))
+    best = None
+    for candidate in candidates(fmt):
+        if fmt == "fp8" and candidate.block_k > 128:
+            continue
+        try:
+            ms = time_ms(lambda: fused_experts(experts, x, layout, candidate))
+        except Exception:  # a candidate that does not compile on this card (shared memory) is skipped
+            continue
+        if best is None or ms < best[1]:
+            best = (candidate, ms)
+    return best

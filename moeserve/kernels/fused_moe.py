@@ -5,22 +5,17 @@ Reference: moeserve.layers.moe.experts.Experts.forward (same inputs, same output
 import torch
 
 from moeserve.kernels.activation import silu_and_mul, sum_over_k
-from moeserve.kernels.moe_gemm import FP8, GemmConfig, moe_gemm, weight_format
+from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
+from moeserve.kernels.tuning import tuned_config
 from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.quant.fp8 import quantize_fp8_groups
 
 
-def default_config(num_rows: int) -> GemmConfig:
-    """Small M blocks when each expert sees few rows (decode), large ones for prefill."""
-    if num_rows <= 1024:
-        return GemmConfig(block_m=16, block_n=64, block_k=128)
-    return GemmConfig(block_m=64, block_n=128, block_k=64)
-
-
 def fused_experts(experts: Experts, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
     rows, top_k = layout.slots.shape
-    config = config or default_config(rows * top_k)
+    fmt = {BF16: "bf16", FP8: "fp8", NVFP4: "nvfp4"}[weight_format(experts.gate_up_proj)]
+    config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weight_format(experts.gate_up_proj) == FP8
     a, a_scale = quantize_fp8_groups(x) if fp8 else (x, None)
