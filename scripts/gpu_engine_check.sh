@@ -5,9 +5,11 @@
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
 # Stage "ep" (2 or more GPUs): the distributed tests on NCCL, and bench ep at DeepSeek-V3 shapes.
 # Stage "moe": the kernel tests and moeserve bench moe at DeepSeek-V3 shapes.
+# Stage "tune": the block-size sweep; the table comes back as $OUT/kernel_configs.json (copy it to
+# moeserve/kernels/configs/<card>.json).
 # Stage "serve" (needs the wheels of scripts/fetch_server_wheels.sh, carried as .whl): the server on
 # DeepSeek-V2-Lite's real shape with random weights, measured with moeserve bench serve.
-# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe [more stages]
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve [more stages]
 set -u
 STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -51,6 +53,10 @@ if has moe; then
   python3 -m pytest tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider 2>&1 | tail -2
   timeout 500 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
     | grep -E "^\|" >> "$OUT/bench_table.txt"
+fi
+if has tune; then
+  timeout 560 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32 --tokens 1,32,512,8192 \
+    --tune-output "$OUT/kernel_configs.json" 2>&1 | tee "$OUT/tune.log" | grep -E "^\|" >> "$OUT/bench_table.txt"
 fi
 if has serve; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.

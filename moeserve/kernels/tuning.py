@@ -25,8 +25,7 @@ def default_config(num_rows: int) -> GemmConfig:
 
 
 def candidates(fmt: str):
-    for block_m, block_n, block_k, warps, stages in itertools.product((16, 32, 64, 128), (64, 128), (64, 128),
-                                                                      (4, 8), (3, 4)):
+    for block_m, block_n, block_k, warps, stages in itertools.product((16, 64, 128), (64, 128), (64, 128), (4, 8), (3,)):
         yield GemmConfig(block_m, block_n, block_k, warps, stages)
 
 
