@@ -6,6 +6,8 @@ Formats: bf16 (or fp32) weights; FP8 128x128 block weights with FP8 1x128 per-to
 (W8A8: the block scales multiply each K step's partial product, accumulation in fp32); NVFP4 weights
 dequantized in registers and multiplied with 16-bit activations (W4A16; Hopper has no FP4 MMA).
 Quantized gate_up weights keep separate scales for their gate and up halves (`n_part` rows each).
+Regimes (GemmConfig): decode shapes can cut K into slices (split-K) so that a few active experts still
+fill the SMs; prefill shapes can run a persistent grid over grouped tiles (L2 reuse of both operands).
 """
 
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ class GemmConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 1  # tiles run in groups of group_m M blocks x all N tiles, so L2 reuses both operands
+    split_k: int = 1  # > 1: K is cut in split_k slices added atomically in fp32 (more CTAs at decode)
+    persistent: bool = False  # one CTA per SM looping over the tiles in use (no CTAs for unused blocks)
 
 
 @triton.jit
@@ -41,38 +46,39 @@ def e2m1_to_float(code):
 
 
 @triton.jit
-def _moe_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_global_ptr, out_ptr, row_weight_ptr,
-    sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
-    N, K, num_rows, rows_per_a_row, n_part,
-    stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_ge, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = rows < num_rows
-    a_rows = (rows // rows_per_a_row).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    w_base = w_ptr + expert * stride_we
+def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile index -> (M block, N tile, K slice): K slices outermost, then groups of GROUP_M M blocks in
+    which the M block varies fastest."""
+    tiles_per_slice = num_m * num_n
+    pid_k = tile // tiles_per_slice
+    tile = tile % tiles_per_slice
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    within = tile % (GROUP_M * num_n)
+    return first_m + within % group_size, within // group_size, pid_k
+
+
+@triton.jit
+def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows, valid, offs_n, n_ok,
+                 k_lo, k_hi, K, n_part, stride_am, stride_as, stride_wn, stride_wsn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FORMAT: tl.constexpr, PRECISION: tl.constexpr):
+    """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
             offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             j_ok = offs_j < K // 2
             w_mask = j_ok[:, None] & n_ok[None, :]
             packed = tl.load(w_base + offs_n[None, :] * stride_wn + offs_j[:, None], mask=w_mask, other=0)
-            block_scale = tl.load(w_scale_ptr + expert * stride_wse + offs_n[None, :] * stride_wsn + offs_j[:, None] // 8,
+            block_scale = tl.load(w_scale_base + offs_n[None, :] * stride_wsn + offs_j[:, None] // 8,
                                   mask=w_mask, other=0.0).to(tl.float32)
-            part_scale = tl.load(w_global_ptr + expert * stride_ge + offs_n // n_part, mask=n_ok, other=0.0)
+            part_scale = tl.load(w_global_base + offs_n // n_part, mask=n_ok, other=0.0)
             scale = block_scale * part_scale[None, :]
-            a_even = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :], mask=valid[:, None] & j_ok[None, :], other=0.0)
-            a_odd = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :] + 1, mask=valid[:, None] & j_ok[None, :], other=0.0)
+            a_mask = valid[:, None] & j_ok[None, :]
+            a_even = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :], mask=a_mask, other=0.0)
+            a_odd = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :] + 1, mask=a_mask, other=0.0)
             w_even = (e2m1_to_float(packed & 0xF) * scale).to(a_even.dtype)
             w_odd = (e2m1_to_float(packed >> 4) * scale).to(a_odd.dtype)
             acc += tl.dot(a_even, w_even, input_precision=PRECISION) + tl.dot(a_odd, w_odd, input_precision=PRECISION)
@@ -84,14 +90,47 @@ def _moe_gemm_kernel(
             if FORMAT == 1:  # FP8 W8A8: this K step lies in one 128-wide scale block (BLOCK_K divides 128)
                 a_scale = tl.load(a_scale_ptr + a_rows * stride_as + k0 // 128, mask=valid, other=0.0)
                 n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
-                w_scale = tl.load(w_scale_ptr + expert * stride_wse + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
+                w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
                 acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
             else:
                 acc += tl.dot(a, w, input_precision=PRECISION)
-    if WEIGHTED:
-        acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    return acc
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_global_ptr, out_ptr, row_weight_ptr,
+    sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, num_rows, rows_per_a_row, n_part,
+    stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_ge, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
+    num_padded): one tile each for a full grid, several for a persistent one."""
+    num_m = tl.load(num_padded_ptr) // BLOCK_M
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    for tile in range(tl.program_id(0), num_m * num_n * SPLIT_K, tl.num_programs(0)):
+        pid_m, pid_n, pid_k = _tile_coordinates(tile, num_m, num_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = rows < num_rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = _dot_k_range(a_ptr, a_scale_ptr, w_ptr + expert * stride_we, w_scale_ptr + expert * stride_wse,
+                           w_global_ptr + expert * stride_ge, (rows // rows_per_a_row).to(tl.int64), valid,
+                           offs_n, n_ok, pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), K, n_part,
+                           stride_am, stride_as, stride_wn, stride_wsn,
+                           BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION)
+        if WEIGHTED:
+            acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if SPLIT_K > 1:  # out is an fp32 buffer of zeros
+            tl.atomic_add(out, acc, mask=valid[:, None] & n_ok[None, :])
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 def weight_format(weight) -> int:
@@ -105,7 +144,8 @@ def weight_format(weight) -> int:
 def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: BlockLayout, out: torch.Tensor,
              rows_per_a_row: int, row_weights: torch.Tensor | None = None, config: GemmConfig = GemmConfig()) -> None:
     """out[row] (row in the layout) = a[row // rows_per_a_row] @ W[expert]^T, times row_weights[row] if given.
-    weight: [E, N, K] tensor, or a QuantizedWeight of shape [E, N, K] or [E, 2, N/2, K] (gate and up)."""
+    weight: [E, N, K] tensor, or a QuantizedWeight of shape [E, N, K] or [E, 2, N/2, K] (gate and up).
+    Rows outside the layout are left alone, except with split-K, which writes them as 0."""
     fmt = weight_format(weight)
     shape = weight.shape
     num_experts, k = shape[0], shape[-1]
@@ -123,15 +163,27 @@ def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: Bloc
         w_scale = weight.block_scale.view(num_experts, n, k // 16)
         w_global = weight.global_scale.reshape(num_experts, -1)
     a_scale = a_scale if a_scale is not None else dummy.view(1, 1)
-    grid = (layout.sorted_rows.numel() // config.block_m, triton.cdiv(n, config.block_n))
+    target = out if config.split_k == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    max_tiles = layout.sorted_rows.numel() // config.block_m * triton.cdiv(n, config.block_n) * config.split_k
+    grid = (min(max_tiles, persistent_programs(a.device)) if config.persistent else max_tiles,)
     _moe_gemm_kernel[grid](
-        a, a_scale, w, w_scale, w_global, out, row_weights if row_weights is not None else dummy,
+        a, a_scale, w, w_scale, w_global, target, row_weights if row_weights is not None else dummy,
         layout.sorted_rows, layout.block_expert, layout.num_padded,
         n, k, layout.num_rows, rows_per_a_row, n_part,
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-        w_global.stride(0) if w_global.dim() > 1 else 0, out.stride(0),
+        w_global.stride(0) if w_global.dim() > 1 else 0, target.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, SPLIT_K=config.split_k,
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if target is not out:
+        out.copy_(target)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Two CTAs per SM on a GPU; a few programs in the CPU interpreter (so its loop runs several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count

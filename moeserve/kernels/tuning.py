@@ -13,8 +13,9 @@ import torch
 from moeserve.kernels.moe_gemm import GemmConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHOD = ("fused_experts timed with CUDA events (median of 20 after 5 warm-ups) for each candidate "
-          "block_m x block_n x block_k x num_warps x num_stages; the fastest kept per (format, rows)")
+METHOD = ("fused_experts timed with CUDA events (median of 20 after 5 warm-ups) for each candidate of "
+          "moeserve.kernels.tuning.candidates (decode: block_n x block_k x split_k; prefill: block_m x "
+          "num_warps x group_m x persistent); the fastest kept per (format, rows)")
 
 
 def default_config(num_rows: int) -> GemmConfig:
@@ -24,9 +25,15 @@ def default_config(num_rows: int) -> GemmConfig:
     return GemmConfig(block_m=64, block_n=128, block_k=64)
 
 
-def candidates(fmt: str):
-    for block_m, block_n, block_k, warps, stages in itertools.product((16, 64, 128), (64, 128), (64, 128), (4, 8), (3,)):
-        yield GemmConfig(block_m, block_n, block_k, warps, stages)
+def candidates(num_rows: int):
+    """Decode (few rows per expert): small M blocks, K split to fill the SMs. Prefill: large tiles,
+    grouped tile order, optionally a persistent grid."""
+    if num_rows <= 1024:
+        for block_n, block_k, split_k in itertools.product((64, 128), (64, 128), (1, 2, 4)):
+            yield GemmConfig(16, block_n, block_k, num_warps=4, num_stages=3, split_k=split_k)
+        return
+    for block_m, warps, group_m, persistent in itertools.product((64, 128), (4, 8), (1, 8), (False, True)):
+        yield GemmConfig(block_m, 128, 64, num_warps=warps, num_stages=3, group_m=group_m, persistent=persistent)
 
 
 def card_file(device_name: str) -> Path:
@@ -40,9 +47,13 @@ def load_table(device_name: str) -> dict:
 
 
 def tuned_config(fmt: str, hidden: int, intermediate: int, num_rows: int) -> GemmConfig:
-    if not torch.cuda.is_available():
-        return default_config(num_rows)
-    entries = load_table(torch.cuda.get_device_name()).get("configs", {}).get(f"{fmt}/{hidden}x{intermediate}", {})
+    table = load_table(torch.cuda.get_device_name()) if torch.cuda.is_available() else {}
+    return lookup(table, fmt, hidden, intermediate, num_rows)
+
+
+def lookup(table: dict, fmt: str, hidden: int, intermediate: int, num_rows: int) -> GemmConfig:
+    """The entry tuned for the largest row count <= num_rows (the smallest one below all of them)."""
+    entries = table.get("configs", {}).get(f"{fmt}/{hidden}x{intermediate}", {})
     sizes = sorted(int(rows) for rows in entries)
     fitting = [rows for rows in sizes if rows <= num_rows] or sizes[:1]
     return GemmConfig(**entries[str(fitting[-1])]) if fitting else default_config(num_rows)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from moeserve.config import MoEConfig
 from moeserve.kernels.activation import silu_and_mul
 from moeserve.kernels.fused_moe import fused_experts
+from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.kernels.routing import grouped_topk, softmax_topk
 from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.layers.moe.router import select_experts
@@ -54,15 +55,19 @@ def reference(experts, fmt, x, layout):
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
-@pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_fused_experts_at_deepseek_widths(fmt, tokens):
+@pytest.mark.parametrize("tokens,config", [
+    (1, None), (7, None), (300, None),
+    (7, GemmConfig(16, 64, 128, split_k=4)),
+    (300, GemmConfig(64, 128, 64, num_warps=8, group_m=8, persistent=True)),
+], ids=["1", "7", "300", "7-split4", "300-persistent"])
+def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
     x = torch.randn(tokens, HIDDEN, device="cuda").bfloat16()
     slots = torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K].int()
     if tokens == 300:
         slots[::2, 0] = 0  # a hot expert
     layout = RowLayout(slots, torch.rand(tokens, TOP_K, device="cuda"))
     experts = experts_of(fmt)
-    actual = fused_experts(experts, x, layout).float()
+    actual = fused_experts(experts, x, layout, config).float()
     expected = reference(experts, fmt, x, layout)
     assert torch.isfinite(actual).all()
     error = ((actual - expected).norm() / expected.norm()).item()

@@ -136,3 +136,34 @@ def test_silu_and_mul_with_and_without_fp8(intermediate):
 def test_sum_over_k():
     y = torch.randn(5 * 3, 70)
     torch.testing.assert_close(sum_over_k(y, 3), y.view(5, 3, 70).sum(dim=1))
+
+
+@pytest.mark.parametrize("fmt", [None, "nvfp4", "fp8"])
+@pytest.mark.parametrize("config", [
+    GemmConfig(block_m=16, block_n=64, block_k=64, split_k=2),  # K = 128: one BLOCK_K step per slice
+    GemmConfig(block_m=16, block_n=32, block_k=32, split_k=3),  # slices of unequal length, the last short
+    GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, persistent=True),  # 3 programs loop over tiles
+], ids=["split2", "split3", "persistent-grouped"])
+def test_split_k_and_persistent_grouped_tiles_match_the_reference(fmt, config):
+    experts = random_experts(fmt)
+    x = torch.randn(9, HIDDEN)
+    layout = routing(9, "other ranks")
+    actual = fused_experts(experts, x, layout, config)
+    expected = reference_w8a8(experts, x, layout) if fmt == "fp8" else experts(x, layout)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_every_tile_order_covers_every_tile():
+    experts = random_experts(None)
+    x = torch.randn(11, HIDDEN)
+    layout = routing(11, "one expert")
+    block = block_layout(layout.slots, EXPERTS, block_m=16)
+    expected = torch.full((11 * TOP_K, 2 * INTERMEDIATE), float("nan"))
+    moe_gemm(x, None, experts.gate_up_proj, block, expected, rows_per_a_row=TOP_K, config=GemmConfig(16, 16, 64))
+    for group_m in (1, 2, 3, 8):
+        for persistent in (False, True):
+            out = torch.full_like(expected, float("nan"))
+            config = GemmConfig(16, 16, 64, group_m=group_m, persistent=persistent)
+            moe_gemm(x, None, experts.gate_up_proj, block, out, rows_per_a_row=TOP_K, config=config)
+            torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)

@@ -1,0 +1,25 @@
+"""The tuned block-size table: what the sweep may pick and how a shape finds its entry."""
+
+from dataclasses import asdict
+
+from moeserve.kernels.moe_gemm import FP8_BLOCK
+from moeserve.kernels.tuning import candidates, default_config, lookup
+
+
+def test_candidates_fit_every_format():
+    for rows in (8, 1024, 4096):
+        configs = list(candidates(rows))
+        assert configs and len(set(configs)) == len(configs)
+        assert all(FP8_BLOCK % c.block_k == 0 and c.block_k % 32 == 0 for c in configs)  # FP8 and NVFP4 steps
+    assert {c.split_k for c in candidates(8)} == {1, 2, 4}
+    assert {c.persistent for c in candidates(4096)} == {False, True}
+
+
+def test_lookup_takes_the_largest_tuned_size_not_above_the_rows():
+    small, large = list(candidates(8))[3], list(candidates(4096))[5]
+    table = {"configs": {"fp8/7168x2048": {"8": asdict(small), "4096": asdict(large)}}}
+    assert lookup(table, "fp8", 7168, 2048, 1) == small  # below every entry: the smallest
+    assert lookup(table, "fp8", 7168, 2048, 4095) == small
+    assert lookup(table, "fp8", 7168, 2048, 65536) == large
+    assert lookup(table, "bf16", 7168, 2048, 4096) == default_config(4096)  # no entry for this format
+    assert lookup({}, "fp8", 7168, 2048, 8) == default_config(8)
