@@ -29,12 +29,13 @@ class ModelRunner:
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
+        self.offsets = torch.arange(block_size)
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
 
-    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(seq.block_table, dtype=torch.long)
-        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+    def context_slots(self, seq: Sequence, length: int) -> torch.Tensor:
+        """Cache slots of positions 0..length-1: block_table[p // block_size] * block_size + p % block_size."""
+        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long)
+        return (blocks[:, None] * self.block_size + self.offsets).flatten()[:length]
 
     @torch.no_grad()
     def execute_empty(self) -> None:
@@ -55,12 +56,13 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slot_mapping.append(self.slots(seq, start, end))
+            context_slots = self.context_slots(seq, end)
+            slot_mapping.append(context_slots[start:])
             if num_new == 1:
                 decode_rows.append(offset)
-                decode_slots.append(self.slots(seq, 0, end))
+                decode_slots.append(context_slots)
             else:
-                chunks.append(Chunk(slice(offset, offset + num_new), self.slots(seq, 0, end).to(self.device)))
+                chunks.append(Chunk(slice(offset, offset + num_new), context_slots.to(self.device)))
             if end == seq.num_tokens:
                 sample_rows.append(offset + num_new - 1)
                 sampled.append(seq)
