@@ -59,8 +59,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         if lockstep.is_coordinator:
             for request in requests:
-                lockstep.submit({"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids},
-                                request.params, request.request_id)
+                lockstep.submit_request(request)
             keep_going = True
             while keep_going:
                 outputs, keep_going = lockstep.step(stop=lockstep.idle)

@@ -1,8 +1,9 @@
 """AsyncEngine: an engine stepping on a background thread, streaming outputs to asyncio callers.
 
-`generate(prompt, params, request_id)` checks the request at once (bad input raises before anything
-is queued), then yields a cumulative RequestOutput after every step that touched it. Leaving the
-loop early (a client that disconnects) aborts the request and frees its blocks.
+`add_request(prompt, params, request_id)` checks the request at once (bad input raises before anything
+is queued) and returns a RequestStream of cumulative RequestOutputs, one after every step that touched
+it; `generate` is the same as an async generator. Leaving early (a client that disconnects) aborts
+the request and frees its blocks.
 
 The thread drives either one Engine or, on rank 0 of a parallel layout, the LockstepEngine; then it
 also steps every `heartbeat_s` while idle, so the other ranks never wait in a collective for longer
@@ -53,8 +54,7 @@ class LockstepDriver:
         self.engine = lockstep.engine
 
     def add(self, request: Request) -> None:
-        self.lockstep.submit({"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids},
-                             request.params, request.request_id)
+        self.lockstep.submit_request(request)
 
     def abort(self, request_id: str) -> None:
         self.lockstep.abort(request_id)
@@ -77,7 +77,7 @@ class AsyncEngine:
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.streams_lock = threading.Lock()
+        self.streams_lock = threading.RLock()  # RLock: RequestStream.__del__ may run while it is held
         self.stopping = False
         self.thread = threading.Thread(target=self.run_loop, name="moeserve-engine", daemon=True)
         self.thread.start()
@@ -86,7 +86,9 @@ class AsyncEngine:
     def from_args(cls, args: EngineArgs) -> "AsyncEngine":
         return cls(LocalDriver(Engine(args)))
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> AsyncIterator[RequestOutput]:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> "RequestStream":
+        """Check and queue a request now (bad input raises here, before anything is queued); iterate
+        the returned stream for its outputs and close it when done (a running request is aborted)."""
         if self.stopping:
             raise RuntimeError("the engine is shutting down")
         request = self.engine.make_request(prompt, params, request_id)
@@ -96,19 +98,15 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.streams[request_id] = (asyncio.get_running_loop(), outputs)
         self.send("add", request)
-        finished = False
+        return RequestStream(self, request_id, outputs)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> AsyncIterator[RequestOutput]:
+        stream = self.add_request(prompt, params, request_id)
         try:
-            while not finished:
-                output = await outputs.get()
-                if isinstance(output, BaseException):
-                    raise output
-                finished = output.finished
+            async for output in stream:
                 yield output
         finally:
-            with self.streams_lock:
-                self.streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         self.send("abort", request_id)
@@ -152,6 +150,7 @@ class AsyncEngine:
                 continue
             last_step = time.monotonic()
             for output in outputs:
+                output.metrics["time"] = last_step  # when it was produced, on the server's clock
                 self.deliver(output.request_id, output)
         self.fail_all(RuntimeError("the engine shut down"))
         self.driver.stop()
@@ -159,10 +158,13 @@ class AsyncEngine:
     def apply_commands(self) -> None:
         while not self.commands.empty():
             command, argument = self.commands.get()
-            if command == "add":
-                self.driver.add(argument)
-            else:
+            if command == "abort":
                 self.driver.abort(argument)
+                continue
+            try:
+                self.driver.add(argument)
+            except ValueError as error:  # e.g. its id still in use: that request fails, the engine goes on
+                self.deliver(argument.request_id, error)
 
     def fail_all(self, error: BaseException) -> None:
         with self.streams_lock:
@@ -170,3 +172,38 @@ class AsyncEngine:
         for request_id in request_ids:
             self.driver.abort(request_id)
             self.deliver(request_id, error)
+
+
+class RequestStream:
+    """The outputs of one request, as the engine produces them; `arrival` is when it was queued."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue):
+        self.engine, self.request_id, self.outputs = engine, request_id, outputs
+        self.arrival = time.monotonic()
+        self.finished = self.closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        output = await self.outputs.get()
+        if isinstance(output, BaseException):
+            self.close()
+            raise output
+        self.finished = output.finished
+        return output
+
+    def __del__(self) -> None:  # a stream dropped unread (a client gone before its response began)
+        self.close()
+
+    def close(self) -> None:
+        """Stop listening; a request that has not finished is aborted."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.engine.streams_lock:
+            self.engine.streams.pop(self.request_id, None)
+        if not self.finished:
+            self.engine.abort(self.request_id)

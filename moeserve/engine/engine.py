@@ -3,7 +3,6 @@
 import itertools
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -198,7 +197,6 @@ class Engine:
 
     def append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
         seq.token_ids.append(token)
-        seq.first_token_time = seq.first_token_time or time.monotonic()
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob

@@ -20,7 +20,7 @@ def layer_cache_shape(config: ModelConfig, num_blocks: int, block_size: int, tp:
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
     per_layer = math.prod(layer_cache_shape(config, 1, block_size, tp))
-    return config.num_layers * per_layer * torch.tensor([], dtype=dtype).element_size()
+    return config.num_layers * per_layer * dtype.itemsize
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,

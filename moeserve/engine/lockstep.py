@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from moeserve.distributed.launch import DistributedContext
-from moeserve.engine.engine import Engine
+from moeserve.engine.engine import Engine, Request
 from moeserve.engine.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams
 
@@ -46,8 +46,12 @@ class LockstepEngine:
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Rank 0: check a request now (bad input raises here) and queue it for the next step."""
-        request = self.engine.make_request(prompt, params, request_id)
-        if request.request_id in self.in_flight or any(s.request_id == request.request_id for s in self.pending):
+        return self.submit_request(self.engine.make_request(prompt, params, request_id))
+
+    def submit_request(self, request: Request) -> str:
+        """Rank 0: queue a checked request for the next step. An id whose abort is pending is free again."""
+        in_use = self.in_flight - set(self.aborts) | {s.request_id for s in self.pending}
+        if request.request_id in in_use:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.pending.append(RequestSpec(request.request_id, request.prompt, request.prompt_token_ids, request.params))
         return request.request_id
@@ -69,13 +73,13 @@ class LockstepEngine:
         message = message[0]
         if message.stop:
             return [], False
+        for request_id in message.aborts:  # first: a new request may reuse an aborted one's id
+            self.engine.abort(request_id)
         my_dp = self.context.groups.dp_rank
         for dp_rank, spec in message.assignments:
             if dp_rank == my_dp:
                 self.engine.add(self.engine.make_request({"prompt": spec.prompt, "prompt_token_ids": spec.prompt_token_ids},
                                                          spec.params, spec.request_id))
-        for request_id in message.aborts:
-            self.engine.abort(request_id)
         if not any(loads) and not message.assignments:  # nobody has work: every rank knows it, skip the forward
             return [], True
         outputs = self.engine.step(lockstep=True)
@@ -91,12 +95,12 @@ class LockstepEngine:
     def plan(self, loads: list[int], stop: bool) -> StepMessage:
         dp_loads = [loads[d * self.layout.tp] for d in range(self.layout.dp)]
         message = StepMessage(aborts=self.aborts, stop=stop)
+        self.in_flight -= set(self.aborts)
         for spec in self.pending:
             dp_rank = min(range(self.layout.dp), key=lambda d: dp_loads[d])
             dp_loads[dp_rank] += spec.params.n
             message.assignments.append((dp_rank, spec))
             self.in_flight.add(spec.request_id)
-        self.in_flight -= set(self.aborts)
         self.pending, self.aborts = [], []
         return message
 

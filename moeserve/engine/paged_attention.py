@@ -36,11 +36,23 @@ class PagedAttention:
     def __init__(self, kv_caches: list[torch.Tensor], batch: PagedBatch):
         self.kv_caches = kv_caches
         self.batch = batch
-        decode = batch.decode_slots
-        self.decode_key_positions = torch.arange(decode.shape[-1], device=decode.device)
+        self.masks: dict[tuple, torch.Tensor] = {}  # the same for every layer of one step: built once
 
     def decode_mask(self, sliding_window=None, chunk_size=None) -> torch.Tensor:  # [N, 1, Lmax]
-        return causal_mask(self.batch.decode_positions[:, None], self.decode_key_positions, sliding_window, chunk_size)
+        key = ("decode", sliding_window, chunk_size)
+        if key not in self.masks:
+            keys = torch.arange(self.batch.decode_slots.shape[-1], device=self.batch.decode_slots.device)
+            self.masks[key] = causal_mask(self.batch.decode_positions[:, None], keys, sliding_window, chunk_size)
+        return self.masks[key]
+
+    def chunk_mask(self, index: int, query_len: int, sliding_window=None, chunk_size=None) -> torch.Tensor:
+        """[Sq, context] for the index-th prefill chunk, whose queries are the last query_len positions."""
+        key = ("chunk", index, sliding_window, chunk_size)
+        if key not in self.masks:
+            context = self.batch.chunks[index].context_slots
+            positions = torch.arange(context.numel(), device=context.device)
+            self.masks[key] = causal_mask(positions[positions.numel() - query_len :], positions, sliding_window, chunk_size)
+        return self.masks[key]
 
     def gqa(self, layer, q, k, v, scale, sliding_window, chunk_size):
         cache = self.kv_caches[layer]  # [2, num_blocks, block_size, Hk, D]
@@ -52,11 +64,8 @@ class PagedAttention:
         if rows.numel():
             out[rows] = attention_with_lse(q[rows, None], keys[slots], values[slots],
                                            self.decode_mask(sliding_window, chunk_size), scale)[0][:, 0]
-        for chunk in self.batch.chunks:
-            context_len = chunk.context_slots.numel()
-            positions = torch.arange(context_len, device=q.device)
-            query_positions = positions[context_len - q[chunk.tokens].shape[0] :]
-            allowed = causal_mask(query_positions, positions, sliding_window, chunk_size)
+        for index, chunk in enumerate(self.batch.chunks):
+            allowed = self.chunk_mask(index, q[chunk.tokens].shape[0], sliding_window, chunk_size)
             out[chunk.tokens] = attention_with_lse(q[chunk.tokens], keys[chunk.context_slots],
                                                    values[chunk.context_slots], allowed, scale)[0]
         return out
@@ -71,21 +80,19 @@ class PagedAttention:
             latent = latent_cache[self.batch.decode_slots]  # [N, Lmax, L + R]
             out[rows] = mla_absorbed(attention, q_nope[rows, None], q_pe[rows, None], latent[..., :rank],
                                      latent[..., rank:], self.decode_mask())[0][:, 0]
-        for chunk in self.batch.chunks:
-            out[chunk.tokens] = self.mla_chunk(attention, q_nope[chunk.tokens], q_pe[chunk.tokens],
+        for index, chunk in enumerate(self.batch.chunks):
+            out[chunk.tokens] = self.mla_chunk(index, attention, q_nope[chunk.tokens], q_pe[chunk.tokens],
                                                latent_cache[chunk.context_slots], rank)
         return out
 
-    @staticmethod
-    def mla_chunk(attention, q_nope, q_pe, latent, rank):
+    def mla_chunk(self, index, attention, q_nope, q_pe, latent, rank):
         """New tokens over themselves (causal), then over the cached context; merged by log-sum-exp."""
         query_len, context_len = q_nope.shape[0], latent.shape[0]
         c_kv, k_pe = latent[:, :rank], latent[:, rank:]
-        positions = torch.arange(context_len, device=q_nope.device)
+        allowed = self.chunk_mask(index, query_len)  # [Sq, context]
         new, past = slice(context_len - query_len, context_len), slice(0, context_len - query_len)
-        out, lse = mla_plain(attention, q_nope, q_pe, c_kv[new], k_pe[new], causal_mask(positions[new], positions[new]))
+        out, lse = mla_plain(attention, q_nope, q_pe, c_kv[new], k_pe[new], allowed[:, new])
         if query_len < context_len:
-            out_past, lse_past = mla_plain(attention, q_nope, q_pe, c_kv[past], k_pe[past],
-                                           causal_mask(positions[new], positions[past]))
+            out_past, lse_past = mla_plain(attention, q_nope, q_pe, c_kv[past], k_pe[past], allowed[:, past])
             out = merge_attention(out, lse, out_past, lse_past)
         return out

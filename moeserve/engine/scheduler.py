@@ -24,9 +24,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of its tokens to compute this step), decodes and prefill chunks mixed."""
         budget = self.max_num_batched_tokens

@@ -43,7 +43,6 @@ class Sequence:
     cumulative_logprob: float = 0.0
     text: str = ""  # detokenized output, cut at a stop string
     held_back: int = 0  # trailing characters of `text` that may still become a stop string
-    first_token_time: float | None = None
     first_scheduled_time: float | None = None
     detokenizer: object | None = None  # IncrementalDetokenizer, when the model has a tokenizer
 

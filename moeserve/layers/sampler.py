@@ -23,16 +23,14 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for requests without a seed
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-        logits = logits.float().clone()  # [S, V]
+        logits = logits.to(torch.float32, copy=True)  # [S, V]
         logits = self.apply_allowed_tokens(logits, seqs)
         logits = self.apply_min_tokens(logits, seqs, eos_token_ids)
         logits = self.apply_logit_bias(logits, seqs)
         logits = self.apply_penalties(logits, seqs)
         logits = self.apply_temperature_and_truncation(logits, seqs)
-        sampled = self.draw(logits, seqs)  # [S]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        token_ids = sampled.tolist()
-        return SamplerOutput(token_ids, self.gather_logprobs(logprobs, token_ids, seqs))
+        token_ids = self.draw(logits, seqs).tolist()  # [S]
+        return SamplerOutput(token_ids, self.gather_logprobs(logits, token_ids, seqs))
 
     def column(self, seqs, value, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor([value(s.params) for s in seqs], dtype=dtype, device=self.device)
@@ -95,21 +93,25 @@ class Sampler:
         greedy = [s.params.greedy for s in seqs]
         temperature = self.column(seqs, lambda p: 1.0 if p.greedy else p.temperature)
         logits = logits / temperature[:, None]
-        min_p = self.column(seqs, lambda p: 0.0 if p.greedy else p.min_p)
-        if (min_p > 0).any():
+        sampling = [p for p, g in zip((s.params for s in seqs), greedy) if not g]  # decided on the host: no sync
+        if any(p.min_p > 0 for p in sampling):
+            min_p = self.column(seqs, lambda p: 0.0 if p.greedy else p.min_p)
             probs = torch.softmax(logits, dim=-1)
             logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-        top_k = [s.params.top_k if s.params.top_k > 0 and not g else self.vocab_size for s, g in zip(seqs, greedy)]
-        if min(top_k) < self.vocab_size:
-            logits = apply_top_k(logits, torch.tensor(top_k, device=self.device))
-        top_p = self.column(seqs, lambda p: 1.0 if p.greedy else p.top_p)
-        if (top_p < 1).any():
-            logits = apply_top_p(logits, top_p)
+        def kept(p):  # tokens that top-k keeps: all unless a sampling row asks for fewer
+            return min(p.top_k, self.vocab_size) if p.top_k > 0 and not p.greedy else self.vocab_size
+
+        if any(kept(p) < self.vocab_size for p in sampling):
+            logits = apply_top_k(logits, self.column(seqs, kept, torch.long))
+        if any(p.top_p < 1 for p in sampling):
+            logits = apply_top_p(logits, self.column(seqs, lambda p: 1.0 if p.greedy else p.top_p))
         return logits
 
     def draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Exponential race: argmax(p / q) with q ~ Exp(1) is an exact draw from p. A seeded request
         draws its q from its own generator, so its tokens do not depend on the rest of the batch."""
+        if all(s.params.greedy for s in seqs):
+            return logits.argmax(dim=-1)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
@@ -119,13 +121,14 @@ class Sampler:
         greedy = torch.tensor([s.params.greedy for s in seqs], device=self.device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-    def gather_logprobs(self, logprobs, token_ids, seqs) -> list[dict[int, Logprob] | None]:
+    def gather_logprobs(self, logits, token_ids, seqs) -> list[dict[int, Logprob] | None]:
+        """The logprobs of the rows that asked for them, from the logits the draw used."""
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         result: list[dict[int, Logprob] | None] = [None] * len(seqs)
         if rows:
             chosen = torch.tensor([token_ids[i] for i in rows], device=self.device)
             top = [seqs[i].params.logprobs for i in rows]
-            for row, entry in zip(rows, token_logprobs(logprobs[rows], chosen, top)):
+            for row, entry in zip(rows, token_logprobs(torch.log_softmax(logits[rows], dim=-1), chosen, top)):
                 result[row] = entry
         return result
 
@@ -150,10 +153,11 @@ def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[i
     ranks = ((logprobs > chosen_logprob).sum(dim=-1) + 1).tolist()
     top_values, top_ids = logprobs.topk(max(max(num_top), 1), dim=-1)
     top_values, top_ids, chosen_logprob = top_values.tolist(), top_ids.tolist(), chosen_logprob[:, 0].tolist()
+    chosen_ids = chosen.tolist()
     entries = []
     for row, n in enumerate(num_top):
         entry = {token: Logprob(value, rank + 1) for rank, (token, value) in
                  enumerate(zip(top_ids[row][:n], top_values[row][:n]))}
-        entry[int(chosen[row])] = Logprob(chosen_logprob[row], ranks[row])
+        entry[chosen_ids[row]] = Logprob(chosen_logprob[row], ranks[row])
         entries.append(entry)
     return entries

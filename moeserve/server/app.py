@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from moeserve.engine.async_engine import AsyncEngine
+from moeserve.engine.async_engine import AsyncEngine, RequestStream
 from moeserve.engine.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams, SamplingParamsError
 from moeserve.server.metrics import Metrics, RequestTimer
@@ -109,9 +109,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         prompts = prompt_list(body.prompt)
         check_capacity(engine, config, len(prompts))
         params = sampling(body, body.max_tokens, body.logprobs)
-        request_ids = [f"cmpl-{uuid.uuid4().hex}" for _ in prompts]
-        streams = [await start(engine, prompt, params, rid) for prompt, rid in zip(prompts, request_ids)]
-        shape = CompletionShape(config.model_name, request_ids[0], tokenizer, body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = start(engine, prompts, params, request_id)
+        shape = CompletionShape(config.model_name, request_id, tokenizer, body.logprobs)
         if body.stream:
             return sse(shape, streams, params.n, metrics, include_usage=bool(body.stream_options and body.stream_options.include_usage))
         return await collect(shape, streams, params.n, metrics)
@@ -130,11 +130,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         prompt = render_chat(tokenizer, body, config.chat_template)
         check_capacity(engine, config, 1)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await start(engine, prompt, params, request_id)
+        streams = start(engine, [prompt], params, request_id)
         shape = ChatShape(config.model_name, request_id, tokenizer, body.top_logprobs if body.logprobs else None)
         if body.stream:
-            return sse(shape, [stream], params.n, metrics, include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        return await collect(shape, [stream], params.n, metrics)
+            return sse(shape, streams, params.n, metrics, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        return await collect(shape, streams, params.n, metrics)
 
     return app
 
@@ -186,22 +186,23 @@ def render_chat(tokenizer, body: ChatCompletionRequest, template: str | None) ->
         raise ApiError(400, f"messages: the chat template could not render them ({error})", "messages") from None
 
 
-async def start(engine: AsyncEngine, prompt, params: SamplingParams, request_id: str):
-    """Begin a request; its input errors (prompt too long, ...) become 400 before any byte is sent."""
-    stream = engine.generate(prompt, params, request_id)
+def start(engine: AsyncEngine, prompts: list, params: SamplingParams, request_id: str) -> list[RequestStream]:
+    """Queue every prompt of a request together (so they are batched); input errors (prompt too long,
+    ...) become 400 before any byte is sent, and the prompts already queued are withdrawn."""
+    streams: list[RequestStream] = []
     try:
-        first = await stream.__anext__()
+        for p, prompt in enumerate(prompts):
+            streams.append(engine.add_request(prompt, params, request_id if len(prompts) == 1 else f"{request_id}-{p}"))
     except (ValueError, SamplingParamsError) as error:
+        close_all(streams)
         message = str(error).replace("SamplingParams.", "")
         raise ApiError(400, message, "max_tokens" if "max_tokens" in message else None) from None
-    return first, stream
+    return streams
 
 
-async def outputs_of(started):
-    first, stream = started
-    yield first
-    async for output in stream:
-        yield output
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
 
 
 class CompletionShape:
@@ -226,9 +227,12 @@ class CompletionShape:
             "text_offset": [],
         }
 
-    def choice(self, index, completion, text, start, final):
+    def choice(self, index, completion, text, start, final, first=False):
         return {"index": index, "text": text, "logprobs": self.logprobs_of(completion, start),
                 "finish_reason": completion.finish_reason if final else None}
+
+    def full_choice(self, index, completion):
+        return self.choice(index, completion, completion.text, 0, True)
 
     def envelope(self, choices, usage=None, chunk=False):
         body = {"id": self.request_id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
@@ -269,48 +273,50 @@ def usage_of(outputs: list[RequestOutput]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def collect(shape, streams, n: int, metrics: Metrics):
+async def collect(shape, streams: list[RequestStream], n: int, metrics: Metrics):
     finals = []
-    for started in streams:
-        timer = RequestTimer(metrics)
-        async for output in outputs_of(started):
-            timer.on_output(output)
-        finals.append(output)
+    try:
+        for stream in streams:
+            timer = RequestTimer(metrics, stream.arrival)
+            async for output in stream:
+                timer.on_output(output)
+            finals.append(output)
+    finally:  # a client that leaves aborts what is still running
+        close_all(streams)
     choices = []
     for p, output in enumerate(finals):
         for completion in output.outputs:
-            index = p * n + completion.index
-            if isinstance(shape, ChatShape):
-                choices.append(shape.full_choice(index, completion))
-            else:
-                choices.append(shape.choice(index, completion, completion.text, 0, True))
+            choices.append(shape.full_choice(p * n + completion.index, completion))
     return shape.envelope(choices, usage_of(finals))
 
 
-def sse(shape, streams, n: int, metrics: Metrics, include_usage: bool) -> StreamingResponse:
+def sse(shape, streams: list[RequestStream], n: int, metrics: Metrics, include_usage: bool) -> StreamingResponse:
     async def events():
         finals = []
-        for p, started in enumerate(streams):
-            timer = RequestTimer(metrics)
-            sent_text = [0] * n
-            sent_tokens = [0] * n
-            opened = [False] * n
-            async for output in outputs_of(started):
-                timer.on_output(output)
-                chunks = []
-                for completion in output.outputs:
-                    i = completion.index
-                    new_text = completion.text[sent_text[i]:]
-                    final = completion.finish_reason is not None
-                    if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
-                        continue  # a chunk per step with new tokens, even while their text is held back
-                    kwargs = {"first": not opened[i]} if isinstance(shape, ChatShape) else {}
-                    chunks.append(shape.choice(p * n + i, completion, new_text, sent_tokens[i], final, **kwargs))
-                    opened[i] = True
-                    sent_text[i], sent_tokens[i] = len(completion.text), len(completion.token_ids)
-                if chunks:
-                    yield f"data: {json.dumps(shape.envelope(chunks, chunk=True))}\n\n"
-            finals.append(output)
+        try:
+            for p, stream in enumerate(streams):
+                timer = RequestTimer(metrics, stream.arrival)
+                sent_text = [0] * n
+                sent_tokens = [0] * n
+                opened = [False] * n
+                async for output in stream:
+                    timer.on_output(output)
+                    chunks = []
+                    for completion in output.outputs:
+                        i = completion.index
+                        new_text = completion.text[sent_text[i]:]
+                        final = completion.finish_reason is not None
+                        if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
+                            continue  # a chunk per step with new tokens, even while their text is held back
+                        chunks.append(shape.choice(p * n + i, completion, new_text, sent_tokens[i], final,
+                                                   first=not opened[i]))
+                        opened[i] = True
+                        sent_text[i], sent_tokens[i] = len(completion.text), len(completion.token_ids)
+                    if chunks:
+                        yield f"data: {json.dumps(shape.envelope(chunks, chunk=True))}\n\n"
+                finals.append(output)
+        finally:  # a client that leaves aborts what is still running
+            close_all(streams)
         if include_usage:
             yield f"data: {json.dumps(shape.envelope([], usage_of(finals), chunk=True))}\n\n"
         yield "data: [DONE]\n\n"

@@ -71,29 +71,30 @@ class Metrics:
 
 
 class RequestTimer:
-    """Latencies of one request, observed as its outputs arrive (one clock: the server's)."""
+    """Latencies of one request from its arrival and the times the engine produced its outputs (so a
+    reader that falls behind, e.g. one draining several prompts in turn, does not skew them)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, arrival: float):
         self.metrics = metrics
-        self.arrival = time.monotonic()
+        self.arrival = arrival
         self.last_token_time: float | None = None
         self.tokens = 0
 
     def on_output(self, output) -> None:
-        now = time.monotonic()
+        produced = output.metrics.get("time", time.monotonic())
         tokens = sum(len(c.token_ids) for c in output.outputs)
         new = tokens - self.tokens
         if new > 0:
             if self.last_token_time is None:
-                self.metrics.ttft.observe(now - self.arrival)
+                self.metrics.ttft.observe(produced - self.arrival)
                 queue_time = output.metrics.get("queue_time")
                 if queue_time is not None:
                     self.metrics.queue.observe(queue_time)
             else:
                 for _ in range(new):
-                    self.metrics.itl.observe((now - self.last_token_time) / new)
+                    self.metrics.itl.observe((produced - self.last_token_time) / new)
             self.metrics.generation_tokens.inc(new)
-            self.last_token_time, self.tokens = now, tokens
+            self.last_token_time, self.tokens = produced, tokens
         if output.finished:
-            self.metrics.e2e.observe(now - self.arrival)
+            self.metrics.e2e.observe(produced - self.arrival)
             self.metrics.prompt_tokens.inc(len(output.prompt_token_ids))

@@ -45,6 +45,29 @@ def test_tp2_attention_dp2_ep4_greedy_equals_one_process():
         assert tokens == expected and all_free
 
 
+def abort_and_reuse_the_id(rank, world):
+    llm = LLM("tiny-deepseek-v3", context=make_context(ParallelLayout(1, 2, 2), "cpu", 60), tp=1, dp=2, ep=2)
+    lockstep = llm.lockstep
+    if not lockstep.is_coordinator:
+        lockstep.follow()
+        return None
+    lockstep.submit({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=500, ignore_eos=True), "r")
+    for _ in range(3):
+        lockstep.step()
+    lockstep.abort("r")
+    lockstep.submit({"prompt_token_ids": [8, 9]}, SamplingParams(max_tokens=4, ignore_eos=True), "r")  # the id is free
+    finished = []
+    while not lockstep.idle:
+        finished += [o for o in lockstep.step()[0] if o.finished]
+    lockstep.step(stop=True)
+    return [(o.prompt_token_ids, len(o.outputs[0].token_ids)) for o in finished]
+
+
+def test_an_aborted_request_id_can_be_reused_at_once():
+    coordinator, _ = run_ranks(2, abort_and_reuse_the_id)
+    assert coordinator == [([8, 9], 4)]  # only the new request finishes; the old one was aborted first
+
+
 def test_generate_command_starts_the_ranks_itself():
     args = ["generate", "--model", "tiny-mixtral", "--prompt", "Hello", "--prompt", "The router",
             "--max-tokens", "6", "--temperature", "0", "--device", "cpu"]

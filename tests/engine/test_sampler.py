@@ -120,8 +120,12 @@ def test_logprobs_are_log_softmax_of_the_processed_logits():
 
 def test_greedy_takes_the_argmax_and_ignores_truncation():
     sampler = Sampler(VOCAB, torch.device("cpu"), 0)
-    out = sampler(LOGITS[None].repeat(50, 1), [seq(SamplingParams(temperature=0.0, top_k=1, min_p=0.5))] * 50, EOS)
+    params = SamplingParams(temperature=0.0, top_k=1, top_p=0.1, min_p=0.5, logprobs=3)
+    out = sampler(LOGITS[None].repeat(50, 1), [seq(params)] * 50, EOS)
     assert out.token_ids == [0] * 50
+    untruncated = torch.log_softmax(LOGITS, dim=-1)  # truncation would leave -inf beyond token 0
+    for entry in out.logprobs:
+        assert {t: round(lp.logprob, 5) for t, lp in entry.items()} == {t: round(untruncated[t].item(), 5) for t in (0, 1, 2)}
 
 
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():

@@ -81,16 +81,30 @@ def reference_w8a8(experts: Experts, x: torch.Tensor, layout: RowLayout) -> torc
     return out
 
 
-@pytest.mark.parametrize("case", ["random", "one expert", "other ranks"])
-@pytest.mark.parametrize("fmt", [None, "nvfp4", "fp8"])
-def test_fused_experts_match_the_reference(fmt, case):
+def assert_fused_experts_match(fmt, rows, case, config):
     experts = random_experts(fmt)
-    x = torch.randn(7, HIDDEN)
-    layout = routing(7, case)
-    actual = fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=64, block_k=128))
+    x = torch.randn(rows, HIDDEN)
+    layout = routing(rows, case)
+    actual = fused_experts(experts, x, layout, config)
     expected = reference_w8a8(experts, x, layout) if fmt == "fp8" else experts(x, layout)
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["random", "one expert", "other ranks"])
+@pytest.mark.parametrize("fmt", [None, "nvfp4", "fp8"])
+def test_fused_experts_match_the_reference(fmt, case):
+    assert_fused_experts_match(fmt, 7, case, GemmConfig(block_m=16, block_n=64, block_k=128))
+
+
+@pytest.mark.parametrize("fmt", [None, "nvfp4", "fp8"])
+@pytest.mark.parametrize("config", [
+    GemmConfig(block_m=16, block_n=64, block_k=64, split_k=2),  # K = 128: one BLOCK_K step per slice
+    GemmConfig(block_m=16, block_n=32, block_k=32, split_k=3),  # slices of unequal length, the last short
+    GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, persistent=True),  # 3 programs loop over tiles
+], ids=["split2", "split3", "persistent-grouped"])
+def test_split_k_and_persistent_grouped_tiles_match_the_reference(fmt, config):
+    assert_fused_experts_match(fmt, 9, "other ranks", config)
 
 
 def test_bf16_weights_and_activations():
@@ -104,13 +118,16 @@ def test_bf16_weights_and_activations():
     assert ((actual - expected).norm() / expected.norm()).item() < 2e-2
 
 
-def test_gemm_writes_every_valid_row_and_nothing_else():
+@pytest.mark.parametrize("group_m", [1, 3, 8])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gemm_writes_every_valid_row_and_nothing_else_in_any_tile_order(group_m, persistent):
     experts = random_experts(None)
-    x = torch.randn(6, HIDDEN)
-    layout = routing(6, "other ranks")
+    x = torch.randn(11, HIDDEN)
+    layout = routing(11, "other ranks")
     block = block_layout(layout.slots, EXPERTS, block_m=16)
-    out = torch.full((6 * TOP_K, 2 * INTERMEDIATE), float("nan"))
-    moe_gemm(x, None, experts.gate_up_proj, block, out, rows_per_a_row=TOP_K, config=GemmConfig(16, 64, 128))
+    out = torch.full((11 * TOP_K, 2 * INTERMEDIATE), float("nan"))
+    config = GemmConfig(16, 16, 64, group_m=group_m, persistent=persistent)  # 8 N tiles, groups may be partial
+    moe_gemm(x, None, experts.gate_up_proj, block, out, rows_per_a_row=TOP_K, config=config)
     valid = layout.slots.flatten() >= 0
     assert torch.isfinite(out[valid]).all() and out[~valid].isnan().all()
     for row in valid.nonzero().flatten().tolist():
@@ -137,33 +154,3 @@ def test_sum_over_k():
     y = torch.randn(5 * 3, 70)
     torch.testing.assert_close(sum_over_k(y, 3), y.view(5, 3, 70).sum(dim=1))
 
-
-@pytest.mark.parametrize("fmt", [None, "nvfp4", "fp8"])
-@pytest.mark.parametrize("config", [
-    GemmConfig(block_m=16, block_n=64, block_k=64, split_k=2),  # K = 128: one BLOCK_K step per slice
-    GemmConfig(block_m=16, block_n=32, block_k=32, split_k=3),  # slices of unequal length, the last short
-    GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, persistent=True),  # 3 programs loop over tiles
-], ids=["split2", "split3", "persistent-grouped"])
-def test_split_k_and_persistent_grouped_tiles_match_the_reference(fmt, config):
-    experts = random_experts(fmt)
-    x = torch.randn(9, HIDDEN)
-    layout = routing(9, "other ranks")
-    actual = fused_experts(experts, x, layout, config)
-    expected = reference_w8a8(experts, x, layout) if fmt == "fp8" else experts(x, layout)
-    assert torch.isfinite(actual).all()
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_every_tile_order_covers_every_tile():
-    experts = random_experts(None)
-    x = torch.randn(11, HIDDEN)
-    layout = routing(11, "one expert")
-    block = block_layout(layout.slots, EXPERTS, block_m=16)
-    expected = torch.full((11 * TOP_K, 2 * INTERMEDIATE), float("nan"))
-    moe_gemm(x, None, experts.gate_up_proj, block, expected, rows_per_a_row=TOP_K, config=GemmConfig(16, 16, 64))
-    for group_m in (1, 2, 3, 8):
-        for persistent in (False, True):
-            out = torch.full_like(expected, float("nan"))
-            config = GemmConfig(16, 16, 64, group_m=group_m, persistent=persistent)
-            moe_gemm(x, None, experts.gate_up_proj, block, out, rows_per_a_row=TOP_K, config=config)
-            torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
