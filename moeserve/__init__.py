@@ -7,10 +7,10 @@ from moeserve.llm import LLM
 from moeserve.loader.checkpoint import CheckpointError
 from moeserve.loader.model_loader import build_model, load_config, load_model
 from moeserve.loader.tokenizer import load_tokenizer
-from moeserve.sampling_params import SamplingParams, SamplingParamsError
+from moeserve.sampling_params import RequestError, SamplingParams, SamplingParamsError
 
 __all__ = [
     "LLM", "AsyncEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
     "load_model", "load_config", "build_model", "load_tokenizer", "ModelConfig",
-    "ConfigError", "CheckpointError", "SamplingParamsError",
+    "ConfigError", "CheckpointError", "RequestError", "SamplingParamsError",
 ]

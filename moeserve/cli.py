@@ -1,6 +1,7 @@
 """The `moeserve` command."""
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -36,10 +37,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
 
 
 def engine_args(args: argparse.Namespace) -> dict:
-    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "kv_cache_memory", "gpu_memory_utilization", "enable_prefix_caching", "seed", "load_format",
-             "quantization", "tp", "dp", "ep", "ep_backend", "ep_dispatch_format", "dist_timeout")
-    return {name: getattr(args, name) for name in names}
+    """The EngineArgs fields (all but the model) from the flags of add_engine_arguments."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if f.name != "model"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=run_generate)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model_path", metavar="MODEL", help="checkpoint folder or preset name")
+    serve.add_argument("model", metavar="MODEL", help="checkpoint folder or preset name")
     add_engine_arguments(serve, model_required=False)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -147,37 +146,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def on_ranks(args: argparse.Namespace, fn) -> int:
     """Run fn(args, context) on one process, or on every rank of --tp/--dp/--ep (started here, or by torchrun)."""
-    from moeserve.distributed.launch import launch, under_torchrun
+    from moeserve.distributed.launch import launch, resolve_device, under_torchrun
     from moeserve.distributed.layout import ParallelLayout
 
     layout = ParallelLayout(args.tp, args.dp, args.ep)
     if layout.world_size == 1 and not under_torchrun():
         return fn(args, None)
-    device = args.device if args.device != "auto" else ("cuda" if _cuda_available() else "cpu")
-    launch(layout, device, args.dist_timeout, _rank_main, fn, args)
+    args.device = resolve_device(args.device)  # once, here: every rank then sees the same choice
+    launch(layout, args.device, args.dist_timeout, _rank_main, fn, args)
     return 0
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _rank_main(context, fn, args: argparse.Namespace) -> None:
     import os
 
-    from moeserve.distributed.launch import device_for_rank
+    from moeserve.distributed.launch import device_for_rank, resolve_device
 
-    if args.device != "cpu":
-        args.device = device_for_rank("cuda" if args.device == "auto" else args.device, int(os.environ["LOCAL_RANK"]))
+    args.device = device_for_rank(resolve_device(args.device), int(os.environ["LOCAL_RANK"]))  # torchrun skips on_ranks
     logging.basicConfig(level=logging.INFO if context.rank == 0 else logging.WARNING,
                         format=f"%(levelname)s [rank {context.rank}] %(name)s: %(message)s", force=True)
     fn(args, context)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    args.model = args.model_path
     return on_ranks(args, serve_on_rank)
 
 
@@ -242,11 +233,11 @@ def throughput_on_rank(args: argparse.Namespace, context) -> int:
 
 
 def run_bench_ep(args: argparse.Namespace) -> int:
-    from moeserve.distributed.launch import launch
+    from moeserve.distributed.launch import launch, resolve_device
     from moeserve.distributed.layout import ParallelLayout
 
-    device = args.device if args.device != "auto" else ("cuda" if _cuda_available() else "cpu")
-    launch(ParallelLayout(dp=args.ranks, ep=args.ranks), device, args.dist_timeout, bench_ep_on_rank, args)
+    args.device = resolve_device(args.device)
+    launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)
     return 0
 
 
@@ -256,8 +247,9 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
     import torch
 
     from moeserve.bench.ep import HEADER, measure_point, report_row
+    from moeserve.distributed.launch import device_for_rank
 
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device != "cpu" and _cuda_available() else "cpu")
+    device = torch.device(device_for_rank(args.device, int(os.environ["LOCAL_RANK"])))
     if context.rank == 0:
         print(f"EP dispatch/combine: {args.ranks} ranks on {device.type}, hidden {args.hidden}, top-{args.topk} of "
               f"{args.experts} experts, uniform random routing\n{HEADER}", flush=True)

@@ -6,7 +6,15 @@ MAX_LOGPROBS = 20
 MAX_N = 128
 
 
-class SamplingParamsError(ValueError):
+class RequestError(ValueError):
+    """Bad input in a request; `field` names the request field at fault, the message says what to do."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SamplingParamsError(RequestError):
     """A sampling parameter out of range; the message names the field and its allowed range."""
 
 
@@ -70,7 +78,7 @@ class SamplingParams:
                           ("allowed_token_ids", self.allowed_token_ids or [])):
             bad = [i for i in ids if not 0 <= i < vocab_size]
             if bad:
-                raise SamplingParamsError(f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary "
+                raise SamplingParamsError(name, f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary "
                                           f"[0, {vocab_size})")
 
     @property
@@ -81,7 +89,7 @@ class SamplingParams:
 class _Checker:
     def that(self, name, ok, rule, value):
         if not ok:
-            raise SamplingParamsError(f"SamplingParams.{name} {rule}, got {value!r}")
+            raise SamplingParamsError(name, f"SamplingParams.{name} {rule}, got {value!r}")
 
     def int_range(self, name, value, low, high):
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)

@@ -1,3 +1,4 @@
+from moeserve.bench.throughput import run_throughput
 from moeserve.cli import main
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
@@ -25,6 +26,8 @@ def test_bench_throughput_reports_rates(capsys):
     args = ["bench", "throughput", "--model", "tiny-mixtral", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
     assert main(args) == 0
     assert "4 requests in" in capsys.readouterr().out
+    result = run_throughput(LLM("tiny-mixtral"), num_prompts=4, input_len=8, output_len=4)
+    assert (result.prompt_tokens, result.output_tokens) == (32, 16)  # every request ran its full length
 
 
 def test_bad_arguments_are_clear_errors(capsys):

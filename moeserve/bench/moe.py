@@ -14,6 +14,7 @@ from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.quant.formats import make_quantized_weight
+from moeserve.quant.fp8 import E4M3_MAX
 
 
 @dataclass
@@ -39,6 +40,14 @@ def make_experts(config: ModelConfig, local_experts: int, fmt: str, device) -> E
             experts.gate_up_proj.quantize_from(gate_up)
             experts.down_proj.quantize_from(down)
     return experts.requires_grad_(False)
+
+
+def random_routing(config: ModelConfig, local_experts: int, tokens: int, device) -> tuple[torch.Tensor, RowLayout]:
+    """bf16 tokens, each sent to top_k distinct local experts chosen uniformly, with random weights."""
+    top_k = min(config.moe.top_k, local_experts)
+    x = torch.randn(tokens, config.hidden_size, device=device).bfloat16()
+    slots = torch.rand(tokens, local_experts, device=device).argsort(dim=1)[:, :top_k].int()
+    return x, RowLayout(slots, torch.rand(tokens, top_k, device=device))
 
 
 def expert_bytes(experts: Experts) -> int:
@@ -69,10 +78,10 @@ def grouped_mm_baseline(experts: Experts, x, slots):
     return torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offsets)
 
 
-def rowwise_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, N, K] -> FP8 values [E, N, K] and one fp32 scale per output row [E, N]."""
-    scale = w.float().abs().amax(dim=-1).clamp(min=1e-12) / 448.0
-    return (w.float() / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] -> FP8 values [..., K] and one fp32 scale per row [...] (the baseline's own lean cast)."""
+    scale = t.float().abs().amax(dim=-1).clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def scaled_grouped_mm_baseline(gate_up, down, x, slots, num_experts):
@@ -80,24 +89,18 @@ def scaled_grouped_mm_baseline(gate_up, down, x, slots, num_experts):
     flat = slots.flatten().long()
     order = flat.argsort()
     offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
-    rows = x[order // slots.shape[1]].float()
-    a_scale = rows.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
-    a = (rows / a_scale[:, None]).to(torch.float8_e4m3fn)
+    a, a_scale = rowwise_fp8(x[order // slots.shape[1]])
     (w1, s1), (w2, s2) = gate_up, down
     h = torch._scaled_grouped_mm(a, w1.transpose(-2, -1), a_scale, s1, offs=offsets, out_dtype=torch.bfloat16)
     gate, up = h.chunk(2, dim=-1)
-    act = (F.silu(gate) * up).float()
-    act_scale = act.abs().amax(dim=-1).clamp(min=1e-12) / 448.0
-    act_fp8 = (act / act_scale[:, None]).to(torch.float8_e4m3fn)
+    act_fp8, act_scale = rowwise_fp8(F.silu(gate) * up)
     return torch._scaled_grouped_mm(act_fp8, w2.transpose(-2, -1), act_scale, s2, offs=offsets, out_dtype=torch.bfloat16)
 
 
 def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device) -> list[MoePoint]:
     experts = make_experts(config, local_experts, fmt, device)
-    top_k = min(config.moe.top_k, local_experts)
-    x = torch.randn(tokens, config.hidden_size, device=device).bfloat16()
-    slots = torch.rand(tokens, local_experts, device=device).argsort(dim=1)[:, :top_k].int()
-    layout = RowLayout(slots, torch.rand(tokens, top_k, device=device))
+    x, layout = random_routing(config, local_experts, tokens, device)
+    slots, top_k = layout.slots, layout.slots.shape[1]
     touched = int(torch.unique(slots).numel())
     flops = 6 * tokens * top_k * config.hidden_size * config.moe.intermediate_size
     weight_bytes = touched * expert_bytes(experts)
@@ -130,13 +133,11 @@ def tune(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device)
     from moeserve.kernels.tuning import candidates, default_config
 
     experts = make_experts(config, local_experts, fmt, device)
-    top_k = min(config.moe.top_k, local_experts)
-    x = torch.randn(tokens, config.hidden_size, device=device).bfloat16()
-    slots = torch.rand(tokens, local_experts, device=device).argsort(dim=1)[:, :top_k].int()
-    layout = RowLayout(slots, torch.rand(tokens, top_k, device=device))
-    expected = fused_experts(experts, x, layout, default_config(tokens * top_k)).float()  # a sanity check
+    x, layout = random_routing(config, local_experts, tokens, device)
+    rows = layout.slots.numel()
+    expected = fused_experts(experts, x, layout, default_config(rows)).float()  # a sanity check
     best = None
-    for candidate in candidates(tokens * top_k):
+    for candidate in candidates(rows):
         try:
             ms = time_ms(lambda: fused_experts(experts, x, layout, candidate))
             actual = fused_experts(experts, x, layout, candidate).float()

@@ -72,11 +72,6 @@ def run_hf_baseline(model: str, num_prompts: int, input_len: int, output_len: in
     return ThroughputResult(num_prompts, num_prompts * input_len, output_tokens, seconds)
 
 
-MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
-                "Qwen3MoeForCausalLM": "qwen3_moe", "Qwen2MoeForCausalLM": "qwen2_moe",
-                "MixtralForCausalLM": "mixtral", "Llama4ForCausalLM": "llama4_text"}
-
-
 def hf_config_fields(preset: dict) -> dict:
-    fields = {k: v for k, v in preset.items() if k not in ("architectures", "torch_dtype")}
-    return {"model_type": MODEL_TYPES[preset["architectures"][0]], **fields}
+    """A shape preset as the keyword arguments of transformers.AutoConfig.for_model."""
+    return {k: v for k, v in preset.items() if k not in ("architectures", "torch_dtype")}

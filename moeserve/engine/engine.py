@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.config import EngineArgs
-from moeserve.distributed.launch import DistributedContext
+from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
@@ -24,7 +24,7 @@ from moeserve.loader.presets import SHAPE_PRESETS
 from moeserve.loader.random_init import random_init
 from moeserve.loader.tokenizer import load_tokenizer
 from moeserve.quant.apply import describe_weight_bytes, quantize_model
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class Engine:
 
     def __init__(self, args: EngineArgs, context: DistributedContext | None = None):
         self.args = args
-        self.device = torch.device(args.device if args.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(resolve_device(args.device))
         config = load_config(args.model)
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
         parallel = None
@@ -104,19 +103,19 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self.request_counter))
         text, token_ids = self.tokenize(prompt)
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise RequestError("prompt", "the prompt is empty")
         if not all(0 <= t < self.config.vocab_size for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+            raise RequestError("prompt", f"prompt token ids must be in [0, {self.config.vocab_size})")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which "
+            raise RequestError("prompt", f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which "
                              "must leave room for at least one generated token")
         max_tokens = params.max_tokens or self.max_model_len - len(token_ids)
         if len(token_ids) + max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens={max_tokens} with a {len(token_ids)}-token prompt exceeds max_model_len="
+            raise RequestError("max_tokens", f"max_tokens={max_tokens} with a {len(token_ids)}-token prompt exceeds max_model_len="
                              f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - len(token_ids)}")
         params.check_token_ids(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+            raise RequestError("stop", "stop strings need a tokenizer, and this model has none; use stop_token_ids")
         seqs = [self.make_sequence(request_id, i, token_ids, params, max_tokens) for i in range(params.n)]
         return Request(request_id, text, token_ids, params, seqs)
 
@@ -125,9 +124,9 @@ class Engine:
             return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
         text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
-            raise ValueError("a prompt is a string or {'prompt_token_ids': [...]}")
+            raise RequestError("prompt", "a prompt is a string or {'prompt_token_ids': [...]}")
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+            raise RequestError("prompt", "this model has no tokenizer: pass {'prompt_token_ids': [...]}")
         with self.tokenizer_lock:
             return text, self.tokenizer.encode(text)
 

@@ -71,7 +71,7 @@ TINY_PRESETS: dict[str, dict] = {
 
 SHAPE_PRESETS: dict[str, dict] = {
     "deepseek-v3": dict(
-        architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
         moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
         n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
         qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8,
@@ -81,7 +81,7 @@ SHAPE_PRESETS: dict[str, dict] = {
                                             mscale_all_dim=1.0, original_max_position_embeddings=4096),
         torch_dtype="bfloat16"),
     "deepseek-v2-lite": dict(
-        architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
         n_shared_experts=2, n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
         qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
@@ -91,18 +91,18 @@ SHAPE_PRESETS: dict[str, dict] = {
                                             mscale_all_dim=0.707, original_max_position_embeddings=4096),
         torch_dtype="bfloat16"),
     "qwen3-30b-a3b": dict(
-        architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
         moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
         mlp_only_layers=[], max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
         bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
     "mixtral-8x7b": dict(
-        architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
         num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6,
         sliding_window=None, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"),
     "llama-4-scout": dict(
-        architectures=["Llama4ForCausalLM"], vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+        architectures=["Llama4ForCausalLM"], model_type="llama4_text", vocab_size=202048, hidden_size=5120, intermediate_size=8192,
         intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
         head_dim=128, num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
         no_rope_layer_interval=4, attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True,

@@ -19,7 +19,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from moeserve.engine.async_engine import AsyncEngine, RequestStream
 from moeserve.engine.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams, SamplingParamsError
+from moeserve.sampling_params import SamplingParams
 from moeserve.server.metrics import Metrics, RequestTimer
 from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -53,30 +53,59 @@ def validation_message(error: ValidationError | RequestValidationError) -> tuple
     return (f"{field}: {first.get('msg')}" if field else first.get("msg", "invalid request")), field
 
 
-class GuardMiddleware(BaseHTTPMiddleware):
-    """API key on /v1/* and the request size, before any handler runs."""
+class ApiKeyMiddleware(BaseHTTPMiddleware):
+    """`Authorization: Bearer KEY` on /v1/*, before any handler runs."""
 
-    def __init__(self, app, config: ServerConfig):
+    def __init__(self, app, api_key: str):
         super().__init__(app)
-        self.config = config
+        self.expected = f"Bearer {api_key}".encode()
 
     async def dispatch(self, request: Request, call_next):
-        if request.url.path.startswith("/v1/") and self.config.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      kind="authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.config.max_request_bytes):
-            return error_response(413, f"request body over {self.config.max_request_bytes} bytes")
+        given = request.headers.get("authorization", "")
+        if request.url.path.startswith("/v1/") and not hmac.compare_digest(given.encode(), self.expected):
+            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                  kind="authentication_error")
         return await call_next(request)
+
+
+class BodyLimitMiddleware:
+    """Reads the request body up to `max_bytes` (declared or chunked: 413 beyond), then hands it on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await error_response(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # then: the disconnect, which streaming responses listen for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moeserve", version="0.1.0")
     metrics = Metrics(engine.engine, config.model_name)
     tokenizer = engine.engine.tokenizer
-    app.add_middleware(GuardMiddleware, config=config)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
+    if config.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_, error: ApiError):
@@ -153,14 +182,16 @@ def check_capacity(engine: AsyncEngine, config: ServerConfig, new_requests: int)
                        kind="rate_limit_error")
 
 
+def bad_request(error: ValueError) -> ApiError:
+    """A 400 naming the field (RequestError knows it); messages speak of request fields, not our classes."""
+    return ApiError(400, str(error).replace("SamplingParams.", ""), getattr(error, "field", None))
+
+
 def sampling(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     try:
         return body.sampling_params(max_tokens, logprobs)
-    except SamplingParamsError as error:
-        field = str(error).split(" ")[0].removeprefix("SamplingParams.").rstrip(":")
-        raise ApiError(400, str(error).replace("SamplingParams.", ""), field) from None
     except ValueError as error:
-        raise ApiError(400, str(error)) from None
+        raise bad_request(error) from None
 
 
 def prompt_list(prompt) -> list:
@@ -193,10 +224,9 @@ def start(engine: AsyncEngine, prompts: list, params: SamplingParams, request_id
     try:
         for p, prompt in enumerate(prompts):
             streams.append(engine.add_request(prompt, params, request_id if len(prompts) == 1 else f"{request_id}-{p}"))
-    except (ValueError, SamplingParamsError) as error:
+    except ValueError as error:
         close_all(streams)
-        message = str(error).replace("SamplingParams.", "")
-        raise ApiError(400, message, "max_tokens" if "max_tokens" in message else None) from None
+        raise bad_request(error) from None
     return streams
 
 

@@ -24,7 +24,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings: pydantic reads them as token ids
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras (extra_body in the openai client)
@@ -38,18 +38,13 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        logit_bias = {}
-        for token, bias in (self.logit_bias or {}).items():
-            if not token.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            logit_bias[int(token)] = bias
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, logit_bias=logit_bias, skip_special_tokens=self.skip_special_tokens,
+            logprobs=logprobs, logit_bias=self.logit_bias or {}, skip_special_tokens=self.skip_special_tokens,
         )
 
 

@@ -108,26 +108,28 @@ def test_seed_reproduces(client):
     assert len({run(3), run(4), run(5)}) > 1
 
 
-@pytest.mark.parametrize("body,status,message", [
-    ("{not json", 400, "not valid JSON"),
-    ({"model": "other", "prompt": "x"}, 400, "the model `other` does not exist"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens: Input should be a valid integer"),
-    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature must be a number in [0.0, inf]"),
-    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    ({"model": MODEL, "prompt": "x", "n": 100}, 400, "n must be between 1 and 16"),
-    ({"model": MODEL, "prompt": [5] * 5000}, 400, "the prompt has 5000 tokens; max_model_len is 4096"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": 9000}, 400, "exceeds max_model_len=4096"),
-    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, 400, "token id 99999 is outside the vocabulary"),
-    ({"model": MODEL, "prompt": [], "max_tokens": 3}, 400, "prompt: must not be empty"),
-    ({"model": MODEL}, 400, "prompt: Field required"),
+@pytest.mark.parametrize("body,message,param", [
+    ("{not json", "not valid JSON", None),
+    ({"model": "other", "prompt": "x"}, "the model `other` does not exist", "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature must be a number in [0.0, inf]", "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p must be in (0, 1]", "top_p"),
+    ({"model": MODEL, "prompt": "x", "n": 100}, "n must be between 1 and 16", "n"),
+    ({"model": MODEL, "prompt": [5] * 5000}, "the prompt has 5000 tokens; max_model_len is 4096", "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 9000}, "exceeds max_model_len=4096", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "token id 99999 is outside the vocabulary", "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias.abc.[key]: Input should be a valid integer",
+     "logit_bias.abc.[key]"),
+    ({"model": MODEL, "prompt": [], "max_tokens": 3}, "prompt: must not be empty", "prompt"),
+    ({"model": MODEL}, "prompt: Field required", "prompt"),
 ])
-def test_bad_completion_input_gets_400_naming_the_problem(server, body, status, message):
+def test_bad_completion_input_gets_400_naming_the_problem(server, body, message, param):
     content = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(f"{server.url}/v1/completions", content=content,
                           headers={**headers(), "Content-Type": "application/json"})
-    assert response.status_code == status
+    assert response.status_code == 400
     error = response.json()["error"]
-    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert message in error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
@@ -135,7 +137,8 @@ def test_bad_chat_input(server):
     def post(body):
         return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers())
 
-    assert "messages" in post({"model": MODEL, "messages": []}).json()["error"]["message"]
+    response = post({"model": MODEL, "messages": []})
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
     response = post({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
     assert response.status_code == 400 and "messages.0.role" in response.json()["error"]["message"]
     response = post({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
@@ -153,6 +156,9 @@ def test_auth_size_limit_and_open_health(server):
     huge = httpx.post(f"{server.url}/v1/completions", content="x" * (2**20 + 10),
                       headers={**headers(), "Content-Type": "application/json"})
     assert huge.status_code == 413
+    chunked = httpx.post(f"{server.url}/v1/completions", content=iter([b"x" * 2**19] * 3),  # no Content-Length
+                         headers={**headers(), "Content-Type": "application/json"})
+    assert chunked.status_code == 413 and "over" in chunked.json()["error"]["message"]
 
 
 def test_concurrent_streams_give_the_greedy_text_they_get_alone(server):
