@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import sys
 
-from moeserve.config import EngineArgs
+from moeserve.config import DISPATCH_FORMATS, EP_BACKENDS, LOAD_FORMATS, QUANTIZATION_FORMATS, EngineArgs
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -22,17 +22,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--quantization", choices=("fp8", "nvfp4"), default=None,
+    parser.add_argument("--quantization", choices=QUANTIZATION_FORMATS, default=None,
                         help="quantize a bf16 checkpoint's weights as they load")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     parser.add_argument("--dp", type=int, default=1, help="data parallel attention groups")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (divides tp * dp)")
-    parser.add_argument("--ep-backend", choices=("all_to_all", "allgather"), default=defaults.ep_backend)
-    parser.add_argument("--ep-dispatch-format", choices=("bf16", "fp8", "nvfp4"), default=defaults.ep_dispatch_format,
+    parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend)
+    parser.add_argument("--ep-dispatch-format", choices=DISPATCH_FORMATS, default=defaults.ep_dispatch_format,
                         help="tokens on the wire in EP dispatch (bf16: unquantized)")
     parser.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
                         help="seconds a collective may wait before every rank gives up")
-    parser.add_argument("--load-format", choices=("auto", "dummy"), default=defaults.load_format,
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, default=defaults.load_format,
                         help="dummy: random weights (benchmarks; works for the real-shape presets)")
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
-    quantize.add_argument("--format", required=True, choices=("fp8", "nvfp4"),
+    quantize.add_argument("--format", required=True, choices=QUANTIZATION_FORMATS,
                           help="fp8: DeepSeek 128x128 blocks; nvfp4: ModelOpt layout")
     quantize.set_defaults(run=run_quantize)
 

@@ -8,6 +8,7 @@ which every family shares.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -230,6 +231,10 @@ def reject_sliding_window(fields: ConfigFields) -> None:
 
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATION_FORMATS = ("fp8", "nvfp4")  # weight formats (moeserve.quant.formats.FORMATS implements them)
+EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
+DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # tokens on the wire in EP dispatch (bf16: unquantized)
 
 
 @dataclass
@@ -261,11 +266,19 @@ class EngineArgs:
             if not ok:
                 raise ConfigError(f"EngineArgs.{field_name} {rule}, got {getattr(self, field_name)!r}")
 
-        require(self.dtype in DTYPE_NAMES, "dtype", f"must be one of {', '.join(DTYPE_NAMES)}")
-        require(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
-        require(self.quantization in (None, "fp8", "nvfp4"), "quantization", "must be fp8, nvfp4 or None")
-        require(self.ep_backend in ("all_to_all", "allgather"), "ep_backend", "must be all_to_all or allgather")
-        require(self.ep_dispatch_format in ("bf16", "fp8", "nvfp4"), "ep_dispatch_format", "must be bf16, fp8 or nvfp4")
+        def one_of(field_name: str, names: tuple, optional: bool = False):
+            allowed = names + ((None,) if optional else ())
+            require(getattr(self, field_name) in allowed, field_name,
+                    f"must be one of {', '.join(map(str, allowed))}")
+
+        one_of("dtype", DTYPE_NAMES)
+        one_of("load_format", LOAD_FORMATS)
+        one_of("quantization", QUANTIZATION_FORMATS, optional=True)
+        one_of("ep_backend", EP_BACKENDS)
+        one_of("ep_dispatch_format", DISPATCH_FORMATS)
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "must be auto, cpu, cuda or cuda:N")
+        for size in ("tp", "dp", "ep"):
+            require(isinstance(getattr(self, size), int) and getattr(self, size) >= 1, size, "must be an integer >= 1")
         require(self.dist_timeout > 0, "dist_timeout", "must be positive")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")

@@ -74,7 +74,7 @@ def make_context(layout: ParallelLayout, device_type: str, timeout_s: float) -> 
     return DistributedContext(ParallelGroups(layout, device_type), control)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +105,7 @@ def launch(layout: ParallelLayout, device: str, timeout_s: float, fn: Callable, 
         finally:
             dist.destroy_process_group()
         return
-    ranks = mp.start_processes(_spawned, args=(layout, device, timeout_s, _free_port(), fn, args),
+    ranks = mp.start_processes(_spawned, args=(layout, device, timeout_s, free_port(), fn, args),
                                nprocs=layout.world_size, join=False, start_method="spawn")
 
     def stop_rank_0(signum, frame):

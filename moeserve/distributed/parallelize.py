@@ -23,7 +23,8 @@ from moeserve.layers.moe.dispatch import LocalDispatcher
 from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.moe import MoE
 from moeserve.models.base import CausalLM, replace_submodule
-from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
+from moeserve.quant.apply import give_empty_quantized_weights
+from moeserve.quant.formats import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,20 @@ class Shard:
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """The logical experts of this rank's slots; with `inner`, also a slice of each expert's
-    intermediate dimension (gate and up rows, down columns)."""
+    """The logical experts of this rank's slots, of `num_experts` in the checkpoint; with `inner`, also
+    a slice of each expert's intermediate dimension (gate and up rows, down columns)."""
 
     experts: tuple[int, ...]
+    num_experts: int
     inner: Shard | None = None
 
     def slot_of(self, expert: int) -> int | None:
         return self.experts.index(expert) if expert in self.experts else None
+
+    def expert_range(self) -> tuple[int, int] | None:
+        """(first, end) when the experts are consecutive ids (the contiguous map), else None."""
+        first = self.experts[0]
+        return (first, first + len(self.experts)) if self.experts == tuple(range(first, first + len(self.experts))) else None
 
 
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
@@ -133,13 +140,9 @@ def shard_dense_parts(model: CausalLM, groups: ParallelGroups, specs: dict) -> N
 
 def resized_experts(experts: Experts, num_experts: int, intermediate: int) -> Experts:
     """An Experts module like `experts` (plain or quantized) with other sizes."""
-    hidden = experts.gate_up_proj.shape[-1]
-    new = Experts(num_experts, hidden, intermediate)
+    new = Experts(num_experts, experts.gate_up_proj.shape[-1], intermediate)
     if isinstance(experts.gate_up_proj, QuantizedWeight):
-        block = getattr(experts.gate_up_proj, "block", (128, 128))
-        del new.gate_up_proj, new.down_proj
-        new.gate_up_proj = make_quantized_weight(experts.gate_up_proj.format, (num_experts, 2, intermediate, hidden), block)
-        new.down_proj = make_quantized_weight(experts.gate_up_proj.format, (num_experts, hidden, intermediate), block)
+        give_empty_quantized_weights(new, experts.gate_up_proj.format, getattr(experts.gate_up_proj, "block", (128, 128)))
     return new
 
 
@@ -149,7 +152,7 @@ def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, dispat
     expert_map = ExpertMap.contiguous(moe.moe.num_experts, layout.ep)
     local = expert_map.local_experts(groups.ep_rank)
     moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)
-    specs[f"{path}.experts"] = ExpertShard(tuple(local))
+    specs[f"{path}.experts"] = ExpertShard(tuple(local), moe.moe.num_experts)
     dispatcher = DISPATCHERS[backend](expert_map, groups.ep_group, groups.ep_rank, dispatch_format, device, dtype)
     if layout.tp > 1:
         dispatcher = TokenSplitDispatcher(dispatcher, groups.tp_group, groups.tp_rank, layout.tp)
@@ -161,7 +164,8 @@ def split_experts_intermediate(moe: MoE, path: str, groups: ParallelGroups, spec
     if isinstance(moe.experts.gate_up_proj, QuantizedWeight):
         raise ConfigError(f"{path}: splitting quantized experts over tp is not supported yet; use --ep")
     moe.experts = resized_experts(moe.experts, moe.moe.num_experts, moe.moe.intermediate_size // tp)
-    specs[f"{path}.experts"] = ExpertShard(tuple(range(moe.moe.num_experts)), Shard(0, groups.tp_rank, tp))
+    specs[f"{path}.experts"] = ExpertShard(tuple(range(moe.moe.num_experts)), moe.moe.num_experts,
+                                           Shard(0, groups.tp_rank, tp))
     moe.dispatcher = SummingDispatcher(moe.dispatcher, groups.tp_group)
 
 

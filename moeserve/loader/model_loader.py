@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from moeserve.config import ConfigError, ModelConfig, parse_config, read_config_json
+from moeserve.config import QUANTIZATION_FORMATS, ConfigError, ModelConfig, parse_config, read_config_json
 from moeserve.loader import presets
 from moeserve.loader.checkpoint import CheckpointReader
 from moeserve.loader.weights import load_weights
@@ -19,7 +19,6 @@ from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_mo
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("fp8", "nvfp4")
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -96,8 +95,8 @@ def load_model(
     folder = resolve_checkpoint(name_or_path)
     config, scheme = load_config_and_scheme(folder)
     if quantization is not None:
-        if quantization not in QUANTIZATIONS:
-            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if quantization not in QUANTIZATION_FORMATS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_FORMATS)}, got {quantization!r}")
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
         if parallel is not None and parallel.groups.layout.tp > 1:

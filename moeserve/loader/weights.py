@@ -7,6 +7,7 @@ match; each error names the tensor and its file. Experts load from per-expert ke
 transposed for Llama 4). Quantized tensors are named by the checkpoint's scheme (quant/schemes.py).
 """
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +33,7 @@ class Target:
     transposed: bool = False
     reciprocal: bool = False
     shard: object = None  # a Shard: this rank reads only that slice of the checkpoint tensor
-    experts: tuple[int, ...] | None = None  # fused expert tensors: the rows of this rank's experts
-    inner: object = None  # fused expert tensors split over tp: this rank's Shard of the intermediate size
+    expert_shard: object = None  # fused expert tensors: an ExpertShard (this rank's experts and intermediate slice)
     fused_gate_up: bool = False
 
 
@@ -64,8 +64,8 @@ def locate(model: CausalLM, ours: str, params: dict, scheme: CheckpointScheme | 
         param, spec = params[ours], specs.get(m["prefix"])
         parts = ("gate", "up") if m["proj"] == "gate_up_proj" else ("down",)
         return Target(param, [(ours, e, part) for e in range(param.shape[0]) for part in parts],
-                      transposed=model.fused_experts_transposed, experts=spec.experts if spec else None,
-                      inner=spec.inner if spec else None, fused_gate_up=m["proj"] == "gate_up_proj")
+                      transposed=model.fused_experts_transposed, expert_shard=spec,
+                      fused_gate_up=m["proj"] == "gate_up_proj")
     module, _, suffix = ours.rpartition(".")
     if scheme is not None and suffix in scheme.fields:
         field = f"{module}.weight.{scheme.fields[suffix]}"
@@ -83,7 +83,7 @@ def locate_expert(m: re.Match, params: dict, scheme: CheckpointScheme | None, sp
     slot = expert if spec is None else spec.slot_of(expert)
     inner = None
     if spec is not None and spec.inner is not None:  # gate/up rows or down columns of this rank
-        inner = type(spec.inner)(1 if proj == "down_proj" else 0, spec.inner.index, spec.inner.count)
+        inner = dataclasses.replace(spec.inner, dim=1 if proj == "down_proj" else 0)
     if scheme is not None and suffix in scheme.fields and f"{base}.{scheme.fields[suffix]}" in params:
         name = f"{base}.{scheme.fields[suffix]}"
         if slot is None:
@@ -130,8 +130,8 @@ def load_weights(model: CausalLM, reader: CheckpointReader, scheme: CheckpointSc
             tensor = 1.0 / tensor.float()
         if target.transposed:
             tensor = tensor.transpose(-1, -2)
-        if target.inner is not None:
-            tensor = split_fused_intermediate(tensor, target.inner, target.fused_gate_up)
+        if target.expert_shard is not None and target.expert_shard.inner is not None:
+            tensor = split_fused_intermediate(tensor, target.expert_shard.inner, target.fused_gate_up)
         with torch.no_grad():
             target.view.copy_(tensor.reshape(target.view.shape))
         pending.difference_update(target.pieces)
@@ -146,8 +146,12 @@ def read(reader: CheckpointReader, name: str, target: Target) -> torch.Tensor:
     if target.shard is not None:
         start, end = target.shard.bounds(reader.shape(name)[target.shard.dim])
         return reader.get_slice(name, target.shard.dim, start, end)
-    tensor = reader.get(name)
-    return tensor[list(target.experts)] if target.experts is not None else tensor
+    experts = target.expert_shard
+    if experts is None:
+        return reader.get(name)
+    if (span := experts.expert_range()) is not None:
+        return reader.get_slice(name, 0, *span)
+    return reader.get(name)[list(experts.experts)]
 
 
 def split_fused_intermediate(tensor: torch.Tensor, inner, gate_up: bool) -> torch.Tensor:
@@ -162,15 +166,15 @@ def split_fused_intermediate(tensor: torch.Tensor, inner, gate_up: bool) -> torc
 
 def check_shape(reader: CheckpointReader, name: str, target: Target) -> None:
     expected = list(target.view.shape)
-    if target.inner is not None:  # in our orientation: [E, 2I, H] or [E, H, I]
-        expected[1 if target.fused_gate_up else 2] *= target.inner.count
+    if target.expert_shard is not None:  # in our orientation: [E, 2I, H] or [E, H, I]
+        expected[0] = target.expert_shard.num_experts
+        if target.expert_shard.inner is not None:
+            expected[1 if target.fused_gate_up else 2] *= target.expert_shard.inner.count
     if target.transposed:
         expected[-1], expected[-2] = expected[-2], expected[-1]
     if target.shard is not None:
         expected[target.shard.dim] *= target.shard.count
     found = reader.shape(name)
-    if target.experts is not None:
-        found = [len(target.experts)] + found[1:]
     if found != expected and not (expected == [] and found == [1]):
         raise CheckpointError(f"{reader.path_of(name)}: tensor '{name}' has shape {found}, the model expects {expected}")
 
@@ -207,23 +211,11 @@ def export_state_dict(model: CausalLM, scheme: CheckpointScheme | None = None) -
     for name, param in model.named_parameters():
         data = param.detach()
         match = _EXPERT_PARAM.match(name)
-        if match and match["field"]:  # quantized experts: [E, 2, ...] or [E, ...]
-            prefix, suffix = match["base"].rsplit(".", 1)[0], scheme.suffix_of(match["field"])
-            for e in range(data.shape[0]):
-                if match["proj"] == "gate_up_proj":
-                    for proj, part in _PARTS.items():
-                        yield model.to_checkpoint_name(f"{prefix}.{e}.{proj}.{suffix}"), data[e, part].contiguous()
-                else:
-                    yield model.to_checkpoint_name(f"{prefix}.{e}.down_proj.{suffix}"), data[e].contiguous()
-        elif match and not model.fused_experts_transposed:
+        if match and (match["field"] or not model.fused_experts_transposed):  # per-expert keys
             prefix = match["base"].rsplit(".", 1)[0]
-            for e in range(data.shape[0]):
-                if match["proj"] == "gate_up_proj":
-                    gate, up = data[e].chunk(2, dim=0)
-                    yield model.to_checkpoint_name(f"{prefix}.{e}.gate_proj.weight"), gate.contiguous()
-                    yield model.to_checkpoint_name(f"{prefix}.{e}.up_proj.weight"), up.contiguous()
-                else:
-                    yield model.to_checkpoint_name(f"{prefix}.{e}.down_proj.weight"), data[e].contiguous()
+            suffix = scheme.suffix_of(match["field"]) if match["field"] else "weight"
+            for e, proj, tensor in per_expert(data, match["proj"], quantized=match["field"] is not None):
+                yield model.to_checkpoint_name(f"{prefix}.{e}.{proj}.{suffix}"), tensor.contiguous()
         elif match:
             yield model.to_checkpoint_name(name), data.transpose(1, 2).contiguous()
         elif ".weight." in name and scheme is not None:  # a quantized linear's field
@@ -231,3 +223,15 @@ def export_state_dict(model: CausalLM, scheme: CheckpointScheme | None = None) -
             yield model.to_checkpoint_name(f"{module}.{scheme.suffix_of(field)}"), data.contiguous()
         else:
             yield model.to_checkpoint_name(name), data.contiguous()
+
+
+def per_expert(data: torch.Tensor, proj: str, quantized: bool) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """Fused expert data [E, ...] -> (expert, checkpoint projection, its tensor); quantized gate_up data
+    keeps gate and up apart ([E, 2, ...]), plain gate_up stacks them ([E, 2I, H])."""
+    for e in range(data.shape[0]):
+        if proj == "down_proj":
+            yield e, "down_proj", data[e]
+            continue
+        gate, up = (data[e, 0], data[e, 1]) if quantized else data[e].chunk(2, dim=0)
+        yield e, "gate_proj", gate
+        yield e, "up_proj", up

@@ -30,14 +30,26 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         linear = model.get_submodule(path)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{path} is quantized in the checkpoint but is not a linear layer of this model")
-        weight = make_quantized_weight(plan.format, (linear.out_features, linear.in_features), plan.block)
-        replace_submodule(model, path, QuantLinear(weight, linear.bias))
+        replace_submodule(model, path, empty_quantized_linear(linear, plan.format, plan.block))
     for path in sorted(plan.experts):
-        experts = model.get_submodule(path)
-        num_experts, two_i, hidden = experts.gate_up_proj.shape
-        del experts.gate_up_proj, experts.down_proj
-        experts.gate_up_proj = make_quantized_weight(plan.format, (num_experts, 2, two_i // 2, hidden), plan.block)
-        experts.down_proj = make_quantized_weight(plan.format, (num_experts, hidden, two_i // 2), plan.block)
+        give_empty_quantized_weights(model.get_submodule(path), plan.format, plan.block)
+
+
+def empty_quantized_linear(linear: nn.Linear, fmt: str, block: tuple[int, int] = (128, 128)) -> QuantLinear:
+    """A QuantLinear of the linear's shape and bias, on its device; the weight is not filled."""
+    with torch.device(linear.weight.device):
+        weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features), block)
+    return QuantLinear(weight, linear.bias)
+
+
+def give_empty_quantized_weights(experts: Experts, fmt: str, block: tuple[int, int] = (128, 128)) -> None:
+    """Swap the experts' plain weights for unfilled quantized ones of the same sizes (gate and up apart)."""
+    num_experts, two_i, hidden = experts.gate_up_proj.shape
+    with torch.device(experts.gate_up_proj.device):
+        gate_up = make_quantized_weight(fmt, (num_experts, 2, two_i // 2, hidden), block)
+        down = make_quantized_weight(fmt, (num_experts, hidden, two_i // 2), block)
+    del experts.gate_up_proj, experts.down_proj
+    experts.gate_up_proj, experts.down_proj = gate_up, down
 
 
 def default_plan(model: nn.Module, fmt: str) -> QuantPlan:
@@ -67,20 +79,15 @@ def quantize_model(model: nn.Module, fmt: str) -> QuantPlan:
     plan = default_plan(model, fmt)
     for path in sorted(plan.linears):
         linear = model.get_submodule(path)
-        with torch.device(linear.weight.device):
-            weight = make_quantized_weight(fmt, (linear.out_features, linear.in_features))
-        weight.quantize_from(linear.weight)
-        replace_submodule(model, path, QuantLinear(weight, linear.bias))
+        quantized = empty_quantized_linear(linear, fmt)
+        quantized.weight.quantize_from(linear.weight)
+        replace_submodule(model, path, quantized)
     for path in sorted(plan.experts):
         experts = model.get_submodule(path)
-        num_experts, two_i, hidden = experts.gate_up_proj.shape
-        with torch.device(experts.gate_up_proj.device):
-            gate_up = make_quantized_weight(fmt, (num_experts, 2, two_i // 2, hidden))
-            down = make_quantized_weight(fmt, (num_experts, hidden, two_i // 2))
-        gate_up.quantize_from(experts.gate_up_proj)
-        down.quantize_from(experts.down_proj)
-        del experts.gate_up_proj, experts.down_proj
-        experts.gate_up_proj, experts.down_proj = gate_up, down
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        give_empty_quantized_weights(experts, fmt)
+        experts.gate_up_proj.quantize_from(gate_up)
+        experts.down_proj.quantize_from(down)
     return plan
 
 

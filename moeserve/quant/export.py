@@ -26,7 +26,7 @@ def write_quantized_checkpoint(model: CausalLM, plan: QuantPlan, source: Path, d
     config = json.loads((source / "config.json").read_text())
     quant_config = dict(scheme.config)
     if plan.format == "nvfp4":
-        quant_config["exclude_modules"] = high_precision_modules(model, plan)
+        quant_config["exclude_modules"] = high_precision_modules(model)
         (destination / "hf_quant_config.json").write_text(json.dumps(
             {"producer": {"name": "moeserve", "version": "0.1.0"}, "quantization": quant_config}, indent=2))
     config["quantization_config"] = quant_config
@@ -36,11 +36,11 @@ def write_quantized_checkpoint(model: CausalLM, plan: QuantPlan, source: Path, d
             shutil.copy(source / name, destination / name)
 
 
-def high_precision_modules(model: CausalLM, plan: QuantPlan) -> list[str]:
+def high_precision_modules(model: CausalLM) -> list[str]:
+    """The linear layers left unquantized (quantized ones are QuantLinears, not nn.Linear)."""
     from torch import nn
 
-    kept = [path for path, module in model.named_modules() if isinstance(module, nn.Linear)
-            and path not in plan.linears]
+    kept = [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]
     return sorted(model.to_checkpoint_name(path + ".weight").removesuffix(".weight") for path in kept)
 
 

@@ -4,7 +4,6 @@ Weights [..., N, K] are cut into blocks of `block` (default 128x128; the last bl
 each block has one fp32 scale, a multiplier: w ~= values * scale, scale = amax(block) / 448
 (DeepSeek's `weight_scale_inv` and compressed-tensors' `weight_scale` are both this multiplier).
 Activations [T, K] get one scale per token per group of 128 channels, computed at run time.
-With `ue8m0` the scales are rounded up to a power of two (exponent-only scales).
 """
 
 import torch
@@ -19,21 +18,14 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def round_scale_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
-    """UE8M0: the smallest power of two >= scale, so that x / scale still fits in E4M3."""
-    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
-    return torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
-
-
 def exact_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """x / divisor, correctly rounded on every device (CUDA divides by a Python number through its
     reciprocal, one ulp off at times: scales must not depend on where a model was quantized)."""
     return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
 
 
-def block_scales(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    scale = exact_div(amax.float().clamp(min=_TINY), E4M3_MAX)
-    return round_scale_to_power_of_two(scale) if ue8m0 else scale
+def block_scales(amax: torch.Tensor) -> torch.Tensor:
+    return exact_div(amax.float().clamp(min=_TINY), E4M3_MAX)
 
 
 def _blocked(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -44,12 +36,12 @@ def _blocked(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return padded.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn))
 
 
-def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False):
+def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)):
     """w [..., N, K] -> (values float8_e4m3fn [..., N, K], scale fp32 [..., ceil(N/bn), ceil(K/bk)])."""
     if not torch.isfinite(w).all():
         raise ValueError("cannot quantize a weight with NaN or inf values to FP8")
     blocks = _blocked(w.float(), block)  # [..., nN, bn, nK, bk]
-    scale = block_scales(blocks.abs().amax(dim=(-3, -1)), ue8m0)  # [..., nN, nK]
+    scale = block_scales(blocks.abs().amax(dim=(-3, -1)))  # [..., nN, nK]
     values = to_e4m3(blocks / scale[..., :, None, :, None])
     n, k = w.shape[-2:]
     return values.flatten(-4, -3).flatten(-2, -1)[..., :n, :k].contiguous(), scale
@@ -62,13 +54,13 @@ def dequantize_fp8_block(values: torch.Tensor, scale: torch.Tensor, block: tuple
     return (values.float() * expanded).to(dtype)
 
 
-def quantize_fp8_groups(x: torch.Tensor, group: int = 128, ue8m0: bool = False):
+def quantize_fp8_groups(x: torch.Tensor, group: int = 128):
     """x [T, K] -> (values float8_e4m3fn [T, K], scales fp32 [T, ceil(K/group)]); a last partial group
     has its own scale. NaN in a group makes that group's scale and values NaN (it propagates)."""
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x.float(), (0, -k % group))
     groups = padded.unflatten(-1, (padded.shape[-1] // group, group))  # [T, ceil(K/g), g]
-    scales = block_scales(groups.abs().amax(dim=-1), ue8m0)
+    scales = block_scales(groups.abs().amax(dim=-1))
     return to_e4m3(groups / scales[..., None]).flatten(-2)[..., :k].contiguous(), scales
 
 

@@ -1,7 +1,6 @@
 """Run a function on N gloo ranks (spawned processes) and collect what each returns."""
 
 import os
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -9,11 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moeserve.distributed.launch import free_port
 
 
 def _worker(rank, world, port, fn, args, out_dir):

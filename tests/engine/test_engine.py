@@ -153,6 +153,10 @@ def test_request_errors_say_what_is_wrong(llm):
     ("gpu_memory_utilization", 1.5, r"EngineArgs.gpu_memory_utilization must be in \(0, 1\]"),
     ("max_num_seqs", 0, "EngineArgs.max_num_seqs must be at least 1"),
     ("dtype", "int8", "EngineArgs.dtype must be one of auto, float32, bfloat16, float16"),
+    ("quantization", "int4", "EngineArgs.quantization must be one of fp8, nvfp4, None"),
+    ("ep_backend", "nccl", "EngineArgs.ep_backend must be one of all_to_all, allgather"),
+    ("device", "gpu", "EngineArgs.device must be auto, cpu, cuda or cuda:N"),
+    ("ep", 0, "EngineArgs.ep must be an integer >= 1"),
 ])
 def test_engine_arguments_are_checked(field, value, message):
     with pytest.raises(ConfigError, match=message):

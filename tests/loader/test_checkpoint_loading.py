@@ -160,3 +160,19 @@ def test_impossible_group_routing_is_refused(deepseek_folder, tmp_path):
 def test_unknown_name_lists_presets():
     with pytest.raises(ConfigError, match="neither a checkpoint folder nor a preset.*tiny-deepseek-v3"):
         moeserve.load_model("no-such-model")
+
+
+def test_a_rank_holding_some_experts_still_checks_the_checkpoints_expert_count():
+    from types import SimpleNamespace
+
+    from moeserve.distributed.parallelize import ExpertShard
+    from moeserve.loader.weights import Target, check_shape
+
+    target = Target(torch.empty(2, 6, 8), [], expert_shard=ExpertShard((2, 3), num_experts=4), fused_gate_up=True)
+    for experts, ok in ((4, True), (10, False), (2, False)):
+        reader = SimpleNamespace(shape=lambda name, e=experts: [e, 6, 8], path_of=lambda name: "model.safetensors")
+        if ok:
+            check_shape(reader, "experts.gate_up_proj", target)
+        else:
+            with pytest.raises(CheckpointError, match=rf"has shape \[{experts}, 6, 8\], the model expects \[4, 6, 8\]"):
+                check_shape(reader, "experts.gate_up_proj", target)

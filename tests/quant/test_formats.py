@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moeserve.quant.fp8 import (dequantize_fp8_block, dequantize_fp8_groups, quantize_fp8_block,
-                                quantize_fp8_groups, round_scale_to_power_of_two, to_e4m3)
+                                quantize_fp8_groups, to_e4m3)
 from moeserve.quant.nvfp4 import (dequantize_nvfp4, e2m1_codes, e2m1_values, global_scale_of, pack_nibbles,
                                   quantize_nvfp4, quantize_nvfp4_weight, unpack_nibbles)
 
@@ -58,11 +58,6 @@ def test_e4m3_saturates_and_keeps_subnormals():
     assert to_e4m3(x).float().tolist() == [448.0, -448.0, 448.0, 2.0**-6, 2.0**-9, 0.0, 2.0**-8, 0.1015625]
 
 
-def test_ue8m0_rounds_scales_up_to_a_power_of_two():
-    assert round_scale_to_power_of_two(torch.tensor([0.3, 0.5, 0.51, 3.0, 1e-3])).tolist() == \
-        [0.5, 0.5, 1.0, 4.0, 2.0**-9]
-
-
 def test_fp8_block_scales_with_partial_blocks():
     w = torch.zeros(200, 300)
     w[0, 0] = 896.0  # block (0, 0): scale 2
@@ -71,11 +66,6 @@ def test_fp8_block_scales_with_partial_blocks():
     assert values.shape == (200, 300) and scale.shape == (2, 3)
     assert scale[0, 0].item() == 2.0 and scale[1, 2].item() == pytest.approx(0.1)
     torch.testing.assert_close(dequantize_fp8_block(values, scale), w)
-
-
-def test_fp8_ue8m0_block_scales_are_powers_of_two():
-    _, scale = quantize_fp8_block(torch.randn(256, 256), ue8m0=True)
-    assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))
 
 
 def test_fp8_block_error_bound_on_random_weights():

@@ -39,10 +39,12 @@ class AllToAllHandle:
 
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
-    def exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+    def exchange_counts(self, send_counts: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(rows this rank sends to each rank, rows it receives from each): one host sync for both."""
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        return recv_counts.tolist()
+        send, recv = torch.stack((send_counts, recv_counts)).tolist()
+        return send, recv
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         # x: [T, H]; topk_ids, topk_weights: [T, K]
@@ -54,9 +56,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         slots = torch.where(here, self.slot_of_expert[topk_ids[token_of_row]], -1).to(torch.int32)
         weights = torch.where(here, topk_weights[token_of_row].float(), 0.0)
         payload = torch.cat((self.format.pack(x[token_of_row]), as_row_bytes(slots), as_row_bytes(weights)), dim=1)
-        send_counts = goes_to.sum(dim=0)
-        recv_counts = self.exchange_counts(send_counts)
-        send_counts = send_counts.tolist()
+        send_counts, recv_counts = self.exchange_counts(goes_to.sum(dim=0))
         received = payload.new_empty(sum(recv_counts), payload.shape[1])
         dist.all_to_all_single(received, payload, recv_counts, send_counts, group=self.group)
         token_bytes = self.format.payload_bytes(hidden)
@@ -94,15 +94,14 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         dist.all_to_all_single(sizes, sizes.clone(), group=self.group)  # every rank's token count
         padded = max(sizes.tolist())
         hidden, top_k = x.shape[1], topk_ids.shape[1]
-        valid = torch.ones_like(topk_ids, dtype=torch.int32)
-        meta = torch.cat((as_row_bytes(topk_ids.to(torch.int32)), as_row_bytes(valid), as_row_bytes(topk_weights.float())), dim=1)
+        meta = torch.cat((as_row_bytes(topk_ids.to(torch.int32)), as_row_bytes(topk_weights.float())), dim=1)
         gathered = self.gather(torch.cat((self.format.pack(x), meta), dim=1), padded)
         token_bytes = self.format.payload_bytes(hidden)
         all_x = self.format.unpack(gathered[:, :token_bytes], hidden, x.dtype)
         ids = gathered[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32).long()
-        is_real = gathered[:, token_bytes + 4 * top_k : token_bytes + 8 * top_k].contiguous().view(torch.int32) > 0
-        weights = gathered[:, token_bytes + 8 * top_k :].contiguous().view(torch.float32)
-        here = is_real & (self.rank_of_expert[ids] == self.ep_rank)
+        weights = gathered[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        is_real = (torch.arange(padded, device=x.device) < sizes[:, None]).flatten()  # padding rows: no experts
+        here = is_real[:, None] & (self.rank_of_expert[ids] == self.ep_rank)
         slots = torch.where(here, self.slot_of_expert[ids], -1)
         return all_x, RowLayout(slots, weights), AllGatherHandle(padded, x.shape[0], x.dtype)
 

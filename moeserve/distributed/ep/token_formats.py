@@ -9,11 +9,10 @@ Byte layout of one token's payload, hidden size H (a multiple of 128 for the qua
 | fp8 | H + H/32 | H float8_e4m3fn values, then H/128 float32 scales (one per 128 channels, a multiplier: x ~= value * scale) |
 | nvfp4 | H/2 + H/16 + 4 | H/2 bytes of E2M1 codes (element 2i in the low nibble), then H/16 float8_e4m3fn block scales (one per 16), then one float32 global scale |
 
-All multi-byte values are little-endian. The receiver either unpacks to a float tensor, or takes
-zero-copy views (`Fp8Tokens`, `Nvfp4Tokens`) of the payload and feeds them to the expert GEMM.
-NVFP4's global scale is computed per token (amax of the token / 2688) or per tensor (amax of the
-batch, the same value written into every token); the layout is the same. A NaN in a token makes that
-token's scales NaN: it propagates, it is never hidden.
+All multi-byte values are little-endian. The receiver unpacks to a float tensor through zero-copy
+views of the payload (`Fp8Tokens`, `Nvfp4Tokens`); the expert GEMM does not read them directly yet.
+NVFP4's global scale is per token (amax of the token / 2688). A NaN in a token makes that token's
+scales NaN: it propagates, it is never hidden.
 """
 
 import math
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.config import DISPATCH_FORMATS
 from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
@@ -94,11 +94,7 @@ class Nvfp4Tokens:
 
 
 class Nvfp4Format:
-    def __init__(self, global_scale: str = "per_token"):
-        if global_scale not in ("per_token", "per_tensor"):
-            raise ValueError(f"global_scale must be per_token or per_tensor, got {global_scale!r}")
-        self.global_scale = global_scale
-        self.name = "nvfp4"
+    name = "nvfp4"
 
     def payload_bytes(self, hidden: int) -> int:
         _check_hidden(self.name, hidden)
@@ -106,10 +102,7 @@ class Nvfp4Format:
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         _check_hidden(self.name, x.shape[-1])
-        amax = x.abs().float().amax(dim=-1, keepdim=True)  # [T, 1]
-        if self.global_scale == "per_tensor":
-            amax = amax.amax(dim=0, keepdim=True).expand_as(amax) if amax.numel() else amax
-        global_scale = global_scale_of(amax)
+        global_scale = global_scale_of(x.abs().float().amax(dim=-1, keepdim=True))  # [T, 1]: per token
         packed, block_scales = quantize_nvfp4(x, global_scale)
         return torch.cat((as_row_bytes(packed), as_row_bytes(block_scales), as_row_bytes(global_scale)), dim=1)
 
@@ -124,7 +117,6 @@ class Nvfp4Format:
         return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
 
 
-TOKEN_FORMATS = ("bf16", "fp8", "nvfp4")
 
 
 def token_format(name: str, activation_dtype: torch.dtype = torch.bfloat16):
@@ -134,4 +126,4 @@ def token_format(name: str, activation_dtype: torch.dtype = torch.bfloat16):
         return Fp8Format()
     if name == "nvfp4":
         return Nvfp4Format()
-    raise ValueError(f"unknown token format {name!r} (known: {', '.join(TOKEN_FORMATS)})")
+    raise ValueError(f"unknown token format {name!r} (known: {', '.join(DISPATCH_FORMATS)})")
