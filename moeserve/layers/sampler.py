@@ -1,7 +1,9 @@
 """The sampler: one batched pass per step, each row with its own parameters, in vLLM's order:
 allowed tokens -> min_tokens -> logit_bias -> repetition / frequency / presence penalties ->
 temperature (0: greedy) -> min-p -> top-k -> top-p -> exponential-race draw.
-The only host sync is reading the sampled ids (and the logprobs a request asked for)."""
+Which steps run is decided from the requests' parameters on the host, never from device values. The
+per-row parameter columns are copied to the device here (on a GPU the first copy waits for the
+forward); the sampled ids (and the logprobs a request asked for) are read back at the end."""
 
 from dataclasses import dataclass
 
