@@ -326,8 +326,8 @@ def write_tuned_table(args: argparse.Namespace, config) -> int:
             best, ms = tune(config, experts, tokens, fmt, "cuda")
             table["configs"].setdefault(shape, {})[str(tokens * top_k)] = asdict(best)
             print(f"| {fmt} | {tokens} tokens | {ms:.3f} ms | {asdict(best)} |", flush=True)
-    with open(args.tune_output, "w") as f:
-        json.dump(table, f, indent=2)
+            with open(args.tune_output, "w") as f:  # after every shape: a sweep cut short keeps what it found
+                json.dump(table, f, indent=2)
     return 0
 
 

@@ -3,10 +3,10 @@
 # Stage "bench": throughput of the tiny model (CPU, CUDA) and DeepSeek-V2-Lite's real shape with random
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
-# Stage "ep" (2 or more GPUs): the distributed tests on NCCL, and bench ep at DeepSeek-V3 shapes.
-# Stage "moe": the kernel tests and moeserve bench moe at DeepSeek-V3 shapes.
+# Stage "ep" (2 or more GPUs): bench ep at DeepSeek-V3 shapes on NCCL.
 # Stage "tune": the block-size sweep; the table comes back as $OUT/kernel_configs.json (copy it to
-# moeserve/kernels/configs/<card>.json).
+# moeserve/kernels/configs/<card>.json; this tree's copy is replaced at once, so "tune moe" uses it).
+# Stage "moe": moeserve bench moe at DeepSeek-V3 shapes.
 # Stage "serve" (needs the wheels of scripts/fetch_server_wheels.sh, carried as .whl): the server on
 # DeepSeek-V2-Lite's real shape with random weights, measured with moeserve bench serve.
 # Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve [more stages]
@@ -15,8 +15,9 @@ STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+: > "$OUT/bench_table.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/bench_table.txt"
+python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/bench_table.txt"
 
 bench() {  # label, then arguments of moeserve bench throughput
   local label=$1; shift
@@ -24,9 +25,10 @@ bench() {  # label, then arguments of moeserve bench throughput
   timeout 280 python3 -m moeserve bench throughput "$@" >> "$OUT/bench.log" 2>&1
   echo "$label | $(grep -A100 "== $label:" "$OUT/bench.log" | grep -E "KV cache:|requests in" | sed 's/.*engine: //' | tr '\n' ' ')" >> "$OUT/bench_table.txt"
 }
-: > "$OUT/bench_table.txt"
 if has tests; then
-  python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -2
+  timeout 420 python3 -m pytest tests/gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+fi
+if has cpu; then
   # the CPU suite, on this node's package versions (CUDA hidden: these tests expect the CPU)
   CUDA_VISIBLE_DEVICES= python3 -m pytest tests -q -p no:cacheprovider --ignore=tests/gpu 2>&1 | tee "$OUT/cpu_suite_on_gpu_node.log" | tail -4
 fi
@@ -45,24 +47,26 @@ if has quant; then
 fi
 if has ep; then
   GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  python3 -m pytest tests/gpu -q -p no:cacheprovider -k distributed 2>&1 | tee "$OUT/gpu_ep_tests.log" | tail -2
   timeout 500 python3 -m moeserve bench ep --ranks "$GPUS" --tokens-per-rank 128,4096 --hidden 7168 --topk 8 \
     --experts 256 2>&1 | tee "$OUT/bench_ep.log" | grep -E "^\||^EP" >> "$OUT/bench_table.txt"
 fi
-if has moe; then
-  python3 -m pytest tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider 2>&1 | tail -2
-  timeout 500 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
-    | grep -E "^\|" >> "$OUT/bench_table.txt"
-fi
 if has tune; then
-  timeout 560 python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32 --tokens 1,32,512,8192 \
+  timeout ${TUNE_SECONDS:-300} python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32 --tokens 1,32,512,8192 \
     --tune-output "$OUT/kernel_configs.json" 2>&1 | tee "$OUT/tune.log" | grep -E "^\|" >> "$OUT/bench_table.txt"
+  card=$(python3 -c "import torch; from moeserve.kernels.tuning import card_file; print(card_file(torch.cuda.get_device_name()))")
+  [ -s "$OUT/kernel_configs.json" ] && mkdir -p "$(dirname "$card")" && cp "$OUT/kernel_configs.json" "$card"
+fi
+if has moe; then
+  timeout ${MOE_SECONDS:-400} python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
+    | grep -E "^\|" >> "$OUT/bench_table.txt"
 fi
 if has serve; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
   python3 -m moeserve serve deepseek-v2-lite --load-format dummy --dtype bfloat16 --device cuda --max-model-len 8192 \
     --port 8000 > "$OUT/serve.log" 2>&1 &
-  for _ in $(seq 120); do curl -sf http://127.0.0.1:8000/health > /dev/null && break; sleep 2; done
+  for _ in $(seq 120); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 2
+  done
   for rate in inf 4; do
     echo "== serve deepseek-v2-lite random bf16, request rate $rate" >> "$OUT/bench_table.txt"
     timeout 240 python3 -m moeserve bench serve --model deepseek-v2-lite --num-prompts 64 --input-len 256 \
