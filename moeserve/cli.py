@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from moeserve.config import DISPATCH_FORMATS, EP_BACKENDS, LOAD_FORMATS, QUANTIZATION_FORMATS, EngineArgs
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     moe.add_argument("--local-experts", default="32", help="comma-separated, e.g. 32,256")
     moe.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
     moe.add_argument("--dtype", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
-    moe.add_argument("--tune-output", default=None,
+    moe.add_argument("--profile", action="store_true", help="also print each point's kernels and their times")
+    moe.add_argument("--tune-output", default=None,  # an existing table is updated: other shapes stay
                      help="instead of the comparison, sweep block sizes and write the table (JSON) here")
     moe.set_defaults(run=run_bench_moe)
 
@@ -284,7 +286,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 def run_bench_moe(args: argparse.Namespace) -> int:
     import torch
 
-    from moeserve.bench.moe import measure
+    from moeserve.bench.moe import make_experts, measure
     from moeserve.loader.model_loader import load_config
 
     if not torch.cuda.is_available():
@@ -294,13 +296,16 @@ def run_bench_moe(args: argparse.Namespace) -> int:
           f"top-{config.moe.top_k}; {torch.cuda.get_device_name()}")
     if args.tune_output:
         return write_tuned_table(args, config)
-    print("| local experts | tokens | implementation | ms | TFLOP/s | weight TB/s |\n|---|---|---|---|---|---|")
-    for experts in (int(e) for e in args.local_experts.split(",")):
-        for tokens in (int(t) for t in args.tokens.split(",")):
-            for fmt in args.dtype.split(","):
-                for p in measure(config, experts, tokens, fmt, "cuda"):
-                    print(f"| {experts} | {tokens} | {p.name} | {p.milliseconds:.3f} | {p.tflops:.1f} | "
-                          f"{p.weight_tb_per_s:.2f} |", flush=True)
+    print("| local experts | tokens | implementation | ms | eager ms | TFLOP/s | weight TB/s |\n|---|---|---|---|---|---|---|")
+    for count in (int(e) for e in args.local_experts.split(",")):
+        for fmt in args.dtype.split(","):
+            experts = make_experts(config, count, fmt, "cuda")
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                for p in measure(config, experts, tokens, fmt, profile=args.profile):
+                    print(f"| {count} | {tokens} | {p.name} | {p.milliseconds:.3f} | {p.eager_milliseconds:.3f} | "
+                          f"{p.tflops:.1f} | {p.weight_tb_per_s:.2f} |", flush=True)
+            del experts
+            torch.cuda.empty_cache()
     return 0
 
 
@@ -311,23 +316,27 @@ def write_tuned_table(args: argparse.Namespace, config) -> int:
 
     import torch
 
-    from moeserve.bench.moe import tune
+    from moeserve.bench.moe import make_experts, tune
     from moeserve.kernels.tuning import METHOD
 
-    table = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "method": METHOD,
-             "command": "moeserve bench moe " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                          if k in ("model", "local_experts", "tokens", "dtype")),
-             "configs": {}}
+    command = "moeserve bench moe " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                               if k in ("model", "local_experts", "tokens", "dtype"))
+    path = Path(args.tune_output)
+    table = json.loads(path.read_text()) if path.is_file() else {"card": torch.cuda.get_device_name(), "configs": {}}
+    if table["card"] != torch.cuda.get_device_name():
+        raise ValueError(f"{path} holds configs for {table['card']}, not this {torch.cuda.get_device_name()}")
+    table.update(method=METHOD, date=datetime.date.today().isoformat())
+    table["commands"] = [c for c in table.get("commands", [table.pop("command", None)]) if c] + [command]
     experts = int(args.local_experts.split(",")[0])
     top_k = min(config.moe.top_k, experts)
     for fmt in args.dtype.split(","):
         shape = f"{fmt}/{config.hidden_size}x{config.moe.intermediate_size}"
+        local = make_experts(config, experts, fmt, "cuda")
         for tokens in (int(t) for t in args.tokens.split(",")):
-            best, ms = tune(config, experts, tokens, fmt, "cuda")
+            best, ms = tune(config, local, tokens, "cuda")
             table["configs"].setdefault(shape, {})[str(tokens * top_k)] = asdict(best)
             print(f"| {fmt} | {tokens} tokens | {ms:.3f} ms | {asdict(best)} |", flush=True)
-            with open(args.tune_output, "w") as f:  # after every shape: a sweep cut short keeps what it found
-                json.dump(table, f, indent=2)
+            path.write_text(json.dumps(table, indent=2))  # after every shape: a sweep cut short keeps what it found
     return 0
 
 

@@ -4,8 +4,8 @@
 # weights (bf16, CUDA), each beside transformers' generate on the same workload. Stage "qwen3":
 # Qwen3-30B-A3B's shape the same way. Stage "quant": V2-Lite's shape quantized on load (fp8, nvfp4).
 # Stage "ep" (2 or more GPUs): bench ep at DeepSeek-V3 shapes on NCCL.
-# Stage "tune": the block-size sweep; the table comes back as $OUT/kernel_configs.json (copy it to
-# moeserve/kernels/configs/<card>.json; this tree's copy is replaced at once, so "tune moe" uses it).
+# Stage "tune": the block-size sweep, updating this tree's moeserve/kernels/configs/<card>.json (so "tune
+# moe" uses it); the table comes back as $OUT/kernel_configs.json, to be copied there in the repo.
 # Stage "moe": moeserve bench moe at DeepSeek-V3 shapes.
 # Stage "serve" (needs the wheels of scripts/fetch_server_wheels.sh, carried as .whl): the server on
 # DeepSeek-V2-Lite's real shape with random weights, measured with moeserve bench serve.
@@ -51,13 +51,14 @@ if has ep; then
     --experts 256 2>&1 | tee "$OUT/bench_ep.log" | grep -E "^\||^EP" >> "$OUT/bench_table.txt"
 fi
 if has tune; then
-  timeout ${TUNE_SECONDS:-300} python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32 --tokens 1,32,512,8192 \
-    --tune-output "$OUT/kernel_configs.json" 2>&1 | tee "$OUT/tune.log" | grep -E "^\|" >> "$OUT/bench_table.txt"
   card=$(python3 -c "import torch; from moeserve.kernels.tuning import card_file; print(card_file(torch.cuda.get_device_name()))")
-  [ -s "$OUT/kernel_configs.json" ] && mkdir -p "$(dirname "$card")" && cp "$OUT/kernel_configs.json" "$card"
+  mkdir -p "$(dirname "$card")"
+  timeout ${TUNE_SECONDS:-300} python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32 --tokens 1,32,512,8192 \
+    --dtype ${TUNE_DTYPES:-bf16,fp8,nvfp4} --tune-output "$card" 2>&1 | tee "$OUT/tune.log" | grep -E "^\|" >> "$OUT/bench_table.txt"
+  cp "$card" "$OUT/kernel_configs.json"
 fi
 if has moe; then
-  timeout ${MOE_SECONDS:-400} python3 -m moeserve bench moe --model deepseek-v3 --local-experts 32,256 2>&1 | tee "$OUT/bench_moe.log" \
+  timeout ${MOE_SECONDS:-400} python3 -m moeserve bench moe --model deepseek-v3 --local-experts ${MOE_EXPERTS:-32,256} ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" \
     | grep -E "^\|" >> "$OUT/bench_table.txt"
 fi
 if has serve; then

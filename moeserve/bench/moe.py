@@ -1,7 +1,9 @@
 """The experts of one MoE layer on one GPU: the fused kernels against baselines measured in the same
 run (a per-expert torch loop; torch._grouped_mm in bf16; torch._scaled_grouped_mm in FP8 rowwise).
 Per point: median time (CUDA events), TFLOP/s, and effective weight bandwidth = bytes of the experts
-actually touched / time. Routing is uniform random top-k over the local experts."""
+actually touched / time. Routing is uniform random top-k over the local experts. Times are of CUDA-graph
+replays (what the GPU spends, launch overhead excluded) where the implementation can be captured; the
+eager time (Python launches included, as the engine runs today) is reported beside it."""
 
 import statistics
 from dataclasses import dataclass
@@ -20,25 +22,30 @@ from moeserve.quant.fp8 import E4M3_MAX
 @dataclass
 class MoePoint:
     name: str
-    milliseconds: float
+    milliseconds: float  # CUDA-graph replay where capturable, else eager
+    eager_milliseconds: float
     tflops: float
     weight_tb_per_s: float
 
 
 def make_experts(config: ModelConfig, local_experts: int, fmt: str, device) -> Experts:
+    """Random experts, made (and quantized) one expert at a time so that 256 experts fit beside each other."""
     hidden, intermediate = config.hidden_size, config.moe.intermediate_size
     with torch.device(device):
-        experts = Experts(local_experts, hidden, intermediate)
-        gate_up = torch.randn(local_experts, 2 * intermediate, hidden) / hidden**0.5
-        down = torch.randn(local_experts, hidden, intermediate) / intermediate**0.5
-        if fmt == "bf16":
-            experts.gate_up_proj.data, experts.down_proj.data = gate_up.bfloat16(), down.bfloat16()
-        else:
+        experts = Experts(local_experts, hidden, intermediate).bfloat16()
+        if fmt != "bf16":
             del experts.gate_up_proj, experts.down_proj
             experts.gate_up_proj = make_quantized_weight(fmt, (local_experts, 2, intermediate, hidden))
             experts.down_proj = make_quantized_weight(fmt, (local_experts, hidden, intermediate))
-            experts.gate_up_proj.quantize_from(gate_up)
-            experts.down_proj.quantize_from(down)
+        for e in range(local_experts):
+            gate_up = torch.randn(2 * intermediate, hidden) / hidden**0.5
+            down = torch.randn(hidden, intermediate) / intermediate**0.5
+            if fmt == "bf16":
+                experts.gate_up_proj.data[e], experts.down_proj.data[e] = gate_up, down
+            else:
+                experts.gate_up_proj.quantize_matrices(gate_up[:intermediate], 2 * e)
+                experts.gate_up_proj.quantize_matrices(gate_up[intermediate:], 2 * e + 1)
+                experts.down_proj.quantize_matrices(down, e)
     return experts.requires_grad_(False)
 
 
@@ -55,6 +62,7 @@ def expert_bytes(experts: Experts) -> int:
 
 
 def time_ms(fn, iterations: int = 20, warmup: int = 5) -> float:
+    """Median of `iterations` timed calls (CUDA events), after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -68,11 +76,31 @@ def time_ms(fn, iterations: int = 20, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_of(fn):
+    """fn captured as a CUDA graph (replayed by the returned function), or None if it cannot be captured."""
+    fn()  # compiles and allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def expert_offsets(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """End offset of each expert's rows once rows are sorted by expert (no host sync, unlike bincount)."""
+    flat = slots.flatten().long()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=slots.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return counts.cumsum(0).to(torch.int32)
+
+
 def grouped_mm_baseline(experts: Experts, x, slots):
     """bf16 torch._grouped_mm on rows sorted by expert (the sort is counted)."""
-    flat = slots.flatten().long()
-    order = flat.argsort()
-    offsets = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)
+    order = slots.flatten().argsort()
+    offsets = expert_offsets(slots, experts.num_experts)
     rows = x[order // slots.shape[1]]
     gate, up = torch._grouped_mm(rows, experts.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offsets)
@@ -86,9 +114,8 @@ def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def scaled_grouped_mm_baseline(gate_up, down, x, slots, num_experts):
     """FP8 rowwise torch._scaled_grouped_mm (activations quantized per row, weights per output row)."""
-    flat = slots.flatten().long()
-    order = flat.argsort()
-    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    order = slots.flatten().argsort()
+    offsets = expert_offsets(slots, num_experts)
     a, a_scale = rowwise_fp8(x[order // slots.shape[1]])
     (w1, s1), (w2, s2) = gate_up, down
     h = torch._scaled_grouped_mm(a, w1.transpose(-2, -1), a_scale, s1, offs=offsets, out_dtype=torch.bfloat16)
@@ -97,29 +124,57 @@ def scaled_grouped_mm_baseline(gate_up, down, x, slots, num_experts):
     return torch._scaled_grouped_mm(act_fp8, w2.transpose(-2, -1), act_scale, s2, offs=offsets, out_dtype=torch.bfloat16)
 
 
-def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device) -> list[MoePoint]:
-    experts = make_experts(config, local_experts, fmt, device)
-    x, layout = random_routing(config, local_experts, tokens, device)
+def gpu_ms(fn) -> tuple[float, bool]:
+    """fn's time as CUDA-graph replays where it can be captured (else eager), and whether it was."""
+    replay = graph_of(fn)
+    return (time_ms(replay), True) if replay else (time_ms(fn), False)
+
+
+def rowwise_fp8_weights(weight, num_experts: int):
+    """The FP8 rowwise baseline's weights: dequantized and requantized one expert at a time."""
+    parts = [rowwise_fp8(weight.dequantize(torch.bfloat16, e).reshape(-1, weight.shape[-1])) for e in range(num_experts)]
+    return torch.stack([values for values, _ in parts]), torch.stack([scale for _, scale in parts])
+
+
+def kernel_breakdown(fn) -> str:
+    """The GPU kernels of one call of fn and their times (torch profiler), longest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        fn()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.key, e.device_time_total) for e in profiler.key_averages() if e.device_time_total > 0),
+                     key=lambda kernel: -kernel[1])
+    return "; ".join(f"{name[:48]} {us:.0f} us" for name, us in kernels[:10])
+
+
+def measure(config: ModelConfig, experts: Experts, tokens: int, fmt: str, profile: bool = False) -> list[MoePoint]:
+    local_experts = experts.num_experts
+    x, layout = random_routing(config, local_experts, tokens, next(experts.parameters()).device)
     slots, top_k = layout.slots, layout.slots.shape[1]
     touched = int(torch.unique(slots).numel())
     flops = 6 * tokens * top_k * config.hidden_size * config.moe.intermediate_size
     weight_bytes = touched * expert_bytes(experts)
 
-    def point(name, fn):
-        ms = time_ms(fn)
-        return MoePoint(name, ms, flops / ms / 1e9, weight_bytes / ms / 1e9)
+    def point(name, fn, capturable=True):
+        eager = time_ms(fn)
+        ms, captured = gpu_ms(fn) if capturable else (eager, False)
+        return MoePoint(name + ("" if captured else " (eager)"), ms, eager, flops / ms / 1e9, weight_bytes / ms / 1e9)
 
     points = [point(f"moeserve {fmt}", lambda: fused_experts(experts, x, layout))]
+    if profile:
+        print(f"  kernels, {local_experts} experts, {tokens} tokens, {fmt}:",
+              kernel_breakdown(lambda: fused_experts(experts, x, layout)), flush=True)
     if tokens <= 2048:
-        points.append(point(f"torch loop {fmt}", lambda: experts.reference(x, layout)))
+        points.append(point(f"torch loop {fmt}", lambda: experts.reference(x, layout), capturable=False))
     if fmt == "bf16":
         try:
             points.append(point("torch._grouped_mm bf16", lambda: grouped_mm_baseline(experts, x, slots)))
         except (RuntimeError, TypeError) as error:
             print(f"  torch._grouped_mm unavailable: {error}")
     if fmt == "fp8":
-        gate_up = rowwise_fp8(experts.gate_up_proj.dequantize(torch.bfloat16).reshape(local_experts, -1, config.hidden_size))
-        down = rowwise_fp8(experts.down_proj.dequantize(torch.bfloat16))
+        if not hasattr(experts, "rowwise_baseline"):
+            experts.rowwise_baseline = (rowwise_fp8_weights(experts.gate_up_proj, local_experts),
+                                        rowwise_fp8_weights(experts.down_proj, local_experts))
+        gate_up, down = experts.rowwise_baseline
         try:
             points.append(point("torch._scaled_grouped_mm fp8 rowwise",
                                 lambda: scaled_grouped_mm_baseline(gate_up, down, x, slots, local_experts)))
@@ -128,18 +183,17 @@ def measure(config: ModelConfig, local_experts: int, tokens: int, fmt: str, devi
     return points
 
 
-def tune(config: ModelConfig, local_experts: int, tokens: int, fmt: str, device) -> tuple[GemmConfig, float]:
-    """The fastest candidate block configuration for this shape (and its time in ms)."""
+def tune(config: ModelConfig, experts: Experts, tokens: int, device) -> tuple[GemmConfig, float]:
+    """The fastest candidate block configuration for this shape (and its time in ms, CUDA-graph replays)."""
     from moeserve.kernels.tuning import candidates, default_config
 
-    experts = make_experts(config, local_experts, fmt, device)
-    x, layout = random_routing(config, local_experts, tokens, device)
+    x, layout = random_routing(config, experts.num_experts, tokens, device)
     rows = layout.slots.numel()
     expected = fused_experts(experts, x, layout, default_config(rows)).float()  # a sanity check
     best = None
     for candidate in candidates(rows):
         try:
-            ms = time_ms(lambda: fused_experts(experts, x, layout, candidate))
+            ms, _ = gpu_ms(lambda: fused_experts(experts, x, layout, candidate))
             actual = fused_experts(experts, x, layout, candidate).float()
         except Exception:  # a candidate that does not compile on this card (shared memory) is skipped
             continue

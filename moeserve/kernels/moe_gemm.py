@@ -37,12 +37,11 @@ class GemmConfig:
 
 @triton.jit
 def e2m1_to_float(code):
-    """E2M1 codes (uint8 0-15) -> fp32: bit 3 sign, magnitude 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
-    m = code & 7
-    frac = (m & 1).to(tl.float32)
-    normal = (1.0 + 0.5 * frac) * tl.exp2((m >> 1).to(tl.float32) - 1.0)
-    magnitude = tl.where(m < 2, 0.5 * frac, normal)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
+    """E2M1 codes (uint8 0-15) -> fp32 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): the sign and the three
+    magnitude bits placed in an fp16's sign and top exponent/mantissa bits are the value times 2^-14
+    (normal and subnormal codes alike)."""
+    bits = ((code & 8).to(tl.int16) << 12) | ((code & 7).to(tl.int16) << 9)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
 
 
 @triton.jit
@@ -69,19 +68,21 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
             offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            j_ok = offs_j < K // 2
-            w_mask = j_ok[:, None] & n_ok[None, :]
-            packed = tl.load(w_base + offs_n[None, :] * stride_wn + offs_j[:, None], mask=w_mask, other=0)
-            block_scale = tl.load(w_scale_base + offs_n[None, :] * stride_wsn + offs_j[:, None] // 8,
-                                  mask=w_mask, other=0.0).to(tl.float32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            packed = tl.load(w_base + offs_n[:, None] * stride_wn + offs_j[None, :],
+                             mask=n_ok[:, None] & (offs_j < K // 2)[None, :], other=0)
+            codes = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K] in k order
+            offs_g = k0 // 16 + tl.arange(0, BLOCK_K // 16)  # one E4M3 scale per 16 elements, broadcast below
+            group_scale = tl.load(w_scale_base + offs_n[:, None] * stride_wsn + offs_g[None, :],
+                                  mask=n_ok[:, None] & (offs_g < K // 16)[None, :], other=0.0).to(tl.float32)
             part_scale = tl.load(w_global_base + offs_n // n_part, mask=n_ok, other=0.0)
-            scale = block_scale * part_scale[None, :]
-            a_mask = valid[:, None] & j_ok[None, :]
-            a_even = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :], mask=a_mask, other=0.0)
-            a_odd = tl.load(a_ptr + a_rows[:, None] * stride_am + 2 * offs_j[None, :] + 1, mask=a_mask, other=0.0)
-            w_even = (e2m1_to_float(packed & 0xF) * scale).to(a_even.dtype)
-            w_odd = (e2m1_to_float(packed >> 4) * scale).to(a_odd.dtype)
-            acc += tl.dot(a_even, w_even, input_precision=PRECISION) + tl.dot(a_odd, w_odd, input_precision=PRECISION)
+            group_scale = group_scale * part_scale[:, None]
+            scale = tl.reshape(tl.broadcast_to(group_scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
+            w = (e2m1_to_float(codes) * scale).to(a_ptr.dtype.element_ty)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K

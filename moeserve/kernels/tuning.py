@@ -1,6 +1,6 @@
 """Block sizes of the grouped GEMM per card, weight format and number of (token, expert) rows: a small
 table kept in the repo (moeserve/kernels/configs/<card>.json), written by `moeserve bench moe
---tune-output FILE`, which times every candidate below on the shapes it is given and keeps the fastest
+--tune-output FILE` (an existing table keeps the shapes it does not sweep), which times every candidate below on the shapes it is given and keeps the fastest
 (the method and the date are stored in the file). Shapes without an entry use default_config."""
 
 import functools
@@ -13,7 +13,8 @@ import torch
 from moeserve.kernels.moe_gemm import GemmConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHOD = ("fused_experts timed with CUDA events (median of 20 after 5 warm-ups) for each candidate of "
+METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of 20 after 5 warm-ups; eager "
+          "where capture fails) for each candidate of "
           "moeserve.kernels.tuning.candidates (decode: block_n x block_k x split_k; prefill: block_m x "
           "num_warps x group_m x persistent); the fastest kept per (format, rows)")
 

@@ -29,7 +29,21 @@ class QuantizedWeight(nn.Module):
         raise NotImplementedError
 
     def quantize_from(self, w: torch.Tensor) -> None:
+        """Quantize w (the full shape) into this weight, one [N, K] matrix at a time (bounded memory)."""
+        w = w.reshape(self.shape)
+        if w.dim() > 3:
+            w = w.flatten(0, -3)
+        if w.dim() == 2:
+            self.quantize_matrices(w, ())
+        for i in range(w.shape[0] if w.dim() == 3 else 0):
+            self.quantize_matrices(w[i], i)
+
+    def quantize_matrices(self, w: torch.Tensor, index) -> None:
         raise NotImplementedError
+
+    def _flat(self, t: torch.Tensor, tail: int) -> torch.Tensor:
+        """t's leading (matrix) dims as one, for quantize_from's indexing."""
+        return t.view(-1, *t.shape[len(t.shape) - tail:]) if len(self.shape) > 3 else t
 
     def extra_repr(self) -> str:
         return f"{self.format}, shape={list(self.shape)}"
@@ -48,10 +62,10 @@ class Fp8BlockWeight(QuantizedWeight):
     def dequantize(self, dtype, index=()):
         return dequantize_fp8_block(self.values[index], self.scale[index], self.block, dtype)
 
-    def quantize_from(self, w):
-        values, scale = quantize_fp8_block(w.reshape(self.shape), self.block)
-        self.values.data.copy_(values)
-        self.scale.data.copy_(scale)
+    def quantize_matrices(self, w, index):
+        values, scale = quantize_fp8_block(w, self.block)
+        self._flat(self.values.data, 2)[index].copy_(values)
+        self._flat(self.scale.data, 2)[index].copy_(scale)
 
 
 class Nvfp4Weight(QuantizedWeight):
@@ -70,11 +84,11 @@ class Nvfp4Weight(QuantizedWeight):
         global_scale = self.global_scale[index][..., None, None]  # one per [N, K] matrix
         return dequantize_nvfp4(self.packed[index], self.block_scale[index], global_scale, dtype)
 
-    def quantize_from(self, w):
-        packed, block_scale, global_scale = quantize_nvfp4_weight(w.reshape(self.shape))
-        self.packed.data.copy_(packed)
-        self.block_scale.data.copy_(block_scale)
-        self.global_scale.data.copy_(global_scale)
+    def quantize_matrices(self, w, index):
+        packed, block_scale, global_scale = quantize_nvfp4_weight(w)
+        self._flat(self.packed.data, 2)[index].copy_(packed)
+        self._flat(self.block_scale.data, 2)[index].copy_(block_scale)
+        self._flat(self.global_scale.data, 0)[index].copy_(global_scale)
 
 
 FORMATS: dict[str, type[QuantizedWeight]] = {"fp8": Fp8BlockWeight, "nvfp4": Nvfp4Weight}

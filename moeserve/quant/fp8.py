@@ -21,7 +21,7 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
 def exact_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """x / divisor, correctly rounded on every device (CUDA divides by a Python number through its
     reciprocal, one ulp off at times: scales must not depend on where a model was quantized)."""
-    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)  # a fill, not a copy: CUDA graphs capture it
 
 
 def block_scales(amax: torch.Tensor) -> torch.Tensor:
@@ -69,3 +69,8 @@ def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, group: int
     k = values.shape[-1]
     expanded = scales.repeat_interleave(group, dim=-1)[..., :k]
     return (values.float() * expanded).to(dtype)
+
+
+def fp8_group_round_trip(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """x through FP8 1x`group` quantization and back (fp32): what a W8A8 kernel multiplies."""
+    return dequantize_fp8_groups(*quantize_fp8_groups(x, group), group)

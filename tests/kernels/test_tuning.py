@@ -23,3 +23,18 @@ def test_lookup_takes_the_largest_tuned_size_not_above_the_rows():
     assert lookup(table, "fp8", 7168, 2048, 65536) == large
     assert lookup(table, "bf16", 7168, 2048, 4096) == default_config(4096)  # no entry for this format
     assert lookup({}, "fp8", 7168, 2048, 8) == default_config(8)
+
+
+def test_tables_in_the_repo_name_their_card_method_and_commands_and_hold_candidates():
+    import json
+
+    from moeserve.kernels.tuning import CONFIG_DIR, card_file
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        assert card_file(table["card"]) == path and table["method"] and table["commands"] and table["date"]
+        for shape, entries in table["configs"].items():
+            fmt = shape.split("/")[0]
+            hidden, intermediate = (int(n) for n in shape.split("/")[1].split("x"))
+            for rows in entries:
+                assert lookup(table, fmt, hidden, intermediate, int(rows)) in set(candidates(int(rows))), (path, shape, rows)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.quant.formats import weight_matrix
+from moeserve.quant.formats import Fp8BlockWeight, weight_matrix
+from moeserve.quant.fp8 import fp8_group_round_trip
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Experts(nn.Module):
     forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. On CUDA the fused
     Triton kernels compute it (moeserve.kernels.fused_moe); `reference` is the torch specification
     (fan out by expert, loop over experts) that runs elsewhere and that the kernels are tested against.
+    FP8 block weights take FP8 activations (1x128 groups, W8A8) on every device, as DeepSeek's own
+    inference code does; NVFP4 weights take 16-bit activations (W4A16).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -52,6 +55,8 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        activations = fp8_group_round_trip if isinstance(self.gate_up_proj, Fp8BlockWeight) else (lambda t: t)
         gate_up = weight_matrix(self.gate_up_proj, e, x.dtype).reshape(-1, x.shape[-1])  # [2I, H]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, weight_matrix(self.down_proj, e, x.dtype))
+        gate, up = F.linear(activations(x).to(x.dtype), gate_up).chunk(2, dim=-1)
+        hidden = activations(F.silu(gate.float()) * up.float()).to(x.dtype)
+        return F.linear(hidden, weight_matrix(self.down_proj, e, x.dtype))
