@@ -202,4 +202,6 @@ def tune(config: ModelConfig, experts: Experts, tokens: int, device) -> tuple[Ge
             continue
         if best is None or ms < best[1]:
             best = (candidate, ms)
+    if best is None:
+        raise RuntimeError(f"no block configuration compiled and matched the default's output for {tokens} tokens")
     return best
