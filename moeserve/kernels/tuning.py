@@ -16,7 +16,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of 20 after 5 warm-ups; eager "
           "where capture fails) for each candidate of "
           "moeserve.kernels.tuning.candidates (decode: block_n x block_k x split_k; prefill: block_m x "
-          "num_warps x group_m x persistent); the fastest kept per (format, rows)")
+          "block_k x num_warps x group_m x persistent); the fastest kept per (format, rows)")
 
 
 def default_config(num_rows: int) -> GemmConfig:
@@ -28,13 +28,14 @@ def default_config(num_rows: int) -> GemmConfig:
 
 def candidates(num_rows: int):
     """Decode (few rows per expert): small M blocks, K split to fill the SMs. Prefill: large tiles,
-    grouped tile order, optionally a persistent grid."""
+    grouped tile order, optionally a persistent grid; K steps of 128 as well (one per FP8 scale block)."""
     if num_rows <= 1024:
         for block_n, block_k, split_k in itertools.product((64, 128), (64, 128), (1, 2, 4)):
             yield GemmConfig(16, block_n, block_k, num_warps=4, num_stages=3, split_k=split_k)
         return
-    for block_m, warps, group_m, persistent in itertools.product((64, 128), (4, 8), (1, 8), (False, True)):
-        yield GemmConfig(block_m, 128, 64, num_warps=warps, num_stages=3, group_m=group_m, persistent=persistent)
+    sizes = itertools.product((64, 128), (64, 128), (4, 8), (1, 8), (False, True))
+    for block_m, block_k, warps, group_m, persistent in sizes:
+        yield GemmConfig(block_m, 128, block_k, num_warps=warps, num_stages=3, group_m=group_m, persistent=persistent)
 
 
 def card_file(device_name: str) -> Path:
