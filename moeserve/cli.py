@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -325,18 +326,22 @@ def write_tuned_table(args: argparse.Namespace, config) -> int:
     table = json.loads(path.read_text()) if path.is_file() else {"card": torch.cuda.get_device_name(), "configs": {}}
     if table["card"] != torch.cuda.get_device_name():
         raise ValueError(f"{path} holds configs for {table['card']}, not this {torch.cuda.get_device_name()}")
-    table.update(method=METHOD, date=datetime.date.today().isoformat())
-    table["commands"] = [c for c in table.get("commands", [table.pop("command", None)]) if c] + [command]
     experts = int(args.local_experts.split(",")[0])
     top_k = min(config.moe.top_k, experts)
     for fmt in args.dtype.split(","):
         shape = f"{fmt}/{config.hidden_size}x{config.moe.intermediate_size}"
+        table["configs"][shape] = {}  # a shape swept again loses its old entries
+        table.setdefault("sweeps", {})[shape] = {"date": datetime.date.today().isoformat(), "method": METHOD,
+                                                 "command": command}
         local = make_experts(config, experts, fmt, "cuda")
         for tokens in (int(t) for t in args.tokens.split(",")):
             best, ms = tune(config, local, tokens, "cuda")
-            table["configs"].setdefault(shape, {})[str(tokens * top_k)] = asdict(best)
+            table["configs"][shape][str(tokens * top_k)] = asdict(best)
             print(f"| {fmt} | {tokens} tokens | {ms:.3f} ms | {asdict(best)} |", flush=True)
-            path.write_text(json.dumps(table, indent=2))  # after every shape: a sweep cut short keeps what it found
+            # after every shape, whole or not at all: a sweep cut short keeps what it found
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(table, indent=2))
+            os.replace(partial, path)
     return 0
 
 

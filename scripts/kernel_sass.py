@@ -57,7 +57,7 @@ def summary(kernel) -> str:
         cubin.write_bytes(kernel.asm["cubin"])
         sass = subprocess.run([tools / "nvdisasm", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
     count = {name: sum(op == name for op in opcodes) for name in ("HGMMA", "QGMMA", "HMMA", "LDGSTS", "STL", "LDL")}
     waits = sorted(set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", kernel.asm["ptx"])))
     registers = re.search(r"REG:(\d+)", usage)

@@ -37,9 +37,9 @@ class GemmConfig:
 
 @triton.jit
 def e2m1_to_float(code):
-    """E2M1 codes (uint8 0-15) -> fp32 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): the sign and the three
-    magnitude bits placed in an fp16's sign and top exponent/mantissa bits are the value times 2^-14
-    (normal and subnormal codes alike)."""
+    """E2M1 codes (uint8 0-15) -> fp32 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): the sign bit placed in an
+    fp16's sign, the two exponent bits in its two lowest exponent bits and the mantissa bit in its top mantissa
+    bit make the value times 2^-14 (normal and subnormal codes alike)."""
     bits = ((code & 8).to(tl.int16) << 12) | ((code & 7).to(tl.int16) << 9)
     return bits.to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
 

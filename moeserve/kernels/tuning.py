@@ -13,8 +13,8 @@ import torch
 from moeserve.kernels.moe_gemm import GemmConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of 20 after 5 warm-ups; eager "
-          "where capture fails) for each candidate of "
+METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of 20 after 5 warm-ups; a "
+          "candidate that cannot be captured is skipped) for each candidate of "
           "moeserve.kernels.tuning.candidates (decode: block_n x block_k x split_k; prefill: block_m x "
           "block_k x num_warps x group_m x persistent); the fastest kept per (format, rows)")
 

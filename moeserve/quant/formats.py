@@ -39,6 +39,8 @@ class QuantizedWeight(nn.Module):
             self.quantize_matrices(w[i], i)
 
     def quantize_matrices(self, w: torch.Tensor, index) -> None:
+        """Quantize one [N, K] matrix w into matrix `index` of the leading dims flattened (an int; () for a
+        2-D weight): for [E, 2, I, H], expert e's up half is 2 * e + 1."""
         raise NotImplementedError
 
     def _flat(self, t: torch.Tensor, tail: int) -> torch.Tensor:

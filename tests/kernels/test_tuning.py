@@ -32,8 +32,9 @@ def test_tables_in_the_repo_name_their_card_method_and_commands_and_hold_candida
 
     for path in sorted(CONFIG_DIR.glob("*.json")):
         table = json.loads(path.read_text())
-        assert card_file(table["card"]) == path and table["method"] and table["commands"] and table["date"]
+        assert card_file(table["card"]) == path
         for shape, entries in table["configs"].items():
+            assert all(table["sweeps"][shape][key] for key in ("date", "method", "command")), (path, shape)
             fmt = shape.split("/")[0]
             hidden, intermediate = (int(n) for n in shape.split("/")[1].split("x"))
             for rows in entries:

@@ -55,8 +55,11 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        activations = fp8_group_round_trip if isinstance(self.gate_up_proj, Fp8BlockWeight) else (lambda t: t)
-        gate_up = weight_matrix(self.gate_up_proj, e, x.dtype).reshape(-1, x.shape[-1])  # [2I, H]
-        gate, up = F.linear(activations(x).to(x.dtype), gate_up).chunk(2, dim=-1)
-        hidden = activations(F.silu(gate.float()) * up.float()).to(x.dtype)
-        return F.linear(hidden, weight_matrix(self.down_proj, e, x.dtype))
+        w8a8 = isinstance(self.gate_up_proj, Fp8BlockWeight)
+        # W8A8 as the kernel computes it: FP8 operands, products and scales in fp32; gate_up stored in x's dtype
+        dtype = torch.float32 if w8a8 else x.dtype
+        activations = fp8_group_round_trip if w8a8 else (lambda t: t)
+        gate_up = weight_matrix(self.gate_up_proj, e, dtype).reshape(-1, x.shape[-1])  # [2I, H]
+        gate, up = F.linear(activations(x).to(dtype), gate_up).to(x.dtype).float().chunk(2, dim=-1)
+        hidden = activations(F.silu(gate) * up).to(dtype)
+        return F.linear(hidden, weight_matrix(self.down_proj, e, dtype)).to(x.dtype)
