@@ -29,15 +29,16 @@ def attention_with_lse(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out [..., Sq, Hq, Dv], lse [..., Hq, Sq] fp32
     """Eager attention as Hugging Face computes it: scores in the input dtype, softmax in fp32.
-    Query head h reads KV head h // (Hq / Hk). A query with no allowed key gets out 0, lse -inf."""
-    group = q.shape[-2] // k.shape[-2]
-    k = k.repeat_interleave(group, dim=-2)
-    v = v.repeat_interleave(group, dim=-2)
-    scores = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
+    Query head h reads KV head h // (Hq / Hk), without copying the KV heads (MLA's absorbed decode is
+    MQA: one latent head for all query heads). A query with no allowed key gets out 0, lse -inf."""
+    kv_heads = k.shape[-2]
+    grouped_q = q.unflatten(-2, (kv_heads, q.shape[-2] // kv_heads))  # [..., Sq, Hk, G, D]
+    scores = torch.einsum("...qhgd,...khd->...hgqk", grouped_q, k).flatten(-4, -3) * scale  # [..., Hq, Sq, Sk]
     scores = scores.float().masked_fill(~allowed.unsqueeze(-3), float("-inf"))  # mask broadcast over heads
     lse = torch.logsumexp(scores, dim=-1)  # [..., Hq, Sq]
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0).to(q.dtype)
-    return torch.einsum("...hqk,...khd->...qhd", probs, v), lse
+    grouped_probs = probs.unflatten(-3, (kv_heads, probs.shape[-3] // kv_heads))  # [..., Hk, G, Sq, Sk]
+    return torch.einsum("...hgqk,...khd->...qhgd", grouped_probs, v).flatten(-3, -2), lse
 
 
 def dense_attention(q, k, v, allowed, scale) -> torch.Tensor:
