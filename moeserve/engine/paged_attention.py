@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.layers.attention.dense import attention_with_lse, causal_mask, merge_attention
-from moeserve.layers.attention.mla import mla_absorbed, mla_plain
+from moeserve.layers.attention.mla import mla_absorbed_latent, mla_plain
 
 
 @dataclass
@@ -78,8 +78,8 @@ class PagedAttention:
         rows = self.batch.decode_rows
         if rows.numel():  # MQA over the latent
             latent = latent_cache[self.batch.decode_slots]  # [N, Lmax, L + R]
-            out[rows] = mla_absorbed(attention, q_nope[rows, None], q_pe[rows, None], latent[..., :rank],
-                                     latent[..., rank:], self.decode_mask())[0][:, 0]
+            out[rows] = mla_absorbed_latent(attention, q_nope[rows, None], q_pe[rows, None], latent,
+                                            self.decode_mask())[0][:, 0]
         for index, chunk in enumerate(self.batch.chunks):
             out[chunk.tokens] = self.mla_chunk(index, attention, q_nope[chunk.tokens], q_pe[chunk.tokens],
                                                latent_cache[chunk.context_slots], rank)

@@ -80,9 +80,15 @@ def mla_plain(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
 
 def mla_absorbed(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
     """The same attention as `mla_plain`, computed as MQA over the latent."""
+    return mla_absorbed_latent(attention, q_nope, q_pe, torch.cat((c_kv, k_pe), dim=-1), allowed)
+
+
+def mla_absorbed_latent(attention: MLAttention, q_nope, q_pe, latent, allowed):
+    """`mla_absorbed` over latent = [c_kv | k_pe] [..., Sk, L + R] as the paged cache stores it (no copy)."""
     w_uk, w_uv = attention.absorbed_weights(q_nope.dtype)
     q_latent = torch.einsum("...qhp,hpl->...qhl", q_nope, w_uk)  # [..., Sq, Hq, L]
     q = torch.cat((q_latent, q_pe), dim=-1)  # [..., Sq, Hq, L + R]
-    k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(-2)  # [..., Sk, 1, L + R]: one KV head
-    out_latent, lse = attention_with_lse(q, k, c_kv.unsqueeze(-2), allowed, attention.scale)
+    keys = latent.unsqueeze(-2)  # [..., Sk, 1, L + R]: one KV head
+    values = keys[..., : q_latent.shape[-1]]  # c_kv
+    out_latent, lse = attention_with_lse(q, keys, values, allowed, attention.scale)
     return torch.einsum("...qhl,hvl->...qhv", out_latent, w_uv), lse
