@@ -161,7 +161,6 @@ def on_ranks(args: argparse.Namespace, fn) -> int:
 
 
 def _rank_main(context, fn, args: argparse.Namespace) -> None:
-    import os
 
     from moeserve.distributed.launch import device_for_rank, resolve_device
 
@@ -176,8 +175,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def serve_on_rank(args: argparse.Namespace, context) -> int:
-    import os
-    from pathlib import Path
 
     from moeserve.server.app import ServerConfig
     from moeserve.server.serve import serve
@@ -245,7 +242,6 @@ def run_bench_ep(args: argparse.Namespace) -> int:
 
 
 def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
-    import os
 
     import torch
 
@@ -287,7 +283,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 def run_bench_moe(args: argparse.Namespace) -> int:
     import torch
 
-    from moeserve.bench.moe import make_experts, measure
+    from moeserve.bench.moe import make_experts, measure, rowwise_baseline_weights
     from moeserve.loader.model_loader import load_config
 
     if not torch.cuda.is_available():
@@ -301,11 +297,12 @@ def run_bench_moe(args: argparse.Namespace) -> int:
     for count in (int(e) for e in args.local_experts.split(",")):
         for fmt in args.dtype.split(","):
             experts = make_experts(config, count, fmt, "cuda")
+            rowwise = rowwise_baseline_weights(experts) if fmt == "fp8" else None
             for tokens in (int(t) for t in args.tokens.split(",")):
-                for p in measure(config, experts, tokens, fmt, profile=args.profile):
+                for p in measure(config, experts, tokens, fmt, args.profile, rowwise):
                     print(f"| {count} | {tokens} | {p.name} | {p.milliseconds:.3f} | {p.eager_milliseconds:.3f} | "
                           f"{p.tflops:.1f} | {p.weight_tb_per_s:.2f} |", flush=True)
-            del experts
+            del experts, rowwise
             torch.cuda.empty_cache()
     return 0
 
@@ -368,7 +365,6 @@ def human_bytes(n: int) -> str:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import torch
 

@@ -14,12 +14,14 @@ def test_generate_prints_prompt_and_completion_through_the_engine(capsys):
 
 
 def test_seeded_sampling_from_the_command_line_is_reproducible(capsys):
-    args = ["generate", "--model", "tiny-mixtral", "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0.8",
-            "--top-p", "0.9", "--sampling-seed", "3"]
-    assert main(args) == 0
-    first = capsys.readouterr().out
-    assert main(args) == 0
-    assert capsys.readouterr().out == first
+    def generate(engine_seed, sampling_seed):
+        assert main(["generate", "--model", "tiny-mixtral", "--prompt", "Hi", "--max-tokens", "16", "--temperature",
+                     "1.0", "--seed", str(engine_seed), "--sampling-seed", str(sampling_seed)]) == 0
+        return capsys.readouterr().out
+
+    first = generate(1, 3)
+    assert generate(2, 3) == first  # the request's own seed decides, not the engine's
+    assert generate(1, 4) != first
 
 
 def test_bench_throughput_reports_rates(capsys):

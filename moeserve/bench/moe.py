@@ -136,9 +136,15 @@ def gpu_ms(fn) -> tuple[float, bool]:
 
 
 def rowwise_fp8_weights(weight, num_experts: int):
-    """The FP8 rowwise baseline's weights: dequantized and requantized one expert at a time."""
+    """One weight requantized for the FP8 rowwise baseline, one expert at a time."""
     parts = [rowwise_fp8(weight.dequantize(torch.bfloat16, e).reshape(-1, weight.shape[-1])) for e in range(num_experts)]
     return torch.stack([values for values, _ in parts]), torch.stack([scale for _, scale in parts])
+
+
+def rowwise_baseline_weights(experts: Experts):
+    """(gate_up, down) of FP8 block experts, requantized rowwise for torch._scaled_grouped_mm."""
+    return (rowwise_fp8_weights(experts.gate_up_proj, experts.num_experts),
+            rowwise_fp8_weights(experts.down_proj, experts.num_experts))
 
 
 def kernel_breakdown(fn) -> str:
@@ -151,7 +157,9 @@ def kernel_breakdown(fn) -> str:
     return "; ".join(f"{name[:48]} {us:.0f} us" for name, us in kernels[:10])
 
 
-def measure(config: ModelConfig, experts: Experts, tokens: int, fmt: str, profile: bool = False) -> list[MoePoint]:
+def measure(config: ModelConfig, experts: Experts, tokens: int, fmt: str, profile: bool = False,
+            rowwise_weights=None) -> list[MoePoint]:
+    """The points of one shape; rowwise_weights (FP8 only): `rowwise_baseline_weights(experts)`."""
     local_experts = experts.num_experts
     x, layout = random_routing(config, local_experts, tokens, next(experts.parameters()).device)
     slots, top_k = layout.slots, layout.slots.shape[1]
@@ -176,10 +184,7 @@ def measure(config: ModelConfig, experts: Experts, tokens: int, fmt: str, profil
         except (RuntimeError, TypeError) as error:
             print(f"  torch._grouped_mm unavailable: {error}")
     if fmt == "fp8":
-        if not hasattr(experts, "rowwise_baseline"):
-            experts.rowwise_baseline = (rowwise_fp8_weights(experts.gate_up_proj, local_experts),
-                                        rowwise_fp8_weights(experts.down_proj, local_experts))
-        gate_up, down = experts.rowwise_baseline
+        gate_up, down = rowwise_weights
         try:
             points.append(point("torch._scaled_grouped_mm fp8 rowwise",
                                 lambda: scaled_grouped_mm_baseline(gate_up, down, x, slots, local_experts)))

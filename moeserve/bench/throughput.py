@@ -34,7 +34,8 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return ThroughputResult(num_prompts, num_prompts * input_len, output_tokens, seconds)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    return ThroughputResult(num_prompts, prompt_tokens, output_tokens, seconds)
 
 
 def run_hf_baseline(model: str, num_prompts: int, input_len: int, output_len: int, device: str, dtype: str,

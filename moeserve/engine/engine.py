@@ -45,7 +45,6 @@ class Engine:
     own KV cache; LockstepEngine steps the ranks together."""
 
     def __init__(self, args: EngineArgs, context: DistributedContext | None = None):
-        self.args = args
         self.device = torch.device(resolve_device(args.device))
         config = load_config(args.model)
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)

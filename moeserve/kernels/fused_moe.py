@@ -14,10 +14,11 @@ from moeserve.quant.fp8 import quantize_fp8_groups
 
 def fused_experts(experts: Experts, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
     rows, top_k = layout.slots.shape
-    fmt = {BF16: "bf16", FP8: "fp8", NVFP4: "nvfp4"}[weight_format(experts.gate_up_proj)]
+    weights = weight_format(experts.gate_up_proj)
+    fmt = {BF16: "bf16", FP8: "fp8", NVFP4: "nvfp4"}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
-    fp8 = weight_format(experts.gate_up_proj) == FP8
+    fp8 = weights == FP8
     a, a_scale = quantize_fp8_groups(x) if fp8 else (x, None)
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)

@@ -10,6 +10,7 @@ Regimes (GemmConfig): decode shapes can cut K into slices (split-K) so that a fe
 fill the SMs; prefill shapes can run a persistent grid over grouped tiles (L2 reuse of both operands).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,7 @@ def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: Bloc
         out.copy_(target)
 
 
+@functools.cache
 def persistent_programs(device: torch.device) -> int:
     """Two CTAs per SM on a GPU; a few programs in the CPU interpreter (so its loop runs several tiles)."""
     if device.type != "cuda":

@@ -48,6 +48,7 @@ def load_table(device_name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@functools.cache  # asked by every MoE layer at every step
 def tuned_config(fmt: str, hidden: int, intermediate: int, num_rows: int) -> GemmConfig:
     table = load_table(torch.cuda.get_device_name()) if torch.cuda.is_available() else {}
     return lookup(table, fmt, hidden, intermediate, num_rows)

@@ -30,22 +30,18 @@ class QuantizedWeight(nn.Module):
 
     def quantize_from(self, w: torch.Tensor) -> None:
         """Quantize w (the full shape) into this weight, one [N, K] matrix at a time (bounded memory)."""
-        w = w.reshape(self.shape)
-        if w.dim() > 3:
-            w = w.flatten(0, -3)
-        if w.dim() == 2:
-            self.quantize_matrices(w, ())
-        for i in range(w.shape[0] if w.dim() == 3 else 0):
-            self.quantize_matrices(w[i], i)
+        for index, matrix in enumerate(w.reshape(-1, *self.shape[-2:])):
+            self.quantize_matrices(matrix, index)
 
-    def quantize_matrices(self, w: torch.Tensor, index) -> None:
-        """Quantize one [N, K] matrix w into matrix `index` of the leading dims flattened (an int; () for a
-        2-D weight): for [E, 2, I, H], expert e's up half is 2 * e + 1."""
+    def quantize_matrices(self, w: torch.Tensor, index: int) -> None:
+        """Quantize one [N, K] matrix w into matrix `index` of the leading dims flattened: for [E, 2, I, H],
+        expert e's up half is 2 * e + 1."""
         raise NotImplementedError
 
-    def _flat(self, t: torch.Tensor, tail: int) -> torch.Tensor:
-        """t's leading (matrix) dims as one, for quantize_from's indexing."""
-        return t.view(-1, *t.shape[len(t.shape) - tail:]) if len(self.shape) > 3 else t
+    @staticmethod
+    def _matrices(t: torch.Tensor, tail: int) -> torch.Tensor:
+        """t with its leading (matrix) dims as one, its last `tail` dims kept."""
+        return t.view(-1, *t.shape[t.dim() - tail:])
 
     def extra_repr(self) -> str:
         return f"{self.format}, shape={list(self.shape)}"
@@ -66,8 +62,8 @@ class Fp8BlockWeight(QuantizedWeight):
 
     def quantize_matrices(self, w, index):
         values, scale = quantize_fp8_block(w, self.block)
-        self._flat(self.values.data, 2)[index].copy_(values)
-        self._flat(self.scale.data, 2)[index].copy_(scale)
+        self._matrices(self.values.data, 2)[index].copy_(values)
+        self._matrices(self.scale.data, 2)[index].copy_(scale)
 
 
 class Nvfp4Weight(QuantizedWeight):
@@ -88,9 +84,9 @@ class Nvfp4Weight(QuantizedWeight):
 
     def quantize_matrices(self, w, index):
         packed, block_scale, global_scale = quantize_nvfp4_weight(w)
-        self._flat(self.packed.data, 2)[index].copy_(packed)
-        self._flat(self.block_scale.data, 2)[index].copy_(block_scale)
-        self._flat(self.global_scale.data, 0)[index].copy_(global_scale)
+        self._matrices(self.packed.data, 2)[index].copy_(packed)
+        self._matrices(self.block_scale.data, 2)[index].copy_(block_scale)
+        self._matrices(self.global_scale.data, 0)[index].copy_(global_scale)
 
 
 FORMATS: dict[str, type[QuantizedWeight]] = {"fp8": Fp8BlockWeight, "nvfp4": Nvfp4Weight}

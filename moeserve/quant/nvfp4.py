@@ -10,6 +10,8 @@ Bit layout (NVIDIA's NVFP4, ModelOpt checkpoints):
 - Dequantize: w = value(code) * float(block scale) * global.
 """
 
+import functools
+
 import torch
 
 from moeserve.quant.fp8 import E4M3_MAX, E4M3_MIN_SUBNORMAL, exact_div, to_e4m3
@@ -33,8 +35,14 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    magnitude = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    magnitude = e2m1_table(codes.device)[(codes & 7).long()]
     return torch.where((codes & 8) > 0, -magnitude, magnitude)
+
+
+@functools.cache
+def e2m1_table(device: torch.device) -> torch.Tensor:
+    """E2M1_VALUES on `device`, copied there once (a copy per call would sync the GPU every MoE layer)."""
+    return E2M1_VALUES.to(device)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

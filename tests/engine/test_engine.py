@@ -84,15 +84,18 @@ def test_stop_token_id_ends_the_completion(llm):
     assert completion.finish_reason == "stop" and completion.stop_reason == stop_at
 
 
+def stop_across_tokens(llm, completion) -> str:
+    """A stop string made of the end of one generated token's text and the start of the next one's."""
+    pieces = [llm.engine.tokenizer.decode([t]) for t in completion.token_ids]
+    i = next(i for i in range(2, len(pieces) - 1) if pieces[i].isprintable() and pieces[i + 1].isprintable()
+             and "\ufffd" not in pieces[i] + pieces[i + 1] and pieces[i].strip() and pieces[i + 1].strip())
+    return pieces[i][-1] + pieces[i + 1][:1]
+
+
 def test_stop_string_across_tokens_is_cut_from_the_text(llm):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     free_run = llm.generate("Hello", params)[0].outputs[0]
-    tokenizer = llm.engine.tokenizer
-    pieces = [tokenizer.decode([t]) for t in free_run.token_ids]
-    # a stop string made of the end of one token's text and the start of the next one's
-    i = next(i for i in range(2, len(pieces) - 1) if pieces[i].isprintable() and pieces[i + 1].isprintable()
-             and "\ufffd" not in pieces[i] + pieces[i + 1] and pieces[i].strip() and pieces[i + 1].strip())
-    stop = pieces[i][-1] + pieces[i + 1][:1]
+    stop = stop_across_tokens(llm, free_run)
     text = free_run.text
     expected_end = text.index(stop)
     result = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]))[0]
@@ -187,8 +190,9 @@ def test_stop_string_helpers():
 
 
 def test_streamed_text_never_shows_a_possible_stop_string_prefix(llm):
-    free_run = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].outputs[0].text
-    stop = free_run[6:9]
+    completion = llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].outputs[0]
+    free_run = completion.text
+    stop = stop_across_tokens(llm, completion)  # its first character is visible a step before the rest
     engine = llm.engine
     request_id = engine.add_request("Hello", SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]))
     seen = []

@@ -12,7 +12,7 @@ from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.kernels.routing import grouped_topk, softmax_topk
 from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.layers.moe.router import select_experts
-from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
+from moeserve.quant.fp8 import fp8_group_round_trip, quantize_fp8_groups
 from moeserve.quant.formats import make_quantized_weight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -39,8 +39,7 @@ def reference(experts, fmt, x, layout):
     if fmt != "fp8":
         return experts.reference(x, layout).float()
 
-    def fp8(t):  # W8A8: activations through FP8 1x128 quantization, in fp32
-        return dequantize_fp8_groups(*quantize_fp8_groups(t))
+    fp8 = fp8_group_round_trip  # W8A8: activations through FP8 1x128 quantization, in fp32
 
     out = torch.zeros(x.shape, device="cuda")
     for e in range(EXPERTS):

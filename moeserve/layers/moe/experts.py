@@ -24,8 +24,8 @@ class Experts(nn.Module):
     forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. On CUDA the fused
     Triton kernels compute it (moeserve.kernels.fused_moe); `reference` is the torch specification
     (fan out by expert, loop over experts) that runs elsewhere and that the kernels are tested against.
-    FP8 block weights take FP8 activations (1x128 groups, W8A8) on every device, as DeepSeek's own
-    inference code does; NVFP4 weights take 16-bit activations (W4A16).
+    FP8 block weights take FP8 activations (1x128 groups, W8A8) on every device, as the fused kernel
+    does; NVFP4 weights take 16-bit activations (W4A16).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
