@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moeserve.config import ConfigError
-from moeserve.distributed.ep.dispatchers import DISPATCHERS
+from moeserve.distributed.ep.dispatchers import DISPATCHERS, gather_padded
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap, ParallelGroups
 from moeserve.distributed.tensor_parallel import RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
@@ -199,8 +199,4 @@ class TokenSplitDispatcher:
 
     def combine(self, y, handle):
         inner_handle, share, num_tokens = handle
-        out = self.inner.combine(y, inner_handle)
-        padded = torch.nn.functional.pad(out, (0, 0, 0, share - out.shape[0]))
-        gathered = padded.new_empty(self.tp * share, out.shape[1])
-        dist.all_gather_into_tensor(gathered, padded.contiguous(), group=self.group)
-        return gathered[:num_tokens]
+        return gather_padded(self.inner.combine(y, inner_handle), share, self.group)[:num_tokens]

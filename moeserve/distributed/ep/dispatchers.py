@@ -28,6 +28,14 @@ class ExpertParallelDispatcher:
         self.ep = dist.get_world_size(group)
         self.format = token_format(dispatch_format, dtype)
 
+    def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
+        """Byte rows [token payload | K int32 | K fp32] -> (tokens [R, H], int32 [R, K], fp32 [R, K])."""
+        token_bytes = self.format.payload_bytes(hidden)
+        tokens = self.format.unpack(rows[:, :token_bytes], hidden, dtype)
+        ints = rows[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
+        floats = rows[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        return tokens, ints, floats
+
 
 @dataclass
 class AllToAllHandle:
@@ -51,18 +59,19 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         hidden, top_k = x.shape[1], topk_ids.shape[1]
         destination = self.rank_of_expert[topk_ids]  # [T, K]
         goes_to = F.one_hot(destination, self.ep).amax(dim=1).bool()  # [T, ep]
-        rank_of_row, token_of_row = goes_to.T.nonzero(as_tuple=True)  # rows sorted by destination
+        send_counts, recv_counts = self.exchange_counts(goes_to.sum(dim=0))  # the one host sync
+        # the (rank, token) pairs to send, sorted by destination: a stable sort puts the set flags first, in
+        # order, and their number is known from the counts (nonzero would sync again)
+        flags = goes_to.T.reshape(-1)
+        pairs = torch.argsort((~flags).to(torch.uint8), stable=True)[: sum(send_counts)]
+        rank_of_row, token_of_row = pairs // x.shape[0], pairs % x.shape[0]
         here = destination[token_of_row] == rank_of_row[:, None]  # [S, K]
         slots = torch.where(here, self.slot_of_expert[topk_ids[token_of_row]], -1).to(torch.int32)
         weights = torch.where(here, topk_weights[token_of_row].float(), 0.0)
         payload = torch.cat((self.format.pack(x[token_of_row]), as_row_bytes(slots), as_row_bytes(weights)), dim=1)
-        send_counts, recv_counts = self.exchange_counts(goes_to.sum(dim=0))
         received = payload.new_empty(sum(recv_counts), payload.shape[1])
         dist.all_to_all_single(received, payload, recv_counts, send_counts, group=self.group)
-        token_bytes = self.format.payload_bytes(hidden)
-        recv_x = self.format.unpack(received[:, :token_bytes], hidden, x.dtype)
-        recv_slots = received[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
-        recv_weights = received[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        recv_x, recv_slots, recv_weights = self.unpack_rows(received, hidden, top_k, x.dtype)
         handle = AllToAllHandle(token_of_row, send_counts, recv_counts, x.shape[0], x.dtype)
         return recv_x, RowLayout(recv_slots, recv_weights), handle
 
@@ -82,12 +91,15 @@ class AllGatherHandle:
     dtype: torch.dtype
 
 
+def gather_padded(rows: torch.Tensor, padded: int, group) -> torch.Tensor:
+    """Every rank's rows, each padded to `padded` rows, concatenated in rank order."""
+    rows = F.pad(rows, (0, 0, 0, padded - rows.shape[0])).contiguous()
+    out = rows.new_empty(dist.get_world_size(group) * padded, rows.shape[1])
+    dist.all_gather_into_tensor(out, rows, group=group)
+    return out
+
+
 class AllGatherDispatcher(ExpertParallelDispatcher):
-    def gather(self, rows: torch.Tensor, padded: int) -> torch.Tensor:
-        rows = F.pad(rows, (0, 0, 0, padded - rows.shape[0]))
-        out = rows.new_empty(self.ep * padded, rows.shape[1])
-        dist.all_gather_into_tensor(out, rows, group=self.group)
-        return out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         sizes = torch.tensor([x.shape[0]], device=x.device).repeat(self.ep)
@@ -95,11 +107,9 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         padded = max(sizes.tolist())
         hidden, top_k = x.shape[1], topk_ids.shape[1]
         meta = torch.cat((as_row_bytes(topk_ids.to(torch.int32)), as_row_bytes(topk_weights.float())), dim=1)
-        gathered = self.gather(torch.cat((self.format.pack(x), meta), dim=1), padded)
-        token_bytes = self.format.payload_bytes(hidden)
-        all_x = self.format.unpack(gathered[:, :token_bytes], hidden, x.dtype)
-        ids = gathered[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32).long()
-        weights = gathered[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        gathered = gather_padded(torch.cat((self.format.pack(x), meta), dim=1), padded, self.group)
+        all_x, ids, weights = self.unpack_rows(gathered, hidden, top_k, x.dtype)
+        ids = ids.long()
         is_real = (torch.arange(padded, device=x.device) < sizes[:, None]).flatten()  # padding rows: no experts
         here = is_real[:, None] & (self.rank_of_expert[ids] == self.ep_rank)
         slots = torch.where(here, self.slot_of_expert[ids], -1)
