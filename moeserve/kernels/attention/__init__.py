@@ -1,0 +1,1 @@
+"""Attention kernels over the paged KV cache (Triton), each beside its torch reference."""
