@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q
 
 run: setup
-	$(VENV)/bin/moeserve serve tiny-deepseek-v3
+	$(VENV)/bin/moeserve serve --model tiny-deepseek-v3
 
 clean:
 	rm -rf $(VENV)

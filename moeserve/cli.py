@@ -2,34 +2,57 @@
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from moeserve.config import DISPATCH_FORMATS, EP_BACKENDS, LOAD_FORMATS, QUANTIZATION_FORMATS, EngineArgs
+from moeserve.version import __version__
+
+
+HELP_FORMAT = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every --help shows the defaults
+BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'4GiB', '512MiB', '1.5GB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text, flags=re.IGNORECASE)
+    if match is None or match.group(2).upper() not in BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use bytes or a number with a unit "
+                                         f"(KiB, MiB, GiB, TiB, KB, MB, GB, TB), e.g. 4GiB")
+    return int(float(match.group(1)) * BYTE_UNITS[match.group(2).upper()])
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     defaults = EngineArgs(model="")
-    if model_required:
-        parser.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
+    parser.add_argument("--model", required=model_required, default=None,
+                        help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (the checkpoint's), float32, bfloat16, float16")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU default 512 MiB)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's max_position_embeddings)")
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                        help="tokens per step; prefill is chunked to fit")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-memory", type=byte_size, default=None,
+                        help="KV cache size, e.g. 4GiB or 512MiB (CPU default 512MiB; CUDA: from --gpu-memory-utilization)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                        help="fraction of the GPU the engine may use, KV cache included")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="do not reuse the KV cache of shared prompt prefixes")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of requests that set none")
     parser.add_argument("--quantization", choices=QUANTIZATION_FORMATS, default=None,
                         help="quantize a bf16 checkpoint's weights as they load")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    parser.add_argument("--dp", type=int, default=1, help="data parallel attention groups")
+    parser.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
+                        help="data parallel attention groups")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (divides tp * dp)")
-    parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend)
+    parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend, help="EP transport")
     parser.add_argument("--ep-dispatch-format", choices=DISPATCH_FORMATS, default=defaults.ep_dispatch_format,
                         help="tokens on the wire in EP dispatch (bf16: unquantized)")
     parser.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
@@ -43,90 +66,122 @@ def engine_args(args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if f.name != "model"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moeserve", description="Serve Mixture-of-Experts language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def origins(text: str) -> list[str]:
+    """--allowed-origins: a JSON list (vLLM's form) or comma-separated origins."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {error}") from None
+        if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+            raise argparse.ArgumentTypeError("give a JSON list of strings, e.g. '[\"https://example.com\"]'")
+        return value
+    return [o.strip() for o in text.split(",") if o.strip()]
 
-    generate = commands.add_parser("generate", help="complete prompts")
-    add_engine_arguments(generate)
-    generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    generate.add_argument("--max-tokens", type=int, default=32)
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--min-p", type=float, default=0.0)
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the requests' draws")
-    generate.add_argument("--n", type=int, default=1)
-    generate.set_defaults(run=run_generate)
 
-    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("model", metavar="MODEL", help="checkpoint folder or preset name")
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("model_positional", metavar="MODEL", nargs="?", default=None,
+                       help="checkpoint folder or preset name (or --model)")
     add_engine_arguments(serve, model_required=False)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or MOESERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
     serve.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
     serve.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
     serve.add_argument("--max-concurrent-requests", type=int, default=256, help="more in flight get 429")
-    serve.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="larger bodies get 413")
+    serve.add_argument("--max-request-bytes", type=byte_size, default=8 * 2**20, help="larger bodies get 413")
+    serve.add_argument("--allowed-origins", type=origins, default=[],
+                       help="origins allowed cross-origin requests (CORS), e.g. '[\"https://app.example\"]' or '*'")
+    serve.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (and --ssl-certfile)")
+    serve.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="moeserve's own log level")
+    serve.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS, help="the HTTP server's log level")
+    serve.add_argument("--disable-log-stats", action="store_true", help="no periodic stats line while serving")
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moeserve", description="Serve Mixture-of-Experts language models.",
+                                     **HELP_FORMAT)
+    parser.add_argument("--version", action="version", version=f"moeserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete prompts", **HELP_FORMAT)
+    add_engine_arguments(generate)
+    generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    generate.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per completion")
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    generate.add_argument("--sampling-seed", type=int, default=None, help="seed of the requests' draws")
+    generate.add_argument("--n", type=int, default=1, help="completions per prompt")
+    generate.set_defaults(run=run_generate)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", **HELP_FORMAT)
+    add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
-    throughput = bench.add_parser("throughput", help="offline generation throughput")
+    bench = commands.add_parser("bench", help="benchmarks", **HELP_FORMAT).add_subparsers(dest="benchmark", required=True)
+    throughput = bench.add_parser("throughput", help="offline generation throughput", **HELP_FORMAT)
     add_engine_arguments(throughput)
-    throughput.add_argument("--num-prompts", type=int, default=64)
-    throughput.add_argument("--input-len", type=int, default=128)
-    throughput.add_argument("--output-len", type=int, default=64)
+    throughput.add_argument("--num-prompts", type=int, default=64, help="prompts, all submitted at once")
+    throughput.add_argument("--input-len", type=int, default=128, help="random prompt tokens")
+    throughput.add_argument("--output-len", type=int, default=64, help="tokens generated per prompt")
     throughput.add_argument("--compare-hf", action="store_true",
                             help="also run the same workload through transformers' generate (baseline)")
     throughput.set_defaults(run=run_throughput)
 
-    info = commands.add_parser("info", help="parameters and weight memory of a model, per format")
+    info = commands.add_parser("info", help="parameters and weight memory of a model, per format", **HELP_FORMAT)
     info.add_argument("--model", required=True, help="checkpoint folder or preset (real-shape presets work)")
     info.set_defaults(run=run_info)
 
-    ep = bench.add_parser("ep", help="expert-parallel dispatch and combine on their own")
+    ep = bench.add_parser("ep", help="expert-parallel dispatch and combine on their own", **HELP_FORMAT)
     ep.add_argument("--ranks", type=int, default=2, help="EP ranks (spawned here unless under torchrun)")
     ep.add_argument("--tokens-per-rank", default="128,4096", help="comma-separated")
-    ep.add_argument("--hidden", type=int, default=7168)
-    ep.add_argument("--topk", type=int, default=8)
-    ep.add_argument("--experts", type=int, default=256)
+    ep.add_argument("--hidden", type=int, default=7168, help="hidden size")
+    ep.add_argument("--topk", type=int, default=8, help="experts per token")
+    ep.add_argument("--experts", type=int, default=256, help="routed experts in all")
     ep.add_argument("--format", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
     ep.add_argument("--backend", default="all_to_all,allgather", help="comma-separated: all_to_all, allgather")
-    ep.add_argument("--iterations", type=int, default=20)
-    ep.add_argument("--device", default="auto")
-    ep.add_argument("--dist-timeout", type=float, default=300.0)
+    ep.add_argument("--iterations", type=int, default=20, help="timed repetitions per point")
+    ep.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ep.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
     ep.set_defaults(run=run_bench_ep)
 
-    serving = bench.add_parser("serve", help="load an OpenAI-compatible server; TTFT, TPOT, ITL, throughput")
-    serving.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serving = bench.add_parser("serve", help="load an OpenAI-compatible server; TTFT, TPOT, ITL, throughput",
+                               **HELP_FORMAT)
+    serving.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
     serving.add_argument("--model", required=True, help="the model name the server serves")
-    serving.add_argument("--num-prompts", type=int, default=100)
-    serving.add_argument("--input-len", type=int, default=256)
-    serving.add_argument("--output-len", type=int, default=64)
+    serving.add_argument("--num-prompts", type=int, default=100, help="requests to send")
+    serving.add_argument("--input-len", type=int, default=256, help="prompt tokens (random ids)")
+    serving.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
     serving.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf: all at once")
-    serving.add_argument("--max-concurrency", type=int, default=None)
-    serving.add_argument("--seed", type=int, default=0)
+    serving.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    serving.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
     serving.add_argument("--ignore-eos", action="store_true", help="exact output lengths (servers that accept it)")
-    serving.add_argument("--api-key", default=None)
+    serving.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     serving.add_argument("--vocab-size", type=int, default=500, help="random prompt token ids are below this")
     serving.add_argument("--save-result", default=None, help="write the report as JSON")
     serving.add_argument("--plot", default=None, help="write a latency picture (PNG; needs matplotlib)")
     serving.set_defaults(run=run_bench_serve)
 
-    moe = bench.add_parser("moe", help="one MoE layer's experts on one GPU: kernels vs baselines")
+    moe = bench.add_parser("moe", help="one MoE layer's experts on one GPU: kernels vs baselines", **HELP_FORMAT)
     moe.add_argument("--model", default="deepseek-v3", help="a preset or checkpoint (its expert shapes are used)")
     moe.add_argument("--local-experts", default="32", help="comma-separated, e.g. 32,256")
-    moe.add_argument("--tokens", default="1,8,32,128,512,2048,8192")
+    moe.add_argument("--tokens", default="1,8,32,128,512,2048,8192", help="comma-separated token counts")
     moe.add_argument("--dtype", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
     moe.add_argument("--profile", action="store_true", help="also print each point's kernels and their times")
     moe.add_argument("--tune-output", default=None,  # an existing table is updated: other shapes stay
                      help="instead of the comparison, sweep block sizes and write the table (JSON) here")
     moe.set_defaults(run=run_bench_moe)
 
-    quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint")
+    quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint", **HELP_FORMAT)
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
     quantize.add_argument("--format", required=True, choices=QUANTIZATION_FORMATS,
@@ -134,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     quantize.set_defaults(run=run_quantize)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args), format="%(levelname)s %(name)s: %(message)s")
     from moeserve.distributed.launch import RankFailure
 
     try:
@@ -165,26 +220,41 @@ def _rank_main(context, fn, args: argparse.Namespace) -> None:
     from moeserve.distributed.launch import device_for_rank, resolve_device
 
     args.device = device_for_rank(resolve_device(args.device), int(os.environ["LOCAL_RANK"]))  # torchrun skips on_ranks
-    logging.basicConfig(level=logging.INFO if context.rank == 0 else logging.WARNING,
+    logging.basicConfig(level=log_level(args) if context.rank == 0 else logging.WARNING,
                         format=f"%(levelname)s [rank {context.rank}] %(name)s: %(message)s", force=True)
     fn(args, context)
 
 
+def log_level(args: argparse.Namespace) -> int:
+    return getattr(logging, getattr(args, "log_level", "info").upper())
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    if args.model and args.model_positional and args.model != args.model_positional:
+        raise ValueError(f"two models given: {args.model_positional} and --model {args.model}; give one")
+    args.model = args.model or args.model_positional
+    if args.model is None:
+        raise ValueError("which model? `moeserve serve MODEL` or `moeserve serve --model MODEL`")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     return on_ranks(args, serve_on_rank)
 
 
 def serve_on_rank(args: argparse.Namespace, context) -> int:
 
     from moeserve.server.app import ServerConfig
-    from moeserve.server.serve import serve
+    from moeserve.server.serve import ListenOptions, serve
 
     template = Path(args.chat_template).read_text() if args.chat_template else None
     config = ServerConfig(model_name=args.served_model_name or args.model,
                           api_key=args.api_key or os.environ.get("MOESERVE_API_KEY"), chat_template=template,
                           max_n=args.max_n, max_concurrent_requests=args.max_concurrent_requests,
-                          max_request_bytes=args.max_request_bytes)
-    serve(EngineArgs(model=args.model, **engine_args(args)), config, args.host, args.port, context)
+                          max_request_bytes=args.max_request_bytes, model_root=args.model,
+                          allowed_origins=args.allowed_origins)
+    listen = ListenOptions(args.host, args.port, args.ssl_keyfile, args.ssl_certfile, args.uvicorn_log_level,
+                           None if args.disable_log_stats else 10.0)
+    serve(EngineArgs(model=args.model, **engine_args(args)), config, listen, context)
     return 0
 
 
@@ -203,8 +273,10 @@ def generate_on_rank(args: argparse.Namespace, context) -> int:
     outputs = llm.generate(args.prompt, params)
     if context is None or context.rank == 0:
         for prompt, output in zip(args.prompt, outputs):
+            print(f"prompt: {prompt!r}", flush=True)
             for completion in output.outputs:
-                print(prompt + completion.text, flush=True)
+                label = "completion" if len(output.outputs) == 1 else f"completion {completion.index}"
+                print(f"{label}: {completion.text!r} ({completion.finish_reason})", flush=True)
     return 0
 
 
@@ -266,6 +338,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
     from moeserve.bench.serve import plot, run_benchmark, save
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     report, results = asyncio.run(run_benchmark(args.base_url, args.model, args.num_prompts, args.input_len,
                                                 args.output_len, args.request_rate, args.max_concurrency, args.seed,
                                                 args.ignore_eos, args.api_key, args.vocab_size))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 
 class ConfigError(ValueError):
     """A config.json that moeserve cannot use; the message names the file and the field."""
@@ -262,6 +264,9 @@ class EngineArgs:
     dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
 
     def __post_init__(self):
+        if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.bfloat16), as vLLM takes it
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
         def require(ok: bool, field_name: str, rule: str):
             if not ok:
                 raise ConfigError(f"EngineArgs.{field_name} {rule}, got {getattr(self, field_name)!r}")

@@ -1,9 +1,16 @@
 """SamplingParams: what a request asks of the sampler, with vLLM's names, defaults and ranges."""
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 MAX_N = 128
+SEED_RANGE = (-(2**63), 2**63 - 1)  # vLLM's: a torch int64
+MAX_TEMPERATURE = 100.0  # beyond it every distribution is already uniform to fp32
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # outside it logits overflow fp32 (1e-40 gave NaN)
+LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100], as OpenAI does
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # all stop strings together
 
 
 class RequestError(ValueError):
@@ -46,29 +53,37 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        self.logit_bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in self.logit_bias.items()}
         self.validate()
+        self.logit_bias = {int(k): max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(v)))
+                           for k, v in self.logit_bias.items()}
 
     def validate(self) -> None:
         check = _Checker()
         check.int_range("n", self.n, 1, MAX_N)
-        check.float_range("temperature", self.temperature, 0.0, None)
+        check.float_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         check.that("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]", self.top_p)
         check.that("top_k", isinstance(self.top_k, int) and (self.top_k >= 1 or self.top_k in (0, -1)),
                    "must be 0 or -1 (off) or a positive integer", self.top_k)
         check.float_range("min_p", self.min_p, 0.0, 1.0)
         check.float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         check.float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        check.that("repetition_penalty", self.repetition_penalty > 0, "must be greater than 0", self.repetition_penalty)
+        check.float_range("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
         if self.max_tokens is not None:
             check.int_range("max_tokens", self.max_tokens, 1, None)
         check.int_range("min_tokens", self.min_tokens, 0, self.max_tokens)
-        check.that("seed", self.seed is None or isinstance(self.seed, int), "must be an integer", self.seed)
+        if self.seed is not None:
+            check.int_range("seed", self.seed, *SEED_RANGE)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 check.int_range(name, value, 0, MAX_LOGPROBS)
         check.that("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings", self.stop)
+        check.that("stop", len(self.stop) <= MAX_STOP_STRINGS, f"may hold at most {MAX_STOP_STRINGS} strings",
+                   f"{len(self.stop)} strings")
+        check.that("stop", sum(map(len, self.stop)) <= MAX_STOP_CHARS,
+                   f"may hold at most {MAX_STOP_CHARS} characters in all", f"{sum(map(len, self.stop))} characters")
+        check.that("logit_bias", all(is_number(v) and math.isfinite(v) for v in self.logit_bias.values()),
+                   "values must be finite numbers", self.logit_bias)
         check.that("allowed_token_ids", self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
                    "must not be empty", self.allowed_token_ids)
 
@@ -96,6 +111,9 @@ class _Checker:
         self.that(name, ok, f"must be an integer in [{low}, {'inf' if high is None else high}]", value)
 
     def float_range(self, name, value, low, high):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
-        ok = ok and (high is None or value <= high)
-        self.that(name, ok, f"must be a number in [{low}, {'inf' if high is None else high}]", value)
+        ok = is_number(value) and math.isfinite(value) and value >= low and (high is None or value <= high)
+        self.that(name, ok, f"must be a finite number in [{low}, {'inf' if high is None else high}]", value)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -10,7 +10,8 @@ def test_generate_prints_prompt_and_completion_through_the_engine(capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     outputs = LLM("tiny-qwen2-moe").generate(["Once upon a time", "Hello"], SamplingParams(temperature=0, max_tokens=8))
-    assert printed == "".join(f"{prompt}{o.outputs[0].text}\n" for prompt, o in zip(["Once upon a time", "Hello"], outputs))
+    assert printed == "".join(f"prompt: {prompt!r}\ncompletion: {o.outputs[0].text!r} ({o.outputs[0].finish_reason})\n"
+                              for prompt, o in zip(["Once upon a time", "Hello"], outputs))
 
 
 def test_seeded_sampling_from_the_command_line_is_reproducible(capsys):

@@ -1,9 +1,10 @@
 """AsyncEngine: an engine stepping on a background thread, streaming outputs to asyncio callers.
 
-`add_request(prompt, params, request_id)` checks the request at once (bad input raises before anything
-is queued) and returns a RequestStream of cumulative RequestOutputs, one after every step that touched
-it; `generate` is the same as an async generator. Leaving early (a client that disconnects) aborts
-the request and frees its blocks.
+`await add_request(prompt, params, request_id)` checks and tokenizes the request on a worker thread
+(so a long prompt never stalls the event loop; bad input raises before anything is queued) and returns
+a RequestStream of cumulative RequestOutputs, one after every step that touched it; `generate` is the
+same as an async generator. Leaving early (a client that disconnects) aborts the request and frees its
+blocks. `finish_reasons` and `num_aborted` count how requests ended, for metrics.
 
 The thread drives either one Engine or, on rank 0 of a parallel layout, the LockstepEngine; then it
 also steps every `heartbeat_s` while idle, so the other ranks never wait in a collective for longer
@@ -15,12 +16,15 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from moeserve.config import EngineArgs
 from moeserve.engine.engine import Engine, Prompt, Request
 from moeserve.engine.lockstep import LockstepEngine
 from moeserve.engine.outputs import RequestOutput
+from moeserve.engine.stats import StatsLogger
 from moeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -70,28 +74,33 @@ class LockstepDriver:
 
 
 class AsyncEngine:
-    def __init__(self, driver: LocalDriver | LockstepDriver, heartbeat_s: float | None = None):
+    def __init__(self, driver: LocalDriver | LockstepDriver, heartbeat_s: float | None = None,
+                 stats_interval_s: float | None = None):
         self.driver = driver
         self.engine = driver.engine
         self.heartbeat_s = heartbeat_s
+        self.stats = StatsLogger(self.engine, stats_interval_s) if stats_interval_s else None
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.streams_lock = threading.RLock()  # RLock: RequestStream.__del__ may run while it is held
         self.stopping = False
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-tokenize")
+        self.finish_reasons: Counter = Counter()  # completions that ended with "stop" or "length"
+        self.num_aborted = 0  # requests that ended before finishing (client gone, shutdown, engine error)
         self.thread = threading.Thread(target=self.run_loop, name="moeserve-engine", daemon=True)
         self.thread.start()
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> "AsyncEngine":
-        return cls(LocalDriver(Engine(args)))
+    def from_args(cls, args: EngineArgs, stats_interval_s: float | None = None) -> "AsyncEngine":
+        return cls(LocalDriver(Engine(args)), stats_interval_s=stats_interval_s)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> "RequestStream":
-        """Check and queue a request now (bad input raises here, before anything is queued); iterate
+    async def add_request(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> "RequestStream":
+        """Check, tokenize and queue a request (bad input raises here, before anything is queued); iterate
         the returned stream for its outputs and close it when done (a running request is aborted)."""
         if self.stopping:
             raise RuntimeError("the engine is shutting down")
-        request = self.engine.make_request(prompt, params, request_id)
+        request = await self.off_loop(self.engine.make_request, prompt, params, request_id)
         outputs: asyncio.Queue = asyncio.Queue()
         with self.streams_lock:
             if request_id in self.streams:
@@ -100,8 +109,12 @@ class AsyncEngine:
         self.send("add", request)
         return RequestStream(self, request_id, outputs)
 
+    async def off_loop(self, fn, *args):
+        """fn(*args) on the tokenizing thread: work that grows with the input (tokenizing, chat templates)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, fn, *args)
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> AsyncIterator[RequestOutput]:
-        stream = self.add_request(prompt, params, request_id)
+        stream = await self.add_request(prompt, params, request_id)
         try:
             async for output in stream:
                 yield output
@@ -120,6 +133,7 @@ class AsyncEngine:
         self.stopping = True
         self.wakeup.set()
         self.thread.join()
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def send(self, command: str, argument) -> None:
         self.commands.put((command, argument))
@@ -149,8 +163,12 @@ class AsyncEngine:
                 self.fail_all(error)
                 continue
             last_step = time.monotonic()
+            if self.stats is not None:
+                self.stats.maybe_log(last_step)
             for output in outputs:
                 output.metrics["time"] = last_step  # when it was produced, on the server's clock
+                if output.finished:
+                    self.finish_reasons.update(c.finish_reason for c in output.outputs if c.finish_reason != "abort")
                 self.deliver(output.request_id, output)
         self.fail_all(RuntimeError("the engine shut down"))
         self.driver.stop()
@@ -206,4 +224,5 @@ class RequestStream:
         with self.engine.streams_lock:
             self.engine.streams.pop(self.request_id, None)
         if not self.finished:
+            self.engine.num_aborted += 1
             self.engine.abort(self.request_id)

@@ -26,22 +26,50 @@ class IncrementalDetokenizer:
         return after[len(before) :]
 
 
-def find_stop(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
-    """The earliest stop string that ends within text[new_from:]: (its start, the string)."""
-    found = None
-    for stop in stops:
-        start = text.find(stop, max(0, new_from - len(stop) + 1))
-        if start != -1 and (found is None or start < found[0]):
-            found = (start, stop)
-    return found
+class StopMatcher:
+    """Finds stop strings in text that grows, looking at each new character once: one Knuth-Morris-Pratt
+    automaton per stop string, whose state is the longest prefix of its stop that ends the text so far.
+    Cost per step: the new characters times the number of stops, whatever the stops' lengths."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.failure = [prefix_function(stop) for stop in stops]
+        self.matched = [0] * len(stops)
+        self.length = 0  # characters fed so far
+
+    def feed(self, new: str) -> tuple[int, str] | None:
+        """Feed the text's new characters; the earliest stop string completed by them: (its start, it)."""
+        found = None
+        for i, (stop, failure) in enumerate(zip(self.stops, self.failure)):
+            k = self.matched[i]
+            for offset, char in enumerate(new):
+                while k and stop[k] != char:
+                    k = failure[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = self.length + offset + 1 - k
+                    if found is None or start < found[0]:
+                        found = (start, stop)
+                    k = failure[k - 1]
+            self.matched[i] = k
+        self.length += len(new)
+        return found
+
+    @property
+    def partial_length(self) -> int:
+        """How many trailing characters of the text are the beginning of some stop string."""
+        return max(self.matched, default=0)
 
 
-def partial_stop_length(text: str, stops: list[str]) -> int:
-    """How many trailing characters of text are the beginning of some stop string."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
+def prefix_function(pattern: str) -> list[int]:
+    """failure[i]: the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    failure = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = failure[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        failure[i] = k
+    return failure

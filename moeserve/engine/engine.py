@@ -1,7 +1,9 @@
 """The engine: requests in, tokens out, one scheduled step at a time."""
 
+import copy
 import itertools
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -11,13 +13,14 @@ from moeserve.config import EngineArgs
 from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_manager import BlockManager
-from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
+from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.engine.kv_cache import allocate_kv_cache
 from moeserve.engine.memory import plan_num_blocks
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.engine.stats import EngineCounters, PreemptionLog
 from moeserve.layers.sampler import Sampler
 from moeserve.loader.model_loader import build_model, load_config, load_model
 from moeserve.loader.presets import SHAPE_PRESETS
@@ -61,9 +64,14 @@ class Engine:
             self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization,
                                     parallel=parallel)
         self.config = config
-        self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
-        self.tokenizer_lock = threading.Lock()  # requests are tokenized on the caller's thread
         self.max_model_len = args.max_model_len or config.max_position_embeddings
+        self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
+        self.tokenizer_lock = threading.Lock()  # decoding: the engine's thread and readers of its outputs
+        # Requests are tokenized on their callers' threads, with a copy of their own: a long prompt being
+        # encoded never holds up the detokenization of running requests.
+        self.encoder = copy.deepcopy(self.tokenizer)
+        self.encoder_lock = threading.Lock()
+        self.max_prompt_chars = self.max_model_len * longest_token_chars(self.tokenizer)
         eos = set(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -82,6 +90,8 @@ class Engine:
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, sampler, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
+        self.counters = EngineCounters()
+        self.preemption_log = PreemptionLog()
         capacity = num_blocks * args.block_size
         logger.info("KV cache: %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
                     capacity, num_blocks, args.block_size, capacity / self.max_model_len, self.max_model_len)
@@ -89,7 +99,9 @@ class Engine:
     @staticmethod
     def try_load_tokenizer(model: str):
         try:
-            return load_tokenizer(model)
+            tokenizer = load_tokenizer(model)
+            tokenizer.model_max_length = sys.maxsize  # lengths are checked here, against max_model_len
+            return tokenizer
         except FileNotFoundError:
             logger.warning("%s has no tokenizer: prompts must be token ids and outputs have no text", model)
             return None
@@ -126,18 +138,31 @@ class Engine:
             raise RequestError("prompt", "a prompt is a string or {'prompt_token_ids': [...]}")
         if self.tokenizer is None:
             raise RequestError("prompt", "this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+        return text, self.encode(text, "prompt")
+
+    def encode(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; text that cannot fit max_model_len or is not Unicode is refused first."""
+        check_unicode(text, field)
+        if len(text) > self.max_prompt_chars:  # a bound that needs no tokenizing: no token is longer
+            raise RequestError(field, f"{field} has {len(text)} characters, more than the {self.max_model_len} tokens "
+                                      f"of max_model_len can hold (at most {self.max_prompt_chars} characters)")
+        with self.encoder_lock:
+            return self.encoder.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         with self.tokenizer_lock:
-            return text, self.tokenizer.encode(text)
+            return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def make_sequence(self, request_id, index, token_ids, params, max_tokens) -> Sequence:
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            generator = torch.Generator(device=self.device).manual_seed((params.seed + index) % 2**64)
         seq = Sequence(request_id, index, list(token_ids), params, max_tokens, generator)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # the first prompt token has no logprob
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            seq.stop_matcher = StopMatcher(params.stop) if params.stop else None
         return seq
 
     def add(self, request: Request) -> None:
@@ -170,18 +195,21 @@ class Engine:
     def step(self, lockstep: bool = False) -> list[RequestOutput]:
         """One scheduled step. In lockstep with other ranks a step without work still runs a forward."""
         scheduled = self.scheduler.schedule()
+        self.preemption_log.update(self.scheduler.num_preemptions)
         if not scheduled:
             if lockstep:
                 self.runner.execute_empty()
             return []
         result = self.runner.execute(scheduled)
         for seq, num_new in scheduled:
+            self.counters.prompt_tokens += max(0, min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += num_new
             self.block_manager.cache_full_blocks(seq)
             for index, entry in result.prompt_logprobs.get(id(seq), []):
                 if index == len(seq.prompt_logprobs):
                     seq.prompt_logprobs.append(entry)
         touched: dict[str, Request] = {}
+        self.counters.generation_tokens += len(result.sampled)
         for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
             self.append_token(seq, token, logprobs)
             if seq.finish_reason is not None:
@@ -215,17 +243,18 @@ class Engine:
         with self.tokenizer_lock:
             new = seq.detokenizer.new_text(seq.token_ids)
         seq.text += new
-        stops = seq.params.stop
-        if not stops or seq.num_output_tokens < seq.params.min_tokens:
+        if seq.stop_matcher is None:
             return
-        found = find_stop(seq.text, len(seq.text) - len(new), stops)
+        found = seq.stop_matcher.feed(new)
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return
         if found is not None:
             start, stop = found
             seq.text = seq.text[: start + (len(stop) if seq.params.include_stop_str_in_output else 0)]
             seq.finish_reason, seq.stop_reason = "stop", stop
             seq.held_back = 0
         else:
-            seq.held_back = partial_stop_length(seq.text, stops)
+            seq.held_back = seq.stop_matcher.partial_length
 
     def output(self, request: Request) -> RequestOutput:
         wants_logprobs = request.params.logprobs is not None
@@ -252,3 +281,19 @@ class Engine:
             metrics={"queue_time": first.first_scheduled_time - first.arrival_time}
             if first.first_scheduled_time is not None else {},
         )
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token string: no token stands for more characters of text
+    (byte-level and SentencePiece token strings spell their text out, multi-byte characters as several)."""
+    if tokenizer is None:
+        return 0
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def check_unicode(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(field, f"{field} is not valid Unicode: {text[error.start:error.end]!r} at index "
+                                  f"{error.start} is a lone surrogate; send UTF-8 text") from None

@@ -45,6 +45,7 @@ class Sequence:
     held_back: int = 0  # trailing characters of `text` that may still become a stop string
     first_scheduled_time: float | None = None
     detokenizer: object | None = None  # IncrementalDetokenizer, when the model has a tokenizer
+    stop_matcher: object | None = None  # StopMatcher, when the request has stop strings
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -5,7 +5,7 @@ Tensors are memory-mapped and read one at a time; each file is opened once. Pick
 """
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -13,6 +13,20 @@ from safetensors import safe_open
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the tensor and the file."""
+
+
+def is_inside_folder(relative: str) -> bool:
+    """A shard name that stays in the checkpoint folder: relative, and no '..' that climbs out. Checked on
+    the name, not the resolved path: Hugging Face's cache links shards to blobs elsewhere, legitimately."""
+    path = PurePosixPath(relative.replace("\\", "/"))
+    if path.is_absolute() or relative.startswith(("/", "\\")) or ":" in relative:
+        return False
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return False
+    return depth > 0
 
 
 class CheckpointReader:
@@ -28,6 +42,10 @@ class CheckpointReader:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+            for name, file in weight_map.items():
+                if not isinstance(file, str) or not is_inside_folder(file):
+                    raise CheckpointError(f"{index_path}: weight_map entry {name!r} names shard {file!r}, which is not "
+                                          "a file name inside the checkpoint folder; refusing to load it")
             for file in sorted(set(weight_map.values())):
                 if not (self.folder / file).is_file():
                     raise CheckpointError(f"{index_path} lists shard {file}, which is missing from {self.folder}")

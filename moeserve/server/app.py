@@ -1,27 +1,42 @@
 """The OpenAI-compatible HTTP API over an AsyncEngine.
 
-Bad input always gets OpenAI's error shape with a 4xx status and a message naming the field; the
-server never answers 500 to a request it could not use. Streams are server-sent events ending in
-`data: [DONE]`; a client that leaves a stream aborts its request.
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: bad input gets a 4xx
+naming the field (the body's parse errors, unknown routes and methods included), and the server never
+answers 500 to a request it could not use. Streams are server-sent events ending in `data: [DONE]`; a
+client that leaves, streaming or not, aborts its request. Logprobs are finite JSON numbers (a token the
+sampler ruled out has -9999.0, as vLLM reports it).
 """
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from moeserve.engine.async_engine import AsyncEngine, RequestStream
 from moeserve.engine.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.engine.sequence import Logprob
+from moeserve.sampling_params import RequestError, SamplingParams
 from moeserve.server.metrics import Metrics, RequestTimer
-from moeserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from moeserve.server.protocol import (MAX_N_MARK, MAX_TOKENS, MODEL_NAME, TOKEN_ID, ChatCompletionRequest,
+                                      CompletionRequest, DetokenizeRequest, TokenizeRequest, constrain_schema)
+from moeserve.version import __version__
+
+logger = logging.getLogger(__name__)
+
+MIN_LOGPROB = -9999.0
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # the rest (health, metrics, version) stays open
 
 
 @dataclass
@@ -32,6 +47,8 @@ class ServerConfig:
     max_n: int = 16
     max_concurrent_requests: int = 256  # more get 429
     max_request_bytes: int = 8 * 2**20  # larger bodies get 413
+    model_root: str | None = None  # what the model was loaded from (the model card's `root`)
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no cross-origin access
 
 
 class ApiError(Exception):
@@ -40,8 +57,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validation_message(error: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -49,12 +68,13 @@ def validation_message(error: ValidationError | RequestValidationError) -> tuple
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(location) or None
-    return (f"{field}: {first.get('msg')}" if field else first.get("msg", "invalid request")), field
+    field_name = ".".join(location) or None
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return (f"{field_name}: {message}" if field_name else message), field_name
 
 
 class ApiKeyMiddleware(BaseHTTPMiddleware):
-    """`Authorization: Bearer KEY` on /v1/*, before any handler runs."""
+    """`Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize, before any handler runs."""
 
     def __init__(self, app, api_key: str):
         super().__init__(app)
@@ -62,7 +82,7 @@ class ApiKeyMiddleware(BaseHTTPMiddleware):
 
     async def dispatch(self, request: Request, call_next):
         given = request.headers.get("authorization", "")
-        if request.url.path.startswith("/v1/") and not hmac.compare_digest(given.encode(), self.expected):
+        if request.url.path.startswith(PROTECTED_PREFIXES) and not hmac.compare_digest(given.encode(), self.expected):
             return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   kind="authentication_error")
         return await call_next(request)
@@ -92,7 +112,7 @@ class BodyLimitMiddleware:
         async def replay():
             nonlocal replayed
             if replayed:
-                return await receive()  # then: the disconnect, which streaming responses listen for
+                return await receive()  # then: the disconnect, which the handlers listen for
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -100,53 +120,62 @@ class BodyLimitMiddleware:
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="moeserve", version="0.1.0")
-    metrics = Metrics(engine.engine, config.model_name)
-    tokenizer = engine.engine.tokenizer
+    app = FastAPI(title="moeserve", version=__version__)
+    metrics = Metrics(engine, config.model_name)
+    core = engine.engine
+    created = int(time.time())
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_, error: ApiError):
-        return error_response(error.status, error.message, error.param, error.kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_, error: RequestValidationError):
-        message, field = validation_message(error)
-        return error_response(400, message, field)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
         return Response(status_code=200 if not engine.stopping else 503)
 
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "moeserve",
+                "root": config.model_root or config.model_name, "parent": None, "max_model_len": core.max_model_len,
+                "permission": []}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "moeserve",
-                "max_model_len": engine.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str = Path(json_schema_extra={MODEL_NAME: True})):
+        if model_id != config.model_name:
+            raise ApiError(404, f"the model `{model_id}` does not exist; this server serves `{config.model_name}`",
+                           "model", kind="not_found_error")
+        return model_card()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_common(body, config)
-        if body.echo or (body.best_of is not None and body.best_of != body.n):
-            raise ApiError(400, "echo and best_of are not supported", "echo" if body.echo else "best_of")
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of other than n is not supported", "best_of")
         prompts = prompt_list(body.prompt)
         check_capacity(engine, config, len(prompts))
-        params = sampling(body, body.max_tokens, body.logprobs)
+        prompt_logprobs = max_or_none(body.prompt_logprobs, body.logprobs if body.echo else None)
+        params = sampling(body, body.max_tokens, body.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = start(engine, prompts, params, request_id)
-        shape = CompletionShape(config.model_name, request_id, tokenizer, body.logprobs)
-        if body.stream:
-            return sse(shape, streams, params.n, metrics, include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        return await collect(shape, streams, params.n, metrics)
+        streams = await start(engine, prompts, params, request_id)
+        shape = CompletionShape(config.model_name, request_id, core, body.logprobs, body.echo, body.prompt_logprobs)
+        return await respond(request, shape, streams, params.n, metrics, body)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_common(body, config)
         if body.tools:
             raise ApiError(400, "tools are not supported", "tools")
@@ -155,31 +184,107 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-        prompt = render_chat(tokenizer, body, config.chat_template)
+        params = sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, body.prompt_logprobs)
+        prompt = await engine.off_loop(render_chat, core, body.messages, config.chat_template, True)
         check_capacity(engine, config, 1)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = start(engine, [prompt], params, request_id)
-        shape = ChatShape(config.model_name, request_id, tokenizer, body.top_logprobs if body.logprobs else None)
-        if body.stream:
-            return sse(shape, streams, params.n, metrics, include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        return await collect(shape, streams, params.n, metrics)
+        streams = await start(engine, [prompt], params, request_id)
+        top = body.top_logprobs if body.logprobs else None
+        shape = ChatShape(config.model_name, request_id, core, top, False, body.prompt_logprobs)
+        return await respond(request, shape, streams, params.n, metrics, body)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model, config)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            text = await engine.off_loop(render_chat, core, body.messages, config.chat_template,
+                                         body.add_generation_prompt)
+        else:
+            text = body.prompt
+        require_tokenizer(core)
+        tokens = await engine.off_loop(encode, core, text, body.add_special_tokens)
+        result = {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens}
+        if body.return_token_strs:
+            result["token_strs"] = [core.decode([t]) for t in tokens]
+        return result
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model, config)
+        require_tokenizer(core)
+        if any(t >= core.config.vocab_size for t in body.tokens):
+            raise ApiError(400, f"tokens must be in [0, {core.config.vocab_size})", "tokens")
+        return {"prompt": core.decode(body.tokens)}
+
+    schema_limits = {MODEL_NAME: {"enum": [config.model_name]}, MAX_N_MARK: {"maximum": config.max_n},
+                     TOKEN_ID: {"maximum": core.config.vocab_size - 1}, MAX_TOKENS: {"maximum": core.max_model_len - 1}}
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = constrain_schema(schema, schema_limits)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
+        return error_response(error.status, error.message, error.param, error.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, error: RequestValidationError):
+        message, field_name = validation_message(error)
+        return error_response(400, message, field_name)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            return error_response(404, f"no route {request.url.path}", kind="not_found_error")
+        if error.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}",
+                                  headers=error.headers)
+        if error.status_code == 400:  # fastapi could not decode the body (not UTF-8, nested too deeply, ...)
+            return error_response(400, "the request body could not be parsed: send UTF-8 JSON, nested at most a "
+                                       "few hundred levels deep")
+        return error_response(error.status_code, str(error.detail), headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, error: Exception):
+        logger.exception("unexpected error while serving a request")
+        return error_response(500, f"internal server error ({type(error).__name__}); the server log has the details",
+                              kind="internal_server_error")
+
+
+def check_model(model: str | None, config: ServerConfig) -> None:
+    if model is not None and model != config.model_name:
+        raise ApiError(400, f"the model `{model}` does not exist; this server serves `{config.model_name}`", "model")
+
+
 def check_common(body, config: ServerConfig) -> None:
-    if body.model != config.model_name:
-        raise ApiError(400, f"the model `{body.model}` does not exist; this server serves `{config.model_name}`", "model")
+    check_model(body.model, config)
     if not 1 <= body.n <= config.max_n:
         raise ApiError(400, f"n must be between 1 and {config.max_n}, got {body.n}", "n")
 
 
 def check_capacity(engine: AsyncEngine, config: ServerConfig, new_requests: int) -> None:
-    """Requests in the engine (streaming or not) count until they finish; over the limit: 429."""
+    """Requests in the engine (streaming or not) count until they finish; over the limit: 429. A request
+    with more prompts than the limit could never run: 400."""
+    if new_requests > config.max_concurrent_requests:
+        raise ApiError(400, f"prompt: {new_requests} prompts in one request, but this server runs at most "
+                            f"{config.max_concurrent_requests} requests at once; send fewer per request", "prompt")
     if engine.num_streams + new_requests > config.max_concurrent_requests:
         raise ApiError(429, f"too many concurrent requests (limit {config.max_concurrent_requests}); retry later",
                        kind="rate_limit_error")
+
+
+def max_or_none(*values: int | None) -> int | None:
+    given = [v for v in values if v is not None]
+    return max(given) if given else None
 
 
 def bad_request(error: ValueError) -> ApiError:
@@ -187,9 +292,9 @@ def bad_request(error: ValueError) -> ApiError:
     return ApiError(400, str(error).replace("SamplingParams.", ""), getattr(error, "field", None))
 
 
-def sampling(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling(body, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as error:
         raise bad_request(error) from None
 
@@ -197,36 +302,59 @@ def sampling(body, max_tokens: int | None, logprobs: int | None) -> SamplingPara
 def prompt_list(prompt) -> list:
     if isinstance(prompt, str):
         return [prompt]
-    if prompt and all(isinstance(p, int) for p in prompt):
+    if all(isinstance(p, int) for p in prompt):
         return [{"prompt_token_ids": prompt}]
-    if not prompt:
-        raise ApiError(400, "prompt: must not be empty", "prompt")
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
 
 
-def render_chat(tokenizer, body: ChatCompletionRequest, template: str | None) -> str:
-    if tokenizer is None:
+def require_tokenizer(core) -> None:
+    if core.tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer: send token ids, and expect no text back")
+
+
+def encode(core, text: str, add_special_tokens: bool) -> list[int]:
+    try:
+        return core.encode(text, "prompt", add_special_tokens)
+    except RequestError as error:
+        raise bad_request(error) from None
+
+
+def render_chat(core, messages, template: str | None, add_generation_prompt: bool) -> str:
+    """The chat template applied to the messages (run off the event loop: templates can be slow)."""
+    if core.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so it has no chat template; use /v1/completions with token ids")
+    rendered = []
+    for i, message in enumerate(messages):
+        try:
+            text = message.text()
+        except ValueError as error:
+            raise ApiError(400, f"messages.{i}.content: {error}", f"messages.{i}.content") from None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ApiError(400, f"messages.{i}.content is not valid Unicode: a lone surrogate at index "
+                                f"{error.start}; send UTF-8 text", f"messages.{i}.content") from None
+        rendered.append({"role": message.role, "content": text})
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    except ValueError as error:
-        raise ApiError(400, str(error), "messages") from None
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return core.tokenizer.apply_chat_template(rendered, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja errors, a missing template
         raise ApiError(400, f"messages: the chat template could not render them ({error})", "messages") from None
 
 
-def start(engine: AsyncEngine, prompts: list, params: SamplingParams, request_id: str) -> list[RequestStream]:
+async def start(engine: AsyncEngine, prompts: list, params: SamplingParams, request_id: str) -> list[RequestStream]:
     """Queue every prompt of a request together (so they are batched); input errors (prompt too long,
     ...) become 400 before any byte is sent, and the prompts already queued are withdrawn."""
     streams: list[RequestStream] = []
     try:
         for p, prompt in enumerate(prompts):
-            streams.append(engine.add_request(prompt, params, request_id if len(prompts) == 1 else f"{request_id}-{p}"))
+            streams.append(await engine.add_request(prompt, params, request_id if len(prompts) == 1 else f"{request_id}-{p}"))
     except ValueError as error:
         close_all(streams)
         raise bad_request(error) from None
+    except BaseException:
+        close_all(streams)
+        raise
     return streams
 
 
@@ -235,36 +363,64 @@ def close_all(streams: list[RequestStream]) -> None:
         stream.close()
 
 
+def finite(logprob: float) -> float:
+    """Logprobs as JSON can carry them: -inf (a token ruled out by top-k, top-p, ...) and NaN become -9999."""
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
 class CompletionShape:
     object_name, chunk_name = "text_completion", "text_completion"
 
-    def __init__(self, model_name, request_id, tokenizer, logprobs):
-        self.model_name, self.request_id, self.tokenizer, self.logprobs = model_name, request_id, tokenizer, logprobs
+    def __init__(self, model_name, request_id, core, logprobs, echo, prompt_logprobs):
+        self.model_name, self.request_id, self.core = model_name, request_id, core
+        self.logprobs, self.echo, self.prompt_logprobs = logprobs, echo, prompt_logprobs
         self.created = int(time.time())
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+        return self.core.decode([token_id]) if self.core.tokenizer is not None else ""
 
-    def logprobs_of(self, completion, start: int):
-        if self.logprobs is None or completion.logprobs is None:
-            return None
-        tokens = completion.token_ids[start:]
-        entries = completion.logprobs[start:]
+    def prompt_text(self, output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return self.core.decode(output.prompt_token_ids) if self.core.tokenizer is not None else ""
+
+    def logprobs_of(self, tokens: list[int], entries: list[dict[int, Logprob] | None], offset: int) -> dict:
+        """OpenAI's completion logprobs; a prompt's first token has none (null)."""
+        texts = [self.token_text(t) for t in tokens]
+        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
         return {
-            "tokens": [self.token_text(t) for t in tokens],
-            "token_logprobs": [e[t].logprob for t, e in zip(tokens, entries)],
-            "top_logprobs": [{self.token_text(t): lp.logprob for t, lp in e.items()} for e in entries],
-            "text_offset": [],
+            "tokens": texts,
+            "token_logprobs": [None if e is None else finite(e[t].logprob) for t, e in zip(tokens, entries)],
+            "top_logprobs": [None if e is None else {self.token_text(t): finite(lp.logprob) for t, lp in e.items()}
+                             for e in entries],
+            "text_offset": offsets,
         }
 
-    def choice(self, index, completion, text, start, final, first=False):
-        return {"index": index, "text": text, "logprobs": self.logprobs_of(completion, start),
-                "finish_reason": completion.finish_reason if final else None}
+    def choice(self, index, output, completion, start, sent_chars, final, first):
+        """The choice for completion's tokens from `start` on and its text from sent_chars on."""
+        text = completion.text[sent_chars:]
+        tokens, entries = completion.token_ids[start:], (completion.logprobs or [])[start:]
+        if first and self.echo:
+            text = self.prompt_text(output) + text
+            tokens = output.prompt_token_ids + tokens
+            entries = (output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + entries
+        choice = {"index": index, "text": text, "finish_reason": completion.finish_reason if final else None,
+                  "logprobs": self.logprobs_of(tokens, entries, 0 if first else sent_chars)
+                  if self.logprobs is not None and completion.logprobs is not None else None}
+        if first and self.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self.vllm_prompt_logprobs(output)
+        return choice
 
-    def full_choice(self, index, completion):
-        return self.choice(index, completion, completion.text, 0, True)
+    def vllm_prompt_logprobs(self, output: RequestOutput) -> list:
+        """vLLM's prompt_logprobs: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}}."""
+        return [None if entry is None else
+                {str(t): {"logprob": finite(lp.logprob), "rank": lp.rank, "decoded_token": self.token_text(t)}
+                 for t, lp in entry.items()} for entry in output.prompt_logprobs or []]
 
-    def envelope(self, choices, usage=None, chunk=False):
+    def full_choice(self, index, output, completion):
+        return self.choice(index, output, completion, 0, 0, True, True)
+
+    def envelope(self, choices, usage=None, chunk=False, output=None):
         body = {"id": self.request_id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
                 "model": self.model_name, "choices": choices}
         if usage is not None:
@@ -275,26 +431,33 @@ class CompletionShape:
 class ChatShape(CompletionShape):
     object_name, chunk_name = "chat.completion", "chat.completion.chunk"
 
-    def logprobs_of(self, completion, start: int):
+    def chat_logprobs(self, completion, start: int):
         if self.logprobs is None or completion.logprobs is None:
             return None
         content = []
         for token, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
             top = sorted(entry.items(), key=lambda item: item[1].rank)[: self.logprobs]
-            content.append({"token": self.token_text(token), "logprob": entry[token].logprob,
+            content.append({"token": self.token_text(token), "logprob": finite(entry[token].logprob),
                             "bytes": list(self.token_text(token).encode()),
-                            "top_logprobs": [{"token": self.token_text(t), "logprob": lp.logprob,
+                            "top_logprobs": [{"token": self.token_text(t), "logprob": finite(lp.logprob),
                                               "bytes": list(self.token_text(t).encode())} for t, lp in top]})
         return {"content": content}
 
-    def choice(self, index, completion, text, start, final, first=False):
+    def choice(self, index, output, completion, start, sent_chars, final, first):
+        text = completion.text[sent_chars:]
         delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "logprobs": self.logprobs_of(completion, start),
+        return {"index": index, "delta": delta, "logprobs": self.chat_logprobs(completion, start),
                 "finish_reason": completion.finish_reason if final else None}
 
-    def full_choice(self, index, completion):
+    def full_choice(self, index, output, completion):
         return {"index": index, "message": {"role": "assistant", "content": completion.text},
-                "logprobs": self.logprobs_of(completion, 0), "finish_reason": completion.finish_reason}
+                "logprobs": self.chat_logprobs(completion, 0), "finish_reason": completion.finish_reason}
+
+    def envelope(self, choices, usage=None, chunk=False, output=None):
+        body = super().envelope(choices, usage, chunk)
+        if output is not None and self.prompt_logprobs is not None:  # vLLM: at the response level in chat
+            body["prompt_logprobs"] = self.vllm_prompt_logprobs(output)
+        return body
 
 
 def usage_of(outputs: list[RequestOutput]) -> dict:
@@ -303,52 +466,75 @@ def usage_of(outputs: list[RequestOutput]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def collect(shape, streams: list[RequestStream], n: int, metrics: Metrics):
+async def respond(request: Request, shape, streams: list[RequestStream], n: int, metrics: Metrics, body):
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(events(shape, streams, n, metrics, include_usage), media_type="text/event-stream")
+    return await collect(request, shape, streams, n, metrics)
+
+
+async def collect(request: Request, shape, streams: list[RequestStream], n: int, metrics: Metrics):
+    """The whole response at once; a client that hangs up first aborts the request (nobody reads it)."""
+    gathering = asyncio.ensure_future(final_outputs(streams, metrics))
+    leaving = asyncio.ensure_future(client_leaves(request))
+    try:
+        await asyncio.wait({gathering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        gathering.cancel()
+        close_all(streams)  # aborts what is still running
+    if not gathering.done() or gathering.cancelled():
+        return Response(status_code=499)
+    finals = gathering.result()
+    choices = [shape.full_choice(p * n + c.index, output, c) for p, output in enumerate(finals) for c in output.outputs]
+    body = shape.envelope(choices, usage_of(finals), output=finals[0] if len(finals) == 1 else None)
+    return Response(json.dumps(body, allow_nan=False), media_type="application/json")
+
+
+async def final_outputs(streams: list[RequestStream], metrics: Metrics) -> list[RequestOutput]:
+    finals = []
+    for stream in streams:
+        timer = RequestTimer(metrics, stream.arrival)
+        async for output in stream:
+            timer.on_output(output)
+        finals.append(output)
+    return finals
+
+
+async def client_leaves(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, allow_nan=False)}\n\n"
+
+
+async def events(shape, streams: list[RequestStream], n: int, metrics: Metrics, include_usage: bool):
     finals = []
     try:
-        for stream in streams:
+        for p, stream in enumerate(streams):
             timer = RequestTimer(metrics, stream.arrival)
+            sent_text, sent_tokens, opened = [0] * n, [0] * n, [False] * n
+            first_chunk = True
             async for output in stream:
                 timer.on_output(output)
+                chunks = []
+                for completion in output.outputs:
+                    i = completion.index
+                    final = completion.finish_reason is not None
+                    if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
+                        continue  # a chunk per step with new tokens, even while their text is held back
+                    chunks.append(shape.choice(p * n + i, output, completion, sent_tokens[i], sent_text[i], final,
+                                               first=not opened[i]))
+                    opened[i] = True
+                    sent_text[i], sent_tokens[i] = len(completion.text), len(completion.token_ids)
+                if chunks:
+                    yield sse(shape.envelope(chunks, chunk=True, output=output if first_chunk else None))
+                    first_chunk = False
             finals.append(output)
     finally:  # a client that leaves aborts what is still running
         close_all(streams)
-    choices = []
-    for p, output in enumerate(finals):
-        for completion in output.outputs:
-            choices.append(shape.full_choice(p * n + completion.index, completion))
-    return shape.envelope(choices, usage_of(finals))
-
-
-def sse(shape, streams: list[RequestStream], n: int, metrics: Metrics, include_usage: bool) -> StreamingResponse:
-    async def events():
-        finals = []
-        try:
-            for p, stream in enumerate(streams):
-                timer = RequestTimer(metrics, stream.arrival)
-                sent_text = [0] * n
-                sent_tokens = [0] * n
-                opened = [False] * n
-                async for output in stream:
-                    timer.on_output(output)
-                    chunks = []
-                    for completion in output.outputs:
-                        i = completion.index
-                        new_text = completion.text[sent_text[i]:]
-                        final = completion.finish_reason is not None
-                        if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
-                            continue  # a chunk per step with new tokens, even while their text is held back
-                        chunks.append(shape.choice(p * n + i, completion, new_text, sent_tokens[i], final,
-                                                   first=not opened[i]))
-                        opened[i] = True
-                        sent_text[i], sent_tokens[i] = len(completion.text), len(completion.token_ids)
-                    if chunks:
-                        yield f"data: {json.dumps(shape.envelope(chunks, chunk=True))}\n\n"
-                finals.append(output)
-        finally:  # a client that leaves aborts what is still running
-            close_all(streams)
-        if include_usage:
-            yield f"data: {json.dumps(shape.envelope([], usage_of(finals), chunk=True))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    if include_usage:
+        yield sse(shape.envelope([], usage_of(finals), chunk=True))
+    yield "data: [DONE]\n\n"

@@ -15,8 +15,9 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 class EngineCollector:
     """Engine state read at scrape time."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine = engine
+    def __init__(self, async_engine, model_name: str):
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
         self.labels = {"model_name": model_name}
 
     def collect(self):
@@ -27,6 +28,13 @@ class EngineCollector:
         yield self.counter("num_preemptions", "Sequences preempted (recomputed later)", scheduler.num_preemptions)
         yield self.counter("prefix_cache_queries", "Tokens looked up in the prefix cache", blocks.prefix_queries)
         yield self.counter("prefix_cache_hits", "Tokens found in the prefix cache", blocks.prefix_hits)
+        success = CounterMetricFamily("moeserve:request_success", "Completions that finished, by finish reason",
+                                      labels=["model_name", "finished_reason"])
+        for reason in ("stop", "length"):
+            success.add_metric([self.labels["model_name"], reason], self.async_engine.finish_reasons[reason])
+        yield success
+        yield self.counter("num_aborted_requests", "Requests that ended before finishing (client gone, shutdown)",
+                           self.async_engine.num_aborted)
         experts = CounterMetricFamily("moeserve:expert_tokens", "Tokens routed to each expert, per MoE layer",
                                       labels=["model_name", "layer", "expert"])
         for layer, module in enumerate(self.engine.model.model.layers):
@@ -47,9 +55,9 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, engine, model_name: str):
+    def __init__(self, async_engine, model_name: str):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine, model_name))
+        self.registry.register(EngineCollector(async_engine, model_name))
         labels = ["model_name"]
 
         def histogram(name, documentation):

@@ -1,11 +1,13 @@
 """Engine behaviour on the tiny models: prefix caching, abort, n > 1, seeds, stop conditions, logprobs."""
 
+import random
+
 import pytest
 import torch
 
 import moeserve
 from moeserve.config import ConfigError, EngineArgs
-from moeserve.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_length
+from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
 
@@ -182,11 +184,35 @@ def test_incremental_detokenizer_never_emits_half_a_character():
     assert pieces.count("") >= 3  # held back while a character was incomplete
 
 
-def test_stop_string_helpers():
-    assert find_stop("hello world", 6, ["lo w", "xyz"]) == (3, "lo w")
-    assert find_stop("hello", 3, ["xyz"]) is None
-    assert partial_stop_length("the end", ["end.", "ndx"]) == 3
-    assert partial_stop_length("abc", ["zzz"]) == 0
+def brute_force_stop(text: str, new_from: int, stops: list[str]):
+    """The earliest stop string ending within text[new_from:], and the longest stop prefix ending text."""
+    ends = [(text.find(s, max(0, new_from - len(s) + 1)), s) for s in stops]
+    found = min(((start, s) for start, s in ends if start != -1), default=None)
+    partial = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return found, partial
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_matcher_equals_brute_force_on_text_fed_in_pieces(seed):
+    rng = random.Random(seed)
+    alphabet = "ab" if seed % 2 else "abc"  # few letters: many overlapping partial matches
+    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+    matcher, text = StopMatcher(stops), ""
+    for _ in range(40):
+        new = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+        found = matcher.feed(new)
+        text += new
+        assert (found, matcher.partial_length) == brute_force_stop(text, len(text) - len(new), stops), (stops, text)
+        if found is not None:
+            break
+
+
+def test_stop_matcher_examples():
+    matcher = StopMatcher(["lo w", "xyz"])
+    assert matcher.feed("hello") is None and matcher.partial_length == 2  # "lo" may become "lo w"
+    assert matcher.feed(" world") == (3, "lo w")
+    ending = StopMatcher(["end.", "ndx"])
+    assert ending.feed("the end") is None and ending.partial_length == 3
 
 
 def test_streamed_text_never_shows_a_possible_stop_string_prefix(llm):

@@ -144,21 +144,27 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
 
 @pytest.mark.parametrize("field,value,message", [
     ("n", 0, "SamplingParams.n must be an integer in [1, 128]"),
-    ("temperature", -0.1, "SamplingParams.temperature must be a number in [0.0, inf]"),
+    ("temperature", -0.1, "SamplingParams.temperature must be a finite number in [0.0, 100.0]"),
     ("top_p", 0.0, "SamplingParams.top_p must be in (0, 1]"),
     ("top_p", 1.5, "SamplingParams.top_p must be in (0, 1]"),
     ("top_k", -2, "SamplingParams.top_k must be 0 or -1 (off) or a positive integer"),
-    ("min_p", 1.5, "SamplingParams.min_p must be a number in [0.0, 1.0]"),
-    ("presence_penalty", 3.0, "SamplingParams.presence_penalty must be a number in [-2.0, 2.0]"),
-    ("frequency_penalty", -2.5, "SamplingParams.frequency_penalty must be a number in [-2.0, 2.0]"),
-    ("repetition_penalty", 0.0, "SamplingParams.repetition_penalty must be greater than 0"),
+    ("min_p", 1.5, "SamplingParams.min_p must be a finite number in [0.0, 1.0]"),
+    ("presence_penalty", 3.0, "SamplingParams.presence_penalty must be a finite number in [-2.0, 2.0]"),
+    ("frequency_penalty", -2.5, "SamplingParams.frequency_penalty must be a finite number in [-2.0, 2.0]"),
+    ("repetition_penalty", 0.0, "SamplingParams.repetition_penalty must be a finite number in [0.01, 100.0]"),
+    ("repetition_penalty", float("inf"), "SamplingParams.repetition_penalty must be a finite number"),
+    ("temperature", float("inf"), "SamplingParams.temperature must be a finite number"),
+    ("temperature", float("nan"), "SamplingParams.temperature must be a finite number"),
+    ("logit_bias", {5: float("nan")}, "SamplingParams.logit_bias values must be finite numbers"),
+    ("seed", 2**63, "SamplingParams.seed must be an integer in [-9223372036854775808, 9223372036854775807]"),
+    ("stop", ["x"] * 65, "SamplingParams.stop may hold at most 64 strings"),
     ("max_tokens", 0, "SamplingParams.max_tokens must be an integer in [1, inf]"),
     ("min_tokens", 20, "SamplingParams.min_tokens must be an integer in [0, 16]"),
     ("logprobs", 21, "SamplingParams.logprobs must be an integer in [0, 20]"),
     ("prompt_logprobs", -1, "SamplingParams.prompt_logprobs must be an integer in [0, 20]"),
     ("stop", [""], "SamplingParams.stop must be non-empty strings"),
     ("allowed_token_ids", [], "SamplingParams.allowed_token_ids must not be empty"),
-    ("seed", 1.5, "SamplingParams.seed must be an integer"),
+    ("seed", 1.5, "SamplingParams.seed must be an integer in"),
 ])
 def test_invalid_parameters_name_the_field_and_range(field, value, message):
     with pytest.raises(SamplingParamsError) as error:

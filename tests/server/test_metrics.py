@@ -20,7 +20,7 @@ def test_timer_uses_arrival_and_production_times():
     engine = SimpleNamespace(model=SimpleNamespace(model=SimpleNamespace(layers=[])),
                              scheduler=SimpleNamespace(running=[], waiting=[], num_preemptions=0),
                              block_manager=SimpleNamespace(usage=0.0, prefix_queries=0, prefix_hits=0))
-    metrics = Metrics(engine, "m")
+    metrics = Metrics(SimpleNamespace(engine=engine, finish_reasons={"stop": 0, "length": 0}, num_aborted=0), "m")
     timer = RequestTimer(metrics, arrival=100.0)
     for out in (output(0, 100.5), output(1, 101.0), output(3, 101.5), output(4, 103.0, finished=True)):
         timer.on_output(out)  # read long after they were produced: the reader's clock must not matter

@@ -3,66 +3,17 @@ and a schema fuzzer."""
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
-import threading
 import time
-from types import SimpleNamespace
 
 import httpx
-import openai
 import pytest
-import uvicorn
 
-from moeserve.config import EngineArgs
-from moeserve.engine.async_engine import AsyncEngine
-from moeserve.server.app import ServerConfig, build_app
+from moeserve.server.app import ServerConfig
 from tests.distributed.harness import free_port
-
-MODEL, KEY = "tiny-mixtral", "test-key"
-
-
-def start_server(config: ServerConfig, **engine_args):
-    engine = AsyncEngine.from_args(EngineArgs(model=MODEL, **engine_args))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    return SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, server=server, thread=thread)
-
-
-def stop_server(running):
-    running.server.should_exit = True
-    running.thread.join(timeout=30)
-    running.engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server():
-    running = start_server(ServerConfig(model_name=MODEL, api_key=KEY, max_request_bytes=2**20), max_num_seqs=128)
-    yield running
-    stop_server(running)
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-
-
-def headers():
-    return {"Authorization": f"Bearer {KEY}"}
-
-
-def wait_until_idle(engine, seconds=20):
-    manager = engine.engine.block_manager
-    deadline = time.monotonic() + seconds
-    while (engine.engine.has_unfinished_requests() or manager.num_free_blocks < manager.num_blocks) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not engine.engine.has_unfinished_requests() and manager.num_free_blocks == manager.num_blocks
+from tests.server.harness import KEY, MODEL, headers, start_server, stop_server, wait_until_idle
 
 
 def test_openai_client_completion_stream_and_usage(client):
@@ -112,15 +63,16 @@ def test_seed_reproduces(client):
     ("{not json", "not valid JSON", None),
     ({"model": "other", "prompt": "x"}, "the model `other` does not exist", "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer", "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature must be a number in [0.0, inf]", "temperature"),
-    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p must be in (0, 1]", "top_p"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature: Input should be greater than or equal to 0",
+     "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1", "top_p"),
     ({"model": MODEL, "prompt": "x", "n": 100}, "n must be between 1 and 16", "n"),
     ({"model": MODEL, "prompt": [5] * 5000}, "the prompt has 5000 tokens; max_model_len is 4096", "prompt"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 9000}, "exceeds max_model_len=4096", "max_tokens"),
     ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, "token id 99999 is outside the vocabulary", "logit_bias"),
     ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias.abc.[key]: Input should be a valid integer",
      "logit_bias.abc.[key]"),
-    ({"model": MODEL, "prompt": [], "max_tokens": 3}, "prompt: must not be empty", "prompt"),
+    ({"model": MODEL, "prompt": [], "max_tokens": 3}, "prompt: must be a non-empty string, a non-empty list of them", "prompt"),
     ({"model": MODEL}, "prompt: Field required", "prompt"),
 ])
 def test_bad_completion_input_gets_400_naming_the_problem(server, body, message, param):
@@ -228,14 +180,18 @@ def test_too_many_concurrent_requests_get_429():
 
 
 def test_schema_fuzzing_finds_no_server_errors():
+    """Cases generated from the published schema, mostly valid ones (it carries the server's limits: a
+    schema that let most cases be rejected would make schemathesis warn), and no answer is a 5xx."""
     running = start_server(ServerConfig(model_name=MODEL, api_key=KEY), max_model_len=96)  # short: fast generations
     try:
         command = [sys.executable, "-m", "schemathesis.cli", "run", f"{running.url}/openapi.json", "--checks",
-                   "not_a_server_error", "--max-examples", "60", "-H", f"Authorization: Bearer {KEY}",
-                   "--request-timeout", "30", "--generation-deterministic", "--suppress-health-check", "all"]
+                   "not_a_server_error", "--max-examples", "100", "-H", f"Authorization: Bearer {KEY}",
+                   "--request-timeout", "30", "--generation-deterministic",
+                   "--suppress-health-check", "all"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-        assert "passed" in result.stdout and " 0 generated" not in result.stdout
+        generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
+        assert generated > 1000 and "No issues found" in result.stdout, result.stdout[-4000:]
     finally:
         stop_server(running)
 
