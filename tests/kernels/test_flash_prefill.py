@@ -49,8 +49,9 @@ def assert_matches_reference(q, k, v, cu_q, cu_k, causal, atol=1e-5, rtol=1e-5):
 
 
 # (Lq, Lk): one query; self-attention over 2 query tiles; a cached prefix (Lk > Lq) with diagonal tiles
-# starting mid key tile; key tiles below every query's diagonal (unmasked) and crossing it
-CAUSAL_LENGTHS = [(1, 1), (150, 150), (10, 100), (5, 5), (130, 200)]
+# starting mid key tile; key tiles below every query's diagonal (unmasked) and crossing it; the last
+# query of a full tile seeing exactly one key of the next key tile (Lk - Lq = 65)
+CAUSAL_LENGTHS = [(1, 1), (150, 150), (10, 100), (5, 5), (130, 195)]
 # no keys at all; more keys than queries; one query over a whole key tile; fewer keys than queries
 NON_CAUSAL_LENGTHS = [(3, 0), (70, 130), (1, 64), (20, 5), (150, 150)]
 

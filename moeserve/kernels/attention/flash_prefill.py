@@ -226,13 +226,13 @@ def _merge_kernel(out_a_ptr, lse_a_ptr, out_b_ptr, lse_b_ptr, out_ptr, lse_ptr, 
     total = weight_a + weight_b
     seen = total > 0
     total_safe = tl.where(seen, total, 1.0)
-    offs_d = tl.arange(0, DV)[None, :]
-    out_a = tl.load(out_a_ptr + token * stride_at + heads[:, None] * stride_ah + offs_d, mask=head_ok[:, None]).to(tl.float32)
-    out_b = tl.load(out_b_ptr + token * stride_bt + heads[:, None] * stride_bh + offs_d, mask=head_ok[:, None]).to(tl.float32)
-    out = (out_a * (weight_a / total_safe)[:, None] + out_b * (weight_b / total_safe)[:, None])
-    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None])
-    tl.store(lse_ptr + heads * stride_lse + token, tl.where(seen, top + tl.log(total_safe), float("-inf")), mask=head_ok)
+    out_a = _load_rows(out_a_ptr + token * stride_at, heads * stride_ah, 1, DV, head_ok, True).to(tl.float32)
+    out_b = _load_rows(out_b_ptr + token * stride_bt, heads * stride_bh, 1, DV, head_ok, True).to(tl.float32)
+    out = out_a * (weight_a / total_safe)[:, None] + out_b * (weight_b / total_safe)[:, None]  # [BLOCK_H, DV]
+    out_ptrs = out_ptr + token * stride_ot + heads[:, None] * stride_oh + tl.arange(0, DV)[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    lse = tl.where(seen, top + tl.log(total_safe), float("-inf"))
+    tl.store(lse_ptr + heads * stride_lse + token, lse, mask=head_ok)
 
 
 MERGE_BLOCK_H = 16
@@ -254,7 +254,7 @@ def merge_attention_states(
     if num_tokens == 0:
         return out, lse
     grid = (num_tokens, triton.cdiv(num_heads, MERGE_BLOCK_H))
-    _merge_kernel[grid](out_a, lse_a, out_b, lse_b, out, lse, num_heads,
-                        out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1),
+    _merge_kernel[grid](out_a, lse_a, out_b, lse_b, out, lse, num_heads, out_a.stride(0), out_a.stride(1),
+                        out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1),
                         lse_a.stride(0), lse_b.stride(0), lse.stride(0), BLOCK_H=MERGE_BLOCK_H, DV=dv)
     return out, lse
