@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernel_sass import summary  # noqa: E402
 
 from moeserve.kernels.attention.cache_write import _cache_write_kernel  # noqa: E402
-from moeserve.kernels.attention.mla_decode import (MERGE_SPLITS, MLADecodeConfig, _mla_decode_merge_kernel,  # noqa: E402
-                                                   _mla_decode_split_kernel, mla_decode_config)
+from moeserve.kernels.attention.mla_decode import (  # noqa: E402
+    MERGE_SPLITS, MLADecodeConfig, _mla_decode_merge_kernel, _mla_decode_split_kernel, mla_decode_config)
 
 RANK, ROPE = 512, 64
 SHARED_LIMIT = 232448
