@@ -9,7 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from moeserve.config import DISPATCH_FORMATS, EP_BACKENDS, LOAD_FORMATS, QUANTIZATION_FORMATS, EngineArgs
+from moeserve.config import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
+                             QUANTIZATION_FORMATS, EngineArgs)
 from moeserve.version import __version__
 
 
@@ -39,6 +40,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
                         help="tokens per step; prefill is chunked to fit")
     parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=defaults.kv_cache_dtype,
+                        help="auto: the model's dtype; fp8: E4M3 with a per-layer scale (twice the tokens)")
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend,
+                        help="auto: the Triton kernels on CUDA, the torch reference elsewhere")
     parser.add_argument("--kv-cache-memory", type=byte_size, default=None,
                         help="KV cache size, e.g. 4GiB or 512MiB (CPU default 512MiB; CUDA: from --gpu-memory-utilization)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,

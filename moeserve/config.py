@@ -237,6 +237,8 @@ LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATION_FORMATS = ("fp8", "nvfp4")  # weight formats (moeserve.quant.formats.FORMATS implements them)
 EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
 DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # tokens on the wire in EP dispatch (bf16: unquantized)
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # moeserve.layers.attention.backend; auto: triton on CUDA
 
 
 @dataclass
@@ -250,6 +252,8 @@ class EngineArgs:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    attention_backend: str = "auto"
     kv_cache_memory: int | None = None  # bytes; default on CPU 512 MiB, on CUDA sized by gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -281,6 +285,8 @@ class EngineArgs:
         one_of("quantization", QUANTIZATION_FORMATS, optional=True)
         one_of("ep_backend", EP_BACKENDS)
         one_of("ep_dispatch_format", DISPATCH_FORMATS)
+        one_of("kv_cache_dtype", KV_CACHE_DTYPES)
+        one_of("attention_backend", ATTENTION_BACKENDS)
         require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "must be auto, cpu, cuda or cuda:N")
         for size in ("tp", "dp", "ep"):
             require(isinstance(getattr(self, size), int) and getattr(self, size) >= 1, size, "must be an integer >= 1")

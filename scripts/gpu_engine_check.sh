@@ -23,7 +23,7 @@ bench() {  # label, then arguments of moeserve bench throughput
   local label=$1; shift
   echo "== $label: moeserve bench throughput $*" >> "$OUT/bench.log"
   timeout 280 python3 -m moeserve bench throughput "$@" >> "$OUT/bench.log" 2>&1
-  echo "$label | $(grep -A100 "== $label:" "$OUT/bench.log" | grep -E "KV cache:|requests in" | sed 's/.*engine: //' | tr '\n' ' ')" >> "$OUT/bench_table.txt"
+  echo "$label | $(grep -A100 "== $label:" "$OUT/bench.log" | grep -E "KV cache \(|requests in" | sed 's/.*engine: //' | tr '\n' ' ')" >> "$OUT/bench_table.txt"
 }
 if has tests; then
   timeout 420 python3 -m pytest tests/gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -8

@@ -1,9 +1,13 @@
-"""The paged KV cache's bookkeeping: which blocks each sequence owns, reference counts, and the
-prefix cache (full blocks keyed by a hash chained through their parent, evicted least recently used)."""
+"""The paged KV cache's bookkeeping: which blocks each sequence owns (mirrored in the device block
+table, one row per sequence holding blocks), reference counts, and the prefix cache (full blocks keyed
+by a hash chained through their parent, evicted least recently used)."""
 
 import hashlib
 from collections import OrderedDict
 
+import torch
+
+from moeserve.engine.block_table import BlockTable
 from moeserve.engine.sequence import Sequence
 
 
@@ -14,7 +18,9 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, max_num_seqs: int = 256,
+                 max_blocks_per_seq: int | None = None, device: torch.device | str = "cpu"):
+        self.block_table = BlockTable(max_num_seqs, max_blocks_per_seq or num_blocks, device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -67,10 +73,15 @@ class BlockManager:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
         seq.block_table = list(blocks)
+        seq.block_row = self.block_table.assign_row()
+        self.block_table.write(seq.block_row, 0, blocks)
         seq.num_computed_tokens = len(blocks) * self.block_size
         seq.num_cached_blocks = len(blocks)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        if seq.block_row is None:
+            seq.block_row = self.block_table.assign_row()
+        start = len(seq.block_table)
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             block, _ = self.free_blocks.popitem(last=False)
             if self.hash_of_block[block] is not None:  # evict its cached contents
@@ -78,6 +89,7 @@ class BlockManager:
                 self.hash_of_block[block] = None
             self.ref_counts[block] = 1
             seq.block_table.append(block)
+        self.block_table.write(seq.block_row, start, seq.block_table[start:])
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that computing has filled, so later requests can reuse them."""
@@ -101,3 +113,6 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
+        if seq.block_row is not None:
+            self.block_table.release_row(seq.block_row)
+            seq.block_row = None

@@ -14,13 +14,14 @@ from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from moeserve.engine.kv_cache import allocate_kv_cache
+from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
 from moeserve.engine.memory import plan_num_blocks
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Logprob, Sequence
 from moeserve.engine.stats import EngineCounters, PreemptionLog
+from moeserve.layers.attention.mla import prepare_absorbed_weights
 from moeserve.layers.sampler import Sampler
 from moeserve.loader.model_loader import build_model, load_config, load_model
 from moeserve.loader.presets import SHAPE_PRESETS
@@ -77,24 +78,30 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
+        prepare_absorbed_weights(self.model, self.dtype)
         tp = context.groups.layout.tp if context is not None else 1
-        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.dtype, self.device, tp)
+        self.kv_cache_dtype = cache_dtype(args.kv_cache_dtype, self.dtype)
+        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, tp)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
             smallest = torch.tensor([num_blocks])
             torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN, group=context.control)
             num_blocks = int(smallest)
-        kv_caches = allocate_kv_cache(config, num_blocks, args.block_size, self.dtype, self.device, tp)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        kv_caches, kv_scales = allocate_kv_cache(config, num_blocks, args.block_size, self.kv_cache_dtype,
+                                                 self.device, tp)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, args.max_num_seqs,
+                                          -(-self.max_model_len // args.block_size), self.device)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         sampler = Sampler(config.vocab_size, self.device, args.seed)
-        self.runner = ModelRunner(self.model, kv_caches, args.block_size, sampler, self.eos_token_ids)
+        self.runner = ModelRunner(self.model, kv_caches, kv_scales, self.block_manager, sampler, self.eos_token_ids,
+                                  args.max_num_batched_tokens, args.max_num_seqs, args.attention_backend)
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
         self.counters = EngineCounters()
         self.preemption_log = PreemptionLog()
         capacity = num_blocks * args.block_size
-        logger.info("KV cache: %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
-                    capacity, num_blocks, args.block_size, capacity / self.max_model_len, self.max_model_len)
+        logger.info("KV cache (%s): %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
+                    str(self.kv_cache_dtype).removeprefix("torch."), capacity, num_blocks, args.block_size,
+                    capacity / self.max_model_len, self.max_model_len)
 
     @staticmethod
     def try_load_tokenizer(model: str):

@@ -1,14 +1,16 @@
-"""One engine step on the model: build the flattened batch, run the forward over the paged cache,
+"""One engine step on the model: lay out the batch (decodes first), send its token ids, positions and
+attention metadata to the device in one non-blocking copy, run the forward over the paged cache,
 sample the sequences whose tokens are all computed, and gather prompt logprobs when asked."""
 
 from dataclasses import dataclass
 
 import torch
 
-from torch.nn.utils.rnn import pad_sequence
-
-from moeserve.engine.paged_attention import Chunk, PagedAttention, PagedBatch
+from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.engine.staging import HostToDevice
+from moeserve.layers.attention.backend import paged_attention_backend
+from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
 from moeserve.models.base import CausalLM
 
@@ -21,21 +23,19 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, sampler: Sampler,
-                 eos_token_ids: tuple[int, ...]):
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], kv_scales: torch.Tensor | None,
+                 block_manager: BlockManager, sampler: Sampler, eos_token_ids: tuple[int, ...],
+                 max_num_batched_tokens: int, max_num_seqs: int, attention_backend: str = "auto"):
         self.model = model
-        self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.block_table = block_manager.block_table
+        self.block_size = block_manager.block_size
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
-        self.offsets = torch.arange(block_size)
+        self.attention = paged_attention_backend(attention_backend, self.device, kv_caches, kv_scales)
+        # per step: [ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B | table rows B]
+        self.inputs = HostToDevice((3 * max_num_batched_tokens + 3 * max_num_seqs + 1,), torch.int32, self.device)
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
-
-    def context_slots(self, seq: Sequence, length: int) -> torch.Tensor:
-        """Cache slots of positions 0..length-1: block_table[p // block_size] * block_size + p % block_size."""
-        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long)
-        return (blocks[:, None] * self.block_size + self.offsets).flatten()[:length]
 
     @torch.no_grad()
     def execute_empty(self) -> None:
@@ -43,26 +43,18 @@ class ModelRunner:
         model (MoE dispatch, tensor-parallel reductions) find every rank."""
         self.empty_steps += 1
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        batch = PagedBatch(empty, [], empty, torch.zeros(0, 0, dtype=torch.long, device=self.device), empty)
-        self.model.model(empty, empty, PagedAttention(self.kv_caches, batch))
+        metadata = AttentionMetadata.empty(self.device, self.block_table.max_blocks_per_seq, self.block_size)
+        self.model.model(empty, empty, self.attention.bind(metadata))
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
-        input_ids, positions, slot_mapping, chunks = [], [], [], []
-        decode_rows, decode_slots = [], []
+        scheduled = sorted(scheduled, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
+        ids, positions, metadata = self.prepare(scheduled)
+        hidden = self.model.model(ids, positions, self.attention.bind(metadata))  # [T, H]
         sample_rows, sampled, prompt_rows = [], [], []
         offset = 0
         for seq, num_new in scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            context_slots = self.context_slots(seq, end)
-            slot_mapping.append(context_slots[start:])
-            if num_new == 1:
-                decode_rows.append(offset)
-                decode_slots.append(context_slots)
-            else:
-                chunks.append(Chunk(slice(offset, offset + num_new), context_slots.to(self.device)))
             if end == seq.num_tokens:
                 sample_rows.append(offset + num_new - 1)
                 sampled.append(seq)
@@ -71,22 +63,38 @@ class ModelRunner:
                 prompt_rows += [(seq, offset + p - start, p + 1) for p in range(start, min(end, seq.num_prompt_tokens - 1))
                                 if p + 1 >= len(seq.prompt_logprobs)]
             offset += num_new
-        batch = PagedBatch(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            chunks=chunks,
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
-            decode_slots=(pad_sequence(decode_slots, batch_first=True) if decode_slots
-                          else torch.zeros(0, 0, dtype=torch.long)).to(self.device),
-            decode_positions=torch.tensor([positions[r] for r in decode_rows], dtype=torch.long, device=self.device),
-        )
-        ids = torch.tensor(input_ids, device=self.device)
-        hidden = self.model.model(ids, torch.tensor(positions, device=self.device),
-                                  PagedAttention(self.kv_caches, batch))  # [T, H]
         output = SamplerOutput([], [])
         if sampled:
             logits = self.model.compute_logits(hidden[sample_rows])
             output = self.sampler(logits, sampled, self.eos_token_ids)
         return StepResult(sampled, output, self.prompt_logprobs(hidden, ids, prompt_rows))
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's token ids [T], positions [T] and attention metadata, on the device."""
+        ids, positions, token_rows, query_start, seq_lens, rows = [], [], [], [0], [], []
+        for b, (seq, num_new) in enumerate(scheduled):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            token_rows += [b] * num_new
+            query_start.append(query_start[-1] + num_new)
+            seq_lens.append(end)
+            rows.append(seq.block_row)
+        num_tokens, batch = len(ids), len(scheduled)
+        staged = self.inputs.writable()
+        packed = ids + positions + token_rows + query_start + seq_lens + rows
+        staged[: len(packed)] = packed
+        self.block_table.sync()
+        on_device = self.inputs.send(len(packed))
+        ids_d, positions_d, token_rows_d, query_start_d, seq_lens_d, rows_d = on_device.split(
+            [num_tokens] * 3 + [batch + 1, batch, batch])
+        block_table = self.block_table.table[rows_d.long()]  # [B, max_blocks_per_seq]
+        metadata = AttentionMetadata(
+            num_decodes=sum(1 for _, num_new in scheduled if num_new == 1),
+            query_start_loc=query_start_d, seq_lens=seq_lens_d, block_table=block_table,
+            slot_mapping=slots_of(block_table, token_rows_d, positions_d, self.block_size), block_size=self.block_size,
+            query_lens_host=[num_new for _, num_new in scheduled], seq_lens_host=seq_lens)
+        return ids_d.long(), positions_d.long(), metadata
 
     def prompt_logprobs(self, hidden, ids, rows) -> dict[int, list[tuple[int, dict[int, Logprob]]]]:
         if not rows:

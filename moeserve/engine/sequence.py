@@ -33,6 +33,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_row: int | None = None  # its row in the device block table, while it holds blocks
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of token_ids
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: Status = Status.WAITING

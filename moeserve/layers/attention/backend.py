@@ -2,8 +2,8 @@
 
 Model code projects and rotates; a backend stores keys in its cache (if it has one) and attends.
 `DenseAttention` serves the plain forward (whole sequences, no cache); the engine's paged backends
-(moeserve.engine.paged_attention, later GPU kernels) implement the same two calls. Tokens are
-flattened: T tokens of all sequences together.
+(layers/attention/paged.py: the torch reference; paged_triton.py: the Triton kernels, chosen on CUDA)
+implement the same two calls. Tokens are flattened: T tokens of all sequences together.
 """
 
 from typing import Protocol
@@ -34,6 +34,22 @@ class AttentionBackend(Protocol):
         k_pe: torch.Tensor,  # [T, R] (rotated)
         attention,  # the MLAttention module: kv_b_proj, absorbed weights, scale
     ) -> torch.Tensor: ...  # [T, Hq, V]
+
+
+def paged_attention_backend(name: str, device: torch.device, kv_caches: list[torch.Tensor],
+                            kv_scales: torch.Tensor | None):
+    """The engine's paged attention, chosen once per engine by device (or by name)."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"the triton attention backend runs on CUDA, not {device}; use --attention-backend torch")
+        from moeserve.layers.attention.paged_triton import TritonPagedAttention
+
+        return TritonPagedAttention(kv_caches, kv_scales)
+    from moeserve.layers.attention.paged import TorchPagedAttention
+
+    return TorchPagedAttention(kv_caches, kv_scales)
 
 
 class DenseAttention:

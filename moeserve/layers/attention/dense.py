@@ -50,9 +50,10 @@ def merge_attention(
     lse_a: torch.Tensor,  # [H, Sq]
     out_b: torch.Tensor,
     lse_b: torch.Tensor,
-) -> torch.Tensor:
-    """Attention over keys A and B from the attentions over A and over B (arXiv 2501.01005, 2.2)."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [Sq, H, Dv], lse [H, Sq]
+    """Attention over keys A and B from the attentions over A and over B (arXiv 2501.01005, 2.2); the
+    merged lse lets further key sets be merged in."""
     lse = torch.logaddexp(lse_a, lse_b)
     weight_a = torch.exp(lse_a - lse).nan_to_num(0.0).transpose(0, 1).unsqueeze(-1)  # [Sq, H, 1]
     weight_b = torch.exp(lse_b - lse).nan_to_num(0.0).transpose(0, 1).unsqueeze(-1)
-    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse

@@ -61,21 +61,39 @@ class MLAttention(nn.Module):
         out = attn.mla(self.layer_idx, q_nope, q_pe, c_kv, k_pe, self)  # [T, Hq, V]
         return self.o_proj(out.flatten(-2))
 
+    def decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [..., N, L] and rope keys [..., N, R] -> keys [..., N, Hq, P + R], values [..., N, Hq, V]."""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1))  # [..., N, Hq, P + V]
+        k_nope, v = kv.split([self.mla.qk_nope_head_dim, self.mla.v_head_dim], dim=-1)
+        k_rope = k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], self.num_heads, k_pe.shape[-1])
+        return torch.cat((k_nope, k_rope), dim=-1), v
+
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [Hq, P, L] and W_UV [Hq, V, L], views of kv_b_proj (dequantized if it is quantized)."""
+        """W_UK [Hq, P, L] and W_UV [Hq, V, L]: views of kv_b_proj, or of its dequantized copy, made once
+        (`prepare_absorbed`) when kv_b_proj is quantized or in another dtype."""
+        prepared = getattr(self, "absorbed", None)
+        if prepared is not None and prepared[0].dtype == dtype:
+            return prepared
         w = weight_matrix(self.kv_b_proj.weight, (), dtype)
         w = w.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
         return w[:, : self.mla.qk_nope_head_dim], w[:, self.mla.qk_nope_head_dim :]
 
+    def prepare_absorbed(self, dtype: torch.dtype) -> None:
+        """Compute W_UK and W_UV once (after the weights are loaded), never per layer per step."""
+        self.absorbed = None
+        self.absorbed = self.absorbed_weights(dtype)
+
+
+def prepare_absorbed_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            module.prepare_absorbed(dtype)
+
 
 def mla_plain(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
     """q [..., Sq, Hq, P|R] over latent keys c_kv [..., Sk, L], k_pe [..., Sk, R] -> (out [..., Sq, Hq, V], lse)."""
-    kv = attention.kv_b_proj(c_kv).unflatten(-1, (attention.num_heads, -1))  # [..., Sk, Hq, P + V]
-    k_nope, v = kv.split([attention.mla.qk_nope_head_dim, attention.mla.v_head_dim], dim=-1)
-    k_rope = k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], attention.num_heads, k_pe.shape[-1])
-    q = torch.cat((q_nope, q_pe), dim=-1)
-    k = torch.cat((k_nope, k_rope), dim=-1)
-    return attention_with_lse(q, k, v, allowed, attention.scale)
+    k, v = attention.decompress(c_kv, k_pe)
+    return attention_with_lse(torch.cat((q_nope, q_pe), dim=-1), k, v, allowed, attention.scale)
 
 
 def mla_absorbed(attention: MLAttention, q_nope, q_pe, c_kv, k_pe, allowed):
