@@ -186,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="instead of the comparison, sweep block sizes and write the table (JSON) here")
     moe.set_defaults(run=run_bench_moe)
 
+    attention = bench.add_parser("attention", help="the paged attention kernels on one GPU, beside the card's "
+                                 "read bandwidth and SDPA flash", **HELP_FORMAT)
+    attention.add_argument("--shapes", default="v2-lite,v3,v3-tp8,qwen3", help="comma-separated: v2-lite, v3, "
+                           "v3-tp8 (V3 with 16 heads), qwen3, mixtral")
+    attention.add_argument("--batch", default="1,32,128", help="comma-separated batch sizes")
+    attention.add_argument("--context", default="1024,4096,16384", help="comma-separated context lengths")
+    attention.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    attention.set_defaults(run=run_bench_attention)
+
     quantize = commands.add_parser("quantize", help="write a quantized copy of a bf16 checkpoint", **HELP_FORMAT)
     quantize.add_argument("source", help="checkpoint folder or tiny preset")
     quantize.add_argument("destination", help="new folder to write")
@@ -356,6 +365,24 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, args.plot)
     return 0 if not failures else 1
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def run_bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeserve.bench.attention import HEADER, measure, read_bandwidth_tb_per_s, row
+
+    if not torch.cuda.is_available():
+        raise ValueError("moeserve bench attention times CUDA kernels and needs a GPU")
+    print(f"{torch.cuda.get_device_name()}: read bandwidth {read_bandwidth_tb_per_s('cuda'):.2f} TB/s "
+          f"(sum over 4 GiB, same run); times are CUDA-graph replays\n{HEADER}", flush=True)
+    for point in measure(args.shapes.split(","), int_list(args.batch), int_list(args.context), args.block_size, "cuda"):
+        print(row(point), flush=True)
+    return 0
 
 
 def run_bench_moe(args: argparse.Namespace) -> int:

@@ -9,7 +9,10 @@
 # Stage "moe": moeserve bench moe at DeepSeek-V3 shapes.
 # Stage "serve" (needs the wheels of scripts/fetch_server_wheels.sh, carried as .whl): the server on
 # DeepSeek-V2-Lite's real shape with random weights, measured with moeserve bench serve.
-# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve [more stages]
+# Stage "attention": moeserve bench attention (MLA and GQA decode and prefill kernels, beside the card's read
+# bandwidth and SDPA flash). Stage "e2e": DeepSeek-V2-Lite's shape (random bf16) at batch 1 and 128, with the
+# tree in .before/ (an earlier commit's moeserve/, carried) and this one, in the same call.
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve|attention|e2e [more stages]
 set -u
 STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -60,6 +63,21 @@ fi
 if has moe; then
   timeout ${MOE_SECONDS:-400} python3 -m moeserve bench moe --model deepseek-v3 --local-experts ${MOE_EXPERTS:-32,256} ${MOE_ARGS:-} 2>&1 | tee "$OUT/bench_moe.log" \
     | grep -E "^\|" >> "$OUT/bench_table.txt"
+fi
+if has attention; then
+  timeout ${ATTENTION_SECONDS:-300} python3 -m moeserve bench attention ${ATTENTION_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_attention.log" | grep -E "^\||read bandwidth" >> "$OUT/bench_table.txt"
+fi
+if has e2e; then
+  for tree in .before .; do
+    for point in "1 128" "128 64"; do
+      set -- $point
+      echo "== $tree: V2-Lite random bf16, $1 prompts, 256 in / $2 out" >> "$OUT/bench_table.txt"
+      (cd $tree && PYTHONPATH=. timeout 200 python3 -m moeserve bench throughput --model deepseek-v2-lite \
+        --load-format dummy --dtype bfloat16 --device cuda --max-model-len 4096 --num-prompts $1 --input-len 256 \
+        --output-len $2 2>&1) | tee -a "$OUT/e2e.log" | grep -E "KV cache|moeserve:" >> "$OUT/bench_table.txt"
+    done
+  done
 fi
 if has serve; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.

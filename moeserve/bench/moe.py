@@ -5,13 +5,13 @@ actually touched / time. Routing is uniform random top-k over the local experts.
 replays (what the GPU spends, launch overhead excluded) where the implementation can be captured; the
 eager time (Python launches included, as the engine runs today) is reported beside it."""
 
-import statistics
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.bench.timing import graph_of, time_ms
 from moeserve.config import ModelConfig
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig
@@ -64,35 +64,6 @@ def random_routing(config: ModelConfig, local_experts: int, tokens: int, device)
 
 def expert_bytes(experts: Experts) -> int:
     return sum(p.numel() * p.element_size() for p in experts.parameters()) // experts.num_experts
-
-
-def time_ms(fn, iterations: int = 20, warmup: int = 5) -> float:
-    """Median of `iterations` timed calls (CUDA events), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_of(fn):
-    """fn captured as a CUDA graph (replayed by the returned function), or None if it cannot be captured."""
-    fn()  # compiles and allocates outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return None
-    return graph.replay
 
 
 def expert_offsets(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
