@@ -139,11 +139,13 @@ PROMPTS = [{"prompt_token_ids": SHARED + list(range(50, 50 + n))} for n in (1, 1
 def test_engine_triton_backend_equals_torch_backend_on_cuda(preset, kv_cache_dtype):
     """Chunked prefill over cached prefixes (a shared prompt prefix), decodes mixed in; fp32 models."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    options = dict(device="cuda", max_num_batched_tokens=24, block_size=16, kv_cache_dtype=kv_cache_dtype)
+    options = dict(device="cuda", max_num_batched_tokens=24, block_size=16, kv_cache_dtype=kv_cache_dtype,
+                   kv_cache_memory=2**26)
     results = {}
     for backend in ("torch", "triton"):
         llm = LLM(preset, attention_backend=backend, **options)
         first = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:1], params)]  # caches the shared prefix
         results[backend] = first + [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         assert llm.engine.block_manager.prefix_hits > 0
+        del llm
     assert results["triton"] == results["torch"]

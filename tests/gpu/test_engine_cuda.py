@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
 @pytest.mark.parametrize("preset", sorted(presets.TINY_PRESETS))
 def test_greedy_tokens_on_cuda_equal_cpu(preset):
     cpu = [o.outputs[0].token_ids for o in LLM(preset, device="cpu").generate(PROMPTS, GREEDY)]
-    cuda_llm = LLM(preset, device="cuda", max_num_batched_tokens=32)  # chunked prefill on the GPU too
+    cuda_llm = LLM(preset, device="cuda", max_num_batched_tokens=32, kv_cache_memory=2**26)  # chunked prefill too
     cuda = [o.outputs[0].token_ids for o in cuda_llm.generate(PROMPTS, GREEDY)]
     assert cuda == cpu
     assert cuda_llm.engine.block_manager.num_free_blocks == cuda_llm.engine.block_manager.num_blocks

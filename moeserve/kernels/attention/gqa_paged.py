@@ -21,6 +21,7 @@ from moeserve.kernels.attention.flash_prefill import LOG2E, SCORE_FLOOR, _load_r
 from moeserve.kernels.attention.paged import context_slots, from_cache_dtype
 from moeserve.layers.attention.dense import attention_with_lse, causal_mask
 
+FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
 MAX_SPLITS = 64  # the decode merge holds every split of a row in one tile
 DECODE_BLOCK_N = 64
 MIN_TILES_PER_SPLIT = 2
@@ -78,12 +79,15 @@ def _attend_paged(q, query_pos, first_pos, last_pos, tile_lo, tile_hi, k_base, v
                   kv_scale_ptr, qk_scale, sliding_window, chunk_size,
                   stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+                  FP8_AS_FP16: tl.constexpr):
     """Queries q [M, D] at query_pos [M] (all within first_pos..last_pos) over key tiles [tile_lo, tile_hi)
     -> (out [M, D], lse [M] in log2 units). FP8: keys and values are scaled by kv_scale."""
     if FP8:
         kv_scale = tl.load(kv_scale_ptr)
         qk_scale = qk_scale * kv_scale
+        if FP8_AS_FP16:  # E4M3 -> fp16 is one conversion; the products then run in fp16
+            q = q.to(tl.float16)
     # the tiles every query sees whole: from the last query's first key up to the first query's position
     full_lo = tl.cdiv(_first_key(last_pos, sliding_window, chunk_size, HAS_WINDOW, HAS_CHUNK), BLOCK_N)
     full_lo = tl.minimum(tl.maximum(full_lo, tile_lo), tile_hi)
@@ -114,6 +118,7 @@ def _paged_prefill_kernel(
     stride_vd, stride_ot, stride_oh, stride_bt,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
 ):
     """Program (tile of rows, KV head, sequence). Row r of a sequence is query r // G, query head
     kv_head * G + r % G: the tile's rows are (query, head of the group) pairs, queries outermost."""
@@ -139,7 +144,7 @@ def _paged_prefill_kernel(
                            k_cache_ptr + kv_head * stride_kh, v_cache_ptr + kv_head * stride_vh,
                            block_table_ptr + seq.to(tl.int64) * stride_bt, seq_len, kv_scale_ptr, qk_scale,
                            sliding_window, chunk_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-                           BLOCK_M, BLOCK_N, D, BLOCK_SIZE, HAS_WINDOW, HAS_CHUNK, FP8, PRECISION)
+                           BLOCK_M, BLOCK_N, D, BLOCK_SIZE, HAS_WINDOW, HAS_CHUNK, FP8, PRECISION, FP8_AS_FP16)
     out_offsets = (q_start + query).to(tl.int64) * stride_ot + heads * stride_oh
     tl.store(out_ptr + out_offsets[:, None] + tl.arange(0, D)[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -153,6 +158,7 @@ def _paged_decode_kernel(
     stride_vd, stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
 ):
     """Stage 1, program (sequence, KV head, split): the G query heads (rows padded to BLOCK_H) over the
     split's share of whole key tiles -> normalized partial out [G, D] and its lse (log2 units)."""
@@ -172,7 +178,7 @@ def _paged_decode_kernel(
                              block_table_ptr + seq.to(tl.int64) * stride_bt, seq_len, kv_scale_ptr, qk_scale,
                              sliding_window, chunk_size, stride_kb, stride_ks, stride_kd,
                              stride_vb, stride_vs, stride_vd,
-                             BLOCK_H, BLOCK_N, D, BLOCK_SIZE, HAS_WINDOW, HAS_CHUNK, FP8, PRECISION)
+                             BLOCK_H, BLOCK_N, D, BLOCK_SIZE, HAS_WINDOW, HAS_CHUNK, FP8, PRECISION, FP8_AS_FP16)
     part = seq.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(part_out_ptr + part[:, None] + tl.arange(0, D)[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse_ptr + seq.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
@@ -254,6 +260,7 @@ def _cache_args(q, k_cache, kv_scale, scale, sliding_window, chunk_size) -> tupl
                scale * LOG2E, sliding_window or 0, chunk_size or 0, q.shape[1] // k_cache.shape[2]]
     constexprs = dict(D=q.shape[-1], BLOCK_SIZE=k_cache.shape[1], HAS_WINDOW=sliding_window is not None,
                       HAS_CHUNK=chunk_size is not None, FP8=fp8,
+                      FP8_AS_FP16=FP8_AS_FP16 and q.dtype != torch.float32,  # fp32 models keep fp32 products
                       PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return runtime, constexprs
 

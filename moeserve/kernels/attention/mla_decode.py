@@ -22,6 +22,7 @@ LOG2E = 1.4426950408889634  # the kernel's softmax runs in base 2
 LN2 = tl.constexpr(0.6931471805599453)
 MERGE_SPLITS = 8  # splits stage 2 reads per step
 MAX_SPLITS = 128
+FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
 MIN_SPLIT_TILES = 2  # a split shorter than this spends more on its prologue and merge than it saves
 WAVES = 2  # programs per SM the split count aims for
 
@@ -73,7 +74,7 @@ def _mla_decode_split_kernel(
     stride_qb, stride_qh, stride_cache_block, stride_cache_offset, stride_table,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     L: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP8: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_AS_FP16: tl.constexpr,
 ):
     seq = tl.program_id(1).to(tl.int64)
     split, num_splits = tl.program_id(2), tl.num_programs(2)
@@ -87,6 +88,8 @@ def _mla_decode_split_kernel(
     if FP8:
         kv_scale = tl.load(kv_scale_ptr)
         qk_scale *= kv_scale
+        if FP8_AS_FP16:  # E4M3 -> fp16 is one conversion; the products then run in fp16
+            q_nope, q_pe = q_nope.to(tl.float16), q_pe.to(tl.float16)
 
     seq_len = tl.load(seq_lens_ptr + seq)
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
@@ -103,7 +106,7 @@ def _mla_decode_split_kernel(
         rows = cache_ptr + blocks.to(tl.int64) * stride_cache_block + (positions % block_size) * stride_cache_offset
         c_kv = tl.load(rows[:, None] + latent[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, L]
         k_pe = tl.load(rows[:, None] + rope[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, R]
-        c_kv, k_pe = c_kv.to(q_ptr.dtype.element_ty), k_pe.to(q_ptr.dtype.element_ty)
+        c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
 
         scores = tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)  # the small dot first: fewer
         scores = tl.dot(q_nope, tl.trans(c_kv), scores, input_precision=DOT_PRECISION)  # registers live (FP8)
@@ -182,6 +185,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
         *partial.stride()[:3], *lse.stride()[:2],
         L=rank, R=rope, BLOCK_H=config.block_h, BLOCK_N=config.block_n, FP8=fp8, WRITE_LSE=num_splits > 1,
+        FP8_AS_FP16=FP8_AS_FP16 and q.dtype != torch.float32,  # fp32 models keep fp32 products
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1:
