@@ -2,10 +2,12 @@
 products in fp16 or bf16) timed as CUDA-graph replays at the shapes the targets name, so the config
 tables rest on measurements. Prints, per point, the fastest variants and the table's current choice.
 
-  python scripts/attention_variants.py            (on a CUDA machine; ~2 minutes)
+  python scripts/attention_variants.py            (on a CUDA machine; ~4 minutes)
+  python scripts/attention_variants.py --splits   MLA decode's split count, tile addressing and block size
 """
 
 import itertools
+import sys
 
 import torch
 
@@ -61,7 +63,22 @@ def attempt(fn, *args):
         return None
 
 
+def splits_and_addressing():
+    """MLA decode at the table's config: programs per SM the split count aims for, tiles that read one
+    block id (block size a multiple of the tile) or one per row, cache block sizes 16 and 64."""
+    for key, batch in (("v2-lite", 32), ("v2-lite", 128), ("v3", 128)):
+        for block_size, aligned, waves in itertools.product((16, 64), (True, False), (1, 2, 4, 8)):
+            mla_decode.ALIGNED_TILES, mla_decode.WAVES = aligned, waves
+            point = mla_decode_point(SHAPES[key], batch, 4096, False, block_size, "cuda")
+            print(f"MLA decode {key} B={batch} ctx=4096 bf16 block {block_size} aligned {aligned} waves {waves}: "
+                  f"{point.microseconds:.1f} us {point.kv_tb_per_s:.2f} TB/s {point.tflops:.0f} TFLOP/s "
+                  f"({point.baseline})", flush=True)
+    mla_decode.ALIGNED_TILES, mla_decode.WAVES = True, 2
+
+
 def main():
+    if "--splits" in sys.argv:
+        return splits_and_addressing()
     for key, batch, context in MLA_POINTS:
         heads = SHAPES[key].num_heads
         for fp8 in (False, True):

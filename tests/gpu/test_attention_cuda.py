@@ -14,6 +14,7 @@ from moeserve.kernels.attention.mla_decode import mla_decode, mla_decode_num_spl
 from moeserve.llm import LLM
 from moeserve.loader import presets
 from moeserve.sampling_params import SamplingParams
+from tests.kernels.poison import poisoned_empty  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CONTEXTS = [1, 100, 1000, 4097]  # one token, mid-block, a block boundary + 1, beyond 4 K
@@ -21,15 +22,8 @@ L, R = 512, 64
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every torch.empty (kernel outputs, workspaces) starts as NaN: anything unwritten fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def poisoned(poisoned_empty):
+    """Every kernel output and workspace starts as NaN (tests/kernels/poison.py): anything unwritten fails."""
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,19 +7,12 @@ import torch
 from moeserve.kernels.attention.flash_prefill import (
     flash_attention_varlen, flash_attention_varlen_reference, head_dim_parts, merge_attention_states)
 from moeserve.layers.attention.dense import merge_attention
+from tests.kernels.poison import poisoned_empty  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """torch.empty fills floating tensors with NaN, so an output (or workspace) element a kernel fails to
-    write shows in the result."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        tensor = real_empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+def poisoned(poisoned_empty):
+    """Every test here runs with NaN-filled outputs and workspaces (tests/kernels/poison.py)."""
 
 
 def cumulative(lengths: list[int]) -> torch.Tensor:

@@ -8,7 +8,8 @@ from moeserve.kernels.attention import gqa_paged
 from moeserve.kernels.attention.gqa_paged import (
     MAX_SPLITS, paged_decode, paged_decode_num_splits, paged_decode_reference, paged_prefill, paged_prefill_reference)
 from moeserve.kernels.attention.paged import to_cache_dtype
-from tests.kernels.test_flash_prefill import cumulative, poisoned_empty  # noqa: F401 (an autouse fixture)
+from tests.kernels.poison import poisoned_empty  # noqa: F401 (a fixture)
+from tests.kernels.test_flash_prefill import cumulative, poisoned  # noqa: F401 (an autouse fixture)
 
 HEAD_DIM = 32
 GROUPS = {"G1": (2, 2), "G2": (4, 2), "G5": (10, 2)}  # (Hq, Hk)

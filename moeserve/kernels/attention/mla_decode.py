@@ -23,6 +23,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 MERGE_SPLITS = 8  # splits stage 2 reads per step
 MAX_SPLITS = 128
 FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
+ALIGNED_TILES = True  # tiles that fit in a cache block read one block id (else one per row)
 MIN_SPLIT_TILES = 2  # a split shorter than this spends more on its prologue and merge than it saves
 WAVES = 2  # programs per SM the split count aims for
 
@@ -41,12 +42,12 @@ def mla_decode_config(num_heads: int, dtype: torch.dtype) -> MLADecodeConfig:
     shared memory within Hopper's 227 KiB. Up to 32 heads mma.sync (HMMA, M < 64), 64 heads wgmma."""
     if dtype == torch.float32:
         return MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=2)
-    if num_heads <= 16:  # memory-bound: 2 programs per SM (<= 128 registers), each reads its KV range once
-        return MLADecodeConfig(block_h=16, block_n=32, num_warps=8, num_stages=3)
+    if num_heads <= 16:  # memory-bound; fastest of 18 variants on the H200 (scripts/attention_variants.py)
+        return MLADecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
     if num_heads <= 32:
         return MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=3)
-    # compute-bound: [64, 512] fp32 accumulators over 8 warps; FP8 tiles are converted in registers
-    return MLADecodeConfig(block_h=64, block_n=16 if dtype == torch.float8_e4m3fn else 32, num_warps=8, num_stages=2)
+    # compute-bound: [64, 512] fp32 accumulators over 8 warps; fastest of 16 variants on the H200
+    return MLADecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=1 if dtype == torch.float8_e4m3fn else 2)
 
 
 @functools.cache
@@ -75,6 +76,7 @@ def _mla_decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     L: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     FP8: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_AS_FP16: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     seq = tl.program_id(1).to(tl.int64)
     split, num_splits = tl.program_id(2), tl.num_programs(2)
@@ -102,8 +104,12 @@ def _mla_decode_split_kernel(
     for first in range(start, end, BLOCK_N):
         positions = first + tl.arange(0, BLOCK_N)
         valid = positions < end
-        blocks = tl.load(block_table_ptr + seq * stride_table + positions // block_size, mask=valid, other=0)
-        rows = cache_ptr + blocks.to(tl.int64) * stride_cache_block + (positions % block_size) * stride_cache_offset
+        if ALIGNED:  # the tile lies in one cache block: one block id, consecutive rows
+            block = tl.load(block_table_ptr + seq * stride_table + first // block_size).to(tl.int64)
+            rows = cache_ptr + block * stride_cache_block + (positions % block_size) * stride_cache_offset
+        else:
+            blocks = tl.load(block_table_ptr + seq * stride_table + positions // block_size, mask=valid, other=0)
+            rows = cache_ptr + blocks.to(tl.int64) * stride_cache_block + (positions % block_size) * stride_cache_offset
         c_kv = tl.load(rows[:, None] + latent[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, L]
         k_pe = tl.load(rows[:, None] + rope[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, R]
         c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
@@ -186,6 +192,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         *partial.stride()[:3], *lse.stride()[:2],
         L=rank, R=rope, BLOCK_H=config.block_h, BLOCK_N=config.block_n, FP8=fp8, WRITE_LSE=num_splits > 1,
         FP8_AS_FP16=FP8_AS_FP16 and q.dtype != torch.float32,  # fp32 models keep fp32 products
+        ALIGNED=ALIGNED_TILES and cache.shape[1] % config.block_n == 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1:
