@@ -39,7 +39,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
                         help="tokens per step; prefill is chunked to fit")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size,
+                        help="tokens per KV cache block (default: 64 for MLA models on CUDA, else 16)")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=defaults.kv_cache_dtype,
                         help="auto: the model's dtype; fp8: E4M3 with a per-layer scale (twice the tokens)")
     parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend,

@@ -251,7 +251,7 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
-    block_size: int = 16
+    block_size: int | None = None  # None: 64 for MLA on CUDA (decode tiles then sit in one block), else 16
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
     kv_cache_memory: int | None = None  # bytes; default on CPU 512 MiB, on CUDA sized by gpu_memory_utilization
@@ -294,7 +294,7 @@ class EngineArgs:
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
-        require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
-                "must be a power of two")
+        require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+                "block_size", "must be a power of two")
         require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")

@@ -1,6 +1,7 @@
 """The engine: requests in, tokens out, one scheduled step at a time."""
 
 import copy
+import dataclasses
 import itertools
 import logging
 import sys
@@ -51,6 +52,9 @@ class Engine:
     def __init__(self, args: EngineArgs, context: DistributedContext | None = None):
         self.device = torch.device(resolve_device(args.device))
         config = load_config(args.model)
+        if args.block_size is None:  # MLA decode reads whole tiles from one block when blocks hold 64
+            mla_on_gpu = config.mla is not None and self.device.type == "cuda"
+            args = dataclasses.replace(args, block_size=64 if mla_on_gpu else 16)
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
         parallel = None
         if context is not None:

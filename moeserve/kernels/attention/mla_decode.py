@@ -25,7 +25,7 @@ MAX_SPLITS = 128
 FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
 ALIGNED_TILES = True  # tiles that fit in a cache block read one block id (else one per row)
 MIN_SPLIT_TILES = 2  # a split shorter than this spends more on its prologue and merge than it saves
-WAVES = 2  # programs per SM the split count aims for
+WAVES = 4  # programs per SM the split count aims for (the fastest of 1, 2, 4, 8 on the H200 with aligned tiles)
 
 
 @dataclass(frozen=True)
