@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -16,16 +17,22 @@ from moeserve.version import __version__
 
 HELP_FORMAT = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every --help shows the defaults
 BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+# vLLM's human-readable ints: a single letter, lower case 1000-based, upper case 1024-based
+LETTER_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def byte_size(text: str) -> int:
-    """'4GiB', '512MiB', '1.5GB', '1e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text, flags=re.IGNORECASE)
-    if match is None or match.group(2).upper() not in BYTE_UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use bytes or a number with a unit "
-                                         f"(KiB, MiB, GiB, TiB, KB, MB, GB, TB), e.g. 4GiB")
-    return int(float(match.group(1)) * BYTE_UNITS[match.group(2).upper()])
+    """'4GiB', '512MiB', '1.5GB', '1e9', vLLM's '4G' (GiB) and '4g' (GB) -> bytes."""
+    match = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[0-9]+)?)\s*([a-z]*)\s*", text, flags=re.IGNORECASE)
+    unit = match and LETTER_UNITS.get(match.group(2), BYTE_UNITS.get(match.group(2).upper()))
+    if not unit:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use bytes or a number with a unit, e.g. 4GiB, "
+                                         f"512MiB, 1.5GB (or vLLM's letters: 4G is 4GiB, 4g is 4GB)")
+    size = float(match.group(1)) * unit
+    if not math.isfinite(size):
+        raise argparse.ArgumentTypeError(f"{text!r} is too large")
+    return int(size)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:

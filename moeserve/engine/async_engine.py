@@ -4,7 +4,8 @@
 (so a long prompt never stalls the event loop; bad input raises before anything is queued) and returns
 a RequestStream of cumulative RequestOutputs, one after every step that touched it; `generate` is the
 same as an async generator. Leaving early (a client that disconnects) aborts the request and frees its
-blocks. `finish_reasons` and `num_aborted` count how requests ended, for metrics.
+blocks. `finish_reasons` and `num_aborted` count how completions ended, for metrics: each of a
+request's n completions once, when the request ends (as aborted if it was).
 
 The thread drives either one Engine or, on rank 0 of a parallel layout, the LockstepEngine; then it
 also steps every `heartbeat_s` while idle, so the other ranks never wait in a collective for longer
@@ -87,7 +88,7 @@ class AsyncEngine:
         self.stopping = False
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-tokenize")
         self.finish_reasons: Counter = Counter()  # completions that ended with "stop" or "length"
-        self.num_aborted = 0  # requests that ended before finishing (client gone, shutdown, engine error)
+        self.num_aborted = 0  # completions of requests that ended early (client gone, shutdown, engine error)
         self.thread = threading.Thread(target=self.run_loop, name="moeserve-engine", daemon=True)
         self.thread.start()
 
@@ -102,12 +103,14 @@ class AsyncEngine:
             raise RuntimeError("the engine is shutting down")
         request = await self.off_loop(self.engine.make_request, prompt, params, request_id)
         outputs: asyncio.Queue = asyncio.Queue()
-        with self.streams_lock:
+        with self.streams_lock:  # fail_all lists the streams under it: this one is failed there or sees stopping here
+            if self.stopping:  # shut down while it was tokenized: nothing would ever answer it
+                raise RuntimeError("the engine is shutting down")
             if request_id in self.streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self.streams[request_id] = (asyncio.get_running_loop(), outputs)
         self.send("add", request)
-        return RequestStream(self, request_id, outputs)
+        return RequestStream(self, request_id, outputs, len(request.seqs))
 
     async def off_loop(self, fn, *args):
         """fn(*args) on the tokenizing thread: work that grows with the input (tokenizing, chat templates)."""
@@ -193,10 +196,12 @@ class AsyncEngine:
 
 
 class RequestStream:
-    """The outputs of one request, as the engine produces them; `arrival` is when it was queued."""
+    """The outputs of one request (of `num_completions` completions), as the engine produces them;
+    `arrival` is when it was queued."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue):
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue, num_completions: int):
         self.engine, self.request_id, self.outputs = engine, request_id, outputs
+        self.num_completions = num_completions
         self.arrival = time.monotonic()
         self.finished = self.closed = False
 
@@ -216,13 +221,15 @@ class RequestStream:
     def __del__(self) -> None:  # a stream dropped unread (a client gone before its response began)
         self.close()
 
-    def close(self) -> None:
-        """Stop listening; a request that has not finished is aborted."""
+    def close(self, count_abort: bool = True) -> None:
+        """Stop listening; a request that has not finished is aborted (and counted as aborted, unless
+        count_abort is False: one withdrawn before it was served, e.g. beside a refused prompt)."""
         if self.closed:
             return
         self.closed = True
         with self.engine.streams_lock:
             self.engine.streams.pop(self.request_id, None)
         if not self.finished:
-            self.engine.num_aborted += 1
+            if count_abort:
+                self.engine.num_aborted += self.num_completions
             self.engine.abort(self.request_id)

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import itertools
+import json
 import logging
 import sys
 import threading
@@ -76,7 +77,7 @@ class Engine:
         # encoded never holds up the detokenization of running requests.
         self.encoder = copy.deepcopy(self.tokenizer)
         self.encoder_lock = threading.Lock()
-        self.max_prompt_chars = self.max_model_len * longest_token_chars(self.tokenizer)
+        self.max_prompt_chars = prompt_chars_bound(self.tokenizer, self.max_model_len)
         eos = set(config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -154,7 +155,7 @@ class Engine:
     def encode(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; text that cannot fit max_model_len or is not Unicode is refused first."""
         check_unicode(text, field)
-        if len(text) > self.max_prompt_chars:  # a bound that needs no tokenizing: no token is longer
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
             raise RequestError(field, f"{field} has {len(text)} characters, more than the {self.max_model_len} tokens "
                                       f"of max_model_len can hold (at most {self.max_prompt_chars} characters)")
         with self.encoder_lock:
@@ -163,6 +164,17 @@ class Engine:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """decode for callers off the engine's thread, on their copy: a long text never holds up the
+        detokenizing of running requests."""
+        with self.encoder_lock:
+            return self.encoder.decode(token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings of the tokens (byte-level ones as the vocabulary spells them)."""
+        with self.encoder_lock:
+            return self.encoder.convert_ids_to_tokens(token_ids)
 
     def make_sequence(self, request_id, index, token_ids, params, max_tokens) -> Sequence:
         generator = None
@@ -257,15 +269,13 @@ class Engine:
         if seq.stop_matcher is None:
             return
         found = seq.stop_matcher.feed(new)
-        if seq.num_output_tokens < seq.params.min_tokens:
-            return
-        if found is not None:
+        # held back before min_tokens too: a stop string begun now may complete once stops count
+        seq.held_back = seq.stop_matcher.partial_length
+        if found is not None and seq.num_output_tokens >= seq.params.min_tokens:
             start, stop = found
             seq.text = seq.text[: start + (len(stop) if seq.params.include_stop_str_in_output else 0)]
             seq.finish_reason, seq.stop_reason = "stop", stop
             seq.held_back = 0
-        else:
-            seq.held_back = seq.stop_matcher.partial_length
 
     def output(self, request: Request) -> RequestOutput:
         wants_logprobs = request.params.logprobs is not None
@@ -294,12 +304,54 @@ class Engine:
         )
 
 
-def longest_token_chars(tokenizer) -> int:
-    """Characters of the vocabulary's longest token string: no token stands for more characters of text
-    (byte-level and SentencePiece token strings spell their text out, multi-byte characters as several)."""
-    if tokenizer is None:
-        return 0
-    return max(map(len, tokenizer.get_vocab()), default=1)
+LENGTH_KEEPING_NORMALIZERS = {"NFD", "NFKD", "Lowercase", "Prepend"}  # each character becomes one or more
+LENGTH_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"}
+
+
+def prompt_chars_bound(tokenizer, max_model_len: int) -> int | None:
+    """The most characters a text that fits max_model_len tokens can have, known without tokenizing it:
+    the vocabulary's longest token string times max_model_len. It holds only when every character of
+    the text ends up in some token (byte-level and SentencePiece token strings spell their text out);
+    for a tokenizer that may drop characters (a normalizer that strips, a pre-tokenizer that splits on
+    whitespace, unknown words as one token) there is no such bound: None."""
+    if tokenizer is None or not keeps_every_character(tokenizer):
+        return None
+    return max_model_len * max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def keeps_every_character(tokenizer) -> bool:
+    """Whether the fast tokenizer's pipeline provably turns every character of a text into tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: nothing to inspect
+        return False
+    spec = json.loads(backend.to_str())
+    pre_tokenizers = pipeline_steps(spec["pre_tokenizer"], "pretokenizers")
+    return (all(map(normalizer_keeps_length, pipeline_steps(spec["normalizer"], "normalizers")))
+            and any(step["type"] in ("ByteLevel", "Metaspace") for step in pre_tokenizers)
+            and all(step["type"] in LENGTH_KEEPING_PRE_TOKENIZERS and step.get("behavior") != "Removed"
+                    for step in pre_tokenizers)
+            and model_tokenizes_every_character(spec["model"]))
+
+
+def pipeline_steps(step: dict | None, children: str) -> list[dict]:
+    if step is None:
+        return []
+    if step["type"] == "Sequence":
+        return [leaf for child in step[children] for leaf in pipeline_steps(child, children)]
+    return [step]
+
+
+def normalizer_keeps_length(step: dict) -> bool:
+    if step["type"] == "Replace":  # a string replaced by one at least as long
+        return "String" in step["pattern"] and len(step["content"]) >= len(step["pattern"]["String"])
+    return step["type"] in LENGTH_KEEPING_NORMALIZERS
+
+
+def model_tokenizes_every_character(model: dict) -> bool:
+    """False where a run of unknown characters may become one unknown token."""
+    if model["type"] == "BPE":
+        return bool(model.get("byte_fallback") or not model.get("fuse_unk"))
+    return model["type"] == "Unigram" and bool(model.get("byte_fallback"))
 
 
 def check_unicode(text: str, field: str) -> None:

@@ -3,8 +3,9 @@
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: bad input gets a 4xx
 naming the field (the body's parse errors, unknown routes and methods included), and the server never
 answers 500 to a request it could not use. Streams are server-sent events ending in `data: [DONE]`; a
-client that leaves, streaming or not, aborts its request. Logprobs are finite JSON numbers (a token the
-sampler ruled out has -9999.0, as vLLM reports it).
+client that leaves, streaming or not, aborts its request, and one that fails once begun (the engine
+failing) ends with an error event in that shape, then `data: [DONE]`, as vLLM's do. Logprobs are finite
+JSON numbers (a token the sampler ruled out has -9999.0, as vLLM reports it).
 """
 
 import asyncio
@@ -14,18 +15,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from moeserve.engine.async_engine import AsyncEngine, RequestStream
-from moeserve.engine.outputs import RequestOutput
+from moeserve.engine.engine import check_unicode
+from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.sequence import Logprob
 from moeserve.sampling_params import RequestError, SamplingParams
 from moeserve.server.metrics import Metrics, RequestTimer
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")  # the rest (health, metrics, version) stays open
+DONE = "data: [DONE]\n\n"
 
 
 @dataclass
@@ -57,10 +61,21 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def error_body(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                   headers: dict | None = None):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   headers: dict | None = None) -> Response:
+    """As ASCII JSON: a message that quotes the request, lone surrogates and all, always encodes (Starlette's
+    JSONResponse writes UTF-8, which cannot hold them)."""
+    body = json.dumps(error_body(status, message, param, kind), ensure_ascii=True)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def internal_error_body(error: Exception) -> dict:
+    return error_body(500, f"internal server error ({type(error).__name__}); the server log has the details",
+                      kind="internal_server_error")
 
 
 def validation_message(error: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -69,8 +84,15 @@ def validation_message(error: ValidationError | RequestValidationError) -> tuple
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     field_name = ".".join(location) or None
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, RequestError):  # its message names the field
+        return str(cause), field_name
+    if field_name is None:  # the body itself
+        if first.get("type") == "missing":
+            return "the request body is empty: send a JSON object", None
+        return "the request body must be a JSON object", None
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    return (f"{field_name}: {message}" if field_name else message), field_name
+    return f"{field_name}: {message}", field_name
 
 
 class ApiKeyMiddleware(BaseHTTPMiddleware):
@@ -119,22 +141,100 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class InternalErrorMiddleware:
+    """An unexpected error, before the response began, becomes a 500 in OpenAI's shape here: inside the
+    CORS middleware, so that it carries the CORS headers (Starlette's own 500 handler sits outside every
+    middleware)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as error:
+            if started or scope["type"] != "http":
+                raise
+            logger.exception("unexpected error while serving a request")
+            body = json.dumps(internal_error_body(error))
+            await Response(body, status_code=500, media_type="application/json")(scope, receive, send)
+
+
+class Admission:
+    """Holds requests to --max-concurrent-requests, counting the engine's open streams and the prompts
+    admitted but not open yet (being tokenized). A request reserves its slots before its first await, so
+    a burst cannot pass the check all at once while none of it is in the engine yet."""
+
+    def __init__(self, engine: AsyncEngine, limit: int):
+        self.engine, self.limit = engine, limit
+        self.pending = 0  # prompts admitted whose streams are not open yet
+
+    def reserve(self, prompts: int) -> None:
+        """Over the limit: 429; more prompts than the limit, which could never run: 400."""
+        if prompts > self.limit:
+            raise ApiError(400, f"prompt: {prompts} prompts in one request, but this server runs at most "
+                                f"{self.limit} requests at once; send fewer per request", "prompt")
+        if self.engine.num_streams + self.pending + prompts > self.limit:
+            raise ApiError(429, f"too many concurrent requests (limit {self.limit}); retry later",
+                           kind="rate_limit_error")
+        self.pending += prompts
+
+    def release(self, prompts: int) -> None:
+        """Prompts no longer pending: their streams are open (the engine counts them now) or they failed."""
+        self.pending -= prompts
+
+
+@dataclass
+class Serving:
+    """What the routes share."""
+
+    engine: AsyncEngine
+    config: ServerConfig
+    metrics: Metrics
+    admission: Admission
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def core(self):
+        return self.engine.engine
+
+
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moeserve", version=__version__)
-    metrics = Metrics(engine, config.model_name)
-    core = engine.engine
-    created = int(time.time())
+    serving = Serving(engine, config, Metrics(engine, config.model_name),
+                      Admission(engine, config.max_concurrent_requests))
+    add_middleware(app, config)
+    add_error_handlers(app)
+    add_info_routes(app, serving)
+    add_generation_routes(app, serving)
+    add_tokenizer_routes(app, serving)
+    app.openapi = constrained_openapi(app, serving)
+    return app
+
+
+def add_middleware(app: FastAPI, config: ServerConfig) -> None:
+    """The last added is the outermost: CORS, then internal errors (so 500s carry CORS headers too), the
+    API key, the body limit."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes)
     if config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(InternalErrorMiddleware)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
-    add_error_handlers(app)
 
+
+def add_info_routes(app: FastAPI, serving: Serving) -> None:
     @app.get("/health")
     async def health():
-        return Response(status_code=200 if not engine.stopping else 503)
+        return Response(status_code=200 if not serving.engine.stopping else 503)
 
     @app.get("/version")
     async def version():
@@ -142,93 +242,88 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    def model_card() -> dict:
-        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "moeserve",
-                "root": config.model_root or config.model_name, "parent": None, "max_model_len": core.max_model_len,
-                "permission": []}
+        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(serving)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str = Path(json_schema_extra={MODEL_NAME: True})):
-        if model_id != config.model_name:
-            raise ApiError(404, f"the model `{model_id}` does not exist; this server serves `{config.model_name}`",
-                           "model", kind="not_found_error")
-        return model_card()
+        if model_id != serving.config.model_name:
+            raise ApiError(404, unknown_model(model_id, serving.config), "model", kind="not_found_error")
+        return model_card(serving)
+
+
+def model_card(serving: Serving) -> dict:
+    name = serving.config.model_name
+    return {"id": name, "object": "model", "created": serving.created, "owned_by": "moeserve",
+            "root": serving.config.model_root or name, "parent": None, "max_model_len": serving.core.max_model_len,
+            "permission": []}
+
+
+def add_generation_routes(app: FastAPI, serving: Serving) -> None:
+    config = serving.config
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_common(body, config)
         if body.best_of is not None and body.best_of != body.n:
             raise ApiError(400, "best_of other than n is not supported", "best_of")
-        prompts = prompt_list(body.prompt)
-        check_capacity(engine, config, len(prompts))
         prompt_logprobs = max_or_none(body.prompt_logprobs, body.logprobs if body.echo else None)
         params = sampling(body, body.max_tokens, body.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await start(engine, prompts, params, request_id)
-        shape = CompletionShape(config.model_name, request_id, core, body.logprobs, body.echo, body.prompt_logprobs)
-        return await respond(request, shape, streams, params.n, metrics, body)
+        streams = await start(serving, prompt_list(body.prompt), params, request_id)
+        shape = CompletionShape(config.model_name, request_id, serving.core, body.logprobs, body.echo,
+                                body.prompt_logprobs)
+        return await respond(request, shape, streams, params.n, serving.metrics, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_common(body, config)
-        if body.tools:
-            raise ApiError(400, "tools are not supported", "tools")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        check_chat(body, config)
+        # logprobs alone: the sampled tokens' logprobs, with empty top_logprobs (as OpenAI answers)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = sampling(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, body.prompt_logprobs)
-        prompt = await engine.off_loop(render_chat, core, body.messages, config.chat_template, True)
-        check_capacity(engine, config, 1)
+        params = sampling(body, max_tokens, logprobs, body.prompt_logprobs)
+        prompt = await serving.engine.off_loop(chat_prompt, serving.core, body.messages, config.chat_template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await start(engine, [prompt], params, request_id)
-        top = body.top_logprobs if body.logprobs else None
-        shape = ChatShape(config.model_name, request_id, core, top, False, body.prompt_logprobs)
-        return await respond(request, shape, streams, params.n, metrics, body)
+        streams = await start(serving, [prompt], params, request_id)
+        shape = ChatShape(config.model_name, request_id, serving.core, logprobs, False, body.prompt_logprobs)
+        return await respond(request, shape, streams, params.n, serving.metrics, body)
+
+
+def add_tokenizer_routes(app: FastAPI, serving: Serving) -> None:
+    core = serving.core
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        check_model(body.model, config)
+        check_model(body.model, serving.config)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send exactly one of prompt and messages", "prompt")
-        if body.messages is not None:
-            text = await engine.off_loop(render_chat, core, body.messages, config.chat_template,
-                                         body.add_generation_prompt)
-        else:
-            text = body.prompt
-        require_tokenizer(core)
-        tokens = await engine.off_loop(encode, core, text, body.add_special_tokens)
-        result = {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens}
-        if body.return_token_strs:
-            result["token_strs"] = [core.decode([t]) for t in tokens]
-        return result
+        return await serving.engine.off_loop(tokenized, core, body, serving.config.chat_template)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        check_model(body.model, config)
+        check_model(body.model, serving.config)
         require_tokenizer(core)
         if any(t >= core.config.vocab_size for t in body.tokens):
             raise ApiError(400, f"tokens must be in [0, {core.config.vocab_size})", "tokens")
-        return {"prompt": core.decode(body.tokens)}
+        return {"prompt": await serving.engine.off_loop(core.detokenize, body.tokens)}
 
-    schema_limits = {MODEL_NAME: {"enum": [config.model_name]}, MAX_N_MARK: {"maximum": config.max_n},
-                     TOKEN_ID: {"maximum": core.config.vocab_size - 1}, MAX_TOKENS: {"maximum": core.max_model_len - 1}}
+
+def constrained_openapi(app: FastAPI, serving: Serving):
+    """The app's OpenAPI schema with this server's limits (see constrain_schema), made once."""
+    core = serving.core
+    limits = {MODEL_NAME: {"enum": [serving.config.model_name]}, MAX_N_MARK: {"maximum": serving.config.max_n},
+              TOKEN_ID: {"maximum": core.config.vocab_size - 1}, MAX_TOKENS: {"maximum": core.max_model_len - 1}}
 
     def openapi():
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            app.openapi_schema = constrain_schema(schema, schema_limits)
+            app.openapi_schema = constrain_schema(schema, limits)
         return app.openapi_schema
 
-    app.openapi = openapi
-    return app
+    return openapi
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -253,16 +348,14 @@ def add_error_handlers(app: FastAPI) -> None:
                                        "few hundred levels deep")
         return error_response(error.status_code, str(error.detail), headers=error.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_, error: Exception):
-        logger.exception("unexpected error while serving a request")
-        return error_response(500, f"internal server error ({type(error).__name__}); the server log has the details",
-                              kind="internal_server_error")
+
+def unknown_model(model: str, config: ServerConfig) -> str:
+    return f"the model {model!r} does not exist; this server serves {config.model_name!r}"  # !r: escapes surrogates
 
 
 def check_model(model: str | None, config: ServerConfig) -> None:
     if model is not None and model != config.model_name:
-        raise ApiError(400, f"the model `{model}` does not exist; this server serves `{config.model_name}`", "model")
+        raise ApiError(400, unknown_model(model, config), "model")
 
 
 def check_common(body, config: ServerConfig) -> None:
@@ -271,15 +364,14 @@ def check_common(body, config: ServerConfig) -> None:
         raise ApiError(400, f"n must be between 1 and {config.max_n}, got {body.n}", "n")
 
 
-def check_capacity(engine: AsyncEngine, config: ServerConfig, new_requests: int) -> None:
-    """Requests in the engine (streaming or not) count until they finish; over the limit: 429. A request
-    with more prompts than the limit could never run: 400."""
-    if new_requests > config.max_concurrent_requests:
-        raise ApiError(400, f"prompt: {new_requests} prompts in one request, but this server runs at most "
-                            f"{config.max_concurrent_requests} requests at once; send fewer per request", "prompt")
-    if engine.num_streams + new_requests > config.max_concurrent_requests:
-        raise ApiError(429, f"too many concurrent requests (limit {config.max_concurrent_requests}); retry later",
-                       kind="rate_limit_error")
+def check_chat(body: ChatCompletionRequest, config: ServerConfig) -> None:
+    check_common(body, config)
+    if body.tools:
+        raise ApiError(400, "tools are not supported", "tools")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 
 
 def max_or_none(*values: int | None) -> int | None:
@@ -319,21 +411,40 @@ def encode(core, text: str, add_special_tokens: bool) -> list[int]:
         raise bad_request(error) from None
 
 
+def tokenized(core, body: TokenizeRequest, template: str | None) -> dict:
+    """vLLM's /tokenize answer (run off the event loop)."""
+    if body.messages is not None:
+        text = render_chat(core, body.messages, template, body.add_generation_prompt)
+    else:
+        require_tokenizer(core)
+        text = body.prompt
+    tokens = encode(core, text, body.adds_special_tokens)
+    return {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens,
+            "token_strs": core.token_strings(tokens) if body.return_token_strs else None}
+
+
+def chat_prompt(core, messages, template: str | None) -> dict:
+    """The messages through the chat template, tokenized as vLLM does: the template writes the special
+    tokens it wants, so the tokenizer adds none (run off the event loop)."""
+    text = render_chat(core, messages, template, add_generation_prompt=True)
+    return {"prompt": text, "prompt_token_ids": encode(core, text, add_special_tokens=False)}
+
+
 def render_chat(core, messages, template: str | None, add_generation_prompt: bool) -> str:
     """The chat template applied to the messages (run off the event loop: templates can be slow)."""
     if core.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so it has no chat template; use /v1/completions with token ids")
     rendered = []
     for i, message in enumerate(messages):
+        field_name = f"messages.{i}.content"
         try:
             text = message.text()
         except ValueError as error:
-            raise ApiError(400, f"messages.{i}.content: {error}", f"messages.{i}.content") from None
+            raise ApiError(400, f"{field_name}: {error}", field_name) from None
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ApiError(400, f"messages.{i}.content is not valid Unicode: a lone surrogate at index "
-                                f"{error.start}; send UTF-8 text", f"messages.{i}.content") from None
+            check_unicode(text, field_name)
+        except RequestError as error:
+            raise bad_request(error) from None
         rendered.append({"role": message.role, "content": text})
     try:
         return core.tokenizer.apply_chat_template(rendered, chat_template=template, tokenize=False,
@@ -342,20 +453,30 @@ def render_chat(core, messages, template: str | None, add_generation_prompt: boo
         raise ApiError(400, f"messages: the chat template could not render them ({error})", "messages") from None
 
 
-async def start(engine: AsyncEngine, prompts: list, params: SamplingParams, request_id: str) -> list[RequestStream]:
-    """Queue every prompt of a request together (so they are batched); input errors (prompt too long,
-    ...) become 400 before any byte is sent, and the prompts already queued are withdrawn."""
+async def start(serving: Serving, prompts: list, params: SamplingParams, request_id: str) -> list[RequestStream]:
+    """Admit a request (its slots reserved before the first await) and queue every prompt of it together
+    (so they are batched); input errors (prompt too long, ...) become 400 before any byte is sent, and
+    the prompts already queued are withdrawn, not counted as aborted."""
+    serving.admission.reserve(len(prompts))
     streams: list[RequestStream] = []
     try:
         for p, prompt in enumerate(prompts):
-            streams.append(await engine.add_request(prompt, params, request_id if len(prompts) == 1 else f"{request_id}-{p}"))
+            stream_id = request_id if len(prompts) == 1 else f"{request_id}-{p}"
+            streams.append(await serving.engine.add_request(prompt, params, stream_id))
+            serving.admission.release(1)
     except ValueError as error:
-        close_all(streams)
+        withdraw(serving, streams, len(prompts), count_abort=False)
         raise bad_request(error) from None
     except BaseException:
-        close_all(streams)
+        withdraw(serving, streams, len(prompts), count_abort=True)
         raise
     return streams
+
+
+def withdraw(serving: Serving, streams: list[RequestStream], num_prompts: int, count_abort: bool) -> None:
+    serving.admission.release(num_prompts - len(streams))
+    for stream in streams:
+        stream.close(count_abort)
 
 
 def close_all(streams: list[RequestStream]) -> None:
@@ -366,6 +487,29 @@ def close_all(streams: list[RequestStream]) -> None:
 def finite(logprob: float) -> float:
     """Logprobs as JSON can carry them: -inf (a token ruled out by top-k, top-p, ...) and NaN become -9999."""
     return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
+@dataclass
+class Sent:
+    """How much of one completion a response has sent."""
+
+    tokens: int = 0
+    chars: int = 0  # of the completion's text
+    offset: int = 0  # characters of the choice's text so far, an echoed prompt included: the next text_offset
+    opened: bool = False
+    closed: bool = False  # its finish_reason went out
+
+    def has_news(self, completion: CompletionOutput) -> bool:
+        """A chunk per step with new tokens (even while their text is held back), and the first and last."""
+        if self.closed:
+            return False
+        return not self.opened or len(completion.token_ids) > self.tokens or completion.finish_reason is not None
+
+    def advance(self, completion: CompletionOutput, text: str) -> None:
+        """`text` of the choice went out, up to completion's current end."""
+        self.tokens, self.chars = len(completion.token_ids), len(completion.text)
+        self.offset += len(text)
+        self.opened, self.closed = True, completion.finish_reason is not None
 
 
 class CompletionShape:
@@ -385,30 +529,32 @@ class CompletionShape:
         return self.core.decode(output.prompt_token_ids) if self.core.tokenizer is not None else ""
 
     def logprobs_of(self, tokens: list[int], entries: list[dict[int, Logprob] | None], offset: int) -> dict:
-        """OpenAI's completion logprobs; a prompt's first token has none (null)."""
+        """OpenAI's completion logprobs, the first token at text_offset `offset`; a prompt's first token has
+        none (null)."""
         texts = [self.token_text(t) for t in tokens]
-        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
         return {
             "tokens": texts,
             "token_logprobs": [None if e is None else finite(e[t].logprob) for t, e in zip(tokens, entries)],
             "top_logprobs": [None if e is None else {self.token_text(t): finite(lp.logprob) for t, lp in e.items()}
                              for e in entries],
-            "text_offset": offsets,
+            "text_offset": list(accumulate(map(len, texts), initial=offset))[:-1],
         }
 
-    def choice(self, index, output, completion, start, sent_chars, final, first):
-        """The choice for completion's tokens from `start` on and its text from sent_chars on."""
-        text = completion.text[sent_chars:]
-        tokens, entries = completion.token_ids[start:], (completion.logprobs or [])[start:]
+    def choice(self, index: int, output: RequestOutput, completion: CompletionOutput, sent: Sent) -> dict:
+        """The choice for what completion holds beyond what `sent` says went out (which it advances)."""
+        first = not sent.opened
+        text = completion.text[sent.chars:]
+        tokens, entries = completion.token_ids[sent.tokens:], (completion.logprobs or [])[sent.tokens:]
         if first and self.echo:
             text = self.prompt_text(output) + text
             tokens = output.prompt_token_ids + tokens
             entries = (output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + entries
-        choice = {"index": index, "text": text, "finish_reason": completion.finish_reason if final else None,
-                  "logprobs": self.logprobs_of(tokens, entries, 0 if first else sent_chars)
+        choice = {"index": index, "text": text, "finish_reason": completion.finish_reason,
+                  "logprobs": self.logprobs_of(tokens, entries, sent.offset)
                   if self.logprobs is not None and completion.logprobs is not None else None}
         if first and self.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self.vllm_prompt_logprobs(output)
+        sent.advance(completion, text)
         return choice
 
     def vllm_prompt_logprobs(self, output: RequestOutput) -> list:
@@ -418,7 +564,7 @@ class CompletionShape:
                  for t, lp in entry.items()} for entry in output.prompt_logprobs or []]
 
     def full_choice(self, index, output, completion):
-        return self.choice(index, output, completion, 0, 0, True, True)
+        return self.choice(index, output, completion, Sent())
 
     def envelope(self, choices, usage=None, chunk=False, output=None):
         body = {"id": self.request_id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
@@ -443,11 +589,13 @@ class ChatShape(CompletionShape):
                                               "bytes": list(self.token_text(t).encode())} for t, lp in top]})
         return {"content": content}
 
-    def choice(self, index, output, completion, start, sent_chars, final, first):
-        text = completion.text[sent_chars:]
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "logprobs": self.chat_logprobs(completion, start),
-                "finish_reason": completion.finish_reason if final else None}
+    def choice(self, index: int, output: RequestOutput, completion: CompletionOutput, sent: Sent) -> dict:
+        text = completion.text[sent.chars:]
+        delta = {"content": text} if sent.opened else {"role": "assistant", "content": text}
+        choice = {"index": index, "delta": delta, "logprobs": self.chat_logprobs(completion, sent.tokens),
+                  "finish_reason": completion.finish_reason}
+        sent.advance(completion, text)
+        return choice
 
     def full_choice(self, index, output, completion):
         return {"index": index, "message": {"role": "assistant", "content": completion.text},
@@ -511,30 +659,28 @@ def sse(body: dict) -> str:
 
 
 async def events(shape, streams: list[RequestStream], n: int, metrics: Metrics, include_usage: bool):
+    """Each prompt's chunks in turn. An error once the response has begun (the engine failing) ends it
+    with an error event in OpenAI's shape, then [DONE], as vLLM's streams end."""
     finals = []
     try:
         for p, stream in enumerate(streams):
             timer = RequestTimer(metrics, stream.arrival)
-            sent_text, sent_tokens, opened = [0] * n, [0] * n, [False] * n
-            first_chunk = True
+            sent = [Sent() for _ in range(n)]
             async for output in stream:
                 timer.on_output(output)
-                chunks = []
-                for completion in output.outputs:
-                    i = completion.index
-                    final = completion.finish_reason is not None
-                    if len(completion.token_ids) == sent_tokens[i] and not final and opened[i]:
-                        continue  # a chunk per step with new tokens, even while their text is held back
-                    chunks.append(shape.choice(p * n + i, output, completion, sent_tokens[i], sent_text[i], final,
-                                               first=not opened[i]))
-                    opened[i] = True
-                    sent_text[i], sent_tokens[i] = len(completion.text), len(completion.token_ids)
-                if chunks:
-                    yield sse(shape.envelope(chunks, chunk=True, output=output if first_chunk else None))
-                    first_chunk = False
+                first_chunk = not any(s.opened for s in sent)
+                choices = [shape.choice(p * n + c.index, output, c, sent[c.index]) for c in output.outputs
+                           if sent[c.index].has_news(c)]
+                if choices:
+                    yield sse(shape.envelope(choices, chunk=True, output=output if first_chunk else None))
             finals.append(output)
+    except Exception as error:
+        logger.exception("a streamed response failed")
+        yield sse(internal_error_body(error))
+        yield DONE
+        return
     finally:  # a client that leaves aborts what is still running
         close_all(streams)
     if include_usage:
         yield sse(shape.envelope([], usage_of(finals), chunk=True))
-    yield "data: [DONE]\n\n"
+    yield DONE

@@ -9,8 +9,9 @@ refused everywhere.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator
 
+from moeserve.engine.engine import check_unicode
 from moeserve.sampling_params import (LOGIT_BIAS_LIMIT, MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_TEMPERATURE,
                                       REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams)
 
@@ -26,12 +27,23 @@ def described_as(description: str) -> WrapValidator:
     def validate(value, handler):
         try:
             return handler(value)
-        except ValidationError as error:
-            if any(e["type"] == "string_unicode" for e in error.errors()):
-                raise ValueError("is not valid Unicode: it holds a lone surrogate; send UTF-8 text") from None
+        except ValidationError:
             raise ValueError(f"must be {description}") from None
 
     return WrapValidator(validate)
+
+
+def unicode_checked(field: str) -> BeforeValidator:
+    """A field holding text or a list of texts: a lone surrogate in any is refused by check_unicode
+    (before the type's own checks, which would only say that it is no string)."""
+    def validate(value):
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                check_unicode(text, field)
+        return value
+
+    return BeforeValidator(validate)
+
 
 Text = Annotated[str, Field(min_length=1)]
 Logprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
@@ -55,7 +67,8 @@ class SamplingFields(RequestBody):
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Annotated[Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None,
-                    described_as(f"a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")] = None
+                    described_as(f"a non-empty string or a list of at most {MAX_STOP_STRINGS} of them"),
+                    unicode_checked("stop")] = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -91,14 +104,23 @@ class SamplingFields(RequestBody):
 class CompletionRequest(SamplingFields):
     prompt: Annotated[Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)],
                       described_as("a non-empty string, a non-empty list of them, a non-empty list of token ids "
-                                   "(integers >= 0), or a non-empty list of such lists")]
+                                   "(integers >= 0), or a non-empty list of such lists"), unicode_checked("prompt")]
     max_tokens: int | None = Field(16, ge=1, json_schema_extra={MAX_TOKENS: True})
     logprobs: Logprobs | None = None
     echo: bool = False  # the prompt before the completion (with its logprobs when logprobs is set)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
+def text_part_schema(schema: dict) -> None:
+    """What the app serves, {"type": "text", "text": string}; other parts get a 400 that says why."""
+    schema["required"] = ["type", "text"]
+    schema["properties"]["type"]["enum"] = ["text"]
+    schema["properties"]["text"] = {"type": "string", "title": "Text"}
+
+
 class ContentPart(RequestBody):
+    model_config = ConfigDict(json_schema_extra=text_part_schema)
+
     type: str
     text: str | None = None
 
@@ -120,28 +142,42 @@ class ChatMessage(RequestBody):
 
 
 class ChatCompletionRequest(SamplingFields):
+    # top_logprobs needs logprobs: true (said in the schema for generators of requests; checked by the app)
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": {"top_logprobs": {
+        "properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, json_schema_extra={MAX_TOKENS: True})
     max_completion_tokens: int | None = Field(None, ge=1, json_schema_extra={MAX_TOKENS: True})
     logprobs: bool = False
     top_logprobs: Logprobs | None = None
-    tools: list | None = None
+    tools: list | None = Field(None, json_schema_extra={"maxItems": 0})  # not supported: refused with a 400
     response_format: dict | None = None
 
 
 class TokenizeRequest(RequestBody):
-    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template (one of them:
+    said in the schema, checked by the app)."""
 
-    model: str | None = None
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+
+    model: str | None = Field(None, json_schema_extra={MODEL_NAME: True})
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
+    @property
+    def adds_special_tokens(self) -> bool:
+        """A chat template writes its own special tokens (vLLM's TokenizeChatRequest adds none)."""
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
 
 class DetokenizeRequest(RequestBody):
-    model: str | None = None
+    model: str | None = Field(None, json_schema_extra={MODEL_NAME: True})
     tokens: list[TokenId]
 
 

@@ -46,14 +46,18 @@ def serve(engine_args: EngineArgs, config: ServerConfig, listen: ListenOptions, 
     async def ready():
         print(ready_message(config, listen), flush=True)
 
-    server = QuietServer(uvicorn.Config(app, host=listen.host, port=listen.port, log_level=listen.uvicorn_log_level,
-                                        ssl_keyfile=listen.ssl_keyfile, ssl_certfile=listen.ssl_certfile))
+    server = QuietServer(uvicorn_config(app, listen))
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop taking requests, finish the open responses, then return
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
     finally:
         async_engine.shutdown()  # aborts what is still running; in lockstep, tells the other ranks to stop
+
+
+def uvicorn_config(app, listen: ListenOptions) -> uvicorn.Config:
+    return uvicorn.Config(app, host=listen.host, port=listen.port, log_level=listen.uvicorn_log_level,
+                          ssl_keyfile=listen.ssl_keyfile, ssl_certfile=listen.ssl_certfile)
 
 
 def ready_message(config: ServerConfig, listen: ListenOptions) -> str:

@@ -1,6 +1,7 @@
 """AsyncEngine: streaming, concurrency, abort on early exit, errors raised at once."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -67,3 +68,27 @@ def test_bad_request_raises_before_anything_is_queued(engine):
     with pytest.raises(SamplingParamsError, match="logit_bias: token id 1000000 is outside the vocabulary"):
         asyncio.run(bad())
     assert "bad" not in engine.streams
+
+
+def test_a_request_still_tokenizing_when_the_engine_shuts_down_is_refused():
+    engine = AsyncEngine.from_args(EngineArgs(model="tiny-mixtral"))
+    entered, release = threading.Event(), threading.Event()
+    make_request = engine.engine.make_request
+
+    def slow_make_request(*args):
+        entered.set()
+        release.wait(30)
+        return make_request(*args)
+
+    engine.engine.make_request = slow_make_request
+
+    async def shut_down_while_tokenizing():
+        loop = asyncio.get_running_loop()
+        adding = asyncio.ensure_future(engine.add_request("Hello", GREEDY, "late"))
+        assert await loop.run_in_executor(None, entered.wait, 30)
+        await loop.run_in_executor(None, engine.shutdown)
+        release.set()
+        await asyncio.wait_for(adding, 10)  # without the check: a stream that nothing would ever answer
+
+    with pytest.raises(RuntimeError, match="the engine is shutting down"):
+        asyncio.run(shut_down_while_tokenizing())

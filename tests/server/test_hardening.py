@@ -1,17 +1,23 @@
 """Inputs that once broke the server (issue 11's list), each against a real uvicorn server: every one
 gets a 4xx in OpenAI's error shape, naming the field, or is served correctly."""
 
+import itertools
 import json
 import threading
-import time
 
 import httpx
 import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
+from moeserve.engine.detokenizer import StopMatcher
+from moeserve.engine.engine import prompt_chars_bound
 from moeserve.loader.checkpoint import CheckpointError, CheckpointReader
+from moeserve.loader.presets import materialize
 from moeserve.server.app import ServerConfig
 from moeserve.server.serve import ListenOptions, ready_message
-from tests.server.harness import KEY, MODEL, headers, start_server, stop_server, wait_until_idle
+from tests.server.harness import (MODEL, checkpoint_with_tokenizer, headers, start_server, stop_server,
+                                  wait_until_idle)
 
 
 def post(server, path, body, **kwargs):
@@ -69,6 +75,13 @@ def test_2_lone_surrogates_are_refused(server):
     assert_openai_error(post(server, "/v1/chat/completions", chat), 400, "messages.0.content", "lone surrogate")
     tokenize = '{"model": "%s", "prompt": "\\ud800"}' % MODEL
     assert_openai_error(post(server, "/tokenize", tokenize), 400, "prompt", "lone surrogate")
+    stop = '{"model": "%s", "prompt": "x", "stop": ["ok", "\\ud800"]}' % MODEL
+    assert_openai_error(post(server, "/v1/completions", stop), 400, "stop", "lone surrogate")
+    for path, fields in [("/v1/completions", '"prompt": "x"'),
+                         ("/v1/chat/completions", '"messages": [{"role": "user", "content": "x"}]'),
+                         ("/tokenize", '"prompt": "x"'), ("/detokenize", '"tokens": [1]')]:
+        response = post(server, path, '{"model": "\\ud800x", %s}' % fields)  # echoed in the message
+        assert_openai_error(response, 400, "model", "the model '\\ud800x' does not exist")
 
 
 @pytest.mark.parametrize("text", [5, None, ["a"]])
@@ -105,12 +118,50 @@ def test_4_a_huge_prompt_is_refused_before_tokenizing_and_never_blocks_the_loop(
     assert result["r"].status_code == 200
 
 
+def whitespace_word_tokenizer():
+    """Words split at whitespace, which the pre-tokenizer drops: 30,000 spaces are no token at all."""
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def tiny_tokenizer_with(normalizer):
+    tokenizer = Tokenizer.from_file(str(materialize(MODEL) / "tokenizer.json"))  # byte-level BPE
+    tokenizer.normalizer = normalizer
+    return tokenizer
+
+
+@pytest.mark.parametrize("make_tokenizer,bounded", [
+    (lambda: tiny_tokenizer_with(None), True),
+    (lambda: tiny_tokenizer_with(normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase()])), True),
+    (lambda: tiny_tokenizer_with(normalizers.Strip()), False),
+    (lambda: tiny_tokenizer_with(normalizers.NFKC()), False),  # composes "e" + U+0301 into one character
+    (lambda: tiny_tokenizer_with(normalizers.BertNormalizer()), False),  # drops control characters
+    (whitespace_word_tokenizer, False),
+])
+def test_4_the_cheap_length_bound_applies_only_where_no_character_is_dropped(make_tokenizer, bounded):
+    bound = prompt_chars_bound(PreTrainedTokenizerFast(tokenizer_object=make_tokenizer()), 4096)
+    assert (bound is not None) == bounded
+
+
+def test_4_a_prompt_that_fits_is_never_refused_by_its_length(tmp_path):
+    folder = checkpoint_with_tokenizer(tmp_path / "model", whitespace_word_tokenizer(), unk_token="[UNK]")
+    running = start_server(ServerConfig(model_name=MODEL), model=str(folder))
+    try:
+        body = {"model": MODEL, "prompt": "hello" + " " * 30_000 + "world", "max_tokens": 2, "ignore_eos": True}
+        response = post(running, "/v1/completions", body)  # 30,011 characters, 2 tokens
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == 2
+    finally:
+        stop_server(running)
+
+
 def test_5_a_non_streaming_client_that_hangs_up_aborts_its_request(server):
     aborted = server.engine.num_aborted
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, headers=headers(), timeout=1.0)
-    assert wait_until_idle(server.engine)  # long before 3000 tokens could have been generated
+    assert wait_until_idle(server.engine)
     assert server.engine.num_aborted == aborted + 1 and server.engine.num_streams == 0
 
 
@@ -149,6 +200,27 @@ def test_8_every_error_is_in_openai_shape(server):
         core.make_request = original
     assert_openai_error(response, 500, None, "internal server error (ZeroDivisionError)")
     assert response.json()["error"]["type"] == "internal_server_error"
+
+
+def test_8_an_engine_error_mid_stream_ends_it_with_an_error_event(server, monkeypatch):
+    runner = server.engine.engine.runner
+    steps, execute = itertools.count(), runner.execute
+
+    def fails_on_the_fourth_step(*args, **kwargs):
+        if next(steps) == 3:
+            raise RuntimeError("a kernel failed")
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", fails_on_the_fourth_step)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers(), timeout=30) as stream:
+        events = [line for line in stream.iter_lines() if line]
+    assert len(events) > 2 and events[-1] == "data: [DONE]"  # chunks, then the error, then [DONE]
+    assert "choices" in json.loads(events[0].removeprefix("data: "))
+    error = json.loads(events[-2].removeprefix("data: "))
+    assert set(error) == {"error"} and error["error"]["code"] == 500
+    assert error["error"]["message"] == "internal server error (RuntimeError); the server log has the details"
+    assert wait_until_idle(server.engine)
 
 
 def test_9_a_shard_outside_the_checkpoint_folder_is_refused(tmp_path):
@@ -195,6 +267,31 @@ def test_12_stop_strings_are_bounded_and_cheap(server):
                "stop": [f"{i:03d}" * 80 for i in range(64)]}  # 64 stops, 15360 characters: within the bounds
     response = post(server, "/v1/completions", allowed)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 200
+
+
+class CountedReads:
+    """A stop string that counts the characters read from it (str methods would go unseen, so it is none)."""
+
+    def __init__(self, text: str):
+        self.text, self.reads = text, 0
+
+    def __len__(self):
+        return len(self.text)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.text[index]
+
+
+@pytest.mark.parametrize("length", [10, 10_000])
+def test_12_stop_matching_reads_a_few_characters_per_new_one_whatever_the_stop_length(length):
+    text = "ab" * 2000  # extends a partial match of the stop at every character, never completes it
+    stop = CountedReads("ab" * (length // 2) + "x")
+    matcher = StopMatcher([stop])
+    stop.reads = 0  # the automaton's construction reads the stop once
+    for start in range(0, len(text), 7):
+        assert matcher.feed(text[start : start + 7]) is None
+    assert stop.reads <= 3 * len(text)
 
 
 def test_12_the_bound_holds_offline_too():

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -43,6 +44,13 @@ def test_logprobs_n_and_extras(client):
                                           temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert content and all(len(entry.top_logprobs) == 3 for entry in content)
+    alone = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0, logprobs=True)  # no top_logprobs: the sampled tokens'
+    content = alone.choices[0].logprobs.content
+    assert len(content) == 4 and all(entry.logprob <= 0 and entry.top_logprobs == [] for entry in content)
+    streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                              temperature=0, logprobs=True, stream=True)
+    assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == [e.logprob for e in content]
     many = client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, n=3, temperature=1.0, seed=7,
                                      extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1,
                                                  "ignore_eos": True, "min_tokens": 6})
@@ -61,7 +69,7 @@ def test_seed_reproduces(client):
 
 @pytest.mark.parametrize("body,message,param", [
     ("{not json", "not valid JSON", None),
-    ({"model": "other", "prompt": "x"}, "the model `other` does not exist", "model"),
+    ({"model": "other", "prompt": "x"}, "the model 'other' does not exist", "model"),
     ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer", "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": -1}, "temperature: Input should be greater than or equal to 0",
      "temperature"),
@@ -74,6 +82,8 @@ def test_seed_reproduces(client):
      "logit_bias.abc.[key]"),
     ({"model": MODEL, "prompt": [], "max_tokens": 3}, "prompt: must be a non-empty string, a non-empty list of them", "prompt"),
     ({"model": MODEL}, "prompt: Field required", "prompt"),
+    ("", "the request body is empty: send a JSON object", None),
+    ("[1]", "the request body must be a JSON object", None),
 ])
 def test_bad_completion_input_gets_400_naming_the_problem(server, body, message, param):
     content = body if isinstance(body, str) else json.dumps(body)
@@ -137,6 +147,37 @@ def test_concurrent_streams_give_the_greedy_text_they_get_alone(server):
     assert wait_until_idle(server.engine)
 
 
+def test_a_completion_that_finishes_first_says_so_once(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "n": 4, "temperature": 1.0, "seed": 3,
+            "stop": [" "], "stream": True}  # the four stop at different steps
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers()) as stream:
+        choices = [c for line in stream.iter_lines() if line.startswith("data: {")
+                   for c in json.loads(line[6:])["choices"]]
+    for index in range(4):  # its finish_reason in its last chunk, and in no other
+        finished = [c["finish_reason"] is not None for c in choices if c["index"] == index]
+        assert finished == [False] * (len(finished) - 1) + [True]
+
+
+def streamed_texts(server, body) -> list[str]:
+    """The text of each chunk of a stream of one completion (a chunk per generated token)."""
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, headers=headers()) as stream:
+        return [json.loads(line[6:])["choices"][0]["text"] for line in stream.iter_lines()
+                if line.startswith("data: {")]
+
+
+def test_streamed_text_is_the_final_text_when_a_stop_string_begins_before_min_tokens(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    pieces = streamed_texts(server, body)
+    text = "".join(pieces)
+    k = next(k for k in range(2, len(pieces) - 1) if pieces[k].strip() and pieces[k + 1].strip()
+             and text.find(pieces[k] + pieces[k + 1]) == len("".join(pieces[:k])))
+    # the stop begins in generated token k, below min_tokens, and completes in token k + 1, which reaches it
+    stopped = {**body, "stop": [pieces[k] + pieces[k + 1]], "min_tokens": k + 2}
+    final = httpx.post(f"{server.url}/v1/completions", json=stopped, headers=headers()).json()["choices"][0]
+    assert final["finish_reason"] == "stop" and final["text"] == "".join(pieces[:k])
+    assert "".join(streamed_texts(server, stopped)) == final["text"]
+
+
 def test_client_that_disconnects_mid_stream_frees_its_request(server):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers(), timeout=30) as response:
@@ -179,21 +220,61 @@ def test_too_many_concurrent_requests_get_429():
         stop_server(running)
 
 
-def test_schema_fuzzing_finds_no_server_errors():
-    """Cases generated from the published schema, mostly valid ones (it carries the server's limits: a
-    schema that let most cases be rejected would make schemathesis warn), and no answer is a 5xx."""
+def test_a_burst_cannot_pass_the_concurrency_limit():
+    running = start_server(ServerConfig(model_name=MODEL, max_concurrent_requests=4))
+    peak = 0
+
+    async def burst():
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, running.engine.num_streams)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        body = {"model": MODEL, "prompt": "Hello " * 300, "max_tokens": 100, "ignore_eos": True}
+        async with httpx.AsyncClient(timeout=120) as http:
+            responses = await asyncio.gather(*(http.post(f"{running.url}/v1/completions", json=body) for _ in range(20)))
+        watcher.cancel()
+        return sorted(r.status_code for r in responses)
+
+    try:
+        statuses = asyncio.run(burst())  # all sent at once: none runs before the last is admitted or refused
+        assert statuses == [200] * 4 + [429] * 16 and peak <= 4
+    finally:
+        stop_server(running)
+
+
+def test_schema_fuzzing_finds_no_server_errors(tmp_path):
+    """Cases generated from the published schema, and no answer is a 5xx; the cases the schema calls
+    valid mostly are (it carries the server's limits), so the fuzz reaches past the request checks."""
     running = start_server(ServerConfig(model_name=MODEL, api_key=KEY), max_model_len=96)  # short: fast generations
     try:
         command = [sys.executable, "-m", "schemathesis.cli", "run", f"{running.url}/openapi.json", "--checks",
                    "not_a_server_error", "--max-examples", "100", "-H", f"Authorization: Bearer {KEY}",
-                   "--request-timeout", "30", "--generation-deterministic",
-                   "--suppress-health-check", "all"]
+                   "--request-timeout", "30", "--generation-deterministic", "--suppress-health-check", "all",
+                   "--report", "ndjson", "--report-ndjson-path", str(tmp_path / "events.ndjson")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
         generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
         assert generated > 1000 and "No issues found" in result.stdout, result.stdout[-4000:]
     finally:
         stop_server(running)
+    valid = answers_to_valid_cases(tmp_path / "events.ndjson")
+    for operation in ("POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize"):
+        assert valid[operation, 2] > 4 * valid[operation, 4], (operation, valid)
+
+
+def answers_to_valid_cases(events_path) -> Counter:
+    """(operation, status // 100) -> how many cases generated as valid ("positive") got that answer."""
+    answers = Counter()
+    for line in events_path.read_text().splitlines():
+        scenario = json.loads(line).get("ScenarioFinished", {}).get("recorder", {})
+        for case_id, case in scenario.get("cases", {}).items():
+            interaction = scenario["interactions"].get(case_id)
+            if interaction and case["value"]["meta"]["generation"]["mode"] == "positive":
+                answers[scenario["label"], interaction["response"]["status_code"] // 100] += 1
+    return answers
 
 
 def test_bench_serve_reports_like_vllm(server, tmp_path, capsys):

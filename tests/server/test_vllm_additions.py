@@ -1,15 +1,16 @@
 """What a vLLM user reaches for on day one: vLLM's endpoints and fields, its flags, its log lines."""
 
 import asyncio
-import json
 import logging
 import ssl
 import subprocess
+import threading
 
 import httpx
 import openai
 import pytest
 import torch
+from tokenizers import Tokenizer, processors
 
 from moeserve.cli import byte_size, main
 from moeserve.config import EngineArgs
@@ -17,10 +18,13 @@ from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.llm import LLM
 from moeserve.loader.model_loader import load_config
+from moeserve.loader.presets import materialize
 from moeserve.sampling_params import SamplingParams
 from moeserve.server.app import ServerConfig
+from moeserve.server.serve import ListenOptions
 from moeserve.version import __version__
-from tests.server.harness import KEY, MODEL, headers, start_server, stop_server
+from tests.server.harness import (KEY, MODEL, checkpoint_with_tokenizer, headers, start_server, stop_server,
+                                  wait_until_idle)
 
 
 def test_tokenize_and_detokenize_round_trip(server):
@@ -28,19 +32,77 @@ def test_tokenize_and_detokenize_round_trip(server):
     tokens = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "Hello world", "return_token_strs": True},
                         headers=headers()).json()
     assert tokens["tokens"] == core.tokenizer.encode("Hello world") and tokens["count"] == len(tokens["tokens"])
-    assert tokens["max_model_len"] == 4096 and "".join(tokens["token_strs"]) == "Hello world"
+    assert tokens["max_model_len"] == 4096
+    assert tokens["token_strs"] == core.tokenizer.convert_ids_to_tokens(tokens["tokens"])  # "Ġworld", as vLLM's
+    plain = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello"}, headers=headers()).json()
+    assert plain["token_strs"] is None  # present, null unless asked
     text = httpx.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}, headers=headers())
     assert text.json() == {"prompt": "Hello world"}
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]},
                       headers=headers()).json()
     rendered = core.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                                   add_generation_prompt=True)
-    assert chat["tokens"] == core.tokenizer.encode(rendered)
+    assert chat["tokens"] == core.tokenizer.encode(rendered, add_special_tokens=False)
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # the key guards it
-    both = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "messages": []}, headers=headers())
+    both = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+                      headers=headers())
     assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
     outside = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**6]}, headers=headers())
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
+
+
+def bos_tokenizer():
+    """The tiny tokenizer, adding <s> before every text it encodes with special tokens."""
+    tokenizer = Tokenizer.from_file(str(materialize(MODEL) / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tokenizer
+
+
+def test_chat_templates_write_their_special_tokens_and_the_tokenizer_adds_none(tmp_path):
+    folder = checkpoint_with_tokenizer(tmp_path / "model", bos_tokenizer(), bos_token="<s>", eos_token="</s>")
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    running = start_server(ServerConfig(model_name=MODEL, chat_template=template), model=str(folder))
+    try:
+        def tokenize(body):
+            return httpx.post(f"{running.url}/tokenize", json=body).json()["tokens"]
+
+        messages = [{"role": "user", "content": "Hello"}]
+        from_chat = tokenize({"messages": messages})
+        assert from_chat[0] == 0 and from_chat[1] != 0  # the template's <s>, and no second one
+        assert tokenize({"messages": messages, "add_special_tokens": True})[:2] == [0, 0]
+        assert tokenize({"prompt": "Hello"})[0] == 0  # a prompt gets the tokenizer's <s>
+        chat = httpx.post(f"{running.url}/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                                      "max_tokens": 1})
+        assert chat.json()["usage"]["prompt_tokens"] == len(from_chat)
+    finally:
+        stop_server(running)
+
+
+def test_a_long_detokenize_never_blocks_the_loop(server, monkeypatch):
+    core = server.engine.engine
+    entered, release = threading.Event(), threading.Event()
+    for tokenizer in (core.tokenizer, core.encoder):
+        decode = tokenizer.decode
+
+        def slow_decode(token_ids, *args, decode=decode, **kwargs):  # as slow as the test wants, for long inputs
+            if len(token_ids) > 1000:
+                entered.set()
+                release.wait(60)
+            return decode(token_ids, *args, **kwargs)
+
+        monkeypatch.setattr(tokenizer, "decode", slow_decode)
+    result = {}
+    body = {"tokens": [5] * 2000}
+    sender = threading.Thread(target=lambda: result.setdefault("r", httpx.post(f"{server.url}/detokenize", json=body,
+                                                                               headers=headers(), timeout=60)))
+    sender.start()
+    try:
+        assert entered.wait(30)
+        assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # answered while it decodes
+    finally:
+        release.set()
+        sender.join(60)
+    assert result["r"].status_code == 200
 
 
 def test_version_and_model_cards(server, client):
@@ -64,9 +126,11 @@ def test_echo_puts_the_prompt_and_its_logprobs_first(server, client):
     assert len(logprobs.tokens) == len(prompt_ids) + 4
     assert logprobs.token_logprobs[len(prompt_ids):] == plain.choices[0].logprobs.token_logprobs
     assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
-    stream = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, echo=True,
-                                       stream=True)
+    stream = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
     assert "".join(chunk.choices[0].text for chunk in stream) == echoed.choices[0].text
+    # text_offset counts every character sent before, the echoed prompt's too
+    assert [o for chunk in stream for o in chunk.choices[0].logprobs.text_offset] == logprobs.text_offset
 
 
 def test_prompt_logprobs_as_vllm_returns_them(server):
@@ -91,13 +155,17 @@ def test_request_counters_by_finish_reason_and_aborts(server, client):
     before = scrape()
     client.completions.create(model=MODEL, prompt="x", max_tokens=3, n=2, extra_body={"ignore_eos": True})
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3000,
+        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3000, "n": 2,
                                                          "ignore_eos": True}, headers=headers(), timeout=0.5)
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": [[5], [5] * 5000]},
+                         headers=headers())  # the first prompt queued, then withdrawn beside the refused one
+    assert refused.status_code == 400
+    assert wait_until_idle(server.engine)
     after = scrape()
     length = f'moeserve:request_success_total{{finished_reason="length",model_name="{MODEL}"}}'
     aborted = f'moeserve:num_aborted_requests_total{{model_name="{MODEL}"}}'
     assert after[length] - before[length] == 2  # one per completion
-    assert after[aborted] - before[aborted] == 1
+    assert after[aborted] - before[aborted] == 2  # both completions of the request whose client left
 
 
 def test_cors_is_off_unless_origins_are_allowed(server):
@@ -109,42 +177,28 @@ def test_cors_is_off_unless_origins_are_allowed(server):
         assert allowed.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.options(f"{running.url}/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        running.engine.engine.make_request = lambda *args: 1 / 0  # a bug: its 500 must still reach the page
+        failed = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL, "prompt": "x"},
+                            headers={"Origin": "https://app.example"})
+        assert failed.status_code == 500 and failed.headers["access-control-allow-origin"] == "https://app.example"
+        assert failed.json()["error"]["type"] == "internal_server_error"
     finally:
         stop_server(running)
 
 
 def test_https_with_a_key_and_certificate(tmp_path):
-    from moeserve.server.serve import ListenOptions
-
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-    import threading
-    import time
-
-    import uvicorn
-
-    from moeserve.distributed.launch import free_port
-    from moeserve.server.app import build_app
-
-    listen = ListenOptions(port=free_port(), ssl_keyfile=str(key), ssl_certfile=str(cert))
-    engine = AsyncEngine.from_args(EngineArgs(model=MODEL))
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, ServerConfig(model_name=MODEL)), host=listen.host,
-                                           port=listen.port, log_level="warning", ssl_keyfile=listen.ssl_keyfile,
-                                           ssl_certfile=listen.ssl_certfile))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    listen = ListenOptions(ssl_keyfile=str(key), ssl_certfile=str(cert), uvicorn_log_level="warning")
+    running = start_server(ServerConfig(model_name=MODEL), listen=listen)  # through serve's uvicorn_config
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert running.url.startswith("https://")
         context = ssl.create_default_context(cafile=str(cert))
-        assert httpx.get(f"https://127.0.0.1:{listen.port}/health", verify=context).status_code == 200
+        assert httpx.get(f"{running.url}/health", verify=context).status_code == 200
     finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.shutdown()
+        stop_server(running)
 
 
 @pytest.fixture
@@ -178,15 +232,19 @@ def test_version_flag_and_help_with_defaults(capsys):
 
 
 @pytest.mark.parametrize("text,expected", [("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000),
-                                           ("1e9", 10**9), ("2048", 2048), ("64 kib", 65536)])
-def test_byte_sizes(text, expected):
+                                           ("1e9", 10**9), ("2048", 2048), ("64 kib", 65536), ("4Gi", 4 * 2**30),
+                                           ("4G", 4 * 2**30), ("512M", 512 * 2**20), ("4g", 4 * 10**9),
+                                           ("512m", 512 * 10**6), ("1.5k", 1500), (".5KiB", 512)])
+def test_byte_sizes(text, expected):  # single letters as vLLM's human-readable ints: lower case 1000, upper 1024
     assert byte_size(text) == expected
 
 
-def test_a_bad_byte_size_is_an_error_that_says_how(capsys):
+@pytest.mark.parametrize("text,message", [("lots", "'lots' is not a size"), ("...", "'...' is not a size"),
+                                          ("1e999", "'1e999' is too large"), ("4 GX", "'4 GX' is not a size")])
+def test_a_bad_byte_size_is_an_error_that_says_how(capsys, text, message):
     with pytest.raises(SystemExit):
-        main(["generate", "--model", MODEL, "--prompt", "x", "--kv-cache-memory", "lots"])
-    assert "'lots' is not a size" in capsys.readouterr().err
+        main(["generate", "--model", MODEL, "--prompt", "x", "--kv-cache-memory", text])
+    assert message in capsys.readouterr().err
 
 
 def test_llm_takes_a_torch_dtype():
