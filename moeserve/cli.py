@@ -72,6 +72,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         help="seconds a collective may wait before every rank gives up")
     parser.add_argument("--load-format", choices=LOAD_FORMATS, default=defaults.load_format,
                         help="dummy: random weights (benchmarks; works for the real-shape presets)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: every step runs eagerly (graphs are used on CUDA by default)")
+    parser.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="decode batch sizes captured as CUDA graphs (default: 1 2 4 8, then steps of 8 up to "
+                             "--max-num-seqs); larger decode batches run eagerly")
 
 
 def engine_args(args: argparse.Namespace) -> dict:

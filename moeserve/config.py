@@ -266,6 +266,8 @@ class EngineArgs:
     ep_backend: str = "all_to_all"  # or allgather
     ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
     dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
+    enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8, 16, 24, ...
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.bfloat16), as vLLM takes it
@@ -298,3 +300,9 @@ class EngineArgs:
                 "block_size", "must be a power of two")
         require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        if self.cuda_graph_sizes is not None:
+            self.cuda_graph_sizes = tuple(self.cuda_graph_sizes)
+            largest = min(self.max_num_seqs, self.max_num_batched_tokens)
+            require(len(self.cuda_graph_sizes) > 0 and all(isinstance(s, int) and 1 <= s <= largest
+                                                            for s in self.cuda_graph_sizes),
+                    "cuda_graph_sizes", f"must be batch sizes in 1..{largest} (max_num_seqs, max_num_batched_tokens)")

@@ -95,3 +95,18 @@ if has serve; then
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"
+if has graphs; then
+  # CUDA-graph decode against eager on every tiny family, then V2-Lite's shape at batch 1 and 128 with and
+  # without graphs (and the tree in .before/ when carried)
+  timeout 400 python3 -m pytest tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_cuda.py -q -p no:cacheprovider -x \
+    2>&1 | tee "$OUT/gpu_graph_tests.log" | tail -6 | tee -a "$OUT/bench_table.txt"
+  for mode in "" "--enforce-eager"; do
+    for point in "1 128" "128 64"; do
+      set -- $point
+      echo "== graphs ${mode:-on}: V2-Lite random bf16, $1 prompts, 256 in / $2 out" >> "$OUT/bench_table.txt"
+      timeout 200 python3 -m moeserve bench throughput --model deepseek-v2-lite --load-format dummy --dtype bfloat16 \
+        --device cuda --max-model-len 4096 --num-prompts $1 --input-len 256 --output-len $2 $mode 2>&1 \
+        | tee -a "$OUT/graphs_e2e.log" | grep -E "KV cache \(|Captured|moeserve:" >> "$OUT/bench_table.txt"
+    done
+  done
+fi

@@ -19,8 +19,9 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, max_num_seqs: int = 256,
-                 max_blocks_per_seq: int | None = None, device: torch.device | str = "cpu"):
-        self.block_table = BlockTable(max_num_seqs, max_blocks_per_seq or num_blocks, device)
+                 max_blocks_per_seq: int | None = None, device: torch.device | str = "cpu",
+                 block_table: BlockTable | None = None):
+        self.block_table = block_table or BlockTable(max_num_seqs, max_blocks_per_seq or num_blocks, device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

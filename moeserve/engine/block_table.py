@@ -4,6 +4,9 @@ The block manager writes a sequence's new blocks into its row on the host; `sync
 changed to the device in one non-blocking copy through pinned staging memory, so a step never rebuilds
 or re-sends the whole table and never waits for the copy. Rows are handed out when a sequence gets its
 first blocks and taken back when it frees them (finished or preempted).
+
+With a padding block, one more row (`padding_row`) points only at it: the rows that pad a batch to a
+captured CUDA-graph size read and write there, never in a sequence's blocks.
 """
 
 import torch
@@ -12,16 +15,21 @@ from moeserve.engine.staging import HostToDevice
 
 
 class BlockTable:
-    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
+    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device,
+                 padding_block: int | None = None):
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = torch.device(device)
-        self.host = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32)
+        num_rows = max_num_seqs + (padding_block is not None)
+        self.host = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32)
         self.host_view = self.host.numpy()  # element writes without a torch call each
         on_gpu = self.device.type == "cuda"
         self.table = self.host if not on_gpu else torch.zeros_like(self.host, device=self.device)  # [R, M]
-        self.staging = HostToDevice((max_num_seqs, max_blocks_per_seq + 1), torch.int32, self.device)  # [row | blocks]
+        self.staging = HostToDevice((num_rows, max_blocks_per_seq + 1), torch.int32, self.device)  # [row | blocks]
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.dirty: set[int] = set()
+        self.padding_row = max_num_seqs if padding_block is not None else None
+        if padding_block is not None:
+            self.write(self.padding_row, 0, [padding_block] * max_blocks_per_seq)
 
     def assign_row(self) -> int:
         if not self.free_rows:

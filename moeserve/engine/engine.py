@@ -13,23 +13,16 @@ import torch
 
 from moeserve.config import EngineArgs
 from moeserve.distributed.launch import DistributedContext, resolve_device
-from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
-from moeserve.engine.memory import plan_num_blocks
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Logprob, Sequence
 from moeserve.engine.stats import EngineCounters, PreemptionLog
-from moeserve.layers.attention.mla import prepare_absorbed_weights
-from moeserve.layers.sampler import Sampler
-from moeserve.loader.model_loader import build_model, load_config, load_model
+from moeserve.loader.model_loader import load_config
 from moeserve.loader.presets import SHAPE_PRESETS
-from moeserve.loader.random_init import random_init
 from moeserve.loader.tokenizer import load_tokenizer
-from moeserve.quant.apply import describe_weight_bytes, quantize_model
 from moeserve.sampling_params import RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,24 +44,10 @@ class Engine:
     own KV cache; LockstepEngine steps the ranks together."""
 
     def __init__(self, args: EngineArgs, context: DistributedContext | None = None):
-        self.device = torch.device(resolve_device(args.device))
         config = load_config(args.model)
         if args.block_size is None:  # MLA decode reads whole tiles from one block when blocks hold 64
-            mla_on_gpu = config.mla is not None and self.device.type == "cuda"
+            mla_on_gpu = config.mla is not None and resolve_device(args.device).startswith("cuda")
             args = dataclasses.replace(args, block_size=64 if mla_on_gpu else 16)
-        self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
-        parallel = None
-        if context is not None:
-            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend)
-        if args.load_format == "dummy":
-            self.model = build_model(config, self.dtype, self.device, parallel=parallel)
-            random_init(self.model, args.seed)
-            if args.quantization:
-                quantize_model(self.model, args.quantization)
-            logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(self.model))
-        else:
-            self.model = load_model(args.model, self.dtype, self.device, quantization=args.quantization,
-                                    parallel=parallel)
         self.config = config
         self.max_model_len = args.max_model_len or config.max_position_embeddings
         self.tokenizer = None if args.model in SHAPE_PRESETS else self.try_load_tokenizer(args.model)
@@ -83,22 +62,11 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        prepare_absorbed_weights(self.model, self.dtype)
-        tp = context.groups.layout.tp if context is not None else 1
-        self.kv_cache_dtype = cache_dtype(args.kv_cache_dtype, self.dtype)
-        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, tp)
-        if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
-            smallest = torch.tensor([num_blocks])
-            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN, group=context.control)
-            num_blocks = int(smallest)
-        kv_caches, kv_scales = allocate_kv_cache(config, num_blocks, args.block_size, self.kv_cache_dtype,
-                                                 self.device, tp)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, args.max_num_seqs,
-                                          -(-self.max_model_len // args.block_size), self.device)
+        self.runner = ModelRunner(args, config, self.max_model_len, self.eos_token_ids, context)
+        num_blocks = self.runner.num_blocks
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+                                          block_table=self.runner.block_table)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
-        sampler = Sampler(config.vocab_size, self.device, args.seed)
-        self.runner = ModelRunner(self.model, kv_caches, kv_scales, self.block_manager, sampler, self.eos_token_ids,
-                                  args.max_num_batched_tokens, args.max_num_seqs, args.attention_backend)
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
         self.counters = EngineCounters()
@@ -107,6 +75,22 @@ class Engine:
         logger.info("KV cache (%s): %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
                     str(self.kv_cache_dtype).removeprefix("torch."), capacity, num_blocks, args.block_size,
                     capacity / self.max_model_len, self.max_model_len)
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.runner.kv_cache_dtype
 
     @staticmethod
     def try_load_tokenizer(model: str):

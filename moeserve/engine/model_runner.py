@@ -1,18 +1,33 @@
-"""One engine step on the model: lay out the batch (decodes first), send its token ids, positions and
-attention metadata to the device in one non-blocking copy, run the forward over the paged cache,
-sample the sequences whose tokens are all computed, and gather prompt logprobs when asked."""
+"""The device side of one rank, in the order nano-vllm's ModelRunner has it: load the model and prepare its
+weights, size and allocate the KV cache, capture the decode CUDA graphs. Then one step at a time: lay out the
+batch (decodes first), send its token ids, positions and attention metadata to persistent device buffers in
+one non-blocking copy, run the forward (a graph replay when the step is decodes only), sample the sequences
+whose tokens are all computed, and gather prompt logprobs when asked."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from moeserve.engine.block_manager import BlockManager
+from moeserve.config import EngineArgs, ModelConfig
+from moeserve.distributed.launch import DistributedContext, resolve_device
+from moeserve.distributed.parallelize import ParallelOptions
+from moeserve.engine.block_table import BlockTable
+from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
+from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
+from moeserve.engine.memory import plan_num_blocks
 from moeserve.engine.sequence import Logprob, Sequence
 from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
 from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
+from moeserve.layers.attention.mla import prepare_absorbed_weights
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
+from moeserve.loader.model_loader import build_model, load_model
+from moeserve.loader.random_init import random_init
 from moeserve.models.base import CausalLM
+from moeserve.quant.apply import describe_weight_bytes, quantize_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,26 +37,101 @@ class StepResult:
     prompt_logprobs: dict[int, list[tuple[int, dict[int, Logprob]]]]  # id(seq) -> [(prompt index, entry)]
 
 
+class StepInputs:
+    """A step's [ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B | table rows B]
+    (int32), written in pinned memory and sent in one non-blocking copy into a persistent device buffer: a
+    captured graph reads its batch size's fields at the same addresses every replay."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, device: torch.device):
+        size = 3 * max_tokens + 3 * max_seqs + 1
+        self.staging = HostToDevice((size,), torch.int32, device)
+        self.on_device = torch.zeros(size, dtype=torch.int32, device=device)
+
+    def send(self, ids, positions, token_rows, query_start_loc, seq_lens, rows) -> None:
+        packed = ids + positions + token_rows + query_start_loc + seq_lens + rows
+        self.staging.writable()[: len(packed)] = packed
+        self.staging.send(len(packed), into=self.on_device)
+
+    def fields(self, num_tokens: int, batch: int) -> list[torch.Tensor]:
+        return list(self.on_device[: 3 * num_tokens + 3 * batch + 1].split([num_tokens] * 3 + [batch + 1, batch, batch]))
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], kv_scales: torch.Tensor | None,
-                 block_manager: BlockManager, sampler: Sampler, eos_token_ids: tuple[int, ...],
-                 max_num_batched_tokens: int, max_num_seqs: int, attention_backend: str = "auto"):
-        self.model = model
-        self.block_table = block_manager.block_table
-        self.block_size = block_manager.block_size
-        self.sampler = sampler
-        self.eos_token_ids = eos_token_ids
-        self.device = next(model.parameters()).device
-        self.attention = paged_attention_backend(attention_backend, self.device, kv_caches, kv_scales)
-        # per step: [ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B | table rows B]
-        self.inputs = HostToDevice((3 * max_num_batched_tokens + 3 * max_num_seqs + 1,), torch.int32, self.device)
+    def __init__(self, args: EngineArgs, config: ModelConfig, max_model_len: int, eos_token_ids: tuple[int, ...],
+                 context: DistributedContext | None = None):
+        self.device = torch.device(resolve_device(args.device))
+        self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
+        self.config, self.max_model_len, self.eos_token_ids = config, max_model_len, eos_token_ids
+        self.model = self.load_model(args, context)
+        prepare_absorbed_weights(self.model, self.dtype)
+        self.kv_cache_dtype = cache_dtype(args.kv_cache_dtype, self.dtype)
+        self.num_blocks = self.plan_cache(args, context)
+        tp = context.groups.layout.tp if context is not None else 1
+        # one block more than the block manager hands out: the rows that pad a graph's batch write there
+        kv_caches, kv_scales = allocate_kv_cache(config, self.num_blocks + 1, args.block_size, self.kv_cache_dtype,
+                                                 self.device, tp)
+        self.block_size = args.block_size
+        self.block_table = BlockTable(args.max_num_seqs, -(-max_model_len // args.block_size), self.device,
+                                      padding_block=self.num_blocks)
+        self.attention = paged_attention_backend(args.attention_backend, self.device, kv_caches, kv_scales)
+        self.sampler = Sampler(config.vocab_size, self.device, args.seed)
+        self.inputs = StepInputs(args.max_num_batched_tokens, args.max_num_seqs, self.device)
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
+        self.graphs = self.capture_graphs(args, context)
+
+    def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
+        parallel = None
+        if context is not None:
+            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend)
+        if args.load_format != "dummy":
+            return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
+        model = build_model(self.config, self.dtype, self.device, parallel=parallel)
+        random_init(model, args.seed)
+        if args.quantization:
+            quantize_model(model, args.quantization)
+        logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(model))
+        return model
+
+    def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
+        tp = context.groups.layout.tp if context is not None else 1
+        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, tp)
+        if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
+            smallest = torch.tensor([num_blocks])
+            torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN, group=context.control)
+            num_blocks = int(smallest)
+        return num_blocks
+
+    def capture_graphs(self, args: EngineArgs, context: DistributedContext | None) -> DecodeGraphs | None:
+        why_not = None
+        if self.device.type != "cuda":
+            why_not = "not on CUDA"
+        elif args.enforce_eager:
+            why_not = "enforce_eager"
+        elif type(self.attention).__name__ != "TritonPagedAttention":
+            why_not = f"the {args.attention_backend} attention backend gathers whole contexts per step"
+        elif context is not None and context.groups.layout.ep > 1:
+            why_not = "expert-parallel dispatch sizes its all-to-all on the host"
+        if why_not is not None:
+            if self.device.type == "cuda":
+                logger.info("CUDA graphs off (%s): every step runs eagerly", why_not)
+            return None
+        graphs = DecodeGraphs(graph_sizes(args))
+        graphs.capture(self.graph_forward, self.send_padding, self.device)
+        return graphs
+
+    # Steps
 
     @torch.no_grad()
     def execute_empty(self) -> None:
-        """A forward over zero tokens: what a rank with no work runs, so that collectives inside the
-        model (MoE dispatch, tensor-parallel reductions) find every rank."""
+        """A forward with no work of this rank's: what a rank with nothing to do runs, so that collectives
+        inside the model (tensor-parallel reductions, MoE dispatch) find every rank. With graphs, the
+        smallest graph over padding rows only."""
         self.empty_steps += 1
+        if self.graphs is not None:
+            size = self.graphs.sizes[0]
+            self.send_padding(size)
+            self.graphs.replay(size)
+            return
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
         metadata = AttentionMetadata.empty(self.device, self.block_table.max_blocks_per_seq, self.block_size)
         self.model.model(empty, empty, self.attention.bind(metadata))
@@ -49,7 +139,15 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
         scheduled = sorted(scheduled, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
-        ids, positions, metadata = self.prepare(scheduled)
+        graph_size = self.graphs.size_for(len(scheduled)) if self.graphs is not None and self.decodes_only(scheduled) else None
+        if graph_size is not None:
+            self.send(scheduled, pad_to=graph_size)
+            logits = self.graphs.replay(graph_size)[: len(scheduled)]
+            sampled = [seq for seq, _ in scheduled]
+            return StepResult(sampled, self.sampler(logits, sampled, self.eos_token_ids), {})
+        self.send(scheduled)
+        ids, positions, metadata = self.device_batch(sum(n for _, n in scheduled), [n for _, n in scheduled],
+                                                     [seq.num_computed_tokens + n for seq, n in scheduled])
         hidden = self.model.model(ids, positions, self.attention.bind(metadata))  # [T, H]
         sample_rows, sampled, prompt_rows = [], [], []
         offset = 0
@@ -69,8 +167,14 @@ class ModelRunner:
             output = self.sampler(logits, sampled, self.eos_token_ids)
         return StepResult(sampled, output, self.prompt_logprobs(hidden, ids, prompt_rows))
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The step's token ids [T], positions [T] and attention metadata, on the device."""
+    @staticmethod
+    def decodes_only(scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Every sequence computes one token, its last (then none is owed a prompt logprob)."""
+        return all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, n in scheduled)
+
+    def send(self, scheduled: list[tuple[Sequence, int]], pad_to: int | None = None) -> None:
+        """The step's inputs into the device buffers; with pad_to, padding rows (one token each, at position 0
+        of the padding row) fill the batch up to a graph's size."""
         ids, positions, token_rows, query_start, seq_lens, rows = [], [], [], [0], [], []
         for b, (seq, num_new) in enumerate(scheduled):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
@@ -80,21 +184,37 @@ class ModelRunner:
             query_start.append(query_start[-1] + num_new)
             seq_lens.append(end)
             rows.append(seq.block_row)
-        num_tokens, batch = len(ids), len(scheduled)
-        staged = self.inputs.writable()
-        packed = ids + positions + token_rows + query_start + seq_lens + rows
-        staged[: len(packed)] = packed
+        padding = (pad_to or 0) - len(scheduled)
+        if padding > 0:
+            ids += [0] * padding
+            positions += [0] * padding
+            token_rows += range(len(scheduled), pad_to)
+            query_start += range(query_start[-1] + 1, query_start[-1] + padding + 1)
+            seq_lens += [1] * padding
+            rows += [self.block_table.padding_row] * padding
         self.block_table.sync()
-        on_device = self.inputs.send(len(packed))
-        ids_d, positions_d, token_rows_d, query_start_d, seq_lens_d, rows_d = on_device.split(
-            [num_tokens] * 3 + [batch + 1, batch, batch])
-        block_table = self.block_table.table[rows_d.long()]  # [B, max_blocks_per_seq]
+        self.inputs.send(ids, positions, token_rows, query_start, seq_lens, rows)
+
+    def send_padding(self, size: int) -> None:
+        self.send([], pad_to=size)
+
+    def device_batch(self, num_tokens: int, query_lens: list[int], seq_lens: list[int]):
+        """Token ids [T], positions [T] and attention metadata as device views of the sent inputs."""
+        batch = len(query_lens)
+        ids, positions, token_rows, query_start, seq_lens_d, rows = self.inputs.fields(num_tokens, batch)
+        block_table = self.block_table.table[rows.long()]  # [B, max_blocks_per_seq]
         metadata = AttentionMetadata(
-            num_decodes=sum(1 for _, num_new in scheduled if num_new == 1),
-            query_start_loc=query_start_d, seq_lens=seq_lens_d, block_table=block_table,
-            slot_mapping=slots_of(block_table, token_rows_d, positions_d, self.block_size), block_size=self.block_size,
-            query_lens_host=[num_new for _, num_new in scheduled], seq_lens_host=seq_lens)
-        return ids_d.long(), positions_d.long(), metadata
+            num_decodes=sum(1 for n in query_lens if n == 1), query_start_loc=query_start, seq_lens=seq_lens_d,
+            block_table=block_table, slot_mapping=slots_of(block_table, token_rows, positions, self.block_size),
+            block_size=self.block_size, query_lens_host=query_lens, seq_lens_host=seq_lens)
+        return ids.long(), positions.long(), metadata
+
+    def graph_forward(self, batch: int) -> torch.Tensor:
+        """What a decode graph of `batch` rows holds: the forward from the device inputs to the logits [B, V].
+        The host lengths are bounds (the kernels read the real ones on the device): splits for max_model_len."""
+        ids, positions, metadata = self.device_batch(batch, [1] * batch, [self.max_model_len] * batch)
+        hidden = self.model.model(ids, positions, self.attention.bind(metadata))
+        return self.model.compute_logits(hidden)
 
     def prompt_logprobs(self, hidden, ids, rows) -> dict[int, list[tuple[int, dict[int, Logprob]]]]:
         if not rows:

@@ -19,10 +19,13 @@ class HostToDevice:
             self.copied.synchronize()
         return self.view
 
-    def send(self, rows: int) -> torch.Tensor:
-        """The buffer's first `rows` rows on the device (a copy of them on a CPU device)."""
-        if self.copied is None:
-            return self.host[:rows].clone()
-        on_device = self.host[:rows].to(self.device, non_blocking=True)
-        self.copied.record()
+    def send(self, rows: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The buffer's first `rows` rows on the device (a copy of them on a CPU device), in a new tensor or
+        copied into the first rows of `into` (a persistent device buffer, such as CUDA graphs read)."""
+        if into is None:
+            into = torch.empty_like(self.host[:rows], device=self.device)
+        on_device = into[:rows]
+        on_device.copy_(self.host[:rows], non_blocking=self.copied is not None)
+        if self.copied is not None:
+            self.copied.record()
         return on_device
