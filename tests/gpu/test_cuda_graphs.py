@@ -63,7 +63,8 @@ def test_seeded_sampling_is_the_same_with_and_without_graphs(preset):
 def test_preemption_and_abort_under_graphs(preset):
     config = load_config(preset)
     block_size = 64 if config.mla is not None else 16
-    memory = 8 * bytes_per_block(config, block_size, torch.float32)  # 8 blocks: the five requests cannot all fit
+    num_blocks = {64: 5, 16: 17}[block_size]  # holds max_model_len (256), not the five requests (7 and 23 blocks)
+    memory = num_blocks * bytes_per_block(config, block_size, torch.float32)
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     events = [[(p, greedy, str(i)) for i, p in enumerate(PROMPTS)], [], [], [("abort", "1")]]
     args = dict(dtype="float32", max_model_len=256, block_size=block_size)

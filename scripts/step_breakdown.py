@@ -1,0 +1,60 @@
+"""Where a steady decode step's wall time goes, on CUDA: engine.step() against the graph replay alone and the
+sampler alone, and the top kernels of the replay (torch.profiler).
+
+  PYTHONPATH=. python3 scripts/step_breakdown.py [--model deepseek-v2-lite] [--batch 1]
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moeserve.llm import LLM
+from moeserve.sampling_params import SamplingParams
+
+
+def timed(fn, iters: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="deepseek-v2-lite")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096)
+    engine, runner = llm.engine, llm.engine.runner
+    for b in range(args.batch):
+        engine.add_request({"prompt_token_ids": list(range(100 + b, 356 + b))},
+                           SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0))
+    for _ in range(4):
+        engine.step()
+    step_ms = timed(engine.step, 20)
+    size = runner.graphs.size_for(args.batch)
+    replay_ms = timed(lambda: runner.graphs.replay(size), 20)
+    logits = runner.graphs.replay(size)[: args.batch]
+    seqs = list(engine.scheduler.running)
+    sampler_ms = timed(lambda: runner.sampler(logits, seqs, runner.eos_token_ids), 20)
+    scheduled = engine.scheduler.schedule()
+    send_ms = timed(lambda: runner.send(sorted(scheduled, key=lambda s: s[1] != 1), pad_to=size), 20)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.graphs.replay(size)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernel_us = sum(e.self_device_time_total for e in events)
+    print(f"{args.model} batch {args.batch} (graph {size}): step {step_ms:.2f} ms | replay {replay_ms:.2f} ms | "
+          f"sampler {sampler_ms:.2f} ms | send {send_ms:.3f} ms | kernels in one replay {sum(e.count for e in events)}, "
+          f"{kernel_us / 1000:.2f} ms")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 1000:7.3f} ms {100 * e.self_device_time_total / kernel_us:5.1f}% "
+              f"x{e.count:4d}  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
