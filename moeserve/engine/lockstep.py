@@ -165,8 +165,8 @@ class LockstepEngine:
         my_dp = self.context.groups.dp_rank
         for dp_rank, spec in message.assignments:
             if dp_rank == my_dp:
-                self.engine.add(self.engine.make_request({"prompt": spec.prompt, "prompt_token_ids": spec.prompt_token_ids},
-                                                         spec.params, spec.request_id))
+                prompt = {"prompt": spec.prompt, "prompt_token_ids": spec.prompt_token_ids}
+                self.engine.add(self.engine.make_request(prompt, spec.params, spec.request_id))
 
     def gather_outputs(self, outputs: list[RequestOutput], mine: bytes, sizes: list[int]) -> list[RequestOutput]:
         """Rank 0: its outputs and, in rank order, those of the ranks whose size is not 0, sent to it."""

@@ -14,7 +14,8 @@ from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
 
 CONTROL_CALLS = ("all_gather", "all_gather_object", "all_reduce", "broadcast", "broadcast_object_list", "gather",
-                 "gather_object", "scatter", "scatter_object_list", "reduce", "barrier", "send", "recv", "isend", "irecv")
+                 "gather_object", "scatter", "scatter_object_list", "reduce", "barrier",
+                 "send", "recv", "isend", "irecv")
 # (prompt, max_tokens): in a DP=2 layout the first goes to DP group 0, the second to DP group 1
 COUNTED_REQUESTS = {"long": ("Hello", 8), "short": ("The router", 3)}
 
@@ -106,9 +107,11 @@ def fail_after_a_forward(rank, world, failing_rank):
     try:
         if lockstep.is_coordinator:
             lockstep.submit("Hello", counted_params(50), "a")
-            while True:
+            for _ in range(10):  # the failure comes at the fourth step; without it: stop, return None
                 lockstep.step()
-        lockstep.follow()
+            lockstep.step(stop=True)
+        else:
+            lockstep.follow()
     except Exception as error:
         return type(error).__name__, str(error), time.monotonic() - forwards[-1]
     return None
