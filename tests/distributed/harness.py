@@ -26,4 +26,5 @@ def run_ranks(world: int, fn, *args) -> list:
     """fn(rank, world, *args) on `world` ranks; fn must be a module-level function."""
     out_dir = tempfile.mkdtemp(prefix="moeserve-ranks-")
     mp.spawn(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True)
-    return [torch.load(os.path.join(out_dir, f"{rank}.pt")) for rank in range(world)]
+    # weights_only=False: the ranks may return objects (RequestOutputs), and these files are their own
+    return [torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=False) for rank in range(world)]

@@ -1,14 +1,17 @@
 """Data-parallel attention + EP MoE in the engine: the same greedy tokens as one process."""
 
+import dataclasses
 import subprocess
 import sys
 
+import pytest
 
 from moeserve.distributed.launch import make_context
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
 from tests.distributed.harness import run_ranks
+from tests.distributed.rank_scripts import fail_after_a_forward, lockstep_with_counted_calls, single_engine_stream
 
 PROMPTS = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 19, 8)]
 MAX_TOKENS = [24, 4, 6]  # the DP rank holding the short requests runs out of work and steps empty
@@ -66,6 +69,40 @@ def abort_and_reuse_the_id(rank, world):
 def test_an_aborted_request_id_can_be_reused_at_once():
     coordinator, _ = run_ranks(2, abort_and_reuse_the_id)
     assert coordinator == [([8, 9], 4)]  # only the new request finishes; the old one was aborted first
+
+
+def by_request(outputs) -> dict[str, list]:
+    """Each counted request's outputs in order; of the metrics (timings) only which there are."""
+    outputs = [dataclasses.replace(o, metrics=sorted(o.metrics)) for o in outputs]
+    return {request_id: [o for o in outputs if o.request_id == request_id] for request_id in ("long", "short")}
+
+
+def test_one_control_collective_per_step_and_bytes_only_when_there_are_any():
+    results = run_ranks(2, lockstep_with_counted_calls, 1, 2, 2)
+    (coordinator, stream, _), (follower, _, follower_empty) = results
+    control, assigning = {"all_gather": 1}, {"all_gather": 1, "broadcast": 1}
+    assert coordinator == [control, assigning, *[{"all_gather": 1, "irecv": 1}] * 3, *[control] * 5, control]
+    assert follower == [control, assigning, *[{"all_gather": 1, "send": 1}] * 3, *[control] * 5, control]
+    assert follower_empty == 5  # DP group 1's request finished first: it replayed the empty forward meanwhile
+    assert by_request(stream) == by_request(single_engine_stream())  # every cumulative output, text and all
+
+
+def test_only_the_first_tp_rank_of_a_dp_group_sends_outputs():
+    results = run_ranks(4, lockstep_with_counted_calls, 2, 2, 4)
+    decoding = [counts for counts, _, _ in results]
+    both_busy = [step[2] for step in decoding]  # the first decode step: both DP groups have outputs
+    assert both_busy == [{"all_gather": 1, "irecv": 1}, {"all_gather": 1}, {"all_gather": 1, "send": 1},
+                         {"all_gather": 1}]
+    assert by_request(results[0][1]) == by_request(single_engine_stream())
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_rank_whose_step_raises_takes_every_rank_out_at_once(failing_rank):
+    raised = run_ranks(2, fail_after_a_forward, failing_rank)
+    own, other = raised[failing_rank], raised[1 - failing_rank]
+    assert own[:2] == ("RuntimeError", f"rank {failing_rank} failed on purpose")
+    assert other[0] == "LockstepFailure" and f"rank {failing_rank} failed" in other[1]
+    assert own[2] < 5 and other[2] < 5  # at that step's exchange, not after the 60 s timeout
 
 
 def test_generate_command_starts_the_ranks_itself():
