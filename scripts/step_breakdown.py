@@ -27,14 +27,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="deepseek-v2-lite")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=256, help="prompt tokens per sequence")
     args = parser.parse_args()
-    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096)
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+              max_num_batched_tokens=8192)
     engine, runner = llm.engine, llm.engine.runner
     for b in range(args.batch):
-        engine.add_request({"prompt_token_ids": list(range(100 + b, 356 + b))},
+        engine.add_request({"prompt_token_ids": [(100 + b + i) % 50000 for i in range(args.context)]},
                            SamplingParams(max_tokens=1000, ignore_eos=True, temperature=0))
-    for _ in range(4):
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) or \
+            engine.scheduler.waiting:  # through the prefills, then two decode steps
         engine.step()
+    engine.step(), engine.step()
     step_ms = timed(engine.step, 20)
     size = runner.graphs.size_for(args.batch)
     replay_ms = timed(lambda: runner.graphs.replay(size), 20)
