@@ -1,4 +1,5 @@
-"""SamplingParams: what a request asks of the sampler, with vLLM's names, defaults and ranges."""
+"""SamplingParams: what a request asks of the sampler, with vLLM's names, defaults and ranges; Logprob: what
+the sampler reports of a token."""
 
 import math
 from dataclasses import dataclass, field
@@ -11,6 +12,12 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)  # outside it logits overflow fp32 (1e-
 LOGIT_BIAS_LIMIT = 100.0  # biases are clamped to [-100, 100], as OpenAI does
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # all stop strings together
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int  # 1 = the most likely token
 
 
 class RequestError(ValueError):

@@ -18,12 +18,12 @@ from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
-from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.engine.sequence import Sequence
 from moeserve.engine.stats import EngineCounters, PreemptionLog
 from moeserve.loader.model_loader import load_config
 from moeserve.loader.presets import SHAPE_PRESETS
 from moeserve.loader.tokenizer import load_tokenizer
-from moeserve.sampling_params import RequestError, SamplingParams
+from moeserve.sampling_params import Logprob, RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 

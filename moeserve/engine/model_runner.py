@@ -16,7 +16,7 @@ from moeserve.engine.block_table import BlockTable
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
 from moeserve.engine.memory import plan_num_blocks
-from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.engine.sequence import Sequence
 from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
 from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
@@ -26,6 +26,7 @@ from moeserve.loader.model_loader import build_model, load_model
 from moeserve.loader.random_init import random_init
 from moeserve.models.base import CausalLM
 from moeserve.quant.apply import describe_weight_bytes, quantize_model
+from moeserve.sampling_params import Logprob
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ModelRunner:
         self.block_table = BlockTable(args.max_num_seqs, -(-max_model_len // args.block_size), self.device,
                                       padding_block=self.num_blocks)
         self.attention = paged_attention_backend(args.attention_backend, self.device, kv_caches, kv_scales)
-        self.sampler = Sampler(config.vocab_size, self.device, args.seed)
+        self.sampler = Sampler(config.vocab_size, self.device, args.seed, max_rows=args.max_num_seqs)
         self.inputs = StepInputs(args.max_num_batched_tokens, args.max_num_seqs, self.device)
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
         self.graphs = self.capture_graphs(args, context)

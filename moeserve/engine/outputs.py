@@ -1,6 +1,6 @@
 from dataclasses import dataclass, field
 
-from moeserve.engine.sequence import Logprob
+from moeserve.sampling_params import Logprob
 
 
 @dataclass

@@ -6,19 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import Logprob, SamplingParams
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int  # 1 = the most likely token
 
 
 @dataclass(eq=False)

@@ -1,15 +1,36 @@
 """The sampler: one batched pass per step, each row with its own parameters, in vLLM's order:
 allowed tokens -> min_tokens -> logit_bias -> repetition / frequency / presence penalties ->
 temperature (0: greedy) -> min-p -> top-k -> top-p -> exponential-race draw.
-Which steps run is decided from the requests' parameters on the host, never from device values. The
-per-row parameter columns are copied to the device here (on a GPU the first copy waits for the
-forward); the sampled ids (and the logprobs a request asked for) are read back at the end."""
+
+Each request's parameters stay on the device in the state of its persistent batch row (sampling_state.py),
+written when the request enters the row; a batch whose sequences hold no row (outside the engine) gets a
+state for that call only. Which steps run is decided on the host from the requests' parameters, never
+from device values, and the host waits for the device only to read the sampled ids (and the logprobs a
+request asked for). An all-greedy batch without processors is one argmax."""
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from moeserve.engine.sequence import Logprob, Sequence
+from moeserve.layers.sampling_state import (GREEDY, MIN_P, REPETITION, FREQUENCY, PRESENCE, TEMPERATURE, TOP_K,
+                                            TOP_P, PenaltyState, RowState, upload, uses_penalties)
+from moeserve.sampling_params import Logprob, SamplingParams
+
+
+class SampledSequence(Protocol):
+    """What the sampler reads of a sequence (the engine's Sequence)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # a seeded request's own stream
+    block_row: int | None  # its persistent batch row, while it has one
+    prompt_token_ids: list[int]
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
 
 
 @dataclass
@@ -19,120 +40,123 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, seed: int):
+    def __init__(self, vocab_size: int, device: torch.device, seed: int, max_rows: int | None = None):
+        """max_rows: how many persistent batch rows the sequences' block_row values range over."""
         self.vocab_size = vocab_size
-        self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)  # for requests without a seed
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)  # for requests without a seed
+        self.state = RowState(max_rows, vocab_size, self.device) if max_rows else None
+        self.last_index: tuple[tuple[int, ...], torch.Tensor] | None = None  # the last step's rows, on the device
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[SampledSequence],
+                 eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+        state, rows = self.state_for(seqs)
+        state.admit(seqs, rows, eos_token_ids)
+        processed = [i for i, row in enumerate(rows) if state.processors[row] is not None]
+        penalised = [i for i, seq in enumerate(seqs) if uses_penalties(seq.params)]
+        if not processed and not penalised and all(seq.params.greedy for seq in seqs):
+            return self.output(logits, logits.argmax(dim=-1), seqs)
+        slots = [state.penalties.slot_of_row[rows[i]] for i in penalised]
+        rows_on_device, penalised_on_device, slots_on_device = self.device_index(rows, penalised, slots)
+        columns = state.columns[rows_on_device]  # [S, C]
         logits = logits.to(torch.float32, copy=True)  # [S, V]
-        logits = self.apply_allowed_tokens(logits, seqs)
-        logits = self.apply_min_tokens(logits, seqs, eos_token_ids)
-        logits = self.apply_logit_bias(logits, seqs)
-        logits = self.apply_penalties(logits, seqs)
-        logits = self.apply_temperature_and_truncation(logits, seqs)
-        token_ids = self.draw(logits, seqs).tolist()  # [S]
-        return SamplerOutput(token_ids, self.gather_logprobs(logits, token_ids, seqs))
+        self.apply_processors(logits, [(i, seqs[i], state.processors[rows[i]]) for i in processed])
+        if penalised:
+            every_row = len(penalised) == len(seqs)
+            logits = apply_penalties(logits, columns, state.penalties, None if every_row else penalised_on_device,
+                                     slots_on_device)
+        logits = self.apply_temperature_and_truncation(logits, columns, [s.params for s in seqs if not s.params.greedy])
+        token_ids = self.draw(logits, seqs, columns)  # [S]
+        if penalised:
+            state.penalties.record([rows[i] for i in penalised], slots_on_device, token_ids[penalised_on_device])
+        return self.output(logits, token_ids, seqs)
 
-    def column(self, seqs, value, dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor([value(s.params) for s in seqs], dtype=dtype, device=self.device)
+    def state_for(self, seqs: list[SampledSequence]) -> tuple[RowState, list[int]]:
+        rows = [seq.block_row for seq in seqs]
+        if self.state is not None and None not in rows:
+            return self.state, rows
+        return RowState(len(seqs), self.vocab_size, self.device), list(range(len(seqs)))
 
-    def apply_allowed_tokens(self, logits, seqs):
-        rows = [i for i, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
-        if rows:
-            disallowed = torch.ones(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
-            for j, i in enumerate(rows):
-                disallowed[j, seqs[i].params.allowed_token_ids] = False
-            logits[rows] = logits[rows].masked_fill(disallowed, float("-inf"))
-        return logits
+    def device_index(self, rows: list[int], penalised: list[int], slots: list[int]) -> list[torch.Tensor]:
+        """The batch's rows [S], its penalised positions [P] and their penalty slots [P] on the device, in
+        one copy; none when they are the previous step's (steady decode)."""
+        key = (*rows, *penalised, *slots)
+        if self.last_index is None or self.last_index[0] != key:
+            self.last_index = key, upload(list(key), torch.long, self.device)
+        return list(self.last_index[1].split([len(rows), len(penalised), len(slots)]))
 
-    def apply_min_tokens(self, logits, seqs, eos_token_ids):
-        rows, cols = [], []
-        for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
-                stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
-                rows += [i] * len(stop_ids)
-                cols += stop_ids
-        if rows:
-            logits[rows, cols] = float("-inf")
-        return logits
+    def apply_processors(self, logits, rows) -> None:
+        for i, seq, processors in rows:
+            if processors.disallowed is not None:
+                logits[i].masked_fill_(processors.disallowed, float("-inf"))
+            if processors.stop_ids is not None and seq.num_output_tokens < seq.params.min_tokens:
+                logits[i].index_fill_(0, processors.stop_ids, float("-inf"))
+            if processors.bias_ids is not None:
+                logits[i].index_add_(0, processors.bias_ids, processors.bias_values)
 
-    def apply_logit_bias(self, logits, seqs):
-        rows, cols, biases = [], [], []
-        for i, s in enumerate(seqs):
-            for token, bias in s.params.logit_bias.items():
-                rows.append(i), cols.append(token), biases.append(bias)
-        if rows:
-            index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
-            logits.index_put_(index, torch.tensor(biases, device=self.device), accumulate=True)
-        return logits
-
-    def apply_penalties(self, logits, seqs):
-        if all(s.params.repetition_penalty == 1 and s.params.frequency_penalty == 0 and s.params.presence_penalty == 0
-               for s in seqs):
-            return logits
-        counts = self.token_counts([s.output_token_ids for s in seqs])  # [S, V] in the output
-        in_prompt = self.token_counts([s.prompt_token_ids for s in seqs]) > 0
-        repetition = self.column(seqs, lambda p: p.repetition_penalty)[:, None]
-        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(in_prompt | (counts > 0), penalised, logits)
-        logits -= self.column(seqs, lambda p: p.frequency_penalty)[:, None] * counts
-        logits -= self.column(seqs, lambda p: p.presence_penalty)[:, None] * (counts > 0)
-        return logits
-
-    def token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(t) for t in token_lists))
-        padded = torch.full((len(token_lists), width), self.vocab_size, dtype=torch.long)  # pad: a column we drop
-        for i, tokens in enumerate(token_lists):
-            padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=self.device)
-        counts.scatter_add_(1, padded.to(self.device), torch.ones(padded.shape, device=self.device))
-        return counts[:, : self.vocab_size]
-
-    def apply_temperature_and_truncation(self, logits, seqs):
+    def apply_temperature_and_truncation(self, logits, columns, sampling: list[SamplingParams]):
         """Greedy rows keep their logits as they are (temperature 1, no truncation): argmax and logprobs
-        then come from the penalised logits."""
-        greedy = [s.params.greedy for s in seqs]
-        temperature = self.column(seqs, lambda p: 1.0 if p.greedy else p.temperature)
-        logits = logits / temperature[:, None]
-        sampling = [p for p, g in zip((s.params for s in seqs), greedy) if not g]  # decided on the host: no sync
+        then come from the penalised logits. `sampling`: the parameters of the rows that are not greedy."""
+        if any(p.temperature != 1 for p in sampling):
+            logits = logits / columns[:, TEMPERATURE, None]
         if any(p.min_p > 0 for p in sampling):
-            min_p = self.column(seqs, lambda p: 0.0 if p.greedy else p.min_p)
             probs = torch.softmax(logits, dim=-1)
-            logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-        def kept(p):  # tokens that top-k keeps: all unless a sampling row asks for fewer
-            return min(p.top_k, self.vocab_size) if p.top_k > 0 and not p.greedy else self.vocab_size
-
-        if any(kept(p) < self.vocab_size for p in sampling):
-            logits = apply_top_k(logits, self.column(seqs, kept, torch.long))
+            threshold = columns[:, MIN_P, None] * probs.max(dim=-1, keepdim=True).values
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        if any(0 < p.top_k < self.vocab_size for p in sampling):
+            logits = apply_top_k(logits, columns[:, TOP_K].long())
         if any(p.top_p < 1 for p in sampling):
-            logits = apply_top_p(logits, self.column(seqs, lambda p: 1.0 if p.greedy else p.top_p))
+            logits = apply_top_p(logits, columns[:, TOP_P])
         return logits
 
-    def draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def draw(self, logits: torch.Tensor, seqs: list[SampledSequence], columns: torch.Tensor) -> torch.Tensor:
         """Exponential race: argmax(p / q) with q ~ Exp(1) is an exact draw from p. A seeded request
         draws its q from its own generator, so its tokens do not depend on the rest of the batch."""
-        if all(s.params.greedy for s in seqs):
+        greedy = [seq.params.greedy for seq in seqs]
+        if all(greedy):
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, s in enumerate(seqs):
-            if s.generator is not None and not s.params.greedy:
-                noise[i].exponential_(generator=s.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None and not greedy[i]:
+                noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=self.device)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        if not any(greedy):
+            return sampled
+        return torch.where(columns[:, GREEDY] > 0, logits.argmax(dim=-1), sampled)
 
-    def gather_logprobs(self, logits, token_ids, seqs) -> list[dict[int, Logprob] | None]:
-        """The logprobs of the rows that asked for them, from the logits the draw used."""
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        result: list[dict[int, Logprob] | None] = [None] * len(seqs)
-        if rows:
-            chosen = torch.tensor([token_ids[i] for i in rows], device=self.device)
-            top = [seqs[i].params.logprobs for i in rows]
-            for row, entry in zip(rows, token_logprobs(torch.log_softmax(logits[rows], dim=-1), chosen, top)):
-                result[row] = entry
-        return result
+    def output(self, logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[SampledSequence]) -> SamplerOutput:
+        """The sampled ids, and the logprobs of the rows that asked for them, from the logits the draw used."""
+        asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        if asking:
+            chosen, asking_logits = token_ids, logits
+            if len(asking) < len(seqs):
+                index = upload(asking, torch.long, self.device)
+                chosen, asking_logits = token_ids[index], logits[index]
+            entries = token_logprobs(torch.log_softmax(asking_logits.float(), dim=-1), chosen,
+                                     [seqs[i].params.logprobs for i in asking])
+            for i, entry in zip(asking, entries):
+                logprobs[i] = entry
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, columns: torch.Tensor, penalties: PenaltyState,
+                    positions: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
+    """Repetition divides the positive logits and multiplies the negative ones of every token seen in the
+    prompt or the output; frequency and presence subtract for output tokens. positions: the penalised rows
+    [P] (None: every row), slots: their penalty slots [P]."""
+    rows = logits if positions is None else logits[positions]  # [P, V]
+    parameters = columns if positions is None else columns[positions]  # [P, C]
+    counts = penalties.counts[slots]  # [P, V]
+    repetition = parameters[:, REPETITION, None]
+    penalised = torch.where(rows > 0, rows / repetition, rows * repetition)
+    rows = torch.where(penalties.in_prompt[slots] | (counts > 0), penalised, rows)
+    rows -= parameters[:, FREQUENCY, None] * counts
+    rows -= parameters[:, PRESENCE, None] * (counts > 0)
+    if positions is None:
+        return rows
+    return logits.index_copy_(0, positions, rows)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

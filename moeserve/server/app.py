@@ -29,8 +29,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from moeserve.engine.async_engine import AsyncEngine, RequestStream
 from moeserve.engine.engine import check_unicode
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
-from moeserve.engine.sequence import Logprob
-from moeserve.sampling_params import RequestError, SamplingParams
+from moeserve.sampling_params import Logprob, RequestError, SamplingParams
 from moeserve.server.metrics import Metrics, RequestTimer
 from moeserve.server.protocol import (MAX_N_MARK, MAX_TOKENS, MODEL_NAME, TOKEN_ID, ChatCompletionRequest,
                                       CompletionRequest, DetokenizeRequest, TokenizeRequest, constrain_schema)
