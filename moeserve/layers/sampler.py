@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from moeserve.layers.sampling_state import (GREEDY, MIN_P, REPETITION, FREQUENCY, PRESENCE, TEMPERATURE, TOP_K,
+from moeserve.layers.sampling_state import (FREQUENCY, GREEDY, MIN_P, PRESENCE, REPETITION, TEMPERATURE, TOP_K,
                                             TOP_P, PenaltyState, RowState, upload, uses_penalties)
 from moeserve.sampling_params import Logprob, SamplingParams
 
@@ -56,6 +56,11 @@ class Sampler:
         penalised = [i for i, seq in enumerate(seqs) if uses_penalties(seq.params)]
         if not processed and not penalised and all(seq.params.greedy for seq in seqs):
             return self.output(logits, logits.argmax(dim=-1), seqs)
+        return self.output(*self.process_and_draw(logits, seqs, state, rows, processed, penalised), seqs)
+
+    def process_and_draw(self, logits, seqs, state: RowState, rows: list[int], processed: list[int],
+                         penalised: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processed logits [S, V] and the ids drawn from them [S]."""
         slots = [state.penalties.slot_of_row[rows[i]] for i in penalised]
         rows_on_device, penalised_on_device, slots_on_device = self.device_index(rows, penalised, slots)
         columns = state.columns[rows_on_device]  # [S, C]
@@ -69,7 +74,7 @@ class Sampler:
         token_ids = self.draw(logits, seqs, columns)  # [S]
         if penalised:
             state.penalties.record([rows[i] for i in penalised], slots_on_device, token_ids[penalised_on_device])
-        return self.output(logits, token_ids, seqs)
+        return logits, token_ids
 
     def state_for(self, seqs: list[SampledSequence]) -> tuple[RowState, list[int]]:
         rows = [seq.block_row for seq in seqs]
@@ -169,7 +174,7 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     ascending, order = logits.sort(dim=-1)
     cumulative = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
     drop = cumulative <= 1 - top_p[:, None]
-    drop[:, -1] = False  # the most likely token always stays
+    drop[:, -1].fill_(False)  # the most likely token always stays
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 

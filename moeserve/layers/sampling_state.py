@@ -100,7 +100,8 @@ class PenaltyState:
 
     def record(self, rows: list[int], slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Add one sampled token per row to its counts, on the device. slots, token_ids: [P] long."""
-        self.counts.index_put_((slots, token_ids), torch.ones(len(rows), device=self.device), accumulate=True)
+        flat = slots * self.vocab_size + token_ids  # [P] into counts.view(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones(len(rows), device=self.device))
         for row in rows:
             self.counted[row] += 1
 
