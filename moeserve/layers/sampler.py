@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 
 from moeserve.layers.sampling_state import (FREQUENCY, GREEDY, MIN_P, PRESENCE, REPETITION, TEMPERATURE, TOP_K,
-                                            TOP_P, PenaltyState, RowState, upload, uses_penalties)
+                                            TOP_P, PenaltyState, RowState, upload, uses_penalties,
+                                            uses_processors)
 from moeserve.sampling_params import Logprob, SamplingParams
 
 
@@ -50,12 +51,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SampledSequence],
                  eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+        penalised = [i for i, seq in enumerate(seqs) if uses_penalties(seq.params)]
+        if not penalised and all(seq.params.greedy and not uses_processors(seq.params) for seq in seqs):
+            return self.output(logits, logits.argmax(dim=-1), seqs)  # rows enter their state on a later step
         state, rows = self.state_for(seqs)
         state.admit(seqs, rows, eos_token_ids)
         processed = [i for i, row in enumerate(rows) if state.processors[row] is not None]
-        penalised = [i for i, seq in enumerate(seqs) if uses_penalties(seq.params)]
-        if not processed and not penalised and all(seq.params.greedy for seq in seqs):
-            return self.output(logits, logits.argmax(dim=-1), seqs)
         return self.output(*self.process_and_draw(logits, seqs, state, rows, processed, penalised), seqs)
 
     def process_and_draw(self, logits, seqs, state: RowState, rows: list[int], processed: list[int],

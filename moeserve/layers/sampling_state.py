@@ -31,6 +31,10 @@ def uses_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1 or params.frequency_penalty != 0 or params.presence_penalty != 0
 
 
+def uses_processors(params: SamplingParams) -> bool:
+    return params.allowed_token_ids is not None or bool(params.logit_bias) or params.min_tokens > 0
+
+
 def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list on the device, without the host waiting for the device: on CUDA through pinned memory
     in a non-blocking copy (the caching host allocator keeps the pinned block until the copy is done)."""
@@ -62,7 +66,7 @@ def row_processors(params: SamplingParams, eos_token_ids: tuple[int, ...], vocab
     stops = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
     if params.min_tokens > 0 and stops:
         stop_ids = upload(stops, torch.long, device)
-    if disallowed is None and bias_ids is None and stop_ids is None:
+    if not uses_processors(params):
         return None
     return RowProcessors(disallowed, bias_ids, bias_values, stop_ids)
 

@@ -10,7 +10,7 @@ import torch
 
 from moeserve.engine.sequence import Sequence
 from moeserve.layers.sampler import Sampler
-from moeserve.layers.sampling_state import parameter_columns, uses_penalties
+from moeserve.layers.sampling_state import parameter_columns, uses_penalties, uses_processors
 from moeserve.sampling_params import SamplingParams
 
 VOCAB = 24
@@ -61,9 +61,9 @@ def assert_same_output(out, reference):
                 torch.testing.assert_close(logprob.logprob, expected[token].logprob)  # NaN fails
 
 
-def assert_state_matches_from_scratch(sampler: Sampler, running: list[Sequence]):
+def assert_state_matches_from_scratch(sampler: Sampler, batch: list[Sequence]):
     state = sampler.state
-    for seq in running:
+    for seq in batch:
         row = seq.block_row
         assert state.owner[row] is seq
         expected = torch.tensor(parameter_columns(seq.params, VOCAB))
@@ -107,7 +107,8 @@ def test_row_state_equals_a_from_scratch_sampler_as_rows_are_reused(seed):
         assert counted_from_scratch == entering, "penalty counts rebuilt on the host for a row already in place"
         for seq, token in zip(batch, out.token_ids):
             seq.token_ids.append(token)
-        assert_state_matches_from_scratch(sampler, running)
+        if not all(s.params.greedy and not uses_penalties(s.params) and not uses_processors(s.params) for s in batch):
+            assert_state_matches_from_scratch(sampler, batch)  # (the greedy fast path writes no state)
         for seq in list(running):  # leave: finished, or preempted (to come back into any free row)
             if rng.random() < 0.15:
                 running.remove(seq)
@@ -161,7 +162,7 @@ def test_greedy_fast_path_is_the_argmax(dtype):
     for _ in range(5):
         logits = (torch.randn(16, VOCAB) * 5).to(dtype)
         assert sampler(logits, seqs, EOS).token_ids == logits.float().argmax(dim=-1).tolist()
-    assert sampler.last_index is None, "the fast path sent the rows to the device"
+    assert sampler.last_index is None and sampler.state.owner == [None] * 16, "the fast path did more than argmax"
     assert sampler.state.penalties.counts.shape[0] == 0
 
 
