@@ -180,16 +180,18 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[dict[int, Logprob]]:
-    """Per row: the chosen token's logprob and rank, and the top num_top[row] tokens'."""
+    """Per row: the chosen token's logprob and rank, and the top num_top[row] tokens'. One copy to the host:
+    ids, ranks and logprobs side by side in float64 (exact for all three)."""
     chosen_logprob = logprobs.gather(1, chosen[:, None])  # [n, 1]
-    ranks = ((logprobs > chosen_logprob).sum(dim=-1) + 1).tolist()
-    top_values, top_ids = logprobs.topk(max(max(num_top), 1), dim=-1)
-    top_values, top_ids, chosen_logprob = top_values.tolist(), top_ids.tolist(), chosen_logprob[:, 0].tolist()
-    chosen_ids = chosen.tolist()
+    ranks = (logprobs > chosen_logprob).sum(dim=-1, keepdim=True) + 1  # [n, 1]
+    k = max(max(num_top), 1)
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # [n, k]
+    columns = (chosen[:, None], ranks, chosen_logprob, top_ids, top_values)
+    packed = torch.cat([column.double() for column in columns], dim=1).tolist()  # [n, 3 + 2k]
     entries = []
-    for row, n in enumerate(num_top):
-        entry = {token: Logprob(value, rank + 1) for rank, (token, value) in
-                 enumerate(zip(top_ids[row][:n], top_values[row][:n]))}
-        entry[chosen_ids[row]] = Logprob(chosen_logprob[row], ranks[row])
+    for row, n in zip(packed, num_top):
+        entry = {int(token): Logprob(value, rank + 1) for rank, (token, value) in
+                 enumerate(zip(row[3 : 3 + n], row[3 + k : 3 + k + n]))}
+        entry[int(row[0])] = Logprob(row[2], int(row[1]))
         entries.append(entry)
     return entries

@@ -1,5 +1,5 @@
-"""The sampler on CUDA: a step waits for the device once (the sampled ids), admissions included; its
-penalised logprobs and greedy tokens equal the CPU sampler's."""
+"""The sampler on CUDA: a step waits for the device once for the sampled ids (and once for the logprobs
+when asked), admissions included; its penalised logprobs and greedy tokens equal the CPU sampler's."""
 
 import warnings
 
@@ -42,8 +42,13 @@ def count_syncs(step) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("params_list", [[SamplingParams(temperature=0.0)] * 8, MIXED], ids=["greedy", "mixed"])
-def test_a_step_waits_for_the_device_only_for_the_ids(params_list):
+WITH_LOGPROBS = MIXED + [SamplingParams(temperature=0.9, logprobs=3), SamplingParams(temperature=0.0, logprobs=0)]
+
+
+@pytest.mark.parametrize("params_list,copies", [([SamplingParams(temperature=0.0)] * 8, 1), (MIXED, 1),
+                                                (WITH_LOGPROBS, 2)], ids=["greedy", "mixed", "logprobs"])
+def test_a_step_waits_for_the_device_only_for_the_ids(params_list, copies):
+    """copies: the ids, and the logprobs when a request asks for them."""
     device = torch.device("cuda")
     sampler = Sampler(VOCAB, device, 0, max_rows=16)
     seqs = sequences(params_list, device)
@@ -54,12 +59,12 @@ def test_a_step_waits_for_the_device_only_for_the_ids(params_list):
         for seq, token in zip(seqs, sampler(logits, seqs, EOS).token_ids):
             seq.token_ids.append(token)
 
-    assert count_syncs(step) == 1  # the step that admits the rows
+    assert count_syncs(step) == copies  # the step that admits the rows
     for _ in range(3):
-        assert count_syncs(step) == 1
-    newcomers = sequences(params_list[:2], device, first_row=len(seqs))
+        assert count_syncs(step) == copies
+    newcomers = sequences(params_list[:2], device, first_row=len(params_list))
     seqs = seqs[1:] + newcomers  # rows leave and join
-    assert count_syncs(step) == 1
+    assert count_syncs(step) == copies
 
 
 def test_penalised_logprobs_and_greedy_tokens_equal_the_cpu_sampler():
