@@ -193,3 +193,22 @@ def test_nan_logits_do_not_come_back_as_finite_logprobs():
     out = sampler(logits, seqs, EOS)
     assert all(torch.isfinite(torch.tensor(lp.logprob)) for lp in out.logprobs[0].values())
     assert any(torch.isnan(torch.tensor(lp.logprob)) for lp in out.logprobs[1].values())
+
+
+def test_penalised_seeded_requests_keep_their_tokens_through_preemption():
+    """Four penalised, seeded requests in a cache too small for them (preempted, rows reused) give the tokens
+    each gives alone."""
+    from moeserve.engine.kv_cache import bytes_per_block
+    from moeserve.llm import LLM
+    from moeserve.loader.model_loader import load_config
+
+    prompts = [{"prompt_token_ids": [(5 * i + j) % 80 + 1 for j in range(4 + 6 * i)]} for i in range(4)]
+    params = [SamplingParams(temperature=1.0, seed=10 + i, max_tokens=20, repetition_penalty=1.4,
+                             frequency_penalty=0.6, presence_penalty=0.3 * i) for i in range(4)]
+    roomy = LLM("tiny-qwen3-moe", block_size=4, max_model_len=64)
+    alone = [roomy.generate(prompt, p)[0].outputs[0].token_ids for prompt, p in zip(prompts, params)]
+    kv_bytes = bytes_per_block(load_config("tiny-qwen3-moe"), 4, torch.float32) * 14
+    tight = LLM("tiny-qwen3-moe", block_size=4, max_model_len=44, kv_cache_memory=kv_bytes, max_num_seqs=3)
+    together = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert together == alone
