@@ -79,6 +79,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
                              "--max-num-seqs); larger decode batches run eagerly")
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
+    parser.add_argument("--profile", action="store_true",
+                        help=f"torch.profiler over {steps}: GPU busy, kernels per step, top kernels (CPU ops without CUDA)")
+    parser.add_argument("--profile-steps", type=int, default=8, help="steps profiled")
+
+
 def engine_args(args: argparse.Namespace) -> dict:
     """The EngineArgs fields (all but the model) from the flags of add_engine_arguments."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if f.name != "model"}
@@ -153,7 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--output-len", type=int, default=64, help="tokens generated per prompt")
     throughput.add_argument("--compare-hf", action="store_true",
                             help="also run the same workload through transformers' generate (baseline)")
+    add_profile_arguments(throughput, "a window of steps once every request decodes")
     throughput.set_defaults(run=run_throughput)
+
+    latency = bench.add_parser("latency", help="one batch, step by step: prefill and decode step times",
+                               **HELP_FORMAT)
+    add_engine_arguments(latency)
+    latency.add_argument("--batch-size", type=int, default=8, help="prompts in the batch")
+    latency.add_argument("--input-len", type=int, default=32, help="random prompt tokens")
+    latency.add_argument("--output-len", type=int, default=128, help="tokens generated per prompt")
+    latency.add_argument("--num-iters", type=int, default=30, help="timed iterations of the batch")
+    latency.add_argument("--num-iters-warmup", type=int, default=10, help="untimed iterations first")
+    latency.add_argument("--temperature", type=float, default=1.0, help="0: greedy (transformers too)")
+    latency.add_argument("--compare-hf", action="store_true",
+                         help="also time the same batch through transformers' generate (yardstick)")
+    latency.add_argument("--output-json", default=None, metavar="FILE", help="write the results as JSON")
+    add_profile_arguments(latency, "steady decode steps")
+    latency.set_defaults(run=run_latency)
 
     info = commands.add_parser("info", help="parameters and weight memory of a model, per format", **HELP_FORMAT)
     info.add_argument("--model", required=True, help="checkpoint folder or preset (real-shape presets work)")
@@ -308,6 +330,8 @@ def generate_on_rank(args: argparse.Namespace, context) -> int:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
+    if args.profile and args.tp * args.dp * args.ep > 1:
+        raise ValueError("--profile steps one engine on one device; drop --tp/--dp/--ep")
     return on_ranks(args, throughput_on_rank)
 
 
@@ -323,12 +347,97 @@ def throughput_on_rank(args: argparse.Namespace, context) -> int:
             print(f"moeserve (tp={args.tp} dp={args.dp} ep={args.ep}):", result.report(), flush=True)
         return 0
     print("moeserve:", result.report())
+    if args.profile:
+        from moeserve.bench.profile import profile_engine
+        from moeserve.bench.throughput import random_prompts, throughput_params
+
+        prompts = random_prompts(llm.engine.config.vocab_size, args.num_prompts, args.input_len, args.seed)
+        steps = min(args.profile_steps, max(1, args.output_len - 1))
+        profiled = profile_engine(llm.engine, prompts, throughput_params(args.output_len, args.seed), steps, 0)
+        print(profiled.report(f"steps of {args.num_prompts} prompts"))
     if args.compare_hf:
         device, dtype = str(llm.engine.device), str(llm.engine.dtype).removeprefix("torch.")
         del llm
         result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
         print("transformers generate:", result.report())
     return 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from moeserve.bench.latency import run_latency as measure
+    from moeserve.llm import LLM
+
+    if args.tp * args.dp * args.ep > 1:
+        raise ValueError("bench latency steps one engine on one device; drop --tp/--dp/--ep")
+    llm = LLM(args.model, **engine_args(args))
+    device, dtype = str(llm.engine.device), str(llm.engine.dtype).removeprefix("torch.")
+    results = [measure(llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.num_iters_warmup,
+                       args.temperature, args.seed)]
+    profiled = profile_latency(llm, args) if args.profile else None
+    del llm
+    hf_error = None
+    if args.compare_hf:
+        yardstick = hf_latency_or_reason(args, device, dtype)
+        if isinstance(yardstick, str):
+            hf_error = yardstick
+            print(hf_error)
+        else:
+            results.append(yardstick)
+    report_latency(args, device, dtype, results, profiled, hf_error)
+    return 0
+
+
+def report_latency(args: argparse.Namespace, device: str, dtype: str, results: list, profiled, hf_error) -> None:
+    from moeserve.bench.latency import HF_NOTE, TABLE_HEADER, table_row
+
+    print(f"{args.model} on {device} ({dtype}): batch {args.batch_size}, {args.input_len} in / {args.output_len} out, "
+          f"{args.num_iters} iterations\n{TABLE_HEADER}")
+    print("\n".join(table_row(r) for r in results))
+    if len(results) > 1:
+        print(HF_NOTE)
+    if profiled is not None:
+        print(profiled.report(f"steady decode steps at batch {args.batch_size}"))
+    if args.output_json:
+        report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "device": device, "dtype": dtype,
+                  "results": [r.as_dict() for r in results],
+                  "profile": profiled.as_dict() if profiled is not None else None, "hf_error": hf_error}
+        Path(args.output_json).write_text(json.dumps(report, indent=2))
+
+
+def profile_latency(llm, args: argparse.Namespace):
+    """The profile of steady decode steps of the batch, or None (with a word why) when there are none."""
+    from moeserve.bench.latency import latency_params
+    from moeserve.bench.profile import profile_engine
+    from moeserve.bench.throughput import random_prompts
+
+    steps = min(args.profile_steps, args.output_len - 3)  # past the first token and a warm-up decode step
+    if steps < 1:
+        print("--profile: --output-len leaves no steady decode step to profile (it needs at least 4)")
+        return None
+    prompts = random_prompts(llm.engine.config.vocab_size, args.batch_size, args.input_len, args.seed)
+    return profile_engine(llm.engine, prompts, latency_params(args.output_len, args.temperature), steps, 1)
+
+
+def hf_latency_or_reason(args: argparse.Namespace, device: str, dtype: str):
+    """transformers' latency on the same batch, or why transformers could not build the model."""
+    import gc
+
+    import torch
+
+    from moeserve.bench.latency import run_hf_latency
+    from moeserve.bench.throughput import build_hf_model, random_prompts
+    from moeserve.loader.model_loader import load_config
+
+    gc.collect()  # the engine's memory, before transformers allocates its own
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    config = load_config(args.model)
+    try:
+        hf_model = build_hf_model(args.model, device, dtype)
+    except (ValueError, KeyError, ImportError, AttributeError, NotImplementedError) as error:
+        return f"--compare-hf: transformers cannot build {args.model} ({config.architecture}): {error}"
+    prompts = random_prompts(config.vocab_size, args.batch_size, args.input_len, args.seed)
+    return run_hf_latency(hf_model, prompts, args.output_len, args.num_iters, args.num_iters_warmup, args.temperature)
 
 
 def run_bench_ep(args: argparse.Namespace) -> int:

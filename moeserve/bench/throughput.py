@@ -24,11 +24,8 @@ class ThroughputResult:
 
 
 def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> ThroughputResult:
-    generator = torch.Generator().manual_seed(seed)
-    vocab_size = llm.engine.config.vocab_size
-    prompts = [{"prompt_token_ids": torch.randint(0, vocab_size, (input_len,), generator=generator).tolist()}
-               for _ in range(num_prompts)]
-    params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True, seed=seed)
+    prompts = random_prompts(llm.engine.config.vocab_size, num_prompts, input_len, seed)
+    params = throughput_params(output_len, seed)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
@@ -38,23 +35,15 @@ def run_throughput(llm: LLM, num_prompts: int, input_len: int, output_len: int, 
     return ThroughputResult(num_prompts, prompt_tokens, output_tokens, seconds)
 
 
+def throughput_params(output_len: int, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True, seed=seed)
+
+
 def run_hf_baseline(model: str, num_prompts: int, input_len: int, output_len: int, device: str, dtype: str,
                     seed: int = 0) -> ThroughputResult:
     """The same workload through transformers' generate, one batch of all prompts (no padding needed:
     they have equal lengths). Shape presets get transformers' own random weights."""
-    import transformers
-
-    from moeserve.loader.model_loader import resolve_checkpoint
-    from moeserve.loader.presets import SHAPE_PRESETS
-
-    torch_dtype = getattr(torch, dtype)
-    with torch.device(device):
-        if model in SHAPE_PRESETS:
-            config = transformers.AutoConfig.for_model(**hf_config_fields(SHAPE_PRESETS[model]))
-            hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-        else:
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=torch_dtype)
-    hf_model.eval()
+    hf_model = build_hf_model(model, device, dtype)
     vocab_size = hf_model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (num_prompts, input_len), generator=generator).to(device)
@@ -71,6 +60,30 @@ def run_hf_baseline(model: str, num_prompts: int, input_len: int, output_len: in
     seconds = time.perf_counter() - start
     output_tokens = (generated.shape[1] - input_len) * num_prompts
     return ThroughputResult(num_prompts, num_prompts * input_len, output_tokens, seconds)
+
+
+def random_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, vocab_size, (input_len,), generator=generator).tolist()}
+            for _ in range(num_prompts)]
+
+
+def build_hf_model(model: str, device: str, dtype: str):
+    """The model as transformers builds it, in eval mode: a checkpoint folder or tiny preset with its
+    weights, a shape preset with transformers' own random weights."""
+    import transformers
+
+    from moeserve.loader.model_loader import resolve_checkpoint
+    from moeserve.loader.presets import SHAPE_PRESETS
+
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        if model in SHAPE_PRESETS:
+            config = transformers.AutoConfig.for_model(**hf_config_fields(SHAPE_PRESETS[model]))
+            hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(resolve_checkpoint(model), dtype=torch_dtype)
+    return hf_model.eval()
 
 
 def hf_config_fields(preset: dict) -> dict:
