@@ -1,5 +1,6 @@
 """Where a steady decode step's wall time goes, on CUDA: engine.step() against the graph replay alone and the
-sampler alone, and the top kernels of the replay (torch.profiler).
+sampler alone, and the top kernels of the replay (moeserve.bench.profile). For whole decode steps, GPU busy and
+their kernels, `moeserve bench latency --profile`.
 
   PYTHONPATH=. python3 scripts/step_breakdown.py [--model deepseek-v2-lite] [--batch 1]
 """
@@ -8,8 +9,8 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from moeserve.bench.profile import profile_steps
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
 
@@ -47,18 +48,10 @@ def main() -> None:
     sampler_ms = timed(lambda: runner.sampler(logits, seqs, runner.eos_token_ids), 20)
     scheduled = engine.scheduler.schedule()
     send_ms = timed(lambda: runner.send(sorted(scheduled, key=lambda s: s[1] != 1), pad_to=size), 20)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        runner.graphs.replay(size)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    kernel_us = sum(e.self_device_time_total for e in events)
+    replay = profile_steps(lambda: runner.graphs.replay(size), 1, torch.device("cuda"))
     print(f"{args.model} batch {args.batch} (graph {size}): step {step_ms:.2f} ms | replay {replay_ms:.2f} ms | "
-          f"sampler {sampler_ms:.2f} ms | send {send_ms:.3f} ms | kernels in one replay {sum(e.count for e in events)}, "
-          f"{kernel_us / 1000:.2f} ms")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
-        print(f"  {e.self_device_time_total / 1000:7.3f} ms {100 * e.self_device_time_total / kernel_us:5.1f}% "
-              f"x{e.count:4d}  {e.key[:90]}")
-
+          f"sampler {sampler_ms:.2f} ms | send {send_ms:.3f} ms")
+    print(replay.report("graph replay"))
 
 if __name__ == "__main__":
     main()
