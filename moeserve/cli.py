@@ -397,6 +397,10 @@ def report_latency(args: argparse.Namespace, device: str, dtype: str, results: l
         print(HF_NOTE)
     if profiled is not None:
         print(profiled.report(f"steady decode steps at batch {args.batch_size}"))
+        if results[0].decode_step_ms is not None:  # the profiler slows the steps it watches
+            step_ms = results[0].decode_step_ms["p50"]
+            print(f"busy time per step against the unprofiled p50 step: {profiled.busy_ms_per_step:.3f} / "
+                  f"{step_ms:.3f} ms = {100 * profiled.busy_ms_per_step / step_ms:.1f}%")
     if args.output_json:
         report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "device": device, "dtype": dtype,
                   "results": [r.as_dict() for r in results],

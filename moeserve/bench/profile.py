@@ -3,6 +3,7 @@ device is busy (the union of its kernel intervals, so overlapping kernels count 
 and the kernels with the most time. Without CUDA the same is done for the CPU's top-level operators."""
 
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,6 +67,10 @@ class StepProfile:
         return 100 * busy_us(self.activities) / self.wall_us
 
     @property
+    def busy_ms_per_step(self) -> float:
+        return busy_us(self.activities) / self.num_steps / 1000
+
+    @property
     def kernels_per_step(self) -> float:
         return len(self.activities) / self.num_steps
 
@@ -75,7 +80,7 @@ class StepProfile:
     def report(self, what: str) -> str:
         unit, busy = ("kernels", "GPU busy") if self.on_gpu else ("top-level CPU operators (no CUDA)", "in operators")
         lines = [f"profile of {self.num_steps} {what}: {self.wall_ms_per_step:.3f} ms per step, {busy} "
-                 f"{self.busy_percent:.1f}%, {self.kernels_per_step:.0f} {unit} per step",
+                 f"{self.busy_ms_per_step:.3f} ms ({self.busy_percent:.1f}%), {self.kernels_per_step:.0f} {unit} per step",
                  f"  {'ms/step':>8} {'calls/step':>10} {'mean us':>9}  name"]
         lines += [f"  {r.ms_per_step:8.3f} {r.calls_per_step:10.1f} {r.mean_us:9.1f}  {r.name[:100]}" for r in self.top()]
         return "\n".join(lines)
@@ -83,7 +88,7 @@ class StepProfile:
     def as_dict(self) -> dict:
         return {"device": "gpu" if self.on_gpu else "cpu", "steps": self.num_steps,
                 "wall_ms_per_step": self.wall_ms_per_step, "busy_percent": self.busy_percent,
-                "kernels_per_step": self.kernels_per_step,
+                "busy_ms_per_step": self.busy_ms_per_step, "kernels_per_step": self.kernels_per_step,
                 "top_kernels": [asdict(r) for r in self.top()]}
 
 
@@ -96,12 +101,15 @@ def profile_steps(step: Callable[[], object], num_steps: int, device: torch.devi
     """Run step() num_steps times under torch.profiler: the device's kernels on CUDA, CPU operators elsewhere."""
     on_gpu = device.type == "cuda"
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(num_steps):
-            step()
-        synchronize(device)
-        wall_us = (time.perf_counter() - start) * 1e6
+    activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*clears events at the end of each cycle")  # one cycle here
+        with profile(activities=[activity]) as prof:
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                step()
+            synchronize(device)
+            wall_us = (time.perf_counter() - start) * 1e6
     return StepProfile(activities_of(prof.events(), on_gpu), wall_us, num_steps, on_gpu)
 
 

@@ -31,7 +31,8 @@ def test_step_profile_busy_share_and_kernels_per_step():
     assert profile.kernels_per_step == 1.5
     assert profile.wall_ms_per_step == pytest.approx(0.1)
     report = profile.report("decode steps")
-    assert "GPU busy 40.0%" in report and "2 kernels per step" in report
+    assert profile.busy_ms_per_step == pytest.approx(0.040)
+    assert "GPU busy 0.040 ms (40.0%)" in report and "2 kernels per step" in report
     assert profile.as_dict()["top_kernels"][0]["name"] == "a"
 
 
