@@ -82,7 +82,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
 def add_profile_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
     parser.add_argument("--profile", action="store_true",
                         help=f"torch.profiler over {steps}: GPU busy, kernels per step, top kernels (CPU ops without CUDA)")
-    parser.add_argument("--profile-steps", type=int, default=8, help="steps profiled")
+    parser.add_argument("--profile-steps", type=positive_int, default=8, help="steps profiled")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def engine_args(args: argparse.Namespace) -> dict:

@@ -99,6 +99,8 @@ def synchronize(device: torch.device) -> None:
 
 def profile_steps(step: Callable[[], object], num_steps: int, device: torch.device) -> StepProfile:
     """Run step() num_steps times under torch.profiler: the device's kernels on CUDA, CPU operators elsewhere."""
+    if num_steps < 1:
+        raise ValueError(f"--profile-steps must be at least 1, got {num_steps}")
     on_gpu = device.type == "cuda"
     synchronize(device)
     activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU

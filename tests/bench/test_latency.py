@@ -105,6 +105,9 @@ def test_bench_latency_bad_lengths_are_clear_errors(capsys):
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert main(["bench", "latency", "--model", "tiny-mixtral", *SMALL, "--tp", "2"]) == 2
     assert "drop --tp/--dp/--ep" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "latency", "--model", "tiny-mixtral", *SMALL, "--profile", "--profile-steps", "0"])
+    assert "--profile-steps: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_throughput_profiles_a_window_of_steps(capsys):
