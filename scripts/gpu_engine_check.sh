@@ -12,7 +12,8 @@
 # Stage "attention": moeserve bench attention (MLA and GQA decode and prefill kernels, beside the card's read
 # bandwidth and SDPA flash). Stage "e2e": DeepSeek-V2-Lite's shape (random bf16) at batch 1 and 128, with the
 # tree in .before/ (an earlier commit's moeserve/, carried) and this one, in the same call.
-# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve|attention|e2e [more stages]
+# Stage "latency": moeserve bench latency --profile at the issue-13 target points (V2-Lite, Qwen3-30B-A3B).
+# Usage: bash scripts/gpu_engine_check.sh tests|bench|qwen3|quant|ep|moe|tune|serve|attention|e2e|latency [more stages]
 set -u
 STAGES=${*:-tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -92,6 +93,19 @@ if has serve; then
       --output-len 64 --request-rate $rate --ignore-eos 2>&1 | tail -17 >> "$OUT/bench_table.txt"
   done
   kill %1
+fi
+if has latency; then
+  # the issue-13 targets: V2-Lite and Qwen3-30B-A3B shapes (random bf16) at batch 1 (with the transformers
+  # yardstick) and steady decode at a large batch, each with its profile
+  for point in "deepseek-v2-lite 1 256 --compare-hf" "deepseek-v2-lite 128 512" "qwen3-30b-a3b 1 256 --compare-hf" \
+               "qwen3-30b-a3b 64 512"; do
+    set -- $point
+    echo "== latency $1 batch $2, $3 in / 128 out" >> "$OUT/bench_table.txt"
+    timeout 420 python3 -m moeserve bench latency --model $1 --load-format dummy --dtype bfloat16 --device cuda \
+      --max-model-len 4096 --batch-size $2 --input-len $3 --output-len 128 --num-iters 3 --num-iters-warmup 1 \
+      --profile ${4:-} --output-json "$OUT/latency_$1_b$2.json" 2>&1 | tee -a "$OUT/latency.log" \
+      | grep -E "^\| (moeserve|transformers)|^profile of|^busy time|cannot build" >> "$OUT/bench_table.txt"
+  done
 fi
 echo "== results"
 cat "$OUT/bench_table.txt"
