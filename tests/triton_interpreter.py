@@ -1,5 +1,6 @@
 """Running Triton kernels on the CPU in tests: TRITON_INTERPRET=1 (set before any @triton.jit runs),
-and a fix for the interpreter's bf16 tl.dot, which multiplies raw bf16 bit patterns (triton issue 11584)."""
+and fixes for the interpreter's bf16: tl.dot multiplies raw bf16 bit patterns (triton issue 11584), and
+casts from fp32 to bf16 truncate where the GPU rounds to nearest even."""
 
 import os
 
@@ -30,3 +31,14 @@ def enable() -> None:
         return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl

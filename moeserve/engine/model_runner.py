@@ -21,6 +21,7 @@ from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
 from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
 from moeserve.layers.attention.mla import prepare_absorbed_weights
+from moeserve.layers.rotary import prepare_rotary_tables
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
 from moeserve.loader.model_loader import build_model, load_model
 from moeserve.loader.random_init import random_init
@@ -65,6 +66,8 @@ class ModelRunner:
         self.config, self.max_model_len, self.eos_token_ids = config, max_model_len, eos_token_ids
         self.model = self.load_model(args, context)
         prepare_absorbed_weights(self.model, self.dtype)
+        if self.device.type == "cuda":
+            prepare_rotary_tables(self.model, max_model_len, self.device)
         self.kv_cache_dtype = cache_dtype(args.kv_cache_dtype, self.dtype)
         self.num_blocks = self.plan_cache(args, context)
         tp = context.groups.layout.tp if context is not None else 1

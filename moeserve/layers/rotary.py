@@ -59,7 +59,9 @@ def yarn_inv_freq(rope: RopeConfig) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """positions -> (cos, sin), each [..., dim/2] in fp32, already multiplied by the attention factor.
 
-    inv_freq is a plain fp32 tensor, not a buffer: casting the model to bf16 must not round it.
+    inv_freq is a plain fp32 tensor, not a buffer: casting the model to bf16 must not round it. So is
+    `table` [positions, dim] (cos | sin of every position up to the model length), which
+    `prepare_rotary_tables` builds once for the fused kernel, shared by every layer with the same angles.
     """
 
     def __init__(self, rope: RopeConfig):
@@ -72,12 +74,29 @@ class RotaryEmbedding(nn.Module):
                 self.inv_freq = llama3_inv_freq(rope)
             else:
                 self.inv_freq, self.attention_factor = yarn_inv_freq(rope)
+        self.table: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # [..., dim/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+    def build_table(self, num_positions: int, device: torch.device) -> torch.Tensor:
+        cos, sin = self(torch.arange(num_positions, device=device))
+        return torch.cat((cos, sin), dim=-1)  # [N, dim]: the same fp32 values forward computes
+
+
+def prepare_rotary_tables(model: nn.Module, num_positions: int, device: torch.device) -> None:
+    """Give every RotaryEmbedding its cos|sin table for positions < num_positions (one per distinct angle set)."""
+    tables = {}
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            key = (tuple(module.inv_freq.tolist()), module.attention_factor)
+            if key not in tables:
+                tables[key] = module.build_table(num_positions, device)
+            module.table = tables[key]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -6,7 +6,8 @@ from torch import nn
 
 from moeserve.config import AttentionConfig, RopeConfig
 from moeserve.layers.norm import RMSNorm, rms_normalize
-from moeserve.layers.rotary import RotaryEmbedding, apply_rotary
+from moeserve.layers.rotary import RotaryEmbedding
+from moeserve.ops.rotary import rotate_query_key
 
 
 class GQAttention(nn.Module):
@@ -50,9 +51,7 @@ class GQAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            cos, sin = (t.unsqueeze(-2) for t in self.rotary(positions))  # [T, 1, D/2]
-            q = apply_rotary(q, cos, sin, self.interleaved)
-            k = apply_rotary(k, cos, sin, self.interleaved)
+            q, k = rotate_query_key(q, k, positions, self.rotary, self.interleaved)
         if self.l2_qk_norm:
             q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
         if self.temperature_tuning:

@@ -11,7 +11,8 @@ from torch import nn
 from moeserve.config import MLAConfig, RopeConfig
 from moeserve.layers.attention.dense import attention_with_lse
 from moeserve.layers.norm import RMSNorm
-from moeserve.layers.rotary import RotaryEmbedding, apply_rotary, yarn_mscale
+from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
+from moeserve.ops.rotary import rotate_query_key
 from moeserve.quant.formats import weight_matrix
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm ignore rms_norm_eps in the reference
@@ -47,17 +48,15 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         # x: [T, H], positions: [T]
-        cos, sin = self.rotary(positions)  # [T, R/2]
         if self.mla.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.unflatten(-1, (self.num_heads, -1)).split(
             [self.mla.qk_nope_head_dim, self.mla.qk_rope_head_dim], dim=-1)  # [T, Hq, P], [T, Hq, R]
-        q_pe = apply_rotary(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleaved)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.mla.kv_lora_rank, self.mla.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [T, L]: with k_pe [T, R], all the cache holds
-        k_pe = apply_rotary(k_pe, cos, sin, self.interleaved)
+        q_pe, k_pe = rotate_query_key(q_pe, k_pe, positions, self.rotary, self.interleaved)
         out = attn.mla(self.layer_idx, q_nope, q_pe, c_kv, k_pe, self)  # [T, Hq, V]
         return self.o_proj(out.flatten(-2))
 
