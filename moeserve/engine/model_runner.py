@@ -25,7 +25,7 @@ from moeserve.layers.rotary import prepare_rotary_tables
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
 from moeserve.loader.model_loader import build_model, load_model
 from moeserve.loader.random_init import random_init
-from moeserve.models.base import CausalLM
+from moeserve.models.base import CausalLM, fuse_projections
 from moeserve.quant.apply import describe_weight_bytes, quantize_model
 from moeserve.sampling_params import Logprob
 
@@ -65,6 +65,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
         self.config, self.max_model_len, self.eos_token_ids = config, max_model_len, eos_token_ids
         self.model = self.load_model(args, context)
+        fuse_projections(self.model)
         prepare_absorbed_weights(self.model, self.dtype)
         if self.device.type == "cuda":
             prepare_rotary_tables(self.model, max_model_len, self.device)

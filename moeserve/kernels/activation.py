@@ -23,14 +23,17 @@ def round_to_e4m3_grid(x):
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_in, stride_out, stride_scale,
-                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr):
+                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_SILU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     offs = group * BLOCK + tl.arange(0, BLOCK)
     ok = offs < intermediate
     gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + intermediate + offs, mask=ok, other=0.0).to(tl.float32)
-    y = gate * tl.sigmoid(gate) * up
+    silu = gate * tl.sigmoid(gate)
+    if ROUND_SILU:  # as an eager silu(gate) * up in bf16 rounds: silu first, then the product
+        silu = silu.to(gate_up_ptr.dtype.element_ty).to(tl.float32)
+    y = silu * up
     if QUANTIZE:  # one scale per 128 values: amax / 448
         scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
         q = round_to_e4m3_grid(tl.minimum(tl.maximum(y / scale, -448.0), 448.0))
@@ -40,8 +43,10 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_i
         tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
-    """gate_up [R, 2I] -> silu(gate) * up [R, I] in gate_up's dtype, or (FP8 values, scales [R, ceil(I/128)])."""
+def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False, round_silu: bool = False):
+    """gate_up [R, 2I] -> silu(gate) * up [R, I] in gate_up's dtype, or (FP8 values, scales [R, ceil(I/128)]).
+    Computed in fp32 and rounded once; `round_silu` rounds silu(gate) to gate_up's dtype first, as the
+    eager torch expression does."""
     rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     groups = triton.cdiv(intermediate, FP8_GROUP)
     if quantize:
@@ -52,7 +57,7 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False):
     if rows:
         _silu_and_mul_kernel[(rows, groups)](gate_up, out, scales if quantize else out, intermediate,
                                              gate_up.stride(0), out.stride(0), scales.stride(0) if quantize else 0,
-                                             BLOCK=FP8_GROUP, QUANTIZE=quantize)
+                                             BLOCK=FP8_GROUP, QUANTIZE=quantize, ROUND_SILU=round_silu)
     return (out, scales) if quantize else out
 
 

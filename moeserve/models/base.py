@@ -98,6 +98,15 @@ class CausalLM(nn.Module):
         return self.compute_logits(hidden).view(batch_size, seq_len, -1)
 
 
+def fuse_projections(model: nn.Module) -> None:
+    """After loading: every module with a `fuse_projections` method (MLP's gate and up, MLA's input
+    projections) merges the linears that read the same input into one GEMM."""
+    for module in model.modules():
+        fuse = getattr(module, "fuse_projections", None)
+        if fuse is not None:
+            fuse()
+
+
 def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent), leaf, module)

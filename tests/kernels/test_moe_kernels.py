@@ -155,3 +155,11 @@ def test_sum_over_k():
     y = torch.randn(5 * 3, 70)
     torch.testing.assert_close(sum_over_k(y, 3), y.view(5, 3, 70).sum(dim=1))
 
+
+
+def test_silu_and_mul_can_round_silu_first_as_eager_bf16_does():
+    gate_up = (torch.randn(6, 2 * 200) * 3).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = silu_and_mul(gate_up, round_silu=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=2**-7, atol=0)  # sigmoid forms differ by an ulp

@@ -6,10 +6,12 @@ as MQA over the latent itself, [c_kv | k_pe], which is all the KV cache has to h
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import MLAConfig, RopeConfig
 from moeserve.layers.attention.dense import attention_with_lse
+from moeserve.layers.linear import fuse_linear_weights
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
 from moeserve.ops.rotary import rotate_query_key
@@ -45,16 +47,29 @@ class MLAttention(nn.Module):
         self.rotary = RotaryEmbedding(rope)
         self.interleaved = rope.interleaved
         self.scale = mla_softmax_scale(mla, rope)
+        self.fused_input_proj: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        """q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same x: one GEMM for both."""
+        first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
+        self.fused_input_proj = fuse_linear_weights(first, self.kv_a_proj_with_mqa)
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x))."""
+        if self.fused_input_proj is not None:
+            return F.linear(x, self.fused_input_proj).split(
+                [self.fused_input_proj.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
+        first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
+        return first(x), self.kv_a_proj_with_mqa(x)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         # x: [T, H], positions: [T]
-        if self.mla.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv_a = self.input_projections(x)
+        if self.mla.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.unflatten(-1, (self.num_heads, -1)).split(
             [self.mla.qk_nope_head_dim, self.mla.qk_rope_head_dim], dim=-1)  # [T, Hq, P], [T, Hq, R]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.mla.kv_lora_rank, self.mla.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.mla.kv_lora_rank, self.mla.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [T, L]: with k_pe [T, R], all the cache holds
         q_pe, k_pe = rotate_query_key(q_pe, k_pe, positions, self.rotary, self.interleaved)
         out = attn.mla(self.layer_idx, q_nope, q_pe, c_kv, k_pe, self)  # [T, Hq, V]
