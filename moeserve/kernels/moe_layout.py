@@ -9,6 +9,11 @@ the GEMM grid does not depend on the routing, which CUDA graphs need (decode); b
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+SINGLE_PROGRAM_MAX_ROWS = 4096  # one program lays out decode-sized batches; torch's sort beyond
+SINGLE_PROGRAM_MAX_EXPERTS = 256
 
 
 @dataclass
@@ -22,7 +27,19 @@ class BlockLayout:
 
 
 def block_layout(slots: torch.Tensor, num_experts: int, block_m: int, compact: bool = False) -> BlockLayout:
-    """slots [R, K]: each row's local expert per k, -1 where none."""
+    """slots [R, K]: each row's local expert per k, -1 where none. On CUDA, worst-case layouts of up to
+    SINGLE_PROGRAM_MAX_ROWS pairs come from one Triton program; the rest from torch (`block_layout_reference`)."""
+    if (slots.is_cuda and not compact and slots.numel() <= SINGLE_PROGRAM_MAX_ROWS
+            and 0 < num_experts <= SINGLE_PROGRAM_MAX_EXPERTS):
+        return block_layout_single_program(slots, num_experts, block_m)
+    return block_layout_reference(slots, num_experts, block_m, compact)
+
+
+def worst_case_capacity(num_rows: int, num_experts: int, block_m: int) -> int:
+    return -(-(num_rows + num_experts * (block_m - 1)) // block_m) * block_m
+
+
+def block_layout_reference(slots: torch.Tensor, num_experts: int, block_m: int, compact: bool = False) -> BlockLayout:
     flat = slots.flatten().long()
     num_rows = flat.numel()
     key = torch.where(flat >= 0, flat, num_experts)  # rows for no expert here sort last and are dropped
@@ -37,7 +54,7 @@ def block_layout(slots: torch.Tensor, num_experts: int, block_m: int, compact: b
     if compact:
         capacity = int(ends[-1]) if num_experts else 0
     else:
-        capacity = -(-(num_rows + num_experts * (block_m - 1)) // block_m) * block_m
+        capacity = worst_case_capacity(num_rows, num_experts, block_m)
     dropped = sorted_key == num_experts
     destination = torch.where(dropped, capacity, starts[sorted_key.clamp(max=num_experts - 1)] + position)
     sorted_rows = torch.full((capacity + 1,), num_rows, dtype=torch.int32, device=flat.device)
@@ -47,3 +64,60 @@ def block_layout(slots: torch.Tensor, num_experts: int, block_m: int, compact: b
     block_expert = torch.where(block_start < ends[-1], block_expert, -1).to(torch.int32)
     return BlockLayout(sorted_rows[:capacity], block_expert, ends[-1:].to(torch.int32), counts[:num_experts],
                        num_rows, block_m)
+
+
+@triton.jit
+def _one_hot(slots_ptr, start, num_rows, CHUNK: tl.constexpr, EXPERTS: tl.constexpr):
+    """[CHUNK, EXPERTS] int32: entry (i, e) is 1 when pair start + i goes to local expert e."""
+    offs = start + tl.arange(0, CHUNK)
+    expert = tl.load(slots_ptr + offs, mask=offs < num_rows, other=-1)
+    return (expert[:, None] == tl.arange(0, EXPERTS)[None, :]).to(tl.int32), offs
+
+
+@triton.jit
+def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_rows,
+                         num_experts, capacity, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    experts = tl.arange(0, EXPERTS)
+    counts = tl.zeros((EXPERTS,), dtype=tl.int32)
+    for start in range(0, num_rows, CHUNK):
+        hot, _ = _one_hot(slots_ptr, start, num_rows, CHUNK, EXPERTS)
+        counts += tl.sum(hot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
+    tl.store(num_padded_ptr, total)
+    for start in range(0, capacity, CHUNK):  # every slot starts as padding (index num_rows)
+        offs = start + tl.arange(0, CHUNK)
+        tl.store(sorted_rows_ptr + offs, tl.full((CHUNK,), 0, tl.int32) + num_rows, mask=offs < capacity)
+    tl.debug_barrier()  # the padding is written before any thread scatters a pair over it
+    next_free = ends - padded  # per expert: the slot its next pair takes
+    for start in range(0, num_rows, CHUNK):
+        hot, offs = _one_hot(slots_ptr, start, num_rows, CHUNK, EXPERTS)
+        earlier_in_chunk = tl.cumsum(hot, axis=0) - hot  # pairs of the same expert before this one
+        destination = tl.sum(hot * (next_free[None, :] + earlier_in_chunk), axis=1)
+        tl.store(sorted_rows_ptr + destination, offs.to(tl.int32), mask=tl.sum(hot, axis=1) > 0)
+        next_free += tl.sum(hot, axis=0)
+    for start in range(0, num_blocks, CHUNK):  # a block's expert: how many experts end at or before it
+        block = start + tl.arange(0, CHUNK)
+        first_slot = block * BLOCK_M
+        expert = tl.sum((ends[None, :] <= first_slot[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + block, tl.where(first_slot < total, expert, -1), mask=block < num_blocks)
+
+
+def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
+    """The worst-case layout of `block_layout_reference`, from one program: no sort, no host sync."""
+    flat = slots.flatten()
+    if flat.dtype != torch.int32:
+        flat = flat.to(torch.int32)
+    num_rows = flat.numel()
+    capacity = worst_case_capacity(num_rows, num_experts, block_m)
+    sorted_rows = torch.empty(capacity, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    counts = torch.empty(num_experts, dtype=torch.long, device=flat.device)
+    _block_layout_kernel[(1,)](flat, sorted_rows, block_expert, num_padded, counts, num_rows, num_experts, capacity,
+                               capacity // block_m, BLOCK_M=block_m, EXPERTS=triton.next_power_of_2(num_experts),
+                               CHUNK=64, num_warps=4)
+    return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)

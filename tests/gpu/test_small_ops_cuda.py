@@ -64,3 +64,13 @@ def test_fused_projections_give_the_separate_results_on_gpu():
     mlp.fuse_projections()
     assert mlp.gate_up_weight is not None and mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
     torch.testing.assert_close(mlp(x), want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 256, 682])
+def test_single_program_layout_equals_reference_on_gpu(rows):
+    from moeserve.kernels.moe_layout import block_layout, block_layout_reference
+
+    slots = torch.stack([torch.randperm(64, device="cuda")[:6] for _ in range(rows)]).to(torch.int32)
+    got, want = block_layout(slots, 64, 16), block_layout_reference(slots, 64, 16)
+    for name in ("sorted_rows", "block_expert", "num_padded", "counts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
