@@ -71,3 +71,21 @@ def test_layers_with_the_same_angles_share_one_table():
     prepare_rotary_tables(model, 16, torch.device("cpu"))
     assert model[0].table is model[1].table and model[2].table is not model[0].table
     assert model[0].table.shape == (16, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_with_qwen3_head_norms_matches_norm_then_rotate(dtype):
+    from moeserve.layers.norm import RMSNorm
+    from moeserve.ops.rotary import rotate_query_key
+
+    rotary = RotaryEmbedding(RopeConfig(kind="default", dim=128, theta=1000000.0, interleaved=False))
+    q_norm, k_norm = RMSNorm(128, 1e-6).to(dtype), RMSNorm(128, 1e-6).to(dtype)
+    for norm in (q_norm, k_norm):
+        norm.weight.data = (torch.rand(128) + 0.5).to(dtype)
+    positions = torch.randint(0, 40, (6,))
+    q, k = (torch.randn(6, 20, 128) * 2).to(dtype), (torch.randn(6, 4, 128) * 2).to(dtype)
+    want_q, want_k = rotate_query_key(q, k, positions, rotary, False, q_norm, k_norm)  # CPU: the torch path
+    rope_(q, k, positions, rotary.build_table(40, torch.device("cpu")), False, (q_norm.weight, k_norm.weight), 1e-6)
+    tol = dict(rtol=2**-6, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)  # two roundings
+    torch.testing.assert_close(q, want_q, **tol)
+    torch.testing.assert_close(k, want_k, **tol)

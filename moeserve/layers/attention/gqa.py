@@ -48,10 +48,11 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hq, D]
         k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
         v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         if self.rotary is not None:
-            q, k = rotate_query_key(q, k, positions, self.rotary, self.interleaved)
+            q, k = rotate_query_key(q, k, positions, self.rotary, self.interleaved, q_norm, k_norm)
+        elif q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         if self.l2_qk_norm:
             q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
         if self.temperature_tuning:
