@@ -1,6 +1,7 @@
 """Model configuration: one typed `ModelConfig` parsed from a Hugging Face `config.json`.
 
-The family-specific parsing lives beside each model (models/*.py); this module holds the
+The family-specific parsing lives beside each model (models/*.py), the dispatch on `architectures`
+in models/registry.py (this module knows no model family); this module holds the
 dataclasses, the field reader that turns a missing field into a clear error, and RoPE parsing,
 which every family shares.
 """
@@ -206,18 +207,6 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
-def parse_config(raw: dict[str, Any], source: str) -> ModelConfig:
-    """Dispatch on `architectures` to the family's parser."""
-    from moeserve.models.registry import model_class
-
-    fields = ConfigFields(raw, source)
-    architectures = fields.require("architectures")
-    if not isinstance(architectures, list) or not architectures:
-        raise fields.error("field 'architectures' must be a non-empty list")
-    cls = model_class(architectures[0], source)
-    return cls.parse_config(fields)
 
 
 def gqa_head_fields(fields: ConfigFields, num_heads: int, hidden_size: int) -> dict[str, int]:

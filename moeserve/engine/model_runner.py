@@ -22,7 +22,8 @@ from moeserve.layers.attention.backend import paged_attention_backend
 from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
 from moeserve.layers.attention.mla import prepare_absorbed_weights
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
-from moeserve.loader.model_loader import build_model, load_model
+from moeserve.loader.build import build_model
+from moeserve.loader.model_loader import load_model
 from moeserve.loader.random_init import random_init
 from moeserve.models.base import CausalLM
 from moeserve.quant.apply import describe_weight_bytes, quantize_model
