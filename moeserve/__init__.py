@@ -1,6 +1,7 @@
 """moeserve: serving Mixture-of-Experts language models."""
 
-from moeserve.config import ConfigError, EngineArgs, ModelConfig
+from moeserve.config import ConfigError, ModelConfig
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.llm import LLM

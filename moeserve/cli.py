@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from moeserve.config import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
-                             QUANTIZATION_FORMATS, EngineArgs)
+from moeserve.engine.args import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
+                                  QUANTIZATION_FORMATS, EngineArgs)
 from moeserve.version import __version__
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.engine import Engine, Prompt, Request
 from moeserve.engine.lockstep import LockstepEngine
 from moeserve.engine.outputs import RequestOutput

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import EngineArgs, ModelConfig
+from moeserve.config import ModelConfig
+from moeserve.engine.args import EngineArgs
 from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.block_table import BlockTable

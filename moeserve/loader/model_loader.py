@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from moeserve.config import QUANTIZATION_FORMATS, ConfigError, ModelConfig, read_config_json
+from moeserve.config import ConfigError, ModelConfig, read_config_json
 from moeserve.distributed.parallelize import ParallelOptions
+from moeserve.engine.args import QUANTIZATION_FORMATS
 from moeserve.loader import presets
 from moeserve.loader.build import build_model
 from moeserve.loader.checkpoint import CheckpointReader

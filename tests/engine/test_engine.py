@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import moeserve
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import ConfigError
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
