@@ -1,7 +1,7 @@
 """EngineArgs: how the engine runs a model, and the names each option accepts.
 
-A leaf beside the model config: the CLI builds its flags from these names, the loader and the EP
-dispatchers read them, and every field is checked here.
+The CLI builds its flags from these names; every field is checked here. Names that a lower layer
+implements (weight formats, token formats on the wire) come from that layer.
 """
 
 import re
@@ -10,12 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.config import ConfigError
+from moeserve.distributed.ep.token_formats import DISPATCH_FORMATS
+from moeserve.quant.formats import FORMATS
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATION_FORMATS = ("fp8", "nvfp4")  # weight formats (moeserve.quant.formats.FORMATS implements them)
+QUANTIZATION_FORMATS = tuple(FORMATS)  # weight formats: fp8, nvfp4
 EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
-DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # tokens on the wire in EP dispatch (bf16: unquantized)
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
 ATTENTION_BACKENDS = ("auto", "torch", "triton")  # moeserve.layers.attention.backend; auto: triton on CUDA
 

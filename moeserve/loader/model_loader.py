@@ -8,7 +8,6 @@ import torch
 
 from moeserve.config import ConfigError, ModelConfig, read_config_json
 from moeserve.distributed.parallelize import ParallelOptions
-from moeserve.engine.args import QUANTIZATION_FORMATS
 from moeserve.loader import presets
 from moeserve.loader.build import build_model
 from moeserve.loader.checkpoint import CheckpointReader
@@ -17,6 +16,7 @@ from moeserve.loader.weights import load_weights
 from moeserve.models.base import CausalLM
 from moeserve.models.registry import model_class, parse_config
 from moeserve.quant.apply import QuantPlan, describe_weight_bytes, quantize_model
+from moeserve.quant.formats import FORMATS
 from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_module_paths
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ def load_model(
     folder = resolve_checkpoint(name_or_path)
     config, scheme = load_config_and_scheme(folder)
     if quantization is not None:
-        if quantization not in QUANTIZATION_FORMATS:
-            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_FORMATS)}, got {quantization!r}")
+        if quantization not in FORMATS:
+            raise ConfigError(f"quantization must be one of {', '.join(FORMATS)}, got {quantization!r}")
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
         if parallel is not None and parallel.groups.layout.tp > 1:
