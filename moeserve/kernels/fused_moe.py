@@ -9,8 +9,8 @@ import torch
 from moeserve.kernels.activation import silu_and_mul, sum_over_k
 from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
-from moeserve.kernels.tuning import tuned_config
 from moeserve.kernels.row_layout import RowLayout
+from moeserve.kernels.tuning import tuned_config
 from moeserve.quant.fp8 import quantize_fp8_groups
 
 
