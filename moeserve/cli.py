@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from moeserve.config import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
-                             QUANTIZATION_FORMATS, EngineArgs)
+from moeserve.engine.args import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
+                                  QUANTIZATION_FORMATS, EngineArgs)
 from moeserve.version import __version__
 
 
@@ -581,8 +581,7 @@ def write_tuned_table(args: argparse.Namespace, config) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from moeserve.quant.apply import planned_weight_bytes
-
+    from moeserve.loader.build import planned_weight_bytes
     from moeserve.loader.model_loader import load_config
 
     config = load_config(args.model)
@@ -606,8 +605,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from moeserve.loader.model_loader import load_config, resolve_checkpoint
-    from moeserve.loader.model_loader import load_model
+    from moeserve.loader.model_loader import load_config, load_model
+    from moeserve.loader.resolve import resolve_checkpoint
     from moeserve.quant.apply import quantize_model
     from moeserve.quant.export import write_quantized_checkpoint
 

@@ -1,6 +1,7 @@
 """Model configuration: one typed `ModelConfig` parsed from a Hugging Face `config.json`.
 
-The family-specific parsing lives beside each model (models/*.py); this module holds the
+The family-specific parsing lives beside each model (models/*.py), the dispatch on `architectures`
+in models/registry.py (this module knows no model family); this module holds the
 dataclasses, the field reader that turns a missing field into a clear error, and RoPE parsing,
 which every family shares.
 """
@@ -8,12 +9,9 @@ which every family shares.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import torch
 
 
 class ConfigError(ValueError):
@@ -208,18 +206,6 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def parse_config(raw: dict[str, Any], source: str) -> ModelConfig:
-    """Dispatch on `architectures` to the family's parser."""
-    from moeserve.models.registry import model_class
-
-    fields = ConfigFields(raw, source)
-    architectures = fields.require("architectures")
-    if not isinstance(architectures, list) or not architectures:
-        raise fields.error("field 'architectures' must be a non-empty list")
-    cls = model_class(architectures[0], source)
-    return cls.parse_config(fields)
-
-
 def gqa_head_fields(fields: ConfigFields, num_heads: int, hidden_size: int) -> dict[str, int]:
     return dict(
         num_kv_heads=int(fields.get("num_key_value_heads", num_heads)),
@@ -230,79 +216,3 @@ def gqa_head_fields(fields: ConfigFields, num_heads: int, hidden_size: int) -> d
 def reject_sliding_window(fields: ConfigFields) -> None:
     if fields.get("use_sliding_window", False):
         raise fields.error("use_sliding_window=true is not supported for this family; set it to false")
-
-
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "dummy")
-QUANTIZATION_FORMATS = ("fp8", "nvfp4")  # weight formats (moeserve.quant.formats.FORMATS implements them)
-EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
-DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # tokens on the wire in EP dispatch (bf16: unquantized)
-KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
-ATTENTION_BACKENDS = ("auto", "torch", "triton")  # moeserve.layers.attention.backend; auto: triton on CUDA
-
-
-@dataclass
-class EngineArgs:
-    """How the engine runs a model; every field is checked, and an error names it and its range."""
-
-    model: str
-    dtype: str = "auto"  # auto: the checkpoint's dtype
-    device: str = "auto"  # auto: cuda if available, else cpu
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    block_size: int | None = None  # None: 64 for MLA on CUDA (decode tiles then sit in one block), else 16
-    kv_cache_dtype: str = "auto"
-    attention_backend: str = "auto"
-    kv_cache_memory: int | None = None  # bytes; default on CPU 512 MiB, on CUDA sized by gpu_memory_utilization
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    seed: int = 0  # for requests that set no seed
-    load_format: str = "auto"  # auto: the checkpoint's weights; dummy: random weights (benchmarks, shape presets)
-    quantization: str | None = None  # fp8 or nvfp4: quantize a high-precision checkpoint as it loads
-    tp: int = 1  # tensor parallel size (attention heads, dense MLPs; experts too when ep = 1)
-    dp: int = 1  # data parallel attention: groups of tp ranks with their own requests
-    ep: int = 1  # expert parallel size: experts are spread over ep ranks
-    ep_backend: str = "all_to_all"  # or allgather
-    ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
-    dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
-    enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly
-    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8, 16, 24, ...
-
-    def __post_init__(self):
-        if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.bfloat16), as vLLM takes it
-            self.dtype = str(self.dtype).removeprefix("torch.")
-
-        def require(ok: bool, field_name: str, rule: str):
-            if not ok:
-                raise ConfigError(f"EngineArgs.{field_name} {rule}, got {getattr(self, field_name)!r}")
-
-        def one_of(field_name: str, names: tuple, optional: bool = False):
-            allowed = names + ((None,) if optional else ())
-            require(getattr(self, field_name) in allowed, field_name,
-                    f"must be one of {', '.join(map(str, allowed))}")
-
-        one_of("dtype", DTYPE_NAMES)
-        one_of("load_format", LOAD_FORMATS)
-        one_of("quantization", QUANTIZATION_FORMATS, optional=True)
-        one_of("ep_backend", EP_BACKENDS)
-        one_of("ep_dispatch_format", DISPATCH_FORMATS)
-        one_of("kv_cache_dtype", KV_CACHE_DTYPES)
-        one_of("attention_backend", ATTENTION_BACKENDS)
-        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device", "must be auto, cpu, cuda or cuda:N")
-        for size in ("tp", "dp", "ep"):
-            require(isinstance(getattr(self, size), int) and getattr(self, size) >= 1, size, "must be an integer >= 1")
-        require(self.dist_timeout > 0, "dist_timeout", "must be positive")
-        require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
-        require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
-        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
-        require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
-                "block_size", "must be a power of two")
-        require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")
-        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
-        if self.cuda_graph_sizes is not None:
-            self.cuda_graph_sizes = tuple(self.cuda_graph_sizes)
-            largest = min(self.max_num_seqs, self.max_num_batched_tokens)
-            require(len(self.cuda_graph_sizes) > 0 and all(isinstance(s, int) and 1 <= s <= largest
-                                                            for s in self.cuda_graph_sizes),
-                    "cuda_graph_sizes", f"must be batch sizes in 1..{largest} (max_num_seqs, max_num_batched_tokens)")

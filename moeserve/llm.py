@@ -8,7 +8,8 @@ and every rank gets the outputs.
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import ConfigError
+from moeserve.engine.args import EngineArgs
 from moeserve.distributed.launch import DistributedContext, init_distributed, under_torchrun
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.engine.engine import Engine, Prompt

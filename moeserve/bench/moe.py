@@ -15,7 +15,8 @@ from moeserve.bench.timing import graph_of, time_ms
 from moeserve.config import ModelConfig
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig
-from moeserve.layers.moe.experts import Experts, RowLayout
+from moeserve.kernels.row_layout import RowLayout
+from moeserve.layers.moe.experts import Experts
 from moeserve.quant.formats import make_quantized_weight
 from moeserve.quant.fp8 import E4M3_MAX
 

@@ -73,7 +73,7 @@ def build_hf_model(model: str, device: str, dtype: str):
     weights, a shape preset with transformers' own random weights."""
     import transformers
 
-    from moeserve.loader.model_loader import resolve_checkpoint
+    from moeserve.loader.resolve import resolve_checkpoint
     from moeserve.loader.presets import SHAPE_PRESETS
 
     torch_dtype = getattr(torch, dtype)

@@ -21,11 +21,11 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.engine import Engine, Prompt, Request
 from moeserve.engine.lockstep import LockstepEngine
 from moeserve.engine.outputs import RequestOutput
-from moeserve.engine.stats import StatsLogger
+from moeserve.engine.stats import EngineState, StatsLogger
 from moeserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,40 @@ class AsyncEngine:
     @property
     def num_streams(self) -> int:
         return len(self.streams)
+
+    # What a server reads of the engine beside requests: the model's limits, its tokenizer, its state.
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.engine.tokenizer is not None
+
+    def encode(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        return self.engine.encode(text, field, add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.engine.decode(token_ids)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.engine.detokenize(token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return self.engine.token_strings(token_ids)
+
+    def apply_chat_template(self, messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+        return self.engine.apply_chat_template(messages, template, add_generation_prompt)
+
+    def state(self) -> EngineState:
+        return self.engine.state()
+
+    def expert_load(self) -> dict[int, list[int]]:
+        return self.engine.expert_load()
 
     def shutdown(self) -> None:
         """Abort every request (their streams end with an error) and stop the engine thread."""

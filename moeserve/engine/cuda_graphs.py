@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 
 logger = logging.getLogger(__name__)
 

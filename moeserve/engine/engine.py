@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import EngineArgs
 from moeserve.distributed.launch import DistributedContext, resolve_device
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
-from moeserve.engine.stats import EngineCounters, PreemptionLog
+from moeserve.engine.stats import EngineCounters, EngineState, PreemptionLog
 from moeserve.loader.model_loader import load_config
 from moeserve.loader.presets import SHAPE_PRESETS
 from moeserve.loader.tokenizer import load_tokenizer
@@ -92,6 +92,15 @@ class Engine:
     def kv_cache_dtype(self) -> torch.dtype:
         return self.runner.kv_cache_dtype
 
+    def state(self) -> EngineState:
+        scheduler, blocks = self.scheduler, self.block_manager
+        return EngineState(len(scheduler.running), len(scheduler.waiting), blocks.usage, scheduler.num_preemptions,
+                           blocks.prefix_queries, blocks.prefix_hits)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer: layer index -> counts [E]."""
+        return self.runner.expert_load()
+
     @staticmethod
     def try_load_tokenizer(model: str):
         try:
@@ -159,6 +168,11 @@ class Engine:
         """The vocabulary's strings of the tokens (byte-level ones as the vocabulary spells them)."""
         with self.encoder_lock:
             return self.encoder.convert_ids_to_tokens(token_ids)
+
+    def apply_chat_template(self, messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+        """The messages ({role, content}) as prompt text; `template` None: the tokenizer's own."""
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def make_sequence(self, request_id, index, token_ids, params, max_tokens) -> Sequence:
         generator = None

@@ -5,7 +5,8 @@ import logging
 
 import torch
 
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import ConfigError
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.layers.attention.backend import DenseAttention
 from moeserve.models.base import CausalLM

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import EngineArgs, ModelConfig
+from moeserve.config import ModelConfig
 from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.parallelize import ParallelOptions
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.block_table import BlockTable
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
@@ -21,9 +22,11 @@ from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
 from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
 from moeserve.layers.attention.mla import prepare_absorbed_weights
+from moeserve.layers.moe.moe import MoE
 from moeserve.layers.rotary import prepare_rotary_tables
 from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
-from moeserve.loader.model_loader import build_model, load_model
+from moeserve.loader.build import build_model
+from moeserve.loader.model_loader import load_model
 from moeserve.loader.random_init import random_init
 from moeserve.models.base import CausalLM, fuse_projections
 from moeserve.quant.apply import describe_weight_bytes, quantize_model
@@ -96,6 +99,11 @@ class ModelRunner:
             quantize_model(model, args.quantization)
         logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(model))
         return model
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer: layer index -> counts [E] (reads the device)."""
+        return {index: layer.mlp.expert_tokens.tolist() for index, layer in enumerate(self.model.model.layers)
+                if isinstance(layer.mlp, MoE)}
 
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
         tp = context.groups.layout.tp if context is not None else 1

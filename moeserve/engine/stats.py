@@ -8,6 +8,18 @@ from dataclasses import dataclass
 logger = logging.getLogger("moeserve.stats")
 
 
+@dataclass(frozen=True)
+class EngineState:
+    """The engine at one moment, as metrics read it."""
+
+    running: int  # sequences being generated
+    waiting: int  # sequences waiting to be scheduled
+    kv_cache_usage: float  # fraction of KV cache blocks in use (1 = full)
+    num_preemptions: int  # since start
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int  # tokens found there
+
+
 @dataclass
 class EngineCounters:
     prompt_tokens: int = 0  # prompt tokens computed (prefill; a preempted sequence's recompute counts again)

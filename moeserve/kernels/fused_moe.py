@@ -1,18 +1,28 @@
 """The experts' forward on CUDA: layout -> gate_up GEMM (tokens read by index) -> SiLU-and-mul
 (+ FP8 quantization for W8A8) -> down GEMM (routed weight in the epilogue) -> sum over k.
-Reference: moeserve.layers.moe.experts.Experts.forward (same inputs, same output)."""
+Reference: moeserve.layers.moe.experts.Experts.reference (same inputs, same output)."""
+
+from typing import Protocol
 
 import torch
 
 from moeserve.kernels.activation import silu_and_mul, sum_over_k
 from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
+from moeserve.kernels.row_layout import RowLayout
 from moeserve.kernels.tuning import tuned_config
-from moeserve.layers.moe.experts import Experts, RowLayout
 from moeserve.quant.fp8 import quantize_fp8_groups
 
 
-def fused_experts(experts: Experts, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
+class ExpertWeights(Protocol):
+    """What the kernels read of an Experts module: its fused weights (tensors or QuantizedWeights)."""
+
+    num_experts: int
+    gate_up_proj: torch.Tensor  # [E, 2I, H]; quantized: [E, 2, I, H]
+    down_proj: torch.Tensor  # [E, H, I]
+
+
+def fused_experts(experts: ExpertWeights, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
     rows, top_k = layout.slots.shape
     weights = weight_format(experts.gate_up_proj)
     fmt = {BF16: "bf16", FP8: "fp8", NVFP4: "nvfp4"}[weights]

@@ -1,6 +1,6 @@
 """Rotary embedding of queries and keys in place, one program per token, angles read from a cos|sin
 table [positions, D] built once (cos in the first D/2 columns, sin in the rest, fp32, attention factor
-applied). Computed in fp32 and stored in the tensors' dtype, as moeserve.layers.rotary.apply_rotary;
+applied). Computed in fp32 and stored in the tensors' dtype, as moeserve.ops.rotary.apply_rotary;
 optionally after a per-head RMSNorm (Qwen3's q_norm / k_norm), rounded where that module rounds.
 Reference: moeserve.ops.rotary (rotate_query_key's torch path)."""
 

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 from moeserve.config import RopeConfig
+from moeserve.ops.rotary import apply_rotary
+
+__all__ = ["RotaryEmbedding", "apply_rotary", "prepare_rotary_tables", "yarn_mscale"]
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -97,20 +100,3 @@ def prepare_rotary_tables(model: nn.Module, num_positions: int, device: torch.de
             if key not in tables:
                 tables[key] = module.build_table(num_positions, device)
             module.table = tables[key]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [..., D] by angles whose cos/sin [..., D/2] broadcast against x's leading dims.
-
-    Interleaved: dims (2i, 2i+1) form pair i (DeepSeek's and Llama 4's complex RoPE). Otherwise dims
-    (i, i + D/2) form pair i (rotate_half). Computed in fp32, returned in x's dtype.
-    """
-    xf = x.float()
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
-    out = torch.stack((out1, out2), dim=-1).flatten(-2) if interleaved else torch.cat((out1, out2), dim=-1)
-    return out.to(x.dtype)

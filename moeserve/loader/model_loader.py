@@ -6,33 +6,20 @@ from pathlib import Path
 
 import torch
 
-from moeserve.config import QUANTIZATION_FORMATS, ConfigError, ModelConfig, parse_config, read_config_json
+from moeserve.config import ConfigError, ModelConfig, read_config_json
+from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.loader import presets
+from moeserve.loader.build import build_model
 from moeserve.loader.checkpoint import CheckpointReader
+from moeserve.loader.resolve import resolve_checkpoint
 from moeserve.loader.weights import load_weights
 from moeserve.models.base import CausalLM
-from moeserve.models.registry import model_class
-from moeserve.distributed.parallelize import ParallelOptions, parallelize
-from moeserve.quant.apply import QuantPlan, apply_plan, describe_weight_bytes, quantize_model
-from moeserve.quant.formats import QuantizedWeight
+from moeserve.models.registry import model_class, parse_config
+from moeserve.quant.apply import QuantPlan, describe_weight_bytes, quantize_model
+from moeserve.quant.formats import FORMATS
 from moeserve.quant.schemes import CheckpointScheme, detect_scheme, quantized_module_paths
 
 logger = logging.getLogger(__name__)
-
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint folder, or the folder of a tiny preset (written on first use)."""
-    if str(name_or_path) in presets.TINY_PRESETS:
-        return presets.materialize(str(name_or_path))
-    if str(name_or_path) in presets.SHAPE_PRESETS:
-        raise ConfigError(f"'{name_or_path}' is a config-only preset (real shapes, no weights): use "
-                          "moeserve.load_config for its config, or build_model + random_init for benchmarks")
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"'{name_or_path}' is neither a checkpoint folder nor a preset "
-                          f"(presets: {', '.join(presets.all_names())})")
-    return path
 
 
 def raw_config(name_or_path: str | Path) -> tuple[dict, Path | None, str]:
@@ -54,32 +41,6 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     return load_config_and_scheme(name_or_path)[0]
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                plan: QuantPlan | None = None, parallel: ParallelOptions | None = None) -> CausalLM:
-    """The model with uninitialised weights, allocated once: float parameters in `dtype` (router
-    parameters that the reference keeps in fp32 stay fp32), quantized ones as the plan says, and with
-    `parallel`, only this rank's shard."""
-    with torch.device("meta"):
-        model = model_class(config.architecture, "config")(config)
-        if plan is not None:
-            apply_plan(model, plan)
-        if parallel is not None:
-            parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype)
-    cast_float_params(model, dtype)
-    model.to_empty(device=device)
-    return model.requires_grad_(False).eval()
-
-
-def cast_float_params(model: CausalLM, dtype: torch.dtype) -> None:
-    """Float parameters to dtype, except those the reference keeps in fp32 and quantized data."""
-    quantized = {id(p) for m in model.modules() if isinstance(m, QuantizedWeight) for p in m.parameters()}
-    for module in model.modules():
-        keep_fp32 = set(getattr(module, "fp32_params", ()))
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) not in quantized:
-                param.data = param.data.to(torch.float32 if name in keep_fp32 else dtype)
-
-
 def load_model(
     name_or_path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -95,8 +56,8 @@ def load_model(
     folder = resolve_checkpoint(name_or_path)
     config, scheme = load_config_and_scheme(folder)
     if quantization is not None:
-        if quantization not in QUANTIZATION_FORMATS:
-            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_FORMATS)}, got {quantization!r}")
+        if quantization not in FORMATS:
+            raise ConfigError(f"quantization must be one of {', '.join(FORMATS)}, got {quantization!r}")
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
         if parallel is not None and parallel.groups.layout.tp > 1:

@@ -15,6 +15,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from moeserve.loader.build import build_model
+from moeserve.loader.random_init import random_init
+from moeserve.loader.tiny_tokenizer import write_tiny_tokenizer
+from moeserve.loader.weights import export_state_dict
+from moeserve.models.registry import parse_config
+
 PRESET_FORMAT = 3  # bump when generation changes, so cached folders are rebuilt
 
 _SPECIAL = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
@@ -142,12 +148,6 @@ def materialize(name: str) -> Path:
 
 
 def write_preset(name: str, config: dict, folder: Path) -> None:
-    from moeserve.config import parse_config
-    from moeserve.loader.model_loader import build_model
-    from moeserve.loader.random_init import random_init
-    from moeserve.loader.tokenizer import write_tiny_tokenizer
-    from moeserve.loader.weights import export_state_dict
-
     model = build_model(parse_config(config, f"preset {name}"))
     random_init(model, seed=int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
     save_file(dict(export_state_dict(model)), str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -110,14 +110,3 @@ def weight_bytes_by_format(model: nn.Module) -> dict[str, int]:
             totals[key] = totals.get(key, 0) + p.numel() * p.element_size()
     return totals
 
-
-def planned_weight_bytes(config, fmt: str | None) -> dict[str, int]:
-    """Weight bytes per format of a model quantized with quantize-on-load's plan (bf16 otherwise),
-    computed on the meta device: nothing is allocated."""
-    from moeserve.loader.model_loader import build_model
-
-    model = build_model(config, torch.bfloat16, device="meta")
-    if fmt is not None:
-        with torch.device("meta"):
-            apply_plan(model, default_plan(model, fmt))
-    return weight_bytes_by_format(model)

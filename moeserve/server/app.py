@@ -200,10 +200,6 @@ class Serving:
     admission: Admission
     created: int = field(default_factory=lambda: int(time.time()))
 
-    @property
-    def core(self):
-        return self.engine.engine
-
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moeserve", version=__version__)
@@ -257,7 +253,7 @@ def add_info_routes(app: FastAPI, serving: Serving) -> None:
 def model_card(serving: Serving) -> dict:
     name = serving.config.model_name
     return {"id": name, "object": "model", "created": serving.created, "owned_by": "moeserve",
-            "root": serving.config.model_root or name, "parent": None, "max_model_len": serving.core.max_model_len,
+            "root": serving.config.model_root or name, "parent": None, "max_model_len": serving.engine.max_model_len,
             "permission": []}
 
 
@@ -273,7 +269,7 @@ def add_generation_routes(app: FastAPI, serving: Serving) -> None:
         params = sampling(body, body.max_tokens, body.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await start(serving, prompt_list(body.prompt), params, request_id)
-        shape = CompletionShape(config.model_name, request_id, serving.core, body.logprobs, body.echo,
+        shape = CompletionShape(config.model_name, request_id, serving.engine, body.logprobs, body.echo,
                                 body.prompt_logprobs)
         return await respond(request, shape, streams, params.n, serving.metrics, body)
 
@@ -284,37 +280,37 @@ def add_generation_routes(app: FastAPI, serving: Serving) -> None:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling(body, max_tokens, logprobs, body.prompt_logprobs)
-        prompt = await serving.engine.off_loop(chat_prompt, serving.core, body.messages, config.chat_template)
+        prompt = await serving.engine.off_loop(chat_prompt, serving.engine, body.messages, config.chat_template)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await start(serving, [prompt], params, request_id)
-        shape = ChatShape(config.model_name, request_id, serving.core, logprobs, False, body.prompt_logprobs)
+        shape = ChatShape(config.model_name, request_id, serving.engine, logprobs, False, body.prompt_logprobs)
         return await respond(request, shape, streams, params.n, serving.metrics, body)
 
 
 def add_tokenizer_routes(app: FastAPI, serving: Serving) -> None:
-    core = serving.core
+    engine = serving.engine
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         check_model(body.model, serving.config)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send exactly one of prompt and messages", "prompt")
-        return await serving.engine.off_loop(tokenized, core, body, serving.config.chat_template)
+        return await engine.off_loop(tokenized, engine, body, serving.config.chat_template)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model, serving.config)
-        require_tokenizer(core)
-        if any(t >= core.config.vocab_size for t in body.tokens):
-            raise ApiError(400, f"tokens must be in [0, {core.config.vocab_size})", "tokens")
-        return {"prompt": await serving.engine.off_loop(core.detokenize, body.tokens)}
+        require_tokenizer(engine)
+        if any(t >= engine.vocab_size for t in body.tokens):
+            raise ApiError(400, f"tokens must be in [0, {engine.vocab_size})", "tokens")
+        return {"prompt": await engine.off_loop(engine.detokenize, body.tokens)}
 
 
 def constrained_openapi(app: FastAPI, serving: Serving):
     """The app's OpenAPI schema with this server's limits (see constrain_schema), made once."""
-    core = serving.core
+    engine = serving.engine
     limits = {MODEL_NAME: {"enum": [serving.config.model_name]}, MAX_N_MARK: {"maximum": serving.config.max_n},
-              TOKEN_ID: {"maximum": core.config.vocab_size - 1}, MAX_TOKENS: {"maximum": core.max_model_len - 1}}
+              TOKEN_ID: {"maximum": engine.vocab_size - 1}, MAX_TOKENS: {"maximum": engine.max_model_len - 1}}
 
     def openapi():
         if app.openapi_schema is None:
@@ -398,40 +394,40 @@ def prompt_list(prompt) -> list:
     return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
 
 
-def require_tokenizer(core) -> None:
-    if core.tokenizer is None:
+def require_tokenizer(engine: AsyncEngine) -> None:
+    if not engine.has_tokenizer:
         raise ApiError(400, "this model has no tokenizer: send token ids, and expect no text back")
 
 
-def encode(core, text: str, add_special_tokens: bool) -> list[int]:
+def encode(engine: AsyncEngine, text: str, add_special_tokens: bool) -> list[int]:
     try:
-        return core.encode(text, "prompt", add_special_tokens)
+        return engine.encode(text, "prompt", add_special_tokens)
     except RequestError as error:
         raise bad_request(error) from None
 
 
-def tokenized(core, body: TokenizeRequest, template: str | None) -> dict:
+def tokenized(engine: AsyncEngine, body: TokenizeRequest, template: str | None) -> dict:
     """vLLM's /tokenize answer (run off the event loop)."""
     if body.messages is not None:
-        text = render_chat(core, body.messages, template, body.add_generation_prompt)
+        text = render_chat(engine, body.messages, template, body.add_generation_prompt)
     else:
-        require_tokenizer(core)
+        require_tokenizer(engine)
         text = body.prompt
-    tokens = encode(core, text, body.adds_special_tokens)
-    return {"count": len(tokens), "max_model_len": core.max_model_len, "tokens": tokens,
-            "token_strs": core.token_strings(tokens) if body.return_token_strs else None}
+    tokens = encode(engine, text, body.adds_special_tokens)
+    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens,
+            "token_strs": engine.token_strings(tokens) if body.return_token_strs else None}
 
 
-def chat_prompt(core, messages, template: str | None) -> dict:
+def chat_prompt(engine: AsyncEngine, messages, template: str | None) -> dict:
     """The messages through the chat template, tokenized as vLLM does: the template writes the special
     tokens it wants, so the tokenizer adds none (run off the event loop)."""
-    text = render_chat(core, messages, template, add_generation_prompt=True)
-    return {"prompt": text, "prompt_token_ids": encode(core, text, add_special_tokens=False)}
+    text = render_chat(engine, messages, template, add_generation_prompt=True)
+    return {"prompt": text, "prompt_token_ids": encode(engine, text, add_special_tokens=False)}
 
 
-def render_chat(core, messages, template: str | None, add_generation_prompt: bool) -> str:
+def render_chat(engine: AsyncEngine, messages, template: str | None, add_generation_prompt: bool) -> str:
     """The chat template applied to the messages (run off the event loop: templates can be slow)."""
-    if core.tokenizer is None:
+    if not engine.has_tokenizer:
         raise ApiError(400, "this model has no tokenizer, so it has no chat template; use /v1/completions with token ids")
     rendered = []
     for i, message in enumerate(messages):
@@ -446,8 +442,7 @@ def render_chat(core, messages, template: str | None, add_generation_prompt: boo
             raise bad_request(error) from None
         rendered.append({"role": message.role, "content": text})
     try:
-        return core.tokenizer.apply_chat_template(rendered, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return engine.apply_chat_template(rendered, template, add_generation_prompt)
     except Exception as error:  # jinja errors, a missing template
         raise ApiError(400, f"messages: the chat template could not render them ({error})", "messages") from None
 
@@ -514,18 +509,18 @@ class Sent:
 class CompletionShape:
     object_name, chunk_name = "text_completion", "text_completion"
 
-    def __init__(self, model_name, request_id, core, logprobs, echo, prompt_logprobs):
-        self.model_name, self.request_id, self.core = model_name, request_id, core
+    def __init__(self, model_name, request_id, engine, logprobs, echo, prompt_logprobs):
+        self.model_name, self.request_id, self.engine = model_name, request_id, engine
         self.logprobs, self.echo, self.prompt_logprobs = logprobs, echo, prompt_logprobs
         self.created = int(time.time())
 
     def token_text(self, token_id: int) -> str:
-        return self.core.decode([token_id]) if self.core.tokenizer is not None else ""
+        return self.engine.decode([token_id]) if self.engine.has_tokenizer else ""
 
     def prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:
             return output.prompt
-        return self.core.decode(output.prompt_token_ids) if self.core.tokenizer is not None else ""
+        return self.engine.decode(output.prompt_token_ids) if self.engine.has_tokenizer else ""
 
     def logprobs_of(self, tokens: list[int], entries: list[dict[int, Logprob] | None], offset: int) -> dict:
         """OpenAI's completion logprobs, the first token at text_offset `offset`; a prompt's first token has

@@ -6,8 +6,6 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from moeserve.layers.moe.moe import MoE
-
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
 
@@ -15,32 +13,30 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 class EngineCollector:
     """Engine state read at scrape time."""
 
-    def __init__(self, async_engine, model_name: str):
-        self.async_engine = async_engine
-        self.engine = async_engine.engine
+    def __init__(self, engine, model_name: str):
+        self.engine = engine  # an AsyncEngine
         self.labels = {"model_name": model_name}
 
     def collect(self):
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        yield self.gauge("num_requests_running", "Sequences being generated", len(scheduler.running))
-        yield self.gauge("num_requests_waiting", "Sequences waiting to be scheduled", len(scheduler.waiting))
-        yield self.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)", blocks.usage)
-        yield self.counter("num_preemptions", "Sequences preempted (recomputed later)", scheduler.num_preemptions)
-        yield self.counter("prefix_cache_queries", "Tokens looked up in the prefix cache", blocks.prefix_queries)
-        yield self.counter("prefix_cache_hits", "Tokens found in the prefix cache", blocks.prefix_hits)
+        state = self.engine.state()
+        yield self.gauge("num_requests_running", "Sequences being generated", state.running)
+        yield self.gauge("num_requests_waiting", "Sequences waiting to be scheduled", state.waiting)
+        yield self.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)", state.kv_cache_usage)
+        yield self.counter("num_preemptions", "Sequences preempted (recomputed later)", state.num_preemptions)
+        yield self.counter("prefix_cache_queries", "Tokens looked up in the prefix cache", state.prefix_cache_queries)
+        yield self.counter("prefix_cache_hits", "Tokens found in the prefix cache", state.prefix_cache_hits)
         success = CounterMetricFamily("moeserve:request_success", "Completions that finished, by finish reason",
                                       labels=["model_name", "finished_reason"])
         for reason in ("stop", "length"):
-            success.add_metric([self.labels["model_name"], reason], self.async_engine.finish_reasons[reason])
+            success.add_metric([self.labels["model_name"], reason], self.engine.finish_reasons[reason])
         yield success
         yield self.counter("num_aborted_requests", "Requests that ended before finishing (client gone, shutdown)",
-                           self.async_engine.num_aborted)
+                           self.engine.num_aborted)
         experts = CounterMetricFamily("moeserve:expert_tokens", "Tokens routed to each expert, per MoE layer",
                                       labels=["model_name", "layer", "expert"])
-        for layer, module in enumerate(self.engine.model.model.layers):
-            if isinstance(module.mlp, MoE):
-                for expert, count in enumerate(module.mlp.expert_tokens.tolist()):
-                    experts.add_metric([self.labels["model_name"], str(layer), str(expert)], count)
+        for layer, counts in self.engine.expert_load().items():
+            for expert, count in enumerate(counts):
+                experts.add_metric([self.labels["model_name"], str(layer), str(expert)], count)
         yield experts
 
     def gauge(self, name, documentation, value):
@@ -55,9 +51,9 @@ class EngineCollector:
 
 
 class Metrics:
-    def __init__(self, async_engine, model_name: str):
+    def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(async_engine, model_name))
+        self.registry.register(EngineCollector(engine, model_name))
         labels = ["model_name"]
 
         def histogram(name, documentation):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.async_engine import AsyncEngine, LocalDriver, LockstepDriver
 from moeserve.engine.engine import Engine
 from moeserve.engine.lockstep import LockstepEngine

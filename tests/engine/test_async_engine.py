@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams, SamplingParamsError

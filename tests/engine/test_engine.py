@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import moeserve
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import ConfigError
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
@@ -227,3 +228,14 @@ def test_streamed_text_never_shows_a_possible_stop_string_prefix(llm):
     final = seen[-1]
     assert final == free_run[: free_run.index(stop)]
     assert all(final.startswith(text) for text in seen)
+
+
+def test_expert_load_counts_every_token_each_moe_layer_routes(llm):
+    config, prompt = llm.engine.config, list(range(300, 306))  # ids no other test caches
+    before = llm.engine.expert_load()
+    llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    after = llm.engine.expert_load()
+    assert sorted(after) == sorted(config.moe_layers)
+    for layer, counts in after.items():
+        assert len(counts) == config.moe.num_experts
+        assert sum(counts) - sum(before[layer]) == (len(prompt) + 2) * config.moe.top_k  # the prefill, 2 decodes

@@ -9,7 +9,8 @@ import transformers
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.llm import LLM
 from moeserve.loader import presets
-from moeserve.loader.model_loader import load_config, resolve_checkpoint
+from moeserve.loader.model_loader import load_config
+from moeserve.loader.resolve import resolve_checkpoint
 from moeserve.sampling_params import SamplingParams
 
 MAX_TOKENS = 12

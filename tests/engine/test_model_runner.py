@@ -4,7 +4,8 @@ its real rows as the eager step, and the padding rows write only the padding blo
 import pytest
 import torch
 
-from moeserve.config import ConfigError, EngineArgs
+from moeserve.config import ConfigError
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams

@@ -10,7 +10,8 @@ from moeserve.kernels.activation import silu_and_mul
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.kernels.routing import grouped_topk, softmax_topk
-from moeserve.layers.moe.experts import Experts, RowLayout
+from moeserve.kernels.row_layout import RowLayout
+from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.router import select_experts
 from moeserve.quant.fp8 import fp8_group_round_trip, quantize_fp8_groups
 from moeserve.quant.formats import make_quantized_weight

@@ -8,7 +8,8 @@ from moeserve.kernels.activation import silu_and_mul, sum_over_k
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig, moe_gemm
 from moeserve.kernels.moe_layout import block_layout
-from moeserve.layers.moe.experts import Experts, RowLayout
+from moeserve.kernels.row_layout import RowLayout
+from moeserve.layers.moe.experts import Experts
 from moeserve.quant.fp8 import fp8_group_round_trip, quantize_fp8_groups
 from moeserve.quant.formats import make_quantized_weight
 

@@ -7,7 +7,7 @@ import transformers
 import moeserve
 from moeserve.bench.throughput import hf_config_fields
 from moeserve.loader import presets
-from moeserve.loader.model_loader import resolve_checkpoint
+from moeserve.loader.resolve import resolve_checkpoint
 
 
 @pytest.mark.parametrize("name", sorted(presets.TINY_PRESETS))

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import moeserve
 from moeserve import CheckpointError, ConfigError
 from moeserve.cli import main
-from moeserve.loader.model_loader import resolve_checkpoint
+from moeserve.loader.resolve import resolve_checkpoint
 from moeserve.loader.weights import export_state_dict
 from moeserve.quant.formats import QuantizedWeight
 from moeserve.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
@@ -195,7 +195,7 @@ def test_already_quantized_checkpoint_refuses_quantize_on_load(tmp_path):
 
 
 def test_deepseek_v3_weight_memory_per_format(capsys):
-    from moeserve.quant.apply import planned_weight_bytes
+    from moeserve.loader.build import planned_weight_bytes
 
     config = moeserve.load_config("deepseek-v3")
     total = {fmt: sum(planned_weight_bytes(config, fmt).values()) for fmt in (None, "fp8", "nvfp4")}

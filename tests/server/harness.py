@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import uvicorn
 
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.distributed.launch import free_port
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.loader.presets import materialize

@@ -3,6 +3,7 @@ when a reader happened to get them."""
 
 from types import SimpleNamespace
 
+from moeserve.engine.stats import EngineState
 from moeserve.server.metrics import Metrics, RequestTimer
 
 
@@ -17,10 +18,9 @@ def sample(metrics: Metrics, name: str) -> float:
 
 
 def test_timer_uses_arrival_and_production_times():
-    engine = SimpleNamespace(model=SimpleNamespace(model=SimpleNamespace(layers=[])),
-                             scheduler=SimpleNamespace(running=[], waiting=[], num_preemptions=0),
-                             block_manager=SimpleNamespace(usage=0.0, prefix_queries=0, prefix_hits=0))
-    metrics = Metrics(SimpleNamespace(engine=engine, finish_reasons={"stop": 0, "length": 0}, num_aborted=0), "m")
+    engine = SimpleNamespace(state=lambda: EngineState(0, 0, 0.0, 0, 0, 0), expert_load=dict,
+                             finish_reasons={"stop": 0, "length": 0}, num_aborted=0)
+    metrics = Metrics(engine, "m")
     timer = RequestTimer(metrics, arrival=100.0)
     for out in (output(0, 100.5), output(1, 101.0), output(3, 101.5), output(4, 103.0, finished=True)):
         timer.on_output(out)  # read long after they were produced: the reader's clock must not matter

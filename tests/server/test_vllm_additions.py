@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from moeserve.cli import byte_size, main
-from moeserve.config import EngineArgs
+from moeserve.engine.args import EngineArgs
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.llm import LLM

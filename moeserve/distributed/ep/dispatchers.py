@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
 from moeserve.distributed.layout import ExpertMap
-from moeserve.layers.moe.experts import RowLayout
+from moeserve.kernels.row_layout import RowLayout
 
 
 class ExpertParallelDispatcher:

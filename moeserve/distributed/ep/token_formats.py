@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.config import DISPATCH_FORMATS
 from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
 
+DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # bf16: unquantized
 FP8_GROUP = 128
 
 

@@ -9,7 +9,7 @@ between ranks behind the same interface.
 
 import torch
 
-from moeserve.layers.moe.experts import RowLayout
+from moeserve.kernels.row_layout import RowLayout
 
 
 class LocalDispatcher:

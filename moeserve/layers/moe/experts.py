@@ -1,19 +1,11 @@
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.kernels.row_layout import RowLayout
+from moeserve.ops.moe import moe_experts
 from moeserve.quant.formats import Fp8BlockWeight, weight_matrix
 from moeserve.quant.fp8 import fp8_group_round_trip
-
-
-@dataclass
-class RowLayout:
-    """Which local experts each input row goes to: slots [R, K] (-1: none here) with weights [R, K] fp32."""
-
-    slots: torch.Tensor
-    weights: torch.Tensor
 
 
 class Experts(nn.Module):
@@ -21,9 +13,10 @@ class Experts(nn.Module):
     Quantized, they are QuantizedWeights of shape [E, 2, I, H] (gate and up scaled separately, as
     checkpoints store them) and [E, H, I].
 
-    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts. On CUDA the fused
-    Triton kernels compute it (moeserve.kernels.fused_moe); `reference` is the torch specification
-    (fan out by expert, loop over experts) that runs elsewhere and that the kernels are tested against.
+    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts, computed by the
+    implementation moeserve.ops.moe chooses (on CUDA the fused Triton kernels); `reference` is the torch
+    specification (fan out by expert, loop over experts) that runs elsewhere and that the kernels are
+    tested against.
     FP8 block weights take FP8 activations (1x128 groups, W8A8) on every device, as the fused kernel
     does; NVFP4 weights take 16-bit activations (W4A16).
     """
@@ -35,11 +28,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-        if x.is_cuda:
-            from moeserve.kernels.fused_moe import fused_experts
-
-            return fused_experts(self, x, layout)
-        return self.reference(x, layout)
+        return moe_experts(self, x, layout)
 
     def reference(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         row, k = (layout.slots >= 0).nonzero(as_tuple=True)

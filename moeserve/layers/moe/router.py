@@ -5,10 +5,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import MoEConfig
+from moeserve.ops.moe import moe_route
 
 
 class Router(nn.Module):
-    """x [T, H] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32)."""
+    """x [T, H] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32), through the implementation
+    moeserve.ops.moe chooses (on CUDA the routing kernels); `reference` is `select_experts`."""
 
     def __init__(self, hidden_size: int, moe: MoEConfig):
         super().__init__()
@@ -24,13 +26,14 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight)
-        bias = getattr(self, "e_score_correction_bias", None)
-        if logits.is_cuda:
-            from moeserve.kernels import routing
+        return moe_route(self, logits)
 
-            if routing.supports(self.moe):
-                return routing.route(logits, self.moe, bias)
-        return select_experts(logits, self.moe, bias)
+    @property
+    def correction_bias(self) -> torch.Tensor | None:
+        return getattr(self, "e_score_correction_bias", None)
+
+    def reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(logits, self.moe, self.correction_bias)
 
 
 def select_experts(

@@ -1,0 +1,26 @@
+"""MoE ops: routing (logits -> top-k experts) and the experts' forward, per device."""
+
+import torch
+
+from moeserve.kernels.row_layout import RowLayout
+
+
+def moe_route(router, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32) by `router.moe`'s rule:
+    the routing kernels on CUDA where they cover the rule, else `router.reference(logits)`."""
+    if logits.is_cuda:
+        from moeserve.kernels import routing
+
+        if routing.supports(router.moe):
+            return routing.route(logits, router.moe, router.correction_bias)
+    return router.reference(logits)
+
+
+def moe_experts(experts, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """x [R, H] -> [R, H], each row's weighted sum over its experts: the fused Triton kernels on
+    CUDA (every weight format), else `experts.reference(x, layout)`."""
+    if x.is_cuda:
+        from moeserve.kernels.fused_moe import fused_experts
+
+        return fused_experts(experts, x, layout)
+    return experts.reference(x, layout)
