@@ -152,8 +152,10 @@ def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, num_splits,
     weight_sums = tl.zeros([MERGE_STEP], tl.float32)
     for first in range(0, num_splits, MERGE_STEP):
         step = first + tl.arange(0, MERGE_STEP)
-        weights = tl.exp(tl.load(lse_row + step, mask=step < num_splits, other=float("-inf")) - lse_max)
-        partial = tl.load(partial_row + step[:, None] * stride_ps + latent[None, :], mask=step[:, None] < num_splits,
+        lse = tl.load(lse_row + step, mask=step < num_splits, other=float("-inf"))
+        weights = tl.exp(lse - lse_max)
+        has_keys = (step < num_splits) & (lse > float("-inf"))  # splits past the context are never read
+        partial = tl.load(partial_row + step[:, None] * stride_ps + latent[None, :], mask=has_keys[:, None],
                           other=0.0)  # [MERGE_STEP, L]
         acc += tl.sum(weights[:, None] * partial, axis=0)
         weight_sums += weights
