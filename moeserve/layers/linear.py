@@ -19,16 +19,24 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.weight.dequantize(x.dtype), self.bias)
 
 
-def fuse_linear_weights(*linears: nn.Module) -> torch.Tensor | None:
-    """One weight [N1 + N2 + ..., K] for linears that read the same input, so that one GEMM computes them
-    all; each linear's weight becomes a view of it (no second copy). None, and nothing changed, when they
-    cannot share a GEMM: quantized, biased, or of different dtypes, devices or input sizes."""
-    if not all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
+def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight [N1 + N2 + ..., K] (and bias, when they all have one) for linears that read the same input,
+    so that one GEMM computes them all; each linear's parameters become views of the fused ones (no second
+    copy). None, and nothing changed, when they cannot share a GEMM: quantized, or of different dtypes,
+    devices, input sizes or bias presence."""
+    if not all(type(linear) is nn.Linear for linear in linears):
         return None
     weights = [linear.weight for linear in linears]
-    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].is_meta:
+    has_bias = {linear.bias is not None for linear in linears}
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or len(has_bias) != 1 or weights[0].is_meta:
         return None
+    sizes = [w.shape[0] for w in weights]
     fused = torch.cat([w.detach() for w in weights])
-    for linear, part in zip(linears, fused.split([w.shape[0] for w in weights])):
+    for linear, part in zip(linears, fused.split(sizes)):
         linear.weight = nn.Parameter(part, requires_grad=False)
-    return fused
+    if not has_bias.pop():
+        return fused, None
+    fused_bias = torch.cat([linear.bias.detach() for linear in linears])
+    for linear, part in zip(linears, fused_bias.split(sizes)):
+        linear.bias = nn.Parameter(part, requires_grad=False)
+    return fused, fused_bias

@@ -17,7 +17,8 @@ class MLP(nn.Module):
         self.gate_up_weight: torch.Tensor | None = None
 
     def fuse_projections(self) -> None:
-        self.gate_up_weight = fuse_linear_weights(self.gate_proj, self.up_proj)
+        fused = fuse_linear_weights(self.gate_proj, self.up_proj)  # no bias: MLP's linears have none
+        self.gate_up_weight = fused[0] if fused is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:

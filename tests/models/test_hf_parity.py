@@ -19,7 +19,8 @@ def test_logits_match_transformers(case, fused, tmp_path):
     if fused:
         fuse_projections(ours)
         fused_weights = [w for m in ours.modules() for w in (getattr(m, "gate_up_weight", None),
-                                                             getattr(m, "fused_input_proj", None)) if w is not None]
+                                                             getattr(m, "fused_input_proj", None),
+                                                             getattr(m, "fused_qkv", None)) if w is not None]
         fusable = [m for m in ours.modules() if hasattr(m, "fuse_projections") and m is not ours]
         assert len(fused_weights) == len(fusable), "a projection was left unfused"  # Mixtral: none to fuse
 

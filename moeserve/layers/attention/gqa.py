@@ -2,9 +2,11 @@
 (chunked attention on RoPE layers, NoPE layers with temperature tuning, L2 q/k norm)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import AttentionConfig, RopeConfig
+from moeserve.layers.linear import fuse_linear_weights
 from moeserve.layers.norm import RMSNorm, rms_normalize
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.ops.rotary import rotate_query_key
@@ -42,12 +44,22 @@ class GQAttention(nn.Module):
         self.sliding_window = options.sliding_window
         self.chunk_size = chunk_size
         self.scale = head_dim**-0.5
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse_projections(self) -> None:
+        """q_proj, k_proj and v_proj read the same x: one GEMM for all three."""
+        self.fused_qkv = fuse_linear_weights(self.q_proj, self.k_proj, self.v_proj)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        weight, bias = self.fused_qkv
+        sizes = [linear.out_features for linear in (self.q_proj, self.k_proj, self.v_proj)]
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         # x: [T, H], positions: [T], attn: the AttentionBackend
-        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hq, D]
-        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
-        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))  # [T, Hk, D]
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv(x))  # [T, Hq | Hk | Hk, D]
         q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
         if self.rotary is not None:
             q, k = rotate_query_key(q, k, positions, self.rotary, self.interleaved, q_norm, k_norm)

@@ -47,7 +47,7 @@ class MLAttention(nn.Module):
         self.rotary = RotaryEmbedding(rope)
         self.interleaved = rope.interleaved
         self.scale = mla_softmax_scale(mla, rope)
-        self.fused_input_proj: torch.Tensor | None = None
+        self.fused_input_proj: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def fuse_projections(self) -> None:
         """q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same x: one GEMM for both."""
@@ -57,8 +57,8 @@ class MLAttention(nn.Module):
     def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x))."""
         if self.fused_input_proj is not None:
-            return F.linear(x, self.fused_input_proj).split(
-                [self.fused_input_proj.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
+            weight, bias = self.fused_input_proj
+            return F.linear(x, weight, bias).split([weight.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
         first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
         return first(x), self.kv_a_proj_with_mqa(x)
 
