@@ -1,11 +1,14 @@
 """Async scheduling (one step in flight, the next one launched before the last one's ids are read) gives what
 the synchronous loop gives: every streamed output of every request, token for token and text for text."""
 
+import asyncio
 import contextlib
 
 import pytest
 import torch
 
+from moeserve.engine.args import EngineArgs
+from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.llm import LLM
 from moeserve.loader.model_loader import load_config
@@ -180,3 +183,17 @@ def test_abort_while_a_step_is_in_flight_loses_and_repeats_nothing(engines):
     assert overlapped.block_manager.num_free_blocks == overlapped.block_manager.num_blocks
     again = run_events(overlapped, [[(PROMPTS[3], params, "gone")]])  # the id is free again
     assert final_tokens(again, "gone") == expected
+
+
+def test_the_async_engine_streams_what_the_synchronous_loop_streams(engines):
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=9, stop_token_ids=[7])
+    expected = run_events(engines[0], [[(PROMPTS[2], params, "s")]])["s"]
+    server = AsyncEngine.from_args(EngineArgs(model=PRESET, block_size=4, async_scheduling=True))
+
+    async def stream():
+        return [summary(output) async for output in server.generate(PROMPTS[2], params, "s")]
+
+    try:
+        assert server.engine.async_scheduling and asyncio.run(stream()) == expected
+    finally:
+        server.shutdown()
