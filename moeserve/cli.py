@@ -77,6 +77,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
                         help="decode batch sizes captured as CUDA graphs (default: 1 2 4 8, then steps of 8 up to "
                              "--max-num-seqs); larger decode batches run eagerly")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule and prepare the next step while the device runs this one "
+                             "(default: on with CUDA, off on CPU; always off in lockstep with other ranks)")
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, steps: str) -> None:

@@ -45,7 +45,7 @@ class BlockManager:
         return max(0, total - len(seq.block_table))
 
     def update_hashes(self, seq: Sequence) -> None:
-        for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
+        for i in range(len(seq.block_hashes), len(seq.token_ids) // self.block_size):  # tokens whose values are known
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(hash_block(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size]))
 
@@ -97,7 +97,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self.update_hashes(seq)
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))  # full and known
         for i in range(seq.num_cached_blocks, num_full):
             block, block_hash = seq.block_table[i], seq.block_hashes[i]
             if self.hash_of_block[block] is None and block_hash not in self.block_of_hash:

@@ -1,4 +1,11 @@
-"""The engine: requests in, tokens out, one scheduled step at a time."""
+"""The engine: requests in, tokens out, one scheduled step at a time.
+
+A step is launched (scheduled, its inputs sent, the forward and the draw queued on the device) and then
+finished (its sampled ids read, tokens appended, stop conditions checked, text detokenized, outputs made).
+With async scheduling (the default on CUDA) the engine keeps one step in flight: each call launches step
+N+1 and then finishes step N while the device runs N+1, and returns N's outputs (the first call returns
+none). Sequences sampled in N are scheduled in N+1 with their token pending (see Scheduler); a sequence
+found finished when N is finished had its row of N+1 computed for nothing, and that row is dropped."""
 
 import copy
 import dataclasses
@@ -15,7 +22,7 @@ from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.engine.args import EngineArgs
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from moeserve.engine.model_runner import ModelRunner
+from moeserve.engine.model_runner import ModelRunner, StepResult
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
@@ -37,6 +44,12 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+
+
+@dataclass
+class LaunchedStep:
+    scheduled: list[Sequence]
+    result: StepResult
 
 
 class Engine:
@@ -67,6 +80,10 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
                                           block_table=self.runner.block_table)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        # one step in flight; lockstep ranks step synchronously (every rank's outputs come back at its exchange)
+        self.async_scheduling = context is None and (args.async_scheduling if args.async_scheduling is not None
+                                                     else self.runner.device.type == "cuda")
+        self.in_flight: LaunchedStep | None = None
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
         self.counters = EngineCounters()
@@ -214,28 +231,52 @@ class Engine:
     # Steps
 
     def step(self, lockstep: bool = False) -> list[RequestOutput]:
-        """One scheduled step. In lockstep with other ranks a step without work still runs a forward."""
+        """One scheduled step. In lockstep with other ranks a step without work still runs a forward. With
+        async scheduling: launch the next step, then finish the one in flight and return its outputs."""
+        if not self.async_scheduling or lockstep:
+            launched = self.launch(lockstep)
+            return self.finish(launched) if launched is not None else []
+        launched = self.launch()
+        finishing, self.in_flight = self.in_flight, launched
+        return self.finish(finishing) if finishing is not None else []
+
+    def launch(self, lockstep: bool = False) -> LaunchedStep | None:
+        """Schedule a step and queue its work on the device; None when there was nothing to schedule."""
         scheduled = self.scheduler.schedule()
         self.preemption_log.update(self.scheduler.num_preemptions)
         if not scheduled:
             if lockstep:
                 self.runner.execute_empty()
-            return []
+            return None
         result = self.runner.execute(scheduled)
         for seq, num_new in scheduled:
             self.counters.prompt_tokens += max(0, min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
+        for seq in result.sampled:
+            seq.num_pending_tokens += 1
+        return LaunchedStep([seq for seq, _ in scheduled], result)
+
+    def finish(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for them) and make its outputs. Sequences finished (or
+        aborted) since it was launched are left as they are: their rows were computed for nothing."""
+        result = step.result
+        output = result.output.wait() if result.output is not None else None
+        live = [seq for seq in step.scheduled if not seq.is_finished]
+        for seq in live:
             for index, entry in result.prompt_logprobs.get(id(seq), []):
                 if index == len(seq.prompt_logprobs):
                     seq.prompt_logprobs.append(entry)
         touched: dict[str, Request] = {}
-        self.counters.generation_tokens += len(result.sampled)
-        for seq, token, logprobs in zip(result.sampled, result.output.token_ids, result.output.logprobs):
-            self.append_token(seq, token, logprobs)
+        sampled = [] if output is None else list(zip(result.sampled, output.token_ids, output.logprobs))
+        for seq, token, logprobs in sampled:
+            if not seq.is_finished:
+                self.append_token(seq, token, logprobs)
+                self.counters.generation_tokens += 1
+                touched[seq.request_id] = self.requests[seq.request_id]
+        for seq in live:
+            self.block_manager.cache_full_blocks(seq)  # before a finished one frees its blocks
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [self.output(request) for request in touched.values()]
         for output in outputs:
             if output.finished:
@@ -243,7 +284,9 @@ class Engine:
         return outputs
 
     def append_token(self, seq: Sequence, token: int, logprobs: dict[int, Logprob] | None) -> None:
+        """Its oldest pending token, now read; the stop conditions go by the tokens read so far."""
         seq.token_ids.append(token)
+        seq.num_pending_tokens -= 1
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token].logprob
@@ -254,8 +297,8 @@ class Engine:
             seq.finish_reason, seq.stop_reason = "stop", token
         else:
             self.update_text(seq)
-        if seq.finish_reason is None and (seq.num_output_tokens >= seq.max_tokens or
-                                          seq.num_tokens >= self.max_model_len):
+        if seq.finish_reason is None and (len(seq.output_token_ids) >= seq.max_tokens or
+                                          len(seq.token_ids) >= self.max_model_len):
             seq.finish_reason = "length"
 
     def update_text(self, seq: Sequence) -> None:
@@ -269,7 +312,7 @@ class Engine:
         found = seq.stop_matcher.feed(new)
         # held back before min_tokens too: a stop string begun now may complete once stops count
         seq.held_back = seq.stop_matcher.partial_length
-        if found is not None and seq.num_output_tokens >= seq.params.min_tokens:
+        if found is not None and len(seq.output_token_ids) >= seq.params.min_tokens:
             start, stop = found
             seq.text = seq.text[: start + (len(stop) if seq.params.include_stop_str_in_output else 0)]
             seq.finish_reason, seq.stop_reason = "stop", stop

@@ -2,7 +2,11 @@
 weights, size and allocate the KV cache, capture the decode CUDA graphs. Then one step at a time: lay out the
 batch (decodes first), send its token ids, positions and attention metadata to persistent device buffers in
 one non-blocking copy, run the forward (a graph replay when the step is decodes only), sample the sequences
-whose tokens are all computed, and gather prompt logprobs when asked."""
+whose tokens are all computed, and gather prompt logprobs when asked.
+
+The sampled ids stay on the device (a PendingOutput the engine reads when it needs them): under async
+scheduling the next step is launched first, and a sequence's pending token, the one it computes next, is
+taken from the previous step's ids on the device, by one gather and scatter before the forward."""
 
 import logging
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ from moeserve.layers.attention.metadata import AttentionMetadata, slots_of
 from moeserve.layers.attention.mla import prepare_absorbed_weights
 from moeserve.layers.moe.moe import MoE
 from moeserve.layers.rotary import prepare_rotary_tables
-from moeserve.layers.sampler import Sampler, SamplerOutput, token_logprobs
+from moeserve.layers.sampler import PendingOutput, Sampler, token_logprobs
+from moeserve.layers.sampling_state import upload
 from moeserve.loader.build import build_model
 from moeserve.loader.model_loader import load_model
 from moeserve.loader.random_init import random_init
@@ -37,25 +42,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    sampled: list[Sequence]  # sequences that got a new token, in the order of `output`
-    output: SamplerOutput
+    sampled: list[Sequence]  # sequences that got a new token, in the order of `output`'s rows
+    output: PendingOutput | None  # None when no sequence got one
     prompt_logprobs: dict[int, list[tuple[int, dict[int, Logprob]]]]  # id(seq) -> [(prompt index, entry)]
 
 
 class StepInputs:
     """A step's [ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B | table rows B]
     (int32), written in pinned memory and sent in one non-blocking copy into a persistent device buffer: a
-    captured graph reads its batch size's fields at the same addresses every replay."""
+    captured graph reads its batch size's fields at the same addresses every replay. Behind them, for the
+    pending tokens among the ids: [their places in ids P | their rows in the previous step's sampled ids P]."""
 
     def __init__(self, max_tokens: int, max_seqs: int, device: torch.device):
-        size = 3 * max_tokens + 3 * max_seqs + 1
+        size = 3 * max_tokens + 5 * max_seqs + 1
         self.staging = HostToDevice((size,), torch.int32, device)
         self.on_device = torch.zeros(size, dtype=torch.int32, device=device)
 
-    def send(self, ids, positions, token_rows, query_start_loc, seq_lens, rows) -> None:
-        packed = ids + positions + token_rows + query_start_loc + seq_lens + rows
+    def send(self, ids, positions, token_rows, query_start_loc, seq_lens, rows, pending=(), previous_ids=None) -> None:
+        """pending: (place in ids, row in previous_ids) of each id whose value only the device has."""
+        places, sources = [place for place, _ in pending], [source for _, source in pending]
+        packed = ids + positions + token_rows + query_start_loc + seq_lens + rows + places + sources
         self.staging.writable()[: len(packed)] = packed
         self.staging.send(len(packed), into=self.on_device)
+        if pending:
+            start = len(packed) - 2 * len(pending)
+            places_d, sources_d = self.on_device[start : len(packed)].long().split(len(pending))
+            self.on_device.index_copy_(0, places_d, previous_ids[sources_d].to(torch.int32))
 
     def fields(self, num_tokens: int, batch: int) -> list[torch.Tensor]:
         return list(self.on_device[: 3 * num_tokens + 3 * batch + 1].split([num_tokens] * 3 + [batch + 1, batch, batch]))
@@ -85,6 +97,8 @@ class ModelRunner:
         self.sampler = Sampler(config.vocab_size, self.device, args.seed, max_rows=args.max_num_seqs)
         self.inputs = StepInputs(args.max_num_batched_tokens, args.max_num_seqs, self.device)
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
+        self.previous_rows: dict[Sequence, int] = {}  # the last step's sampled sequences -> their rows in:
+        self.previous_ids: torch.Tensor | None = None  # its sampled ids [S], on the device
         self.graphs = self.capture_graphs(args, context)
 
     def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
@@ -157,7 +171,7 @@ class ModelRunner:
             self.send(scheduled, pad_to=graph_size)
             logits = self.graphs.replay(graph_size)[: len(scheduled)]
             sampled = [seq for seq, _ in scheduled]
-            return StepResult(sampled, self.sampler(logits, sampled, self.eos_token_ids), {})
+            return StepResult(sampled, self.sample(logits, sampled), {})
         self.send(scheduled)
         ids, positions, metadata = self.device_batch(sum(n for _, n in scheduled), [n for _, n in scheduled],
                                                      [seq.num_computed_tokens + n for seq, n in scheduled])
@@ -174,11 +188,17 @@ class ModelRunner:
                 prompt_rows += [(seq, offset + p - start, p + 1) for p in range(start, min(end, seq.num_prompt_tokens - 1))
                                 if p + 1 >= len(seq.prompt_logprobs)]
             offset += num_new
-        output = SamplerOutput([], [])
+        output, self.previous_rows = None, {}
         if sampled:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            output = self.sampler(logits, sampled, self.eos_token_ids)
+            logits = self.model.compute_logits(hidden[upload(sample_rows, torch.long, self.device)])
+            output = self.sample(logits, sampled)
         return StepResult(sampled, output, self.prompt_logprobs(hidden, ids, prompt_rows))
+
+    def sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> PendingOutput:
+        output = self.sampler.sample(logits, sampled, self.eos_token_ids)
+        self.previous_rows = {seq: row for row, seq in enumerate(sampled)}
+        self.previous_ids = output.token_ids
+        return output
 
     @staticmethod
     def decodes_only(scheduled: list[tuple[Sequence, int]]) -> bool:
@@ -188,10 +208,13 @@ class ModelRunner:
     def send(self, scheduled: list[tuple[Sequence, int]], pad_to: int | None = None) -> None:
         """The step's inputs into the device buffers; with pad_to, padding rows (one token each, at position 0
         of the padding row) fill the batch up to a graph's size."""
-        ids, positions, token_rows, query_start, seq_lens, rows = [], [], [], [0], [], []
+        ids, positions, token_rows, query_start, seq_lens, rows, pending = [], [], [], [0], [], [], []
         for b, (seq, num_new) in enumerate(scheduled):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             ids += seq.token_ids[start:end]
+            if end > len(seq.token_ids):  # its pending token: the last step sampled it
+                pending.append((len(ids), self.previous_rows[seq]))
+                ids.append(0)
             positions += range(start, end)
             token_rows += [b] * num_new
             query_start.append(query_start[-1] + num_new)
@@ -206,7 +229,7 @@ class ModelRunner:
             seq_lens += [1] * padding
             rows += [self.block_table.padding_row] * padding
         self.block_table.sync()
-        self.inputs.send(ids, positions, token_rows, query_start, seq_lens, rows)
+        self.inputs.send(ids, positions, token_rows, query_start, seq_lens, rows, pending, self.previous_ids)
 
     def send_padding(self, size: int) -> None:
         self.send([], pad_to=size)

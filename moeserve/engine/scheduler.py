@@ -3,6 +3,10 @@
 Each step: running sequences first, in arrival order (a decode takes one token, an unfinished prefill
 what is left of the budget), then waiting ones, first come first served. When the cache runs out of
 blocks, the newest running sequence is preempted: its blocks are freed and it is recomputed later.
+
+Under async scheduling a sequence sampled in the step still in flight counts its pending token: its
+next step computes that token (the runner takes its value on the device). One whose pending token is
+its last by max_tokens is not scheduled again: it finishes whatever that token is.
 """
 
 import time
@@ -32,6 +36,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_output_tokens >= seq.max_tokens:  # its pending token ends it
+                index += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while self.block_manager.blocks_needed(seq, num_new) > self.block_manager.num_free_blocks:
                 preempted = True

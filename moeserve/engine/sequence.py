@@ -24,7 +24,8 @@ class Sequence:
     max_tokens: int  # params.max_tokens, or what the context leaves
     generator: torch.Generator | None = None  # seeded requests draw from their own stream
     arrival_time: float = field(default_factory=time.monotonic)
-    token_ids: list[int] = field(default_factory=list)  # prompt + generated
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated, as far as the host has read them
+    num_pending_tokens: int = 0  # sampled on the device after token_ids, values not read yet (async scheduling)
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
     block_row: int | None = None  # its row in the device block table, while it holds blocks
@@ -47,7 +48,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Its length, pending tokens included: what positions, blocks and sampling counts go by."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -55,6 +57,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The generated tokens the host has read (pending ones are not among them)."""
         return self.token_ids[self.num_prompt_tokens:]
 
     @property

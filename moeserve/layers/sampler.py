@@ -6,7 +6,10 @@ Each request's parameters stay on the device in the state of its persistent batc
 written when the request enters the row; a batch whose sequences hold no row (outside the engine) gets a
 state for that call only. Which steps run is decided on the host from the requests' parameters, never
 from device values, and the host waits for the device only to read the sampled ids (and the logprobs a
-request asked for). An all-greedy batch without processors is one argmax."""
+request asked for). An all-greedy batch without processors is one argmax.
+
+`sample` returns the draw before the host reads it (PendingOutput: the ids stay on the device, their copy
+to the host is started), so that an engine can launch the next step first; `__call__` waits for it."""
 
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,7 +17,7 @@ from typing import Protocol
 import torch
 
 from moeserve.layers.sampling_state import (FREQUENCY, GREEDY, MIN_P, PRESENCE, REPETITION, TEMPERATURE, TOP_K,
-                                            TOP_P, PenaltyState, RowState, upload, uses_penalties,
+                                            TOP_P, HostCopy, PenaltyState, RowState, upload, uses_penalties,
                                             uses_processors)
 from moeserve.sampling_params import Logprob, SamplingParams
 
@@ -40,6 +43,26 @@ class SamplerOutput:
     logprobs: list[dict[int, Logprob] | None]  # per row: top-N and the sampled token, when asked
 
 
+@dataclass
+class PendingOutput:
+    """A SamplerOutput on its way to the host: the ids on the device, and the copies of them and of the packed
+    logprob rows already started."""
+
+    token_ids: torch.Tensor  # [S] long, on the device
+    ids_copy: HostCopy
+    logprobs_copy: HostCopy | None  # token_logprobs' packed rows of the rows asking
+    asking: list[int]  # the rows that asked for logprobs
+    num_top: list[int]  # how many top logprobs each of them asked for
+
+    def wait(self) -> SamplerOutput:
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(self.token_ids)
+        if self.logprobs_copy is not None:
+            entries = unpack_token_logprobs(self.logprobs_copy.wait().tolist(), self.num_top)
+            for i, entry in zip(self.asking, entries):
+                logprobs[i] = entry
+        return SamplerOutput(self.ids_copy.wait().tolist(), logprobs)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int, max_rows: int | None = None):
         """max_rows: how many persistent batch rows the sequences' block_row values range over."""
@@ -51,6 +74,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SampledSequence],
                  eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+        return self.sample(logits, seqs, eos_token_ids).wait()
+
+    def sample(self, logits: torch.Tensor, seqs: list[SampledSequence],
+               eos_token_ids: tuple[int, ...]) -> PendingOutput:
         penalised = [i for i, seq in enumerate(seqs) if uses_penalties(seq.params)]
         if not penalised and all(seq.params.greedy and not uses_processors(seq.params) for seq in seqs):
             return self.output(logits, logits.argmax(dim=-1), seqs)  # rows enter their state on a later step
@@ -131,20 +158,19 @@ class Sampler:
             return sampled
         return torch.where(columns[:, GREEDY] > 0, logits.argmax(dim=-1), sampled)
 
-    def output(self, logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[SampledSequence]) -> SamplerOutput:
+    def output(self, logits: torch.Tensor, token_ids: torch.Tensor, seqs: list[SampledSequence]) -> PendingOutput:
         """The sampled ids, and the logprobs of the rows that asked for them, from the logits the draw used."""
         asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        logprobs: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        num_top = [seqs[i].params.logprobs for i in asking]
+        packed = None
         if asking:
             chosen, asking_logits = token_ids, logits
             if len(asking) < len(seqs):
                 index = upload(asking, torch.long, self.device)
                 chosen, asking_logits = token_ids[index], logits[index]
-            entries = token_logprobs(torch.log_softmax(asking_logits.float(), dim=-1), chosen,
-                                     [seqs[i].params.logprobs for i in asking])
-            for i, entry in zip(asking, entries):
-                logprobs[i] = entry
-        return SamplerOutput(token_ids.tolist(), logprobs)
+            packed = pack_token_logprobs(torch.log_softmax(asking_logits.float(), dim=-1), chosen, num_top)
+        return PendingOutput(token_ids, HostCopy(token_ids), HostCopy(packed) if packed is not None else None,
+                             asking, num_top)
 
 
 def apply_penalties(logits: torch.Tensor, columns: torch.Tensor, penalties: PenaltyState,
@@ -180,14 +206,22 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[dict[int, Logprob]]:
-    """Per row: the chosen token's logprob and rank, and the top num_top[row] tokens'. One copy to the host:
-    ids, ranks and logprobs side by side in float64 (exact for all three)."""
+    """Per row: the chosen token's logprob and rank, and the top num_top[row] tokens'. One copy to the host."""
+    return unpack_token_logprobs(pack_token_logprobs(logprobs, chosen, num_top).tolist(), num_top)
+
+
+def pack_token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> torch.Tensor:
+    """[n, 3 + 2k] on the device: ids, ranks and logprobs side by side in float64 (exact for all three)."""
     chosen_logprob = logprobs.gather(1, chosen[:, None])  # [n, 1]
     ranks = (logprobs > chosen_logprob).sum(dim=-1, keepdim=True) + 1  # [n, 1]
     k = max(max(num_top), 1)
     top_values, top_ids = logprobs.topk(k, dim=-1)  # [n, k]
     columns = (chosen[:, None], ranks, chosen_logprob, top_ids, top_values)
-    packed = torch.cat([column.double() for column in columns], dim=1).tolist()  # [n, 3 + 2k]
+    return torch.cat([column.double() for column in columns], dim=1)
+
+
+def unpack_token_logprobs(packed: list[list[float]], num_top: list[int]) -> list[dict[int, Logprob]]:
+    k = max(max(num_top), 1)
     entries = []
     for row, n in zip(packed, num_top):
         entry = {int(token): Logprob(value, rank + 1) for rank, (token, value) in

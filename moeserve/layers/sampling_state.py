@@ -44,6 +44,23 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return host.pin_memory().to(device, non_blocking=True)
 
 
+class HostCopy:
+    """A device tensor's copy to the host, started without the host waiting (into pinned memory on CUDA);
+    `wait` waits for this copy alone, not for the work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.host = tensor.to("cpu", non_blocking=True)
+        self.copied = None
+        if tensor.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host
+
+
 @dataclass
 class RowProcessors:
     """The logit processors a row's request asks for, on the device; None where it asks for none."""
