@@ -1,6 +1,8 @@
 """Latency of one batch, the shape of vLLM's `bench latency`: batch_size random prompts of input_len tokens,
 each generating exactly output_len tokens (ignore_eos), stepped through the engine one step at a time, each
-step timed (synchronized on CUDA). The prefill is the steps until every request has its first token; the
+step timed from one return of engine.step() to the next. Every step waits for its sampled ids, so the times
+follow the device; no extra synchronize, which would keep async scheduling from launching the next step
+while the host finishes the last. The prefill is the steps until every request has its first token; the
 steady decode steps are the rest but the first of them. Every iteration has new prompts, so no prefill is
 served from the prefix cache."""
 
@@ -111,11 +113,11 @@ def time_iteration(engine, prompts: list[dict], params: SamplingParams) -> Itera
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
         outputs = engine.step()
-        synchronize(engine.device)
         step_seconds.append(time.perf_counter() - step_start)
         started |= {o.request_id for o in outputs if o.outputs[0].token_ids}
         if prefill_steps is None and started >= request_ids:
             prefill_steps = len(step_seconds)
+    synchronize(engine.device)
     return IterationTimes(step_seconds, prefill_steps, time.perf_counter() - start)
 
 
