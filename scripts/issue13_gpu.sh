@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$T"
 SHORT=${SHORT:-}
 HF=--compare-hf; EAGER=--enforce-eager; [ -n "$SHORT" ] && HF= && EAGER=
-TESTS="tests/gpu/test_async_cuda.py tests/gpu/test_small_ops_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_cuda_graphs.py"
+TESTS=${TESTS:-"tests/gpu/test_async_cuda.py tests/gpu/test_small_ops_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_cuda_graphs.py"}
 [ -z "$SHORT" ] && TESTS="$TESTS tests/gpu/test_engine_cuda.py tests/gpu/test_attention_cuda.py"
 timeout ${TEST_SECONDS:-200} python3 -m pytest $TESTS -q -p no:cacheprovider -rs ${SHORT:+-x} \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -4 | tee -a "$T"
@@ -35,6 +35,7 @@ latency() {  # label, then arguments of moeserve bench latency
     | grep -E "^\| (moeserve|transformers)|^profile of|^busy|kernels per step|cannot" >> "$T"
 }
 latency "v2-lite b1" --model deepseek-v2-lite --batch-size 1 --input-len 256 --num-iters 3 --num-iters-warmup 1 $HF
+[ -n "${ONLY_B1:-}" ] && { echo "== results"; cat "$T"; exit 0; }
 latency "v2-lite b128" --model deepseek-v2-lite --batch-size 128 --input-len 512 --num-iters 2 --num-iters-warmup 1
 for mode in "" $EAGER; do
   echo "== throughput V2-Lite 128 x 256 in / 64 out ${mode:-graphs}" >> "$T"
