@@ -108,9 +108,7 @@ def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padde
 
 def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
     """The worst-case layout of `block_layout_reference`, from one program: no sort, no host sync."""
-    flat = slots.flatten()
-    if flat.dtype != torch.int32:
-        flat = flat.to(torch.int32)
+    flat = slots.flatten()  # int32 or int64: the kernel compares, so no conversion kernel per layer
     num_rows = flat.numel()
     capacity = worst_case_capacity(num_rows, num_experts, block_m)
     sorted_rows = torch.empty(capacity, dtype=torch.int32, device=flat.device)

@@ -8,6 +8,7 @@ from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.llm import LLM
 from moeserve.loader.model_loader import load_config
 from moeserve.sampling_params import SamplingParams
+from tests.engine.test_async_scheduling import run_events
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,20 +19,6 @@ def engines(preset, **args):
     """(synchronous, async) engines on CUDA with graphs, alike but for the loop."""
     args = dict(device="cuda", kv_cache_memory=2**26, **args)
     return tuple(LLM(preset, async_scheduling=on, **args).engine for on in (False, True))
-
-
-def run_events(engine, events):
-    """events: per step, the (prompt, params, request id) to add before it; every request's outputs in order."""
-    events = [list(e) for e in events]
-    streams: dict[str, list] = {}
-    while events or engine.has_unfinished_requests():
-        for prompt, params, request_id in events.pop(0) if events else []:
-            engine.add_request(prompt, params, request_id)
-        for output in engine.step():
-            streams.setdefault(output.request_id, []).append(
-                [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in output.outputs])
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    return streams
 
 
 def same_in_both(pair, events):
@@ -52,14 +39,14 @@ def test_greedy_as_the_batch_shrinks_and_grows(preset):
     add = lambda indices: [(PROMPTS[i], SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True), str(i))
                            for i in indices]
     streams = same_in_both(engines(preset), [add((0, 1, 2)), [], [], [], add((3, 4))])
-    assert [len(streams[str(i)][-1][0][0]) for i in range(5)] == list(lengths)
+    assert [len(streams[str(i)][-1][2][0][0]) for i in range(5)] == list(lengths)
 
 
 @pytest.mark.parametrize("preset", ["tiny-deepseek-v2-lite", "tiny-qwen3-moe"])
 def test_seeded_sampling_penalties_and_stop_tokens(preset):
     pair = engines(preset)
     free_run = run_events(pair[0], [[(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), "f")]])
-    stop = free_run["f"][-1][0][0][6]
+    stop = free_run["f"][-1][2][0][0][6]
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=12),
               SamplingParams(temperature=0.8, top_k=20, seed=12, repetition_penalty=1.3, max_tokens=15),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop]),
@@ -67,7 +54,7 @@ def test_seeded_sampling_penalties_and_stop_tokens(preset):
               SamplingParams(temperature=0, presence_penalty=0.6, max_tokens=9, ignore_eos=True)]
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[4]]
     streams = same_in_both(pair, [[(p, sp, str(i)) for i, (p, sp) in enumerate(zip(prompts, params))]])
-    assert streams["2"][-1][0][2:] == ("stop", stop)
+    assert streams["2"][-1][2][0][2:4] == ("stop", stop)
 
 
 @pytest.mark.parametrize("preset", ["tiny-deepseek-v2-lite", "tiny-mixtral"])
@@ -87,7 +74,7 @@ def test_preemption_then_abort_in_flight(preset):
     for _ in range(6):
         seen += [o.outputs[0].token_ids for o in overlapped.step()]
     aborted = overlapped.abort("gone").outputs[0]
-    assert aborted.finish_reason == "abort" and aborted.token_ids == seen[-1] == streams["1"][-1][0][0][: len(seen[-1])]
+    assert aborted.finish_reason == "abort" and aborted.token_ids == seen[-1] == streams["1"][-1][2][0][0][: len(seen[-1])]
     while overlapped.has_unfinished_requests():
         assert overlapped.step() == []
     assert overlapped.block_manager.num_free_blocks == overlapped.block_manager.num_blocks

@@ -22,11 +22,12 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(moe_layout, "torch", PoisonedIntegers())
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("rows,top_k,experts,block_m", [(1, 6, 64, 16), (37, 6, 64, 16), (200, 8, 60, 64),
                                                        (5, 2, 8, 128), (0, 6, 64, 16), (700, 4, 256, 32)])
-def test_single_program_layout_equals_reference(rows, top_k, experts, block_m):
+def test_single_program_layout_equals_reference(rows, top_k, experts, block_m, dtype):
     slots = torch.stack([torch.randperm(experts)[:top_k] for _ in range(rows)]) if rows else torch.empty(0, top_k)
-    slots = slots.to(torch.int32)
+    slots = slots.to(dtype)
     if rows:
         slots[torch.rand(rows, top_k) < 0.2] = -1  # pairs whose expert lives on another rank
     got = block_layout_single_program(slots, experts, block_m)
