@@ -15,18 +15,6 @@ TESTS=${TESTS:-"tests/gpu/test_async_cuda.py tests/gpu/test_small_ops_cuda.py te
 [ -z "$SHORT" ] && TESTS="$TESTS tests/gpu/test_engine_cuda.py tests/gpu/test_attention_cuda.py"
 timeout ${TEST_SECONDS:-200} python3 -m pytest $TESTS -q -p no:cacheprovider -rs ${SHORT:+-x} \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -4 | tee -a "$T"
-timeout 30 python3 - <<'PY' 2>&1 | tee -a "$T"
-import warnings, torch
-from moeserve.layers.sampler import Sampler
-from tests.gpu.test_sampler_cuda import sequences, EOS, VOCAB
-from moeserve.sampling_params import SamplingParams
-seqs = sequences([SamplingParams(temperature=0.0)], torch.device("cuda"))
-logits = torch.randn(1, VOCAB, device="cuda", dtype=torch.bfloat16); torch.cuda.synchronize()
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always"); torch.cuda.set_sync_debug_mode("warn")
-    Sampler(VOCAB, torch.device("cuda"), 0)(logits, seqs, EOS); torch.cuda.set_sync_debug_mode("default")
-print("cold first greedy sampler call, sync warnings:", [str(w.message)[:90] for w in caught if "synchroniz" in str(w.message)])
-PY
 latency() {  # label, then arguments of moeserve bench latency
   local label=$1; shift
   echo "== latency $label" >> "$T"
