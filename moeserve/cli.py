@@ -384,6 +384,7 @@ def run_latency(args: argparse.Namespace) -> int:
     results = [measure(llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.num_iters_warmup,
                        args.temperature, args.seed)]
     profiled = profile_latency(llm, args) if args.profile else None
+    prefill_profiled = profile_latency_prefill(llm, args) if args.profile else None
     del llm
     hf_error = None
     if args.compare_hf:
@@ -393,11 +394,11 @@ def run_latency(args: argparse.Namespace) -> int:
             print(hf_error)
         else:
             results.append(yardstick)
-    report_latency(args, device, dtype, results, profiled, hf_error)
+    report_latency(args, device, dtype, results, (profiled, prefill_profiled), hf_error)
     return 0
 
 
-def report_latency(args: argparse.Namespace, device: str, dtype: str, results: list, profiled, hf_error) -> None:
+def report_latency(args: argparse.Namespace, device: str, dtype: str, results: list, profiles, hf_error) -> None:
     from moeserve.bench.latency import HF_NOTE, TABLE_HEADER, table_row
 
     print(f"{args.model} on {device} ({dtype}): batch {args.batch_size}, {args.input_len} in / {args.output_len} out, "
@@ -405,6 +406,9 @@ def report_latency(args: argparse.Namespace, device: str, dtype: str, results: l
     print("\n".join(table_row(r) for r in results))
     if len(results) > 1:
         print(HF_NOTE)
+    profiled, prefill_profiled = profiles
+    if prefill_profiled is not None:
+        print(prefill_profiled.report(f"prefill steps of {args.batch_size} x {args.input_len} tokens"))
     if profiled is not None:
         print(profiled.report(f"steady decode steps at batch {args.batch_size}"))
         if results[0].decode_step_ms is not None:  # the profiler slows the steps it watches
@@ -414,7 +418,9 @@ def report_latency(args: argparse.Namespace, device: str, dtype: str, results: l
     if args.output_json:
         report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "device": device, "dtype": dtype,
                   "results": [r.as_dict() for r in results],
-                  "profile": profiled.as_dict() if profiled is not None else None, "hf_error": hf_error}
+                  "profile": profiled.as_dict() if profiled is not None else None,
+                  "prefill_profile": prefill_profiled.as_dict() if prefill_profiled is not None else None,
+                  "hf_error": hf_error}
         Path(args.output_json).write_text(json.dumps(report, indent=2))
 
 
@@ -430,6 +436,17 @@ def profile_latency(llm, args: argparse.Namespace):
         return None
     prompts = random_prompts(llm.engine.config.vocab_size, args.batch_size, args.input_len, args.seed)
     return profile_engine(llm.engine, prompts, latency_params(args.output_len, args.temperature), steps, 1)
+
+
+def profile_latency_prefill(llm, args: argparse.Namespace):
+    """The profile of the steps that prefill the batch, on prompts no earlier iteration used (no prefix hits)."""
+    from moeserve.bench.latency import latency_params
+    from moeserve.bench.profile import profile_prefill
+    from moeserve.bench.throughput import random_prompts
+
+    unused_seed = args.seed + args.num_iters_warmup + args.num_iters + 1
+    prompts = random_prompts(llm.engine.config.vocab_size, args.batch_size, args.input_len, unused_seed)
+    return profile_prefill(llm.engine, prompts, latency_params(args.output_len, args.temperature))
 
 
 def hf_latency_or_reason(args: argparse.Namespace, device: str, dtype: str):

@@ -101,6 +101,11 @@ def profile_steps(step: Callable[[], object], num_steps: int, device: torch.devi
     """Run step() num_steps times under torch.profiler: the device's kernels on CUDA, CPU operators elsewhere."""
     if num_steps < 1:
         raise ValueError(f"--profile-steps must be at least 1, got {num_steps}")
+    return profile_until(step, lambda steps_done, _: steps_done >= num_steps, device)
+
+
+def profile_until(step: Callable[[], object], done: Callable[[int, object], bool], device: torch.device) -> StepProfile:
+    """Run step() under torch.profiler until done(steps so far, the last step's result) holds."""
     on_gpu = device.type == "cuda"
     synchronize(device)
     activity = ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU
@@ -108,8 +113,12 @@ def profile_steps(step: Callable[[], object], num_steps: int, device: torch.devi
         warnings.filterwarnings("ignore", message=".*clears events at the end of each cycle")  # one cycle here
         with profile(activities=[activity]) as prof:
             start = time.perf_counter()
-            for _ in range(num_steps):
-                step()
+            num_steps = 0
+            while True:
+                result = step()
+                num_steps += 1
+                if done(num_steps, result):
+                    break
             synchronize(device)
             wall_us = (time.perf_counter() - start) * 1e6
     return StepProfile(activities_of(prof.events(), on_gpu), wall_us, num_steps, on_gpu)
@@ -128,15 +137,38 @@ def profile_engine(engine, prompts: list[dict], params, num_steps: int, skip_dec
     """Submit the prompts, step past their prefills (until every request has its first token or one has
     finished) and `skip_decode_steps` more, profile the next num_steps steps, then abort what is left."""
     request_ids = [engine.add_request(prompt, params) for prompt in prompts]
+    step_until_started(engine, request_ids)
+    for _ in range(skip_decode_steps):
+        engine.step()
+    result = profile_steps(engine.step, num_steps, engine.device)
+    abort_all(engine, request_ids)
+    return result
+
+
+def profile_prefill(engine, prompts: list[dict], params) -> StepProfile:
+    """Submit the prompts and profile the steps until every request has its first token (or one has
+    finished), then abort what is left."""
+    request_ids = [engine.add_request(prompt, params) for prompt in prompts]
+    started: set[str] = set()
+
+    def all_started(_, outputs) -> bool:
+        started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+        return len(started) == len(request_ids) or any(o.finished for o in outputs)
+
+    result = profile_until(engine.step, all_started, engine.device)
+    abort_all(engine, request_ids)
+    return result
+
+
+def step_until_started(engine, request_ids: list[str]) -> None:
     started: set[str] = set()
     while len(started) < len(request_ids):
         outputs = engine.step()
         started |= {o.request_id for o in outputs if o.outputs[0].token_ids}
         if any(o.finished for o in outputs):
             break
-    for _ in range(skip_decode_steps):
-        engine.step()
-    result = profile_steps(engine.step, num_steps, engine.device)
+
+
+def abort_all(engine, request_ids: list[str]) -> None:
     for request_id in request_ids:
         engine.abort(request_id)
-    return result

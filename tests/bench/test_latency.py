@@ -66,7 +66,10 @@ def test_bench_latency_profiles_cpu_operators_without_cuda(capsys, tmp_path):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "profile of 3 steady decode steps at batch 2" in printed and "CPU operators (no CUDA)" in printed
-    profile = json.loads(path.read_text())["profile"]
+    assert "prefill steps of 2 x 8 tokens" in printed
+    report = json.loads(path.read_text())
+    assert report["prefill_profile"]["steps"] >= 1 and report["prefill_profile"]["kernels_per_step"] > 0
+    profile = report["profile"]
     assert profile["device"] == "cpu" and profile["steps"] == 3 and profile["kernels_per_step"] > 0
     assert any(row["name"] == "aten::linear" for row in profile["top_kernels"])
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from moeserve.bench.profile import Activity, StepProfile, activities_of, busy_us, kernel_table, profile_steps
+from moeserve.bench.profile import (Activity, StepProfile, activities_of, busy_us, kernel_table, profile_steps,
+                                    profile_until)
 
 
 def test_busy_time_is_the_union_of_overlapping_intervals():
@@ -56,3 +57,9 @@ def test_profiling_steps_on_the_cpu_sees_their_operators():
     names = {a.name for a in profile.activities}
     assert {"aten::matmul", "aten::relu"} <= names
     assert 0 < profile.busy_percent <= 100
+
+
+def test_profiling_until_a_condition_stops_on_the_step_that_meets_it():
+    results = iter([1, 5, 2, 9, 3])
+    profile = profile_until(lambda: next(results), lambda steps, last: last > 4 and steps > 2, torch.device("cpu"))
+    assert profile.num_steps == 4 and next(results) == 3
