@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from moeserve.engine.args import (ATTENTION_BACKENDS, DISPATCH_FORMATS, EP_BACKENDS, KV_CACHE_DTYPES, LOAD_FORMATS,
-                                  QUANTIZATION_FORMATS, EngineArgs)
+                                  OFFLINE_MAX_NUM_BATCHED_TOKENS, QUANTIZATION_FORMATS, EngineArgs)
 from moeserve.version import __version__
 
 
@@ -35,8 +35,9 @@ def byte_size(text: str) -> int:
     return int(size)
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool = True, offline: bool = True) -> None:
     defaults = EngineArgs(model="")
+    batched_tokens = OFFLINE_MAX_NUM_BATCHED_TOKENS if offline else defaults.max_num_batched_tokens
     parser.add_argument("--model", required=model_required, default=None,
                         help="checkpoint folder or preset name (e.g. tiny-deepseek-v3)")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (the checkpoint's), float32, bfloat16, float16")
@@ -44,8 +45,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output (default: the model's max_position_embeddings)")
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-                        help="tokens per step; prefill is chunked to fit")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=batched_tokens,
+                        help=f"tokens per step; prefill is chunked to fit (default {batched_tokens})")
     parser.add_argument("--block-size", type=int, default=defaults.block_size,
                         help="tokens per KV cache block (default: 64 for MLA models on CUDA, else 16)")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=defaults.kv_cache_dtype,
@@ -117,7 +118,7 @@ def origins(text: str) -> list[str]:
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("model_positional", metavar="MODEL", nargs="?", default=None,
                        help="checkpoint folder or preset name (or --model)")
-    add_engine_arguments(serve, model_required=False)
+    add_engine_arguments(serve, model_required=False, offline=False)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (or MOESERVE_API_KEY)")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from moeserve.config import ConfigError
-from moeserve.engine.args import EngineArgs
+from moeserve.engine.args import OFFLINE_MAX_NUM_BATCHED_TOKENS, EngineArgs
 from moeserve.distributed.launch import DistributedContext, init_distributed, under_torchrun
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.engine.engine import Engine, Prompt
@@ -20,7 +20,7 @@ from moeserve.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str, context: DistributedContext | None = None, **engine_args):
-        args = EngineArgs(model=model, **engine_args)
+        args = EngineArgs(model=model, **{"max_num_batched_tokens": OFFLINE_MAX_NUM_BATCHED_TOKENS} | engine_args)
         layout = ParallelLayout(args.tp, args.dp, args.ep)
         if layout.world_size > 1 and context is None:
             if not under_torchrun():

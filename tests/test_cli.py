@@ -38,3 +38,21 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "neither a checkpoint folder nor a preset" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--top-p", "2"]) == 2
     assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_tokens_per_step_default_is_larger_offline_than_served():
+    import argparse
+
+    from moeserve.cli import add_engine_arguments
+    from moeserve.engine.args import OFFLINE_MAX_NUM_BATCHED_TOKENS, EngineArgs
+    from moeserve.llm import LLM
+
+    def default(offline: bool) -> int:
+        parser = argparse.ArgumentParser()
+        add_engine_arguments(parser, offline=offline)
+        return parser.parse_args(["--model", "m"]).max_num_batched_tokens
+
+    served = EngineArgs(model="m").max_num_batched_tokens
+    assert (default(True), default(False)) == (OFFLINE_MAX_NUM_BATCHED_TOKENS, served) and served < default(True)
+    assert LLM("tiny-mixtral").engine.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
+    assert LLM("tiny-mixtral", max_num_batched_tokens=7).engine.scheduler.max_num_batched_tokens == 7

@@ -18,6 +18,9 @@ LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATION_FORMATS = tuple(FORMATS)  # weight formats: fp8, nvfp4
 EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
+# Tokens per step, as vLLM sets them on large GPUs: a served engine keeps chunks small enough for the decodes
+# sharing their step; offline, larger chunks keep the GPU busy through the host's per-step work.
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
 ATTENTION_BACKENDS = ("auto", "torch", "triton")  # moeserve.layers.attention.backend; auto: triton on CUDA
 
 
@@ -30,7 +33,7 @@ class EngineArgs:
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 8192  # a server's; offline (LLM, generate, bench) OFFLINE_MAX_NUM_BATCHED_TOKENS
     block_size: int | None = None  # None: 64 for MLA on CUDA (decode tiles then sit in one block), else 16
     kv_cache_dtype: str = "auto"
     attention_backend: str = "auto"
