@@ -3,14 +3,15 @@
 # (bench latency with --profile, bench throughput with and without graphs), a short table last.
 # Usage (device): bash scripts/issue13_gpu.sh   (logs and JSON under $OUT); SHORT=1: the changed tests
 # (stopping at the first failure), V2-Lite at batch 1 and 128 and the offline point with graphs only.
+# NO_HF=1: without the transformers yardstick and the eager runs (full mode otherwise).
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$T"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$T"
-SHORT=${SHORT:-}
-HF=--compare-hf; EAGER=--enforce-eager; [ -n "$SHORT" ] && HF= && EAGER=
+SHORT=${SHORT:-}; NO_HF=${NO_HF:-}
+HF=--compare-hf; EAGER=--enforce-eager; [ -n "$SHORT$NO_HF" ] && HF= && EAGER=
 TESTS=${TESTS:-"tests/gpu/test_async_cuda.py tests/gpu/test_small_ops_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_cuda_graphs.py"}
 [ -z "$SHORT" ] && TESTS="$TESTS tests/gpu/test_engine_cuda.py tests/gpu/test_attention_cuda.py"
 timeout ${TEST_SECONDS:-200} python3 -m pytest $TESTS -q -p no:cacheprovider -rs ${SHORT:+-x} \
@@ -34,4 +35,8 @@ done
 [ -n "$SHORT" ] && { echo "== results"; cat "$T"; exit 0; }
 latency "qwen3 b1" --model qwen3-30b-a3b --batch-size 1 --input-len 256 --num-iters 3 --num-iters-warmup 1
 latency "qwen3 b64" --model qwen3-30b-a3b --batch-size 64 --input-len 512 --num-iters 2 --num-iters-warmup 1
+echo "== throughput Qwen3-30B-A3B 64 x 256 in / 64 out" >> "$T"
+timeout 150 python3 -m moeserve bench throughput --model qwen3-30b-a3b --load-format dummy --dtype bfloat16 \
+  --device cuda --max-model-len 4096 --num-prompts 64 --input-len 256 --output-len 64 2>&1 \
+  | tee -a "$OUT/throughput.log" | grep -E "Captured|moeserve:" >> "$T"
 echo "== results"; cat "$T"

@@ -70,8 +70,8 @@ class LatencyResult:
 
 TABLE_HEADER = ("| engine | prefill ms (p50) | decode step ms p50 / p90 / p99 | decode tok/s | e2e s (p50) |\n"
                 "|---|---|---|---|---|")
-HF_NOTE = ("transformers: prefill = generate of 1 token; decode step = (generate of output-len - that) / "
-           "(output-len - 1), so its percentiles are over iterations, not steps")
+HF_NOTE = ("transformers: one generate per iteration, its steps timed where generate hands the logits to a "
+           "logits processor that waits for the device (prefill: up to the first; the first decode step skipped)")
 
 
 def table_row(result: LatencyResult) -> str:
@@ -123,22 +123,40 @@ def time_iteration(engine, prompts: list[dict], params: SamplingParams) -> Itera
 
 def run_hf_latency(hf_model, prompts: list[dict], output_len: int, num_iters: int, num_iters_warmup: int,
                    temperature: float = 1.0) -> LatencyResult:
-    """The same batch through transformers' generate. Its steps cannot be timed one by one: the prefill is
-    generate of one token, a decode step (generate of output_len - that) / (output_len - 1), per iteration."""
+    """The same batch through transformers' generate, each step timed where generate hands its logits to a
+    logits processor (which waits for them): the prefill up to the first, a decode step between two."""
     ids = torch.tensor([p["prompt_token_ids"] for p in prompts], device=hf_model.device)
-    times = [(time_generate(hf_model, ids, 1, temperature), time_generate(hf_model, ids, output_len, temperature))
-             for _ in range(num_iters_warmup + num_iters)][num_iters_warmup:]
-    steps = [(full - first) / (output_len - 1) for first, full in times] if output_len > 1 else []
-    return LatencyResult("transformers generate", len(prompts), summary([first for first, _ in times], 1000),
-                         summary(steps, 1000), summary([full for _, full in times]), num_iters)
+    runs = [time_generate(hf_model, ids, output_len, temperature)
+            for _ in range(num_iters_warmup + num_iters)][num_iters_warmup:]
+    return LatencyResult("transformers generate", len(prompts), summary([r.prefill_seconds for r in runs], 1000),
+                         summary([s for r in runs for s in r.decode_step_seconds], 1000),
+                         summary([r.e2e_seconds for r in runs]), num_iters)
 
 
-def time_generate(hf_model, ids: torch.Tensor, new_tokens: int, temperature: float) -> float:
+class StepClock:
+    """A logits processor that notes when each step's logits are ready (it waits for the device)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(scores.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def time_generate(hf_model, ids: torch.Tensor, new_tokens: int, temperature: float) -> IterationTimes:
+    from transformers import LogitsProcessorList
+
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+    clock = StepClock()
     synchronize(ids.device)
     start = time.perf_counter()
     with torch.no_grad():
         hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, pad_token_id=0, **sampling)
+                          min_new_tokens=new_tokens, pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
+                          **sampling)
     synchronize(ids.device)
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    marks = [start, *clock.times]
+    return IterationTimes([b - a for a, b in zip(marks, marks[1:])], 1, end - start)

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_PROGRAM_MAX_ROWS = 4096  # one program lays out decode-sized batches; torch's sort beyond
-SINGLE_PROGRAM_MAX_EXPERTS = 256
+SINGLE_PROGRAM_MAX_ROWS = 64  # one program lays out a chunk of pairs; more pairs take one program per chunk
+KERNEL_MAX_EXPERTS = 256
+CHUNK = 64  # (row, k) pairs per program
 
 
 @dataclass
@@ -27,11 +28,13 @@ class BlockLayout:
 
 
 def block_layout(slots: torch.Tensor, num_experts: int, block_m: int, compact: bool = False) -> BlockLayout:
-    """slots [R, K]: each row's local expert per k, -1 where none. On CUDA, worst-case layouts of up to
-    SINGLE_PROGRAM_MAX_ROWS pairs come from one Triton program; the rest from torch (`block_layout_reference`)."""
-    if (slots.is_cuda and not compact and slots.numel() <= SINGLE_PROGRAM_MAX_ROWS
-            and 0 < num_experts <= SINGLE_PROGRAM_MAX_EXPERTS):
-        return block_layout_single_program(slots, num_experts, block_m)
+    """slots [R, K]: each row's local expert per k, -1 where none. On CUDA, worst-case layouts come from
+    Triton: one program up to SINGLE_PROGRAM_MAX_ROWS pairs, three kernels of a program per CHUNK pairs
+    beyond; compact layouts and the CPU from torch (`block_layout_reference`)."""
+    if slots.is_cuda and not compact and 0 < num_experts <= KERNEL_MAX_EXPERTS:
+        if slots.numel() <= SINGLE_PROGRAM_MAX_ROWS:
+            return block_layout_single_program(slots, num_experts, block_m)
+        return block_layout_chunked(slots, num_experts, block_m)
     return block_layout_reference(slots, num_experts, block_m, compact)
 
 
@@ -99,6 +102,11 @@ def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padde
         destination = tl.sum(hot * (next_free[None, :] + earlier_in_chunk), axis=1)
         tl.store(sorted_rows_ptr + destination, offs.to(tl.int32), mask=tl.sum(hot, axis=1) > 0)
         next_free += tl.sum(hot, axis=0)
+    _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, CHUNK)
+
+
+@triton.jit
+def _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
     for start in range(0, num_blocks, CHUNK):  # a block's expert: how many experts end at or before it
         block = start + tl.arange(0, CHUNK)
         first_slot = block * BLOCK_M
@@ -118,4 +126,80 @@ def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: 
     _block_layout_kernel[(1,)](flat, sorted_rows, block_expert, num_padded, counts, num_rows, num_experts, capacity,
                                capacity // block_m, BLOCK_M=block_m, EXPERTS=triton.next_power_of_2(num_experts),
                                CHUNK=64, num_warps=4)
+    return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)
+
+
+@triton.jit
+def _chunk_counts_kernel(slots_ptr, chunk_counts_ptr, sorted_rows_ptr, num_rows, capacity, slots_per_program,
+                         EXPERTS: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """Program c: the pairs of chunk c per expert, and its share of the slots set to padding (num_rows)."""
+    chunk = tl.program_id(0)
+    hot, _ = _one_hot(slots_ptr, chunk * CHUNK, num_rows, CHUNK, EXPERTS)
+    tl.store(chunk_counts_ptr + chunk * EXPERTS + tl.arange(0, EXPERTS), tl.sum(hot, axis=0))
+    first = chunk * slots_per_program
+    for start in range(first, first + slots_per_program, FILL):
+        offs = start + tl.arange(0, FILL)
+        tl.store(sorted_rows_ptr + offs, tl.full((FILL,), 0, tl.int32) + num_rows,
+                 mask=(offs < capacity) & (offs < first + slots_per_program))
+
+
+@triton.jit
+def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_chunks,
+                        num_experts, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, TILE: tl.constexpr):
+    """One program: per expert its pairs and padded range, then each chunk's first slot per expert."""
+    experts = tl.arange(0, EXPERTS)
+    counts = tl.zeros((EXPERTS,), dtype=tl.int32)
+    for start in range(0, num_chunks, TILE):
+        chunks = start + tl.arange(0, TILE)
+        tile = tl.load(chunk_counts_ptr + chunks[:, None] * EXPERTS + experts[None, :], mask=chunks[:, None] < num_chunks,
+                       other=0)
+        counts += tl.sum(tile, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
+    tl.store(num_padded_ptr, total)
+    next_free = ends - padded
+    for start in range(0, num_chunks, TILE):
+        chunks = start + tl.arange(0, TILE)
+        inside = chunks[:, None] < num_chunks
+        offsets = chunks[:, None] * EXPERTS + experts[None, :]
+        tile = tl.load(chunk_counts_ptr + offsets, mask=inside, other=0)
+        tl.store(chunk_base_ptr + offsets, next_free[None, :] + tl.cumsum(tile, axis=0) - tile, mask=inside)
+        next_free += tl.sum(tile, axis=0)
+    _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, TILE)
+
+
+@triton.jit
+def _chunk_scatter_kernel(slots_ptr, chunk_base_ptr, sorted_rows_ptr, num_rows, EXPERTS: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    """Program c: each pair of chunk c to its expert's next slot, in order."""
+    chunk = tl.program_id(0)
+    hot, offs = _one_hot(slots_ptr, chunk * CHUNK, num_rows, CHUNK, EXPERTS)
+    base = tl.load(chunk_base_ptr + chunk * EXPERTS + tl.arange(0, EXPERTS))
+    destination = tl.sum(hot * (base[None, :] + tl.cumsum(hot, axis=0) - hot), axis=1)
+    tl.store(sorted_rows_ptr + destination, offs.to(tl.int32), mask=tl.sum(hot, axis=1) > 0)
+
+
+def block_layout_chunked(slots: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
+    """The worst-case layout of `block_layout_reference` from three kernels: counts per chunk of pairs (and
+    the padding), one program's prefix sums over chunks, then each chunk's scatter. No sort, no host sync."""
+    flat = slots.flatten()
+    num_rows = flat.numel()
+    capacity = worst_case_capacity(num_rows, num_experts, block_m)
+    num_chunks = max(1, triton.cdiv(num_rows, CHUNK))
+    experts = triton.next_power_of_2(num_experts)
+    sorted_rows = torch.empty(capacity, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    counts = torch.empty(num_experts, dtype=torch.long, device=flat.device)
+    chunk_counts = torch.empty(num_chunks, experts, dtype=torch.int32, device=flat.device)
+    chunk_base = torch.empty(num_chunks, experts, dtype=torch.int32, device=flat.device)
+    _chunk_counts_kernel[(num_chunks,)](flat, chunk_counts, sorted_rows, num_rows, capacity,
+                                        triton.cdiv(capacity, num_chunks), EXPERTS=experts, CHUNK=CHUNK, FILL=1024,
+                                        num_warps=4)
+    _chunk_bases_kernel[(1,)](chunk_counts, chunk_base, block_expert, num_padded, counts, num_chunks, num_experts,
+                              capacity // block_m, BLOCK_M=block_m, EXPERTS=experts, TILE=16, num_warps=4)
+    _chunk_scatter_kernel[(num_chunks,)](flat, chunk_base, sorted_rows, num_rows, EXPERTS=experts, CHUNK=CHUNK,
+                                         num_warps=4)
     return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)

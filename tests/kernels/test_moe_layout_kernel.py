@@ -1,10 +1,11 @@
-"""The single-program block layout against the torch one, slot for slot, on fresh random routings."""
+"""The Triton block layouts (one program; three kernels over chunks of pairs) against the torch one, slot for
+slot, on fresh random routings."""
 
 import pytest
 import torch
 
 from moeserve.kernels import moe_layout
-from moeserve.kernels.moe_layout import block_layout_reference, block_layout_single_program
+from moeserve.kernels.moe_layout import block_layout_chunked, block_layout_reference, block_layout_single_program
 from tests.kernels.poison import PoisonedTorch
 
 
@@ -22,15 +23,17 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(moe_layout, "torch", PoisonedIntegers())
 
 
+@pytest.mark.parametrize("kernel", [block_layout_single_program, block_layout_chunked])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("rows,top_k,experts,block_m", [(1, 6, 64, 16), (37, 6, 64, 16), (200, 8, 60, 64),
-                                                       (5, 2, 8, 128), (0, 6, 64, 16), (700, 4, 256, 32)])
-def test_single_program_layout_equals_reference(rows, top_k, experts, block_m, dtype):
+                                                       (5, 2, 8, 128), (0, 6, 64, 16), (700, 4, 256, 32),
+                                                       (2100, 8, 256, 64)])
+def test_triton_layouts_equal_reference(rows, top_k, experts, block_m, dtype, kernel):
     slots = torch.stack([torch.randperm(experts)[:top_k] for _ in range(rows)]) if rows else torch.empty(0, top_k)
     slots = slots.to(dtype)
     if rows:
         slots[torch.rand(rows, top_k) < 0.2] = -1  # pairs whose expert lives on another rank
-    got = block_layout_single_program(slots, experts, block_m)
+    got = kernel(slots, experts, block_m)
     want = block_layout_reference(slots, experts, block_m)
     assert torch.equal(got.sorted_rows, want.sorted_rows)
     assert torch.equal(got.block_expert, want.block_expert)
@@ -39,9 +42,10 @@ def test_single_program_layout_equals_reference(rows, top_k, experts, block_m, d
     assert (got.num_rows, got.block_m) == (want.num_rows, want.block_m)
 
 
-def test_skewed_routing_fills_one_expert():
+@pytest.mark.parametrize("kernel", [block_layout_single_program, block_layout_chunked])
+def test_skewed_routing_fills_one_expert(kernel):
     slots = torch.zeros(50, 4, dtype=torch.int32)
     slots[:, 1:] = torch.arange(1, 4, dtype=torch.int32)  # every row to experts 0-3
-    got = block_layout_single_program(slots, 16, 16)
+    got = kernel(slots, 16, 16)
     want = block_layout_reference(slots, 16, 16)
     assert torch.equal(got.sorted_rows, want.sorted_rows) and torch.equal(got.block_expert, want.block_expert)

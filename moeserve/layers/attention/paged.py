@@ -28,9 +28,11 @@ class TorchPagedAttention:
         self.kv_caches = kv_caches  # per layer: MLA [num_blocks, block_size, L + R]; GQA [2, num_blocks, block_size, Hk, D]
         self.kv_scales = kv_scales  # [num_layers] fp32 for an FP8 cache, else None
         self.metadata: AttentionMetadata | None = None
+        self.step_prefix_chunks: dict[int, list] = {}  # per number of heads, for every layer of the step
 
     def bind(self, metadata: AttentionMetadata) -> "TorchPagedAttention":
         self.metadata = metadata
+        self.step_prefix_chunks = {}
         return self
 
     def kv_scale(self, layer: int) -> torch.Tensor | None:
@@ -83,9 +85,14 @@ class TorchPagedAttention:
             out, lse = self.merge(out, lse, *self.attend(q, k, v, cu_q, cu_k, max_q, attention.scale, False))
         return out
 
-    def prefix_chunks(self, num_heads: int):
+    def prefix_chunks(self, num_heads: int) -> list:
         """(cu_seqlens_k [P + 1], slots [N]) of the prefill chunks' cached prefixes, up to a bounded number
-        of positions of each at a time; computed on the device from the lengths the host already knows."""
+        of positions of each at a time; computed once a step on the device from the lengths the host knows."""
+        if num_heads not in self.step_prefix_chunks:
+            self.step_prefix_chunks[num_heads] = list(self.compute_prefix_chunks(num_heads))
+        return self.step_prefix_chunks[num_heads]
+
+    def compute_prefix_chunks(self, num_heads: int):
         md = self.metadata
         d = md.num_decodes
         prefixes = [s - q for s, q in zip(md.seq_lens_host[d:], md.query_lens_host[d:])]  # host
