@@ -80,7 +80,7 @@ def _one_hot(slots_ptr, start, num_rows, CHUNK: tl.constexpr, EXPERTS: tl.conste
 @triton.jit
 def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_rows,
                          num_experts, capacity, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr,
-                         CHUNK: tl.constexpr):
+                         CHUNK: tl.constexpr, FILL: tl.constexpr):
     experts = tl.arange(0, EXPERTS)
     counts = tl.zeros((EXPERTS,), dtype=tl.int32)
     for start in range(0, num_rows, CHUNK):
@@ -91,9 +91,9 @@ def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padde
     total = tl.sum(padded, axis=0)
     tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
     tl.store(num_padded_ptr, total)
-    for start in range(0, capacity, CHUNK):  # every slot starts as padding (index num_rows)
-        offs = start + tl.arange(0, CHUNK)
-        tl.store(sorted_rows_ptr + offs, tl.full((CHUNK,), 0, tl.int32) + num_rows, mask=offs < capacity)
+    for start in range(0, capacity, FILL):  # every slot starts as padding (index num_rows)
+        offs = start + tl.arange(0, FILL)
+        tl.store(sorted_rows_ptr + offs, tl.full((FILL,), 0, tl.int32) + num_rows, mask=offs < capacity)
     tl.debug_barrier()  # the padding is written before any thread scatters a pair over it
     next_free = ends - padded  # per expert: the slot its next pair takes
     for start in range(0, num_rows, CHUNK):
@@ -125,7 +125,7 @@ def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: 
     counts = torch.empty(num_experts, dtype=torch.long, device=flat.device)
     _block_layout_kernel[(1,)](flat, sorted_rows, block_expert, num_padded, counts, num_rows, num_experts, capacity,
                                capacity // block_m, BLOCK_M=block_m, EXPERTS=triton.next_power_of_2(num_experts),
-                               CHUNK=64, num_warps=4)
+                               CHUNK=CHUNK, FILL=1024, num_warps=4)
     return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)
 
 
@@ -145,7 +145,8 @@ def _chunk_counts_kernel(slots_ptr, chunk_counts_ptr, sorted_rows_ptr, num_rows,
 
 @triton.jit
 def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_chunks,
-                        num_experts, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, TILE: tl.constexpr):
+                        num_experts, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, TILE: tl.constexpr,
+                        BLOCKS: tl.constexpr):
     """One program: per expert its pairs and padded range, then each chunk's first slot per expert."""
     experts = tl.arange(0, EXPERTS)
     counts = tl.zeros((EXPERTS,), dtype=tl.int32)
@@ -167,7 +168,7 @@ def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_
         tile = tl.load(chunk_counts_ptr + offsets, mask=inside, other=0)
         tl.store(chunk_base_ptr + offsets, next_free[None, :] + tl.cumsum(tile, axis=0) - tile, mask=inside)
         next_free += tl.sum(tile, axis=0)
-    _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, TILE)
+    _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, BLOCKS)
 
 
 @triton.jit
@@ -199,7 +200,8 @@ def block_layout_chunked(slots: torch.Tensor, num_experts: int, block_m: int) ->
                                         triton.cdiv(capacity, num_chunks), EXPERTS=experts, CHUNK=CHUNK, FILL=1024,
                                         num_warps=4)
     _chunk_bases_kernel[(1,)](chunk_counts, chunk_base, block_expert, num_padded, counts, num_chunks, num_experts,
-                              capacity // block_m, BLOCK_M=block_m, EXPERTS=experts, TILE=16, num_warps=4)
+                              capacity // block_m, BLOCK_M=block_m, EXPERTS=experts, TILE=16, BLOCKS=64,
+                              num_warps=4)
     _chunk_scatter_kernel[(num_chunks,)](flat, chunk_base, sorted_rows, num_rows, EXPERTS=experts, CHUNK=CHUNK,
                                          num_warps=4)
     return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)
