@@ -45,6 +45,9 @@ class TorchPagedAttention:
         k_cache, v_cache = self.kv_caches[layer].unbind(0)  # [num_blocks, block_size, Hk, D] each
         self.write_kv(k_cache, v_cache, k, v, md.slot_mapping, kv_scale)
         d = md.num_decodes
+        if d and d == q.shape[0]:  # decodes only: no output to assemble
+            return self.gqa_decode(q, k_cache, v_cache, md.block_table, md.seq_lens, scale, sliding_window,
+                                   chunk_size, kv_scale)
         out = torch.empty_like(q)
         if d:
             out[:d] = self.gqa_decode(q[:d], k_cache, v_cache, md.block_table[:d], md.seq_lens[:d], scale,
@@ -59,16 +62,24 @@ class TorchPagedAttention:
         md, kv_scale, cache = self.metadata, self.kv_scale(layer), self.kv_caches[layer]
         self.write_mla(cache, c_kv, k_pe, md.slot_mapping, kv_scale)
         d = md.num_decodes
+        if d and d == q_nope.shape[0]:  # decodes only: no output to assemble
+            return self.mla_absorbed_decode(attention, q_nope, q_pe, cache, kv_scale)
         out = q_nope.new_empty(*q_nope.shape[:2], attention.mla.v_head_dim)  # [T, Hq, V]
         if d:
-            w_uk, w_uv = attention.absorbed_weights(q_nope.dtype)  # [Hq, P, L], [Hq, V, L]
-            q_latent = torch.einsum("thp,hpl->thl", q_nope[:d], w_uk)
-            latent_out = self.mla_decode(torch.cat((q_latent, q_pe[:d]), dim=-1), cache, md.block_table[:d],
-                                         md.seq_lens[:d], attention.scale, attention.mla.kv_lora_rank, kv_scale)
-            out[:d] = torch.einsum("thl,hvl->thv", latent_out, w_uv)
+            out[:d] = self.mla_absorbed_decode(attention, q_nope[:d], q_pe[:d], cache, kv_scale)
         if q_nope.shape[0] > d:
             out[d:] = self.mla_prefill(attention, q_nope[d:], q_pe[d:], c_kv[d:], k_pe[d:], cache, kv_scale)
         return out
+
+    def mla_absorbed_decode(self, attention, q_nope, q_pe, cache, kv_scale):
+        """The batch's first len(q_nope) sequences (its decodes) over their cached latents, W_UK folded into
+        the query and W_UV into the output: [D, Hq, V]."""
+        md, d = self.metadata, q_nope.shape[0]
+        w_uk, w_uv = attention.absorbed_weights(q_nope.dtype)  # [Hq, P, L], [Hq, V, L]
+        q_latent = torch.einsum("thp,hpl->thl", q_nope, w_uk)
+        latent_out = self.mla_decode(torch.cat((q_latent, q_pe), dim=-1), cache, md.block_table[:d], md.seq_lens[:d],
+                                     attention.scale, attention.mla.kv_lora_rank, kv_scale)
+        return torch.einsum("thl,hvl->thv", latent_out, w_uv)
 
     # MLA prefill, the same for every backend but its kernels
 
