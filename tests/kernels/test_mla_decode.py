@@ -48,7 +48,7 @@ def assert_decode_matches(lengths, heads, rank, rope, block_size, num_splits, q_
     return out
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])  # 8: more splits than the tiles of any sequence here
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 20])  # 8, 20: more splits than tiles; 20 > one merge step
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("heads", [4, 20])  # padded to one, or two, tiles of 16 heads
 @pytest.mark.parametrize("rank, rope", [(32, 16), (64, 16)])

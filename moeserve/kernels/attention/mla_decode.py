@@ -138,10 +138,13 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
-def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, num_splits,
+def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, num_splits,
                              stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                             L: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_STEP: tl.constexpr):
+                             L: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_STEP: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
     seq, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    tiles = tl.cdiv(tl.load(seq_lens_ptr + seq), BLOCK_N)  # the splits stage 1 gave keys: as it counts them
+    used_splits = tl.cdiv(tiles, tl.maximum(tl.cdiv(tiles, num_splits), 1))
     lse_row = lse_ptr + seq * stride_lb + head * stride_lh
     splits = tl.arange(0, BLOCK_S)
     lse_max = tl.max(tl.load(lse_row + splits, mask=splits < num_splits, other=float("-inf")), axis=0)
@@ -150,7 +153,7 @@ def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, num_splits,
     partial_row = partial_ptr + seq * stride_pb + head * stride_ph
     acc = tl.zeros([L], tl.float32)
     weight_sums = tl.zeros([MERGE_STEP], tl.float32)
-    for first in range(0, num_splits, MERGE_STEP):
+    for first in range(0, used_splits, MERGE_STEP):  # a short context leaves most splits empty
         step = first + tl.arange(0, MERGE_STEP)
         lse = tl.load(lse_row + step, mask=step < num_splits, other=float("-inf"))
         weights = tl.exp(lse - lse_max)
@@ -199,8 +202,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
         num_warps=config.num_warps, num_stages=config.num_stages)
     if num_splits > 1:
         _mla_decode_merge_kernel[(batch, num_heads)](
-            partial, lse, out, num_splits, *partial.stride()[:3], *lse.stride()[:2], *out.stride()[:2],
-            L=rank, BLOCK_S=triton.next_power_of_2(num_splits), MERGE_STEP=MERGE_SPLITS)
+            partial, lse, out, seq_lens, num_splits, *partial.stride()[:3], *lse.stride()[:2], *out.stride()[:2],
+            L=rank, BLOCK_S=triton.next_power_of_2(num_splits), MERGE_STEP=MERGE_SPLITS, BLOCK_N=config.block_n)
     return out
 
 
