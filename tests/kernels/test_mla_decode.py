@@ -59,6 +59,11 @@ def test_decode_matches_the_reference(rank, rope, heads, block_size, num_splits)
 # fp32 dots in the interpreter are exact to fp32 rounding (FP8 converts exactly to fp32 and bf16: tight
 # too). 16-bit queries: the probabilities and the output are rounded to 16 bits (bf16: 2^-8 relative
 # each; the interpreter truncates instead of rounding, which doubles it and biases it), hence 2e-2
+@pytest.mark.parametrize("num_splits", [12, 40])  # many used splits (more than one merge step), and unused ones
+def test_long_contexts_over_many_splits(num_splits):
+    assert_decode_matches([300, 5, 0, 161], 4, 32, 16, 16, num_splits)
+
+
 @pytest.mark.parametrize("q_dtype, cache_dtype, tolerance", [
     (torch.float32, torch.float8_e4m3fn, 1e-5),
     (torch.bfloat16, torch.bfloat16, 2e-2),
