@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && 
 T="$OUT/serve_table.txt"; : > "$T"
 python3 -m moeserve serve deepseek-v2-lite --load-format dummy --dtype bfloat16 --device cuda --max-model-len 8192 \
   --port 8000 > "$OUT/serve.log" 2>&1 &
-for _ in $(seq 150); do
+for _ in $(seq 60); do
   python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 2
 done
 for rate in ${RATES:-inf 4}; do
