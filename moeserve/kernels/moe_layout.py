@@ -116,7 +116,7 @@ def _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M: tl.
 
 def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
     """The worst-case layout of `block_layout_reference`, from one program: no sort, no host sync."""
-    flat = slots.flatten()  # int32 or int64: the kernel compares, so no conversion kernel per layer
+    flat = slots.flatten().contiguous()  # int32 or int64: the kernel compares; a top-k column view is copied
     num_rows = flat.numel()
     capacity = worst_case_capacity(num_rows, num_experts, block_m)
     sorted_rows = torch.empty(capacity, dtype=torch.int32, device=flat.device)
@@ -185,7 +185,7 @@ def _chunk_scatter_kernel(slots_ptr, chunk_base_ptr, sorted_rows_ptr, num_rows, 
 def block_layout_chunked(slots: torch.Tensor, num_experts: int, block_m: int) -> BlockLayout:
     """The worst-case layout of `block_layout_reference` from three kernels: counts per chunk of pairs (and
     the padding), one program's prefix sums over chunks, then each chunk's scatter. No sort, no host sync."""
-    flat = slots.flatten()
+    flat = slots.flatten().contiguous()  # a view of the first k of sorted ids (Llama 4) has stride > 1
     num_rows = flat.numel()
     capacity = worst_case_capacity(num_rows, num_experts, block_m)
     num_chunks = max(1, triton.cdiv(num_rows, CHUNK))

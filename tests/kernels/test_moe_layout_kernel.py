@@ -49,3 +49,12 @@ def test_skewed_routing_fills_one_expert(kernel):
     got = kernel(slots, 16, 16)
     want = block_layout_reference(slots, 16, 16)
     assert torch.equal(got.sorted_rows, want.sorted_rows) and torch.equal(got.block_expert, want.block_expert)
+
+
+@pytest.mark.parametrize("kernel", [block_layout_single_program, block_layout_chunked])
+@pytest.mark.parametrize("rows", [5, 130])
+def test_a_column_view_of_sorted_ids_is_read_by_its_strides(kernel, rows):
+    ranked = torch.stack([torch.randperm(8) for _ in range(rows)])  # [R, 8]: Llama 4 keeps the first
+    slots = ranked[:, :1]  # stride (8, 1): flattening it keeps a stride of 8
+    got, want = kernel(slots, 8, 16), block_layout_reference(slots, 8, 16)
+    assert torch.equal(got.sorted_rows, want.sorted_rows) and torch.equal(got.counts, want.counts)
