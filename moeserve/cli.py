@@ -81,6 +81,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule and prepare the next step while the device runs this one "
                              "(default: on with CUDA, off on CPU; always off in lockstep with other ranks)")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=None,
+                        help="run dummy requests through prefill and decode at start, so the kernels compile "
+                             "before the first request (default: on with CUDA for one engine, off on CPU)")
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser, steps: str) -> None:

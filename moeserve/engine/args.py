@@ -52,6 +52,7 @@ class EngineArgs:
     enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8, 16, 24, ...
     async_scheduling: bool | None = None  # the host prepares step N+1 while the device runs N; None: on CUDA only
+    warm_up: bool | None = None  # prefill and decode dummy requests at start (Triton compiles then); None: on CUDA
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.bfloat16), as vLLM takes it

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ from moeserve.loader.tokenizer import load_tokenizer
 from moeserve.sampling_params import Logprob, RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
+WARM_UP_PROMPT_LEN = 300  # tokens of the longest dummy prompt (not a multiple of 16: both sides of Triton's
+# divisibility specialization come up across the rounds)
 
 Prompt = str | dict  # text, or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
 
@@ -77,21 +80,45 @@ class Engine:
 
         self.runner = ModelRunner(args, config, self.max_model_len, self.eos_token_ids, context)
         num_blocks = self.runner.num_blocks
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+        # one step in flight; lockstep ranks step synchronously (every rank's outputs come back at its exchange)
+        on_cuda = self.runner.device.type == "cuda"
+        self.async_scheduling = context is None and (args.async_scheduling if args.async_scheduling is not None
+                                                     else on_cuda)
+        self.start_fresh(args)
+        if context is None and (args.warm_up if args.warm_up is not None else on_cuda):
+            self.warm_up()
+            self.start_fresh(args)
+            self.runner.reset_expert_load()
+        capacity = num_blocks * args.block_size
+        logger.info("KV cache (%s): %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
+                    str(self.kv_cache_dtype).removeprefix("torch."), capacity, num_blocks, args.block_size,
+                    capacity / self.max_model_len, self.max_model_len)
+
+    def start_fresh(self, args: EngineArgs) -> None:
+        """No requests, every KV block free, no prefix cached, counters at zero."""
+        self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                           block_table=self.runner.block_table)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
-        # one step in flight; lockstep ranks step synchronously (every rank's outputs come back at its exchange)
-        self.async_scheduling = context is None and (args.async_scheduling if args.async_scheduling is not None
-                                                     else self.runner.device.type == "cuda")
         self.in_flight: LaunchedStep | None = None
         self.requests: dict[str, Request] = {}
         self.request_counter = itertools.count()
         self.counters = EngineCounters()
         self.preemption_log = PreemptionLog()
-        capacity = num_blocks * args.block_size
-        logger.info("KV cache (%s): %d tokens (%d blocks of %d); max concurrency %.1f at %d tokens per request",
-                    str(self.kv_cache_dtype).removeprefix("torch."), capacity, num_blocks, args.block_size,
-                    capacity / self.max_model_len, self.max_model_len)
+
+    def warm_up(self) -> None:
+        """Greedy dummy requests through chunked prefill and decode, so that the kernels of both paths are
+        compiled (Triton compiles at first use, seconds in all) before a real request waits on them. Two
+        rounds: prompts of different lengths together, then one alone (other token counts, other shapes)."""
+        start = time.perf_counter()
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        longest = max(1, min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens))
+        for lengths in ((longest, max(1, longest // 7)), (max(1, longest // 4),)):
+            for length in lengths:
+                ids = [i % self.config.vocab_size for i in range(length)]
+                self.add(self.make_request({"prompt_token_ids": ids}, params))
+            while self.has_unfinished_requests():
+                self.step()
+        logger.info("Warmed up prefill and decode in %.1f s", time.perf_counter() - start)
 
     @property
     def model(self):

@@ -114,6 +114,12 @@ class ModelRunner:
         logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(model))
         return model
 
+    def reset_expert_load(self) -> None:
+        """Routed-token counts back to zero, in place (captured graphs add to these tensors)."""
+        for layer in self.model.model.layers:
+            if isinstance(layer.mlp, MoE) and layer.mlp.routed_tokens is not None:
+                layer.mlp.routed_tokens.zero_()
+
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer: layer index -> counts [E] (reads the device)."""
         return {index: layer.mlp.expert_tokens.tolist() for index, layer in enumerate(self.model.model.layers)

@@ -1,0 +1,35 @@
+"""The start-up warm-up (on by default on CUDA): dummy requests leave nothing behind, and nothing served
+afterwards differs from an engine that did not warm up."""
+
+import logging
+
+from moeserve.llm import LLM
+from moeserve.sampling_params import SamplingParams
+
+PROMPTS = [{"prompt_token_ids": [3, 1, 4, 1, 5, 9, 2, 6]}, {"prompt_token_ids": list(range(10, 31))}]
+
+
+def outputs(llm: LLM, params: SamplingParams) -> list[tuple[str, list[int]]]:
+    return [(o.request_id, o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+
+
+def test_warm_up_leaves_a_fresh_engine(caplog):
+    with caplog.at_level(logging.INFO, logger="moeserve.engine.engine"):
+        warm = LLM("tiny-deepseek-v2-lite", warm_up=True, block_size=4, max_num_batched_tokens=64)
+    assert "Warmed up prefill and decode" in caplog.text
+    engine = warm.engine
+    state = engine.state()
+    assert not engine.has_unfinished_requests() and not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert (state.running, state.waiting, state.num_preemptions, state.prefix_cache_queries, state.prefix_cache_hits) == (0,) * 5
+    assert all(count == 0 for counts in engine.expert_load().values() for count in counts)
+    cold = LLM("tiny-deepseek-v2-lite", warm_up=False, block_size=4, max_num_batched_tokens=64)
+    for params in (SamplingParams(temperature=0.0, max_tokens=6), SamplingParams(temperature=1.0, max_tokens=6, seed=7)):
+        assert outputs(warm, params) == outputs(cold, params)  # the same request ids and tokens
+    assert engine.expert_load() == cold.engine.expert_load()
+
+
+def test_warm_up_fits_a_short_max_model_len():
+    llm = LLM("tiny-mixtral", warm_up=True, max_model_len=6)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert len(llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3
