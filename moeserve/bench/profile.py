@@ -147,7 +147,7 @@ def profile_engine(engine, prompts: list[dict], params, num_steps: int, skip_dec
 
 def profile_prefill(engine, prompts: list[dict], params) -> StepProfile:
     """Submit the prompts and profile the steps until every request has its first token (or one has
-    finished), then abort what is left."""
+    finished), each step finished before the next is launched; then abort what is left."""
     request_ids = [engine.add_request(prompt, params) for prompt in prompts]
     started: set[str] = set()
 
@@ -155,7 +155,8 @@ def profile_prefill(engine, prompts: list[dict], params) -> StepProfile:
         started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
         return len(started) == len(request_ids) or any(o.finished for o in outputs)
 
-    result = profile_until(engine.step, all_started, engine.device)
+    with engine.synchronous_steps():  # else the step that returns the first tokens has launched a decode
+        result = profile_until(engine.step, all_started, engine.device)
     abort_all(engine, request_ids)
     return result
 

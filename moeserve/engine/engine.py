@@ -7,6 +7,7 @@ N+1 and then finishes step N while the device runs N+1, and returns N's outputs 
 none). Sequences sampled in N are scheduled in N+1 with their token pending (see Scheduler); a sequence
 found finished when N is finished had its row of N+1 computed for nothing, and that row is dropped."""
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -96,6 +97,7 @@ class Engine:
 
     def start_fresh(self, args: EngineArgs) -> None:
         """No requests, every KV block free, no prefix cached, counters at zero."""
+        assert getattr(self, "in_flight", None) is None, "a step is still in flight"
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching,
                                           block_table=self.runner.block_table)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
@@ -106,12 +108,15 @@ class Engine:
         self.preemption_log = PreemptionLog()
 
     def warm_up(self) -> None:
-        """Greedy dummy requests through chunked prefill and decode, so that the kernels of both paths are
-        compiled (Triton compiles at first use, seconds in all) before a real request waits on them. Two
-        rounds: prompts of different lengths together, then one alone (other token counts, other shapes)."""
+        """Greedy dummy requests through prefill and decode, so that the kernels of both paths are compiled
+        (Triton compiles at first use, seconds in all) before a real request waits on them. Two rounds:
+        prompts of different lengths together, then one alone that is a prefix of the first round's (other
+        token counts, and a prefix-cache hit). Sampling runs torch ops only, which need no warm-up."""
         start = time.perf_counter()
+        if self.max_model_len < 4:
+            return
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-        longest = max(1, min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens))
+        longest = min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens)
         for lengths in ((longest, max(1, longest // 7)), (max(1, longest // 4),)):
             for length in lengths:
                 ids = [i % self.config.vocab_size for i in range(length)]
@@ -266,6 +271,18 @@ class Engine:
         launched = self.launch()
         finishing, self.in_flight = self.in_flight, launched
         return self.finish(finishing) if finishing is not None else []
+
+    @contextlib.contextmanager
+    def synchronous_steps(self):
+        """Within the block every step finishes before it returns (none left in flight); the step in flight
+        on entry is finished first, its outputs given to the block."""
+        outputs = self.finish(self.in_flight) if self.in_flight is not None else []
+        self.in_flight = None
+        async_on, self.async_scheduling = self.async_scheduling, False
+        try:
+            yield outputs
+        finally:
+            self.async_scheduling = async_on
 
     def launch(self, lockstep: bool = False) -> LaunchedStep | None:
         """Schedule a step and queue its work on the device; None when there was nothing to schedule."""

@@ -16,16 +16,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
 
 
+PROFILE_SEQ_LEN = 2048  # dense attention's scores grow with the square of a sequence: the token budget is profiled
+# as sequences of at most this many tokens (the engine's prefill runs flash kernels, whose memory is linear)
+
+
+def profile_batch_shape(num_tokens: int, max_model_len: int) -> tuple[int, int]:
+    """(sequences, tokens each) covering at least num_tokens, none longer than PROFILE_SEQ_LEN or max_model_len."""
+    longest = max(1, min(PROFILE_SEQ_LEN, max_model_len))
+    batch = -(-num_tokens // longest)
+    return batch, -(-num_tokens // batch)
+
+
 @torch.no_grad()
 def profile_peak_activation_bytes(model: CausalLM, args: EngineArgs, max_model_len: int, device) -> int:
-    """Peak memory above the weights while running the largest step: a full token budget, then the
-    logits of max_num_seqs rows."""
-    num_tokens = min(args.max_num_batched_tokens, max_model_len)
+    """Peak memory above the weights while running the largest step: a full token budget (as several
+    sequences when it exceeds one's length), then the logits of max_num_seqs rows."""
+    batch, seq_len = profile_batch_shape(args.max_num_batched_tokens, max_model_len)
+    num_tokens = batch * seq_len
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    hidden = model.model(ids, torch.arange(num_tokens, device=device), DenseAttention(1, num_tokens, device))
+    positions = torch.arange(seq_len, device=device).repeat(batch)
+    hidden = model.model(ids, positions, DenseAttention(batch, seq_len, device))
     rows = min(args.max_num_seqs, num_tokens)
     torch.softmax(model.compute_logits(hidden[:rows]).float(), dim=-1)
     torch.cuda.synchronize(device)

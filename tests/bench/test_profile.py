@@ -63,3 +63,14 @@ def test_profiling_until_a_condition_stops_on_the_step_that_meets_it():
     results = iter([1, 5, 2, 9, 3])
     profile = profile_until(lambda: next(results), lambda steps, last: last > 4 and steps > 2, torch.device("cpu"))
     assert profile.num_steps == 4 and next(results) == 3
+
+
+def test_a_prefill_profile_under_async_scheduling_holds_the_prefill_steps_only():
+    from moeserve.bench.profile import profile_prefill
+    from moeserve.llm import LLM
+    from moeserve.sampling_params import SamplingParams
+
+    engine = LLM("tiny-mixtral", async_scheduling=True).engine
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    profile = profile_prefill(engine, [{"prompt_token_ids": [1, 2, 3, 4]}], params)
+    assert profile.num_steps == 1 and engine.in_flight is None and engine.async_scheduling

@@ -33,3 +33,8 @@ def test_warm_up_fits_a_short_max_model_len():
     llm = LLM("tiny-mixtral", warm_up=True, max_model_len=6)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
     assert len(llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3
+
+
+def test_no_warm_up_where_no_dummy_request_fits():
+    llm = LLM("tiny-mixtral", warm_up=True, max_model_len=3)
+    assert llm.generate([{"prompt_token_ids": [1]}], SamplingParams(max_tokens=2))[0].outputs[0].token_ids

@@ -1,0 +1,14 @@
+"""The start-up memory profile's batch: the whole token budget, in sequences short enough that dense
+attention's scores (square in a sequence's length) stay far below what the flash kernels need."""
+
+import pytest
+
+from moeserve.engine.memory import PROFILE_SEQ_LEN, profile_batch_shape
+
+
+@pytest.mark.parametrize("budget, max_model_len", [(16384, 163840), (16384, 4096), (8192, 8192), (100, 4096),
+                                                   (5000, 1000), (3, 2), (2049, 10**6)])
+def test_profile_batch_covers_the_budget_in_short_sequences(budget, max_model_len):
+    batch, seq_len = profile_batch_shape(budget, max_model_len)
+    assert batch * seq_len >= budget and (batch - 1) * seq_len < budget  # the budget, not a sequence more
+    assert seq_len <= min(PROFILE_SEQ_LEN, max_model_len)
