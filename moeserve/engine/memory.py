@@ -31,21 +31,26 @@ def profile_batch_shape(num_tokens: int, max_model_len: int) -> tuple[int, int]:
 def profile_peak_activation_bytes(model: CausalLM, args: EngineArgs, max_model_len: int, device) -> int:
     """Peak memory above the weights while running the largest step: a full token budget (as several
     sequences when it exceeds one's length), then the logits of max_num_seqs rows."""
-    batch, seq_len = profile_batch_shape(args.max_num_batched_tokens, max_model_len)
-    num_tokens = batch * seq_len
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
+    largest_step(model, args, max_model_len, device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return peak
+
+
+@torch.no_grad()
+def largest_step(model: CausalLM, args: EngineArgs, max_model_len: int, device) -> torch.Tensor:
+    """The forward of a full token budget and the softmax of max_num_seqs rows of logits: [rows, V]."""
+    batch, seq_len = profile_batch_shape(args.max_num_batched_tokens, max_model_len)
+    num_tokens = batch * seq_len
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(seq_len, device=device).repeat(batch)
     hidden = model.model(ids, positions, DenseAttention(batch, seq_len, device))
     rows = min(args.max_num_seqs, num_tokens)
-    torch.softmax(model.compute_logits(hidden[:rows]).float(), dim=-1)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del hidden
-    torch.cuda.empty_cache()
-    return peak
+    return torch.softmax(model.compute_logits(hidden[:rows]).float(), dim=-1)
 
 
 def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device,

@@ -2,6 +2,7 @@
 attention's scores (square in a sequence's length) stay far below what the flash kernels need."""
 
 import pytest
+import torch
 
 from moeserve.engine.memory import PROFILE_SEQ_LEN, profile_batch_shape
 
@@ -12,3 +13,16 @@ def test_profile_batch_covers_the_budget_in_short_sequences(budget, max_model_le
     batch, seq_len = profile_batch_shape(budget, max_model_len)
     assert batch * seq_len >= budget and (batch - 1) * seq_len < budget  # the budget, not a sequence more
     assert seq_len <= min(PROFILE_SEQ_LEN, max_model_len)
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v2-lite", "tiny-qwen3-moe", "tiny-llama4"])
+def test_the_profiled_step_runs_as_several_sequences(preset, monkeypatch):
+    from moeserve import engine
+    from moeserve.engine.args import EngineArgs
+    from moeserve.llm import LLM
+
+    monkeypatch.setattr(engine.memory, "PROFILE_SEQ_LEN", 16)
+    llm = LLM(preset)
+    args = EngineArgs(model=preset, max_num_batched_tokens=40, max_num_seqs=8)
+    probs = engine.memory.largest_step(llm.engine.model, args, 64, "cpu")  # 3 sequences of 14 tokens
+    assert probs.shape == (8, llm.engine.config.vocab_size) and torch.isfinite(probs).all()
