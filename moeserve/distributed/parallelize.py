@@ -15,16 +15,19 @@ from moeserve.config import ConfigError
 from moeserve.distributed.ep.dispatchers import DISPATCHERS, gather_padded
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap, ParallelGroups
-from moeserve.distributed.tensor_parallel import RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+from moeserve.distributed.tensor_parallel import (QuantRowParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                  VocabParallelLMHead)
 from moeserve.layers.attention.gqa import GQAttention
 from moeserve.layers.attention.mla import MLAttention
+from moeserve.layers.linear import QuantLinear
 from moeserve.layers.mlp import MLP
 from moeserve.layers.moe.dispatch import LocalDispatcher
 from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.moe import MoE
 from moeserve.models.base import CausalLM, replace_submodule
 from moeserve.quant.apply import give_empty_quantized_weights
-from moeserve.quant.formats import QuantizedWeight
+from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
+from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 
 
 @dataclass(frozen=True)
@@ -85,29 +88,77 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
 
 def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
     linear = model.get_submodule(path)
-    _require_plain(linear, path)
     if linear.out_features % tp:
         raise ConfigError(f"{path}: {linear.out_features} output features cannot be split over tp={tp}")
-    replace_submodule(model, path, nn.Linear(linear.in_features, linear.out_features // tp, linear.bias is not None))
-    specs[f"{path}.weight"] = Shard(0, tp_rank, tp)
+    out_features = linear.out_features // tp
+    if isinstance(linear, QuantLinear):
+        replace_submodule(model, path, QuantLinear(sharded_weight(linear.weight, path, 0, out_features, tp),
+                                                   sliced_bias(linear.bias, out_features)))
+        record_weight_shards(specs, path, linear.weight, Shard(0, tp_rank, tp))
+    else:
+        _require_plain(linear, path)
+        replace_submodule(model, path, nn.Linear(linear.in_features, out_features, linear.bias is not None))
+        specs[f"{path}.weight"] = Shard(0, tp_rank, tp)
     if linear.bias is not None:
         specs[f"{path}.bias"] = Shard(0, tp_rank, tp)
 
 
 def row(model, path: str, groups: ParallelGroups, specs: dict) -> None:
     linear, tp = model.get_submodule(path), groups.layout.tp
-    _require_plain(linear, path)
     if linear.in_features % tp:
         raise ConfigError(f"{path}: {linear.in_features} input features cannot be split over tp={tp}")
-    replace_submodule(model, path, RowParallelLinear(linear.in_features // tp, linear.out_features,
-                                                     linear.bias is not None, groups.tp_group))
+    in_features = linear.in_features // tp
+    if isinstance(linear, QuantLinear):
+        replace_submodule(model, path, QuantRowParallelLinear(sharded_weight(linear.weight, path, 1, in_features, tp),
+                                                              linear.bias, groups.tp_group))
+        record_weight_shards(specs, path, linear.weight, Shard(1, groups.tp_rank, tp))
+        return
+    _require_plain(linear, path)
+    replace_submodule(model, path, RowParallelLinear(in_features, linear.out_features, linear.bias is not None,
+                                                     groups.tp_group))
     specs[f"{path}.weight"] = Shard(1, groups.tp_rank, tp)
 
 
 def _require_plain(linear: nn.Module, path: str) -> None:
     if not isinstance(linear, nn.Linear):
-        raise ConfigError(f"{path}: tensor parallelism over quantized linears is not supported yet; "
+        raise ConfigError(f"{path}: a {type(linear).__name__} cannot be split over tp; "
                           "use data-parallel attention with expert parallelism (--dp N --ep N)")
+
+
+SHARDED_FIELDS = {"fp8": ("values", "scale"), "nvfp4": ("packed", "block_scale")}  # the rest (a global scale) is whole
+
+
+def quantization_unit(weight: QuantizedWeight, dim: int) -> int:
+    """Features along dim (0: output, 1: input) that share one scale."""
+    if weight.format == "fp8":
+        return weight.block[dim]
+    return NVFP4_BLOCK if dim == 1 else 1
+
+
+def sharded_weight(weight: QuantizedWeight, path: str, dim: int, part: int, tp: int) -> QuantizedWeight:
+    """An empty quantized weight for this rank's `part` features along dim, which must be whole scale blocks."""
+    unit = quantization_unit(weight, dim)
+    if part % unit:
+        side = "output" if dim == 0 else "input"
+        raise ConfigError(f"{path}: {part} {side} features per rank (tp={tp}) are not whole {weight.format} "
+                          f"scale blocks of {unit}; use a tp that divides the features into multiples of {unit}, or "
+                          "data-parallel attention with expert parallelism (--dp N --ep N)")
+    shape = list(weight.shape)
+    shape[dim] = part
+    with torch.device(next(weight.parameters()).device):
+        return make_quantized_weight(weight.format, tuple(shape), getattr(weight, "block", (128, 128)))
+
+
+def sliced_bias(bias: nn.Parameter | None, size: int) -> nn.Parameter | None:
+    if bias is None:
+        return None
+    return nn.Parameter(torch.empty(size, dtype=bias.dtype, device=bias.device), requires_grad=False)
+
+
+def record_weight_shards(specs: dict, path: str, weight: QuantizedWeight, shard: Shard) -> None:
+    """The quantized data and its block scales split like the weight (same dim: rows, or columns / scale blocks)."""
+    for field in SHARDED_FIELDS[weight.format]:
+        specs[f"{path}.weight.{field}"] = shard
 
 
 def shard_dense_parts(model: CausalLM, groups: ParallelGroups, specs: dict) -> None:

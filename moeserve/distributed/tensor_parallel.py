@@ -6,6 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.layers.linear import QuantLinear
+
 
 class RowParallelLinear(nn.Linear):
     """A slice of the input features; the partial products are summed over the group, then the bias."""
@@ -16,6 +18,19 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out if self.bias is None else out + self.bias
+
+
+class QuantRowParallelLinear(QuantLinear):
+    """A quantized slice of the input features (whole quantization blocks); partial products summed, then the bias."""
+
+    def __init__(self, weight, bias: nn.Parameter | None, group):
+        super().__init__(weight, bias)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight.dequantize(x.dtype))
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 

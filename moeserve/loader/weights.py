@@ -70,7 +70,7 @@ def locate(model: CausalLM, ours: str, params: dict, scheme: CheckpointScheme | 
     if scheme is not None and suffix in scheme.fields:
         field = f"{module}.weight.{scheme.fields[suffix]}"
     if field in params:
-        return Target(params[field], [(field,)], reciprocal=suffix in scheme.reciprocal)
+        return Target(params[field], [(field,)], reciprocal=suffix in scheme.reciprocal, shard=specs.get(field))
     if ours in params:
         return Target(params[ours], [(ours,)], shard=specs.get(ours))
     raise KeyError(ours)
