@@ -88,6 +88,7 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
 
 def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
     linear = model.get_submodule(path)
+    _require_linear(linear, path)
     if linear.out_features % tp:
         raise ConfigError(f"{path}: {linear.out_features} output features cannot be split over tp={tp}")
     out_features = linear.out_features // tp
@@ -96,7 +97,6 @@ def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
                                                    sliced_bias(linear.bias, out_features)))
         record_weight_shards(specs, path, linear.weight, Shard(0, tp_rank, tp))
     else:
-        _require_plain(linear, path)
         replace_submodule(model, path, nn.Linear(linear.in_features, out_features, linear.bias is not None))
         specs[f"{path}.weight"] = Shard(0, tp_rank, tp)
     if linear.bias is not None:
@@ -105,6 +105,7 @@ def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
 
 def row(model, path: str, groups: ParallelGroups, specs: dict) -> None:
     linear, tp = model.get_submodule(path), groups.layout.tp
+    _require_linear(linear, path)
     if linear.in_features % tp:
         raise ConfigError(f"{path}: {linear.in_features} input features cannot be split over tp={tp}")
     in_features = linear.in_features // tp
@@ -113,14 +114,13 @@ def row(model, path: str, groups: ParallelGroups, specs: dict) -> None:
                                                               linear.bias, groups.tp_group))
         record_weight_shards(specs, path, linear.weight, Shard(1, groups.tp_rank, tp))
         return
-    _require_plain(linear, path)
     replace_submodule(model, path, RowParallelLinear(in_features, linear.out_features, linear.bias is not None,
                                                      groups.tp_group))
     specs[f"{path}.weight"] = Shard(1, groups.tp_rank, tp)
 
 
-def _require_plain(linear: nn.Module, path: str) -> None:
-    if not isinstance(linear, nn.Linear):
+def _require_linear(linear: nn.Module, path: str) -> None:
+    if not isinstance(linear, (nn.Linear, QuantLinear)):
         raise ConfigError(f"{path}: a {type(linear).__name__} cannot be split over tp; "
                           "use data-parallel attention with expert parallelism (--dp N --ep N)")
 

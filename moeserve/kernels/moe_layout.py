@@ -81,16 +81,11 @@ def _one_hot(slots_ptr, start, num_rows, CHUNK: tl.constexpr, EXPERTS: tl.conste
 def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_rows,
                          num_experts, capacity, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr,
                          CHUNK: tl.constexpr, FILL: tl.constexpr):
-    experts = tl.arange(0, EXPERTS)
     counts = tl.zeros((EXPERTS,), dtype=tl.int32)
     for start in range(0, num_rows, CHUNK):
         hot, _ = _one_hot(slots_ptr, start, num_rows, CHUNK, EXPERTS)
         counts += tl.sum(hot, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    total = tl.sum(padded, axis=0)
-    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
-    tl.store(num_padded_ptr, total)
+    padded, ends, total = _store_expert_ranges(counts, counts_ptr, num_padded_ptr, num_experts, BLOCK_M, EXPERTS)
     for start in range(0, capacity, FILL):  # every slot starts as padding (index num_rows)
         offs = start + tl.arange(0, FILL)
         tl.store(sorted_rows_ptr + offs, tl.full((FILL,), 0, tl.int32) + num_rows, mask=offs < capacity)
@@ -103,6 +98,19 @@ def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padde
         tl.store(sorted_rows_ptr + destination, offs.to(tl.int32), mask=tl.sum(hot, axis=1) > 0)
         next_free += tl.sum(hot, axis=0)
     _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, CHUNK)
+
+
+@triton.jit
+def _store_expert_ranges(counts, counts_ptr, num_padded_ptr, num_experts, BLOCK_M: tl.constexpr,
+                         EXPERTS: tl.constexpr):
+    """Per expert its pairs padded to whole blocks and where its range ends; stores the counts and the total."""
+    experts = tl.arange(0, EXPERTS)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
+    tl.store(num_padded_ptr, total)
+    return padded, ends, total
 
 
 @triton.jit
@@ -155,11 +163,7 @@ def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_
         tile = tl.load(chunk_counts_ptr + chunks[:, None] * EXPERTS + experts[None, :], mask=chunks[:, None] < num_chunks,
                        other=0)
         counts += tl.sum(tile, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    total = tl.sum(padded, axis=0)
-    tl.store(counts_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
-    tl.store(num_padded_ptr, total)
+    padded, ends, total = _store_expert_ranges(counts, counts_ptr, num_padded_ptr, num_experts, BLOCK_M, EXPERTS)
     next_free = ends - padded
     for start in range(0, num_chunks, TILE):
         chunks = start + tl.arange(0, TILE)

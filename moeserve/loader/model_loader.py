@@ -60,9 +60,6 @@ def load_model(
             raise ConfigError(f"quantization must be one of {', '.join(FORMATS)}, got {quantization!r}")
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
-        if parallel is not None and parallel.groups.layout.tp > 1:
-            raise ConfigError("quantizing on load with tp > 1 is not supported yet; use --dp N --ep N, or "
-                              "quantize first with `moeserve quantize` and load that with --ep")
     with CheckpointReader(folder) as reader:
         plan = None
         if scheme is not None:

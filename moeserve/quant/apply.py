@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeserve.distributed.tensor_parallel import QuantRowParallelLinear, RowParallelLinear
 from moeserve.layers.linear import QuantLinear
 from moeserve.layers.moe.experts import Experts
 from moeserve.models.base import replace_submodule
@@ -75,12 +76,15 @@ def default_plan(model: nn.Module, fmt: str) -> QuantPlan:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, fmt: str) -> QuantPlan:
-    """Quantize a loaded model's weights in place, layer by layer."""
+    """Quantize a loaded model's weights in place, layer by layer. On a tensor-parallel rank each
+    linear and expert quantizes its own shard, with scales of its own."""
     plan = default_plan(model, fmt)
     for path in sorted(plan.linears):
         linear = model.get_submodule(path)
         quantized = empty_quantized_linear(linear, fmt)
         quantized.weight.quantize_from(linear.weight)
+        if isinstance(linear, RowParallelLinear):  # a rank's slice of the inputs: its partial sums still add up
+            quantized = QuantRowParallelLinear(quantized.weight, quantized.bias, linear.group)
         replace_submodule(model, path, quantized)
     for path in sorted(plan.experts):
         experts = model.get_submodule(path)

@@ -12,7 +12,7 @@ import moeserve
 from moeserve.config import ConfigError
 from moeserve.distributed.layout import ParallelGroups, ParallelLayout
 from moeserve.distributed.parallelize import ParallelOptions
-from moeserve.distributed.tensor_parallel import QuantRowParallelLinear
+from moeserve.distributed.tensor_parallel import QuantRowParallelLinear, RowParallelLinear
 from moeserve.loader.resolve import resolve_checkpoint
 from moeserve.loader.weights import export_state_dict
 from moeserve.quant.fp8 import quantize_fp8_block
@@ -86,3 +86,29 @@ def test_a_split_through_a_scale_block_is_a_clear_error(tmp_path):
     folder = write_quantized(tmp_path / "fp8-128", "fp8", block=128)  # 96 q_b rows per rank: not whole blocks
     for message in run_ranks(2, build_error, folder, (2, 1, 2)):
         assert "q_b_proj: 96 output features per rank (tp=2) are not whole fp8 scale blocks of 128" in message
+
+
+def quantized_on_load_logits(rank, world, layout, fmt):
+    """This rank's logits with the preset quantized as it loads, and its plain / quantized row-parallel linears."""
+    options = ParallelOptions(ParallelGroups(ParallelLayout(*layout), "cpu"))
+    model = moeserve.load_model(PRESET, parallel=options, quantization=fmt, progress=False)
+    modules = list(model.modules())
+    plain_rows = sum(isinstance(m, RowParallelLinear) for m in modules)
+    return model(batch()), plain_rows, sum(isinstance(m, QuantRowParallelLinear) for m in modules)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("layout", [(2, 1, 2), (2, 1, 1)], ids=["tp2-ep2", "tp2"])
+def test_quantizing_on_load_over_tp_ranks_keeps_the_row_parallel_sums(fmt, layout):
+    """Each rank quantizes its own shard (scales of its own), so the logits are not bit-equal to one
+    rank's; a row-parallel linear that lost its all-reduce would be off by the size of the logits."""
+    reference = moeserve.load_model(PRESET, progress=False)(batch())
+    one_rank_error = relative_error(moeserve.load_model(PRESET, quantization=fmt, progress=False)(batch()), reference)
+    for actual, plain_rows, quantized_rows in run_ranks(2, quantized_on_load_logits, layout, fmt):
+        assert plain_rows == 0 and quantized_rows == 3 + 1 + 2
+        assert torch.isfinite(actual).all()
+        assert relative_error(actual, reference) < 1.25 * one_rank_error + 0.02
