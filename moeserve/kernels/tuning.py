@@ -30,7 +30,7 @@ def candidates(num_rows: int):
     """Decode (few rows per expert): small M blocks, K split to fill the SMs. Prefill: large tiles,
     grouped tile order, optionally a persistent grid; K steps of 128 as well (one per FP8 scale block)."""
     if num_rows <= 1024:
-        for block_n, block_k, split_k in itertools.product((64, 128), (64, 128), (1, 2, 4)):
+        for block_n, block_k, split_k in itertools.product((32, 64, 128), (64, 128), (1, 2, 4)):
             yield GemmConfig(16, block_n, block_k, num_warps=4, num_stages=3, split_k=split_k)
         return
     sizes = itertools.product((64, 128), (64, 128), (4, 8), (1, 8), (False, True))
