@@ -99,7 +99,7 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # these vary from step to step
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, w_global_ptr, out_ptr, row_weight_ptr,
     sorted_rows_ptr, block_expert_ptr, num_padded_ptr,

@@ -77,7 +77,7 @@ def _one_hot(slots_ptr, start, num_rows, CHUNK: tl.constexpr, EXPERTS: tl.conste
     return (expert[:, None] == tl.arange(0, EXPERTS)[None, :]).to(tl.int32), offs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "capacity", "num_blocks"])  # these vary from step to step
 def _block_layout_kernel(slots_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_rows,
                          num_experts, capacity, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr,
                          CHUNK: tl.constexpr, FILL: tl.constexpr):
@@ -137,7 +137,7 @@ def block_layout_single_program(slots: torch.Tensor, num_experts: int, block_m: 
     return BlockLayout(sorted_rows, block_expert, num_padded, counts, num_rows, block_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "capacity", "slots_per_program"])  # these vary from step to step
 def _chunk_counts_kernel(slots_ptr, chunk_counts_ptr, sorted_rows_ptr, num_rows, capacity, slots_per_program,
                          EXPERTS: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
     """Program c: the pairs of chunk c per expert, and its share of the slots set to padding (num_rows)."""
@@ -151,7 +151,7 @@ def _chunk_counts_kernel(slots_ptr, chunk_counts_ptr, sorted_rows_ptr, num_rows,
                  mask=(offs < capacity) & (offs < first + slots_per_program))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_blocks"])  # these vary from step to step
 def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_padded_ptr, counts_ptr, num_chunks,
                         num_experts, num_blocks, BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, TILE: tl.constexpr,
                         BLOCKS: tl.constexpr):
@@ -175,7 +175,7 @@ def _chunk_bases_kernel(chunk_counts_ptr, chunk_base_ptr, block_expert_ptr, num_
     _store_block_experts(block_expert_ptr, ends, total, num_blocks, BLOCK_M, BLOCKS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # these vary from step to step
 def _chunk_scatter_kernel(slots_ptr, chunk_base_ptr, sorted_rows_ptr, num_rows, EXPERTS: tl.constexpr,
                           CHUNK: tl.constexpr):
     """Program c: each pair of chunk c to its expert's next slot, in order."""

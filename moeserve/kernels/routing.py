@@ -14,9 +14,9 @@ from moeserve.config import MoEConfig
 
 
 @triton.jit
-def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, num_experts, stride_t,
+def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, num_experts, stride_t,
                          TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr,
-                         BLOCK_E: tl.constexpr):
+                         BLOCK_E: tl.constexpr, COUNT: tl.constexpr):
     token = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + token * stride_t + experts, mask=experts < num_experts, other=-float("inf")).to(tl.float32)
@@ -29,9 +29,17 @@ def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, num_experts, stride_t
         value = tl.max(remaining, axis=0)
         tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
         tl.store(weights_ptr + token * TOP_K + k, value)
+        _count(counts_ptr, best, COUNT)
         total += value
         remaining = tl.where(experts == best, -2.0, remaining)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
+
+
+@triton.jit
+def _count(counts_ptr, expert, COUNT: tl.constexpr):
+    """One more token routed to `expert` (the MoE layer's running expert-load metric)."""
+    if COUNT:
+        tl.atomic_add(counts_ptr + expert, 1)
 
 
 @triton.jit
@@ -43,9 +51,9 @@ def _rescale(weights_ptr, total, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
 
 
 @triton.jit
-def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, stride_t,
+def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr, stride_t,
                          NUM_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr):
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr, COUNT: tl.constexpr):
     token = tl.program_id(0)
     groups = tl.arange(0, NUM_GROUPS)[:, None]
     members = tl.arange(0, GROUP_SIZE)[None, :]
@@ -76,37 +84,43 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, stride_t,
         weight = tl.sum(tl.sum(tl.where(picked, scores, 0.0), axis=1), axis=0)
         tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
         tl.store(weights_ptr + token * TOP_K + k, weight)
+        _count(counts_ptr, best, COUNT)
         total += weight
         remaining = tl.where(picked, -float("inf"), remaining)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, scaling_factor: float = 1.0):
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, scaling_factor: float = 1.0,
+                 counts: torch.Tensor | None = None):
+    """counts [E] int64, if given: each chosen expert's entry goes up by one (in the same kernel)."""
     num_tokens, num_experts = logits.shape
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     if num_tokens:
-        _softmax_topk_kernel[(num_tokens,)](logits, ids, weights, num_experts, logits.stride(0), top_k, renormalize,
-                                            float(scaling_factor), triton.next_power_of_2(num_experts))
+        _softmax_topk_kernel[(num_tokens,)](logits, ids, weights, ids if counts is None else counts, num_experts,
+                                            logits.stride(0), top_k, renormalize, float(scaling_factor),
+                                            triton.next_power_of_2(num_experts), counts is not None)
     return ids, weights
 
 
-def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor, moe: MoEConfig):
+def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor, moe: MoEConfig,
+                 counts: torch.Tensor | None = None):
     num_tokens, num_experts = logits.shape
     group_size = num_experts // moe.num_groups
     ids = torch.empty(num_tokens, moe.top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(num_tokens, moe.top_k, dtype=torch.float32, device=logits.device)
     if num_tokens:
-        _grouped_topk_kernel[(num_tokens,)](logits, correction_bias, ids, weights, logits.stride(0), moe.num_groups,
-                                            group_size, moe.topk_groups, moe.top_k, moe.renormalize,
-                                            float(moe.scaling_factor))
+        _grouped_topk_kernel[(num_tokens,)](logits, correction_bias, ids, weights, ids if counts is None else counts,
+                                            logits.stride(0), moe.num_groups, group_size, moe.topk_groups, moe.top_k,
+                                            moe.renormalize, float(moe.scaling_factor), counts is not None)
     return ids, weights
 
 
-def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None):
+def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None,
+          counts: torch.Tensor | None = None):
     if moe.scoring == "softmax":
-        return softmax_topk(logits, moe.top_k, moe.renormalize, moe.scaling_factor)
-    return grouped_topk(logits, correction_bias, moe)
+        return softmax_topk(logits, moe.top_k, moe.renormalize, moe.scaling_factor, counts)
+    return grouped_topk(logits, correction_bias, moe, counts)
 
 
 def supports(moe: MoEConfig) -> bool:

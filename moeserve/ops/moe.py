@@ -5,15 +5,20 @@ import torch
 from moeserve.kernels.row_layout import RowLayout
 
 
-def moe_route(router, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_route(router, logits: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] fp32) by `router.moe`'s rule:
-    the routing kernels on CUDA where they cover the rule, else `router.reference(logits)`."""
+    the routing kernels on CUDA where they cover the rule, else `router.reference(logits)`.
+    counts [E] int64, if given, goes up by one per chosen (token, expert) (the kernels count as they choose)."""
     if logits.is_cuda:
         from moeserve.kernels import routing
 
         if routing.supports(router.moe):
-            return routing.route(logits, router.moe, router.correction_bias)
-    return router.reference(logits)
+            return routing.route(logits, router.moe, router.correction_bias, counts)
+    topk_ids, topk_weights = router.reference(logits)
+    if counts is not None:
+        flat = topk_ids.flatten()
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return topk_ids, topk_weights
 
 
 def moe_experts(experts, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:

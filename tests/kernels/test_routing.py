@@ -53,3 +53,15 @@ def test_ties_go_to_the_lowest_expert_in_kernel_and_reference():
 def test_no_tokens():
     ids, weights = softmax_topk(torch.randn(0, 8), 2, True)
     assert ids.shape == (0, 2) and weights.shape == (0, 2)
+
+
+def test_both_kernels_count_the_chosen_experts_onto_running_totals():
+    logits = torch.randn(41, 64) * 2
+    grouped = MoEConfig(num_experts=64, top_k=8, intermediate_size=1, scoring="sigmoid", renormalize=True,
+                        num_groups=8, topk_groups=4, group_score="top2_sum", correction_bias=True)
+    earlier = torch.randint(0, 100, (64,))
+    for route in (lambda counts: softmax_topk(logits, 6, False, 1.0, counts),
+                  lambda counts: grouped_topk(logits, torch.randn(64) * 0.1, grouped, counts)):
+        counts = earlier.clone()
+        ids, _ = route(counts)
+        assert torch.equal(counts, earlier + torch.bincount(ids.flatten(), minlength=64))

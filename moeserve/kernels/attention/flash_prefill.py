@@ -78,7 +78,7 @@ def _attend_key_tiles(acc, m_i, l_i, q_main, q_tail, k_base, v_base, query_pos, 
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lh"])  # these vary from step to step
 def _flash_varlen_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, qk_scale, heads_per_kv,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
@@ -210,7 +210,7 @@ def flash_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale,
     return out, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lse_a", "stride_lse_b", "stride_lse"])  # these vary from step to step
 def _merge_kernel(out_a_ptr, lse_a_ptr, out_b_ptr, lse_b_ptr, out_ptr, lse_ptr, num_heads,
                   stride_at, stride_ah, stride_bt, stride_bh, stride_ot, stride_oh, stride_lse_a, stride_lse_b,
                   stride_lse, BLOCK_H: tl.constexpr, DV: tl.constexpr):

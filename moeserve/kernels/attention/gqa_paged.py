@@ -23,6 +23,7 @@ from moeserve.layers.attention.dense import attention_with_lse, causal_mask
 
 FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
 MAX_SPLITS = 64  # the decode merge holds every split of a row in one tile
+SMALL_MERGE_TILE = 16
 DECODE_BLOCK_N = 64
 MIN_TILES_PER_SPLIT = 2
 
@@ -110,7 +111,7 @@ def _attend_paged(q, query_pos, first_pos, last_pos, tile_lo, tile_hi, k_base, v
     return out, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # these vary from step to step
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_table_ptr, query_start_ptr, seq_lens_ptr, kv_scale_ptr,
     qk_scale, sliding_window, chunk_size, group_size,
@@ -150,7 +151,7 @@ def _paged_prefill_kernel(
              mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])  # these vary from step to step
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, block_table_ptr, seq_lens_ptr, kv_scale_ptr,
     qk_scale, sliding_window, chunk_size, group_size, num_splits,
@@ -184,7 +185,7 @@ def _paged_decode_kernel(
     tl.store(part_lse_ptr + seq.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])  # these vary from step to step
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                          SPLITS: tl.constexpr, D: tl.constexpr):
@@ -233,6 +234,11 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 2  # the interpreter: a few programs
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def merge_tile(num_splits: int) -> int:
+    """Two merge variants in all, whatever the step's split count (each new one would compile mid-serving)."""
+    return SMALL_MERGE_TILE if num_splits <= SMALL_MERGE_TILE else MAX_SPLITS
 
 
 def paged_decode_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, device) -> int:
@@ -334,7 +340,7 @@ def paged_decode(
     _merge_splits_kernel[(batch, num_heads)](
         part_out, part_lse, out, num_splits, part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-        SPLITS=triton.next_power_of_2(num_splits), D=head_dim,
+        SPLITS=merge_tile(num_splits), D=head_dim,
     )
     return out
 

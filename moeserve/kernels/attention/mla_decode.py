@@ -68,7 +68,7 @@ def mla_decode_num_splits(batch_size: int, num_heads: int, max_context_len: int,
     return max(1, min(wanted, longest, MAX_SPLITS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"])  # these vary from step to step
 def _mla_decode_split_kernel(
     q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, kv_scale_ptr, out_ptr, lse_ptr,
     num_heads, qk_scale, block_size,
@@ -137,7 +137,7 @@ def _mla_decode_split_kernel(
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=heads < num_heads)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])  # these vary from step to step
 def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, num_splits,
                              stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
                              L: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_STEP: tl.constexpr,
@@ -203,7 +203,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     if num_splits > 1:
         _mla_decode_merge_kernel[(batch, num_heads)](
             partial, lse, out, seq_lens, num_splits, *partial.stride()[:3], *lse.stride()[:2], *out.stride()[:2],
-            L=rank, BLOCK_S=triton.next_power_of_2(num_splits), MERGE_STEP=MERGE_SPLITS, BLOCK_N=config.block_n)
+            L=rank, BLOCK_S=MAX_SPLITS, MERGE_STEP=MERGE_SPLITS, BLOCK_N=config.block_n)  # one variant for all
     return out
 
 

@@ -27,17 +27,16 @@ class MoE(nn.Module):
     def expert_tokens(self) -> torch.Tensor:
         return self.routed_tokens if self.routed_tokens is not None else torch.zeros(self.moe.num_experts, dtype=torch.long)
 
-    def count_routed(self, topk_ids: torch.Tensor) -> None:
-        if self.routed_tokens is None or self.routed_tokens.device != topk_ids.device:
-            self.routed_tokens = torch.zeros(self.moe.num_experts, dtype=torch.long, device=topk_ids.device)
-        flat = topk_ids.flatten()
-        self.routed_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # on the device: no sync
+    def routed_counter(self, device: torch.device) -> torch.Tensor:
+        """routed_tokens on `device`, made at first use; routing adds to it on the device (no sync)."""
+        if self.routed_tokens is None or self.routed_tokens.device != device:
+            self.routed_tokens = torch.zeros(self.moe.num_experts, dtype=torch.long, device=device)
+        return self.routed_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        topk_ids, topk_weights = self.gate(x)  # [T, K]
-        self.count_routed(topk_ids)
+        topk_ids, topk_weights = self.gate(x, self.routed_counter(x.device))  # [T, K]
         expert_in = x
         if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
             expert_in = x * topk_weights.to(x.dtype)
