@@ -114,3 +114,19 @@ def test_configs_keep_every_dot_dimension_at_least_16(heads, dtype):
     config = mla_decode_config(heads, dtype)
     assert config.block_h >= 16 and config.block_n >= 16
     assert mla_decode_num_splits(4, heads, 1000, torch.device("cpu")) >= 1
+
+
+def test_the_rope_part_may_come_apart_from_the_latent_query():
+    """The decode path passes W_UK-absorbed latents and the rope part as two tensors (no concatenation)."""
+    lengths, rank, rope, heads = [5, 40, 17], 32, 16, 4
+    generator = torch.Generator().manual_seed(3)
+    cache, table = paged_latents(lengths, 4, rank + rope, torch.float32, generator, None)
+    q = torch.randn(len(lengths), heads, rank + rope, generator=generator)
+    q_latent = torch.randn(heads, len(lengths), rank, generator=generator).transpose(0, 1)  # strided, as an einsum gives
+    q_latent.copy_(q[..., :rank])
+    q_pe = q[..., rank:].clone()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    out = mla_decode(q_latent, cache, table, seq_lens, 0.3, 3, rank, config=TEST_TILES, q_pe=q_pe)
+    expected = mla_decode_reference(q, cache, table, seq_lens, 0.3, rank)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -70,9 +70,9 @@ def mla_decode_num_splits(batch_size: int, num_heads: int, max_context_len: int,
 
 @triton.jit(do_not_specialize=["stride_table", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh"])  # these vary from step to step
 def _mla_decode_split_kernel(
-    q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, kv_scale_ptr, out_ptr, lse_ptr,
+    q_ptr, q_pe_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, kv_scale_ptr, out_ptr, lse_ptr,
     num_heads, qk_scale, block_size,
-    stride_qb, stride_qh, stride_cache_block, stride_cache_offset, stride_table,
+    stride_qb, stride_qh, stride_pe_b, stride_pe_h, stride_cache_block, stride_cache_offset, stride_table,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     L: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     FP8: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_AS_FP16: tl.constexpr,
@@ -84,9 +84,10 @@ def _mla_decode_split_kernel(
     head_ok = heads[:, None] < num_heads
     latent, rope = tl.arange(0, L), L + tl.arange(0, R)
 
-    q_rows = q_ptr + seq * stride_qb + heads[:, None] * stride_qh
-    q_nope = tl.load(q_rows + latent[None, :], mask=head_ok, other=0.0)  # [BLOCK_H, L]
-    q_pe = tl.load(q_rows + rope[None, :], mask=head_ok, other=0.0)  # [BLOCK_H, R]
+    q_nope = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + latent[None, :], mask=head_ok,
+                     other=0.0)  # [BLOCK_H, L]
+    q_pe = tl.load(q_pe_ptr + seq * stride_pe_b + heads[:, None] * stride_pe_h + tl.arange(0, R)[None, :],
+                   mask=head_ok, other=0.0)  # [BLOCK_H, R]
     if FP8:
         kv_scale = tl.load(kv_scale_ptr)
         qk_scale *= kv_scale
@@ -168,18 +169,23 @@ def _mla_decode_merge_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, num_sp
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                scale: float, num_splits: int, kv_lora_rank: int, kv_scale: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: MLADecodeConfig | None = None) -> torch.Tensor:
-    """q [B, H, L + R] (bf16/fp16/fp32; L = kv_lora_rank), cache [num_blocks, block_size, L + R] (bf16/fp16/
+               out: torch.Tensor | None = None, config: MLADecodeConfig | None = None,
+               q_pe: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, L + R] (bf16/fp16/fp32; L = kv_lora_rank), or q [B, H, L] with its rope part q_pe [B, H, R]
+    apart (no concatenation), cache [num_blocks, block_size, L + R] (bf16/fp16/
     fp32/FP8 with kv_scale fp32 [1]), block_table int32 [B, max_blocks], seq_lens int32 [B] -> out [B, H, L]
     in q's dtype (written into `out` if given). num_splits: from mla_decode_num_splits, fixed per batch size;
     config: mla_decode_config's unless given. No host sync: capturable in a CUDA graph."""
-    batch, num_heads, width = q.shape
-    rank, rope = kv_lora_rank, width - kv_lora_rank
+    rank = kv_lora_rank
+    if q_pe is None:
+        q, q_pe = q[..., :rank], q[..., rank:]
+    batch, num_heads, rope = q_pe.shape
     out = q.new_empty(batch, num_heads, rank) if out is None else out
     if batch == 0:
         return out
-    assert q.stride(-1) == cache.stride(-1) == out.stride(-1) == block_table.stride(-1) == 1
-    assert cache.shape[-1] == width and rank == triton.next_power_of_2(rank) and rope == triton.next_power_of_2(rope)
+    assert q.stride(-1) == q_pe.stride(-1) == cache.stride(-1) == out.stride(-1) == block_table.stride(-1) == 1
+    assert q.shape[-1] == rank and cache.shape[-1] == rank + rope
+    assert rank == triton.next_power_of_2(rank) and rope == triton.next_power_of_2(rope)
     fp8 = cache.dtype == torch.float8_e4m3fn
     assert not fp8 or kv_scale is not None, "an FP8 cache needs kv_scale"
     config = config or mla_decode_config(num_heads, torch.float32 if q.dtype == torch.float32 else cache.dtype)
@@ -191,9 +197,9 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     # the head tiles of one range of one sequence run side by side: the tiles after the first read its KV from L2
     grid = (triton.cdiv(num_heads, config.block_h), batch, num_splits)
     _mla_decode_split_kernel[grid](
-        q, cache, block_table, seq_lens, kv_scale if fp8 else seq_lens, partial, lse,
+        q, q_pe, cache, block_table, seq_lens, kv_scale if fp8 else seq_lens, partial, lse,
         num_heads, scale * LOG2E, cache.shape[1],
-        q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
+        q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0),
         *partial.stride()[:3], *lse.stride()[:2],
         L=rank, R=rope, BLOCK_H=config.block_h, BLOCK_N=config.block_n, FP8=fp8, WRITE_LSE=num_splits > 1,
         FP8_AS_FP16=FP8_AS_FP16 and q.dtype != torch.float32,  # fp32 models keep fp32 products

@@ -77,8 +77,8 @@ class TorchPagedAttention:
         md, d = self.metadata, q_nope.shape[0]
         w_uk, w_uv = attention.absorbed_weights(q_nope.dtype)  # [Hq, P, L], [Hq, V, L]
         q_latent = torch.einsum("thp,hpl->thl", q_nope, w_uk)
-        latent_out = self.mla_decode(torch.cat((q_latent, q_pe), dim=-1), cache, md.block_table[:d], md.seq_lens[:d],
-                                     attention.scale, attention.mla.kv_lora_rank, kv_scale)
+        latent_out = self.mla_decode(q_latent, q_pe, cache, md.block_table[:d], md.seq_lens[:d], attention.scale,
+                                     attention.mla.kv_lora_rank, kv_scale)
         return torch.einsum("thl,hvl->thv", latent_out, w_uv)
 
     # MLA prefill, the same for every backend but its kernels
@@ -138,8 +138,9 @@ class TorchPagedAttention:
         return paged_prefill_reference(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, scale,
                                        sliding_window, chunk_size, kv_scale)
 
-    def mla_decode(self, q, cache, block_table, seq_lens, scale, kv_lora_rank, kv_scale):
-        """q [D, Hq, L + R] over the cached latents (one KV head: MQA) -> [D, Hq, L]."""
+    def mla_decode(self, q_latent, q_pe, cache, block_table, seq_lens, scale, kv_lora_rank, kv_scale):
+        """q = (q_latent [D, Hq, L], q_pe [D, Hq, R]) over the cached latents (one KV head: MQA) -> [D, Hq, L]."""
+        q = torch.cat((q_latent, q_pe), dim=-1)
         slots, valid = padded_context_slots(block_table, seq_lens, self.metadata.max_decode_seq_len, cache.shape[1])
         keys = from_cache_dtype(cache.flatten(0, 1)[slots], q.dtype, kv_scale).unsqueeze(-2)  # [D, S, 1, L + R]
         return attention_with_lse(q[:, None], keys, keys[..., :kv_lora_rank], valid[:, None], scale)[0][:, 0]

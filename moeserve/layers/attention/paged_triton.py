@@ -29,9 +29,10 @@ class TritonPagedAttention(TorchPagedAttention):
         return paged_prefill(q, k_cache, v_cache, block_table, query_start_loc, seq_lens, max_query_len, scale,
                              sliding_window, chunk_size, kv_scale)
 
-    def mla_decode(self, q, cache, block_table, seq_lens, scale, kv_lora_rank, kv_scale):
-        splits = mla_decode_num_splits(q.shape[0], q.shape[1], self.metadata.max_decode_seq_len, q.device)
-        return mla_decode(q, cache, block_table, seq_lens, scale, splits, kv_lora_rank, kv_scale)
+    def mla_decode(self, q_latent, q_pe, cache, block_table, seq_lens, scale, kv_lora_rank, kv_scale):
+        splits = mla_decode_num_splits(q_latent.shape[0], q_latent.shape[1], self.metadata.max_decode_seq_len,
+                                       q_latent.device)
+        return mla_decode(q_latent, cache, block_table, seq_lens, scale, splits, kv_lora_rank, kv_scale, q_pe=q_pe)
 
     def attend(self, q, k, v, cu_q, cu_k, max_q, scale, causal):
         return flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, scale, causal)
