@@ -19,7 +19,7 @@ from moeserve.distributed.tensor_parallel import (QuantRowParallelLinear, RowPar
                                                   VocabParallelLMHead)
 from moeserve.layers.attention.gqa import GQAttention
 from moeserve.layers.attention.mla import MLAttention
-from moeserve.layers.linear import Linear, QuantLinear
+from moeserve.layers.linear import QuantLinear
 from moeserve.layers.mlp import MLP
 from moeserve.layers.moe.dispatch import LocalDispatcher
 from moeserve.layers.moe.experts import Experts
@@ -97,7 +97,7 @@ def column(model, path: str, tp_rank: int, tp: int, specs: dict) -> None:
                                                    sliced_bias(linear.bias, out_features)))
         record_weight_shards(specs, path, linear.weight, Shard(0, tp_rank, tp))
     else:
-        replace_submodule(model, path, Linear(linear.in_features, out_features, linear.bias is not None))
+        replace_submodule(model, path, nn.Linear(linear.in_features, out_features, linear.bias is not None))
         specs[f"{path}.weight"] = Shard(0, tp_rank, tp)
     if linear.bias is not None:
         specs[f"{path}.bias"] = Shard(0, tp_rank, tp)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.linear import QuantLinear
-from moeserve.ops.linear import linear
 
 
 class RowParallelLinear(nn.Linear):
@@ -18,7 +17,7 @@ class RowParallelLinear(nn.Linear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = F.linear(x, self.weight)
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 

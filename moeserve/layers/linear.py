@@ -2,15 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.ops import linear as linear_ops
 from moeserve.quant.formats import QuantizedWeight
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose product goes through moeserve.ops.linear (the decode-size kernel on CUDA)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_ops.linear(x, self.weight, self.bias)
 
 
 class QuantLinear(nn.Module):
@@ -32,7 +24,7 @@ def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor
     so that one GEMM computes them all; each linear's parameters become views of the fused ones (no second
     copy). None, and nothing changed, when they cannot share a GEMM: quantized, or of different dtypes,
     devices, input sizes or bias presence."""
-    if not all(type(module) in (nn.Linear, Linear) for module in linears):
+    if not all(type(linear) is nn.Linear for linear in linears):
         return None
     weights = [linear.weight for linear in linears]
     has_bias = {linear.bias is not None for linear in linears}

@@ -2,9 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.layers.linear import Linear, fuse_linear_weights
+from moeserve.layers.linear import fuse_linear_weights
 from moeserve.ops.activation import silu_and_mul
-from moeserve.ops.linear import linear
 
 
 class MLP(nn.Module):
@@ -12,9 +11,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None
 
     def fuse_projections(self) -> None:
@@ -23,5 +22,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            return self.down_proj(silu_and_mul(linear(x, self.gate_up_weight)))
+            return self.down_proj(silu_and_mul(F.linear(x, self.gate_up_weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

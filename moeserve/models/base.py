@@ -7,7 +7,6 @@ from torch import nn
 
 from moeserve.config import ConfigFields, ModelConfig
 from moeserve.layers.attention.backend import AttentionBackend, DenseAttention
-from moeserve.layers.linear import Linear
 from moeserve.layers.norm import RMSNorm
 
 
@@ -64,7 +63,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, [self.build_layer(i) for i in range(config.num_layers)])
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -2,14 +2,14 @@
 (chunked attention on RoPE layers, NoPE layers with temperature tuning, L2 q/k norm)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import AttentionConfig, RopeConfig
-from moeserve.layers.linear import Linear, fuse_linear_weights
+from moeserve.layers.linear import fuse_linear_weights
 from moeserve.layers.norm import RMSNorm, rms_normalize
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.ops.rotary import rotate_query_key
-from moeserve.ops.linear import linear
 
 
 class GQAttention(nn.Module):
@@ -28,10 +28,10 @@ class GQAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = head_dim
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=options.qkv_bias)
-        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
-        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=options.o_bias)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=options.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=options.qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=options.o_bias)
         if options.qk_norm == "rms":
             self.q_norm = RMSNorm(head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim, norm_eps)
@@ -55,7 +55,7 @@ class GQAttention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         weight, bias = self.fused_qkv
         sizes = [linear.out_features for linear in (self.q_proj, self.k_proj, self.v_proj)]
-        return linear(x, weight, bias).split(sizes, dim=-1)
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         # x: [T, H], positions: [T], attn: the AttentionBackend

@@ -6,16 +6,16 @@ as MQA over the latent itself, [c_kv | k_pe], which is all the KV cache has to h
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import MLAConfig, RopeConfig
 from moeserve.layers.attention.dense import attention_with_lse
-from moeserve.layers.linear import Linear, fuse_linear_weights
+from moeserve.layers.linear import fuse_linear_weights
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
 from moeserve.ops.rotary import rotate_query_key
 from moeserve.quant.formats import weight_matrix
-from moeserve.ops.linear import linear
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm ignore rms_norm_eps in the reference
 
@@ -35,15 +35,15 @@ class MLAttention(nn.Module):
         self.num_heads = num_heads
         self.layer_idx = layer_idx
         if mla.q_lora_rank is None:
-            self.q_proj = Linear(hidden_size, num_heads * mla.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(hidden_size, num_heads * mla.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = Linear(hidden_size, mla.q_lora_rank, bias=bias)
+            self.q_a_proj = nn.Linear(hidden_size, mla.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(mla.q_lora_rank, num_heads * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(hidden_size, mla.latent_dim, bias=bias)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, num_heads * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, mla.latent_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(mla.kv_lora_rank, num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
-        self.o_proj = Linear(num_heads * mla.v_head_dim, hidden_size, bias=bias)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(num_heads * mla.v_head_dim, hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(rope)
         self.interleaved = rope.interleaved
         self.scale = mla_softmax_scale(mla, rope)
@@ -58,7 +58,7 @@ class MLAttention(nn.Module):
         """x [T, H] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x))."""
         if self.fused_input_proj is not None:
             weight, bias = self.fused_input_proj
-            return linear(x, weight, bias).split([weight.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
+            return F.linear(x, weight, bias).split([weight.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
         first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
         return first(x), self.kv_a_proj_with_mqa(x)
 

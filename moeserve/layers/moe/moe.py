@@ -2,7 +2,6 @@ import torch
 from torch import nn
 
 from moeserve.config import MoEConfig
-from moeserve.layers.linear import Linear
 from moeserve.layers.mlp import MLP
 from moeserve.layers.moe.dispatch import LocalDispatcher
 from moeserve.layers.moe.experts import Experts
@@ -20,7 +19,7 @@ class MoE(nn.Module):
         if moe.shared_intermediate_size:
             self.shared_experts = MLP(hidden_size, moe.shared_intermediate_size)
         if moe.shared_expert_gate:
-            self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert so far (metrics)
 

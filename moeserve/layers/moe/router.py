@@ -1,10 +1,10 @@
 """Routers: token -> (top-k expert ids, their weights), for every family's routing rule."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import MoEConfig
-from moeserve.ops.linear import linear
 from moeserve.ops.moe import moe_route
 
 
@@ -24,9 +24,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """counts [E] int64, if given, counts the chosen experts (see moe_route)."""
         if self.moe.logits_fp32:
-            logits = linear(x, self.weight.float())  # fp32 products from the bf16 activations
+            logits = F.linear(x.float(), self.weight.float())
         else:
-            logits = linear(x, self.weight)
+            logits = F.linear(x, self.weight)
         return moe_route(self, logits, counts)
 
     @property
