@@ -3,7 +3,7 @@
 # (bench latency with --profile, bench throughput with and without graphs), a short table last.
 # Usage (device): bash scripts/issue13_gpu.sh   (logs and JSON under $OUT); SHORT=1: the changed tests
 # (stopping at the first failure), V2-Lite at batch 1 and 128 and the offline point with graphs only.
-# NO_HF=1: without the transformers yardstick and the eager runs (full mode otherwise).
+# NO_HF=1: without the transformers yardstick. EAGER_TOO=1: the offline point also with --enforce-eager.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -11,7 +11,7 @@ T="$OUT/table.txt"; : > "$T"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$T"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$T"
 SHORT=${SHORT:-}; NO_HF=${NO_HF:-}
-HF=--compare-hf; EAGER=--enforce-eager; [ -n "$SHORT$NO_HF" ] && HF= && EAGER=
+HF=--compare-hf; EAGER=${EAGER_TOO:+--enforce-eager}; [ -n "$SHORT$NO_HF" ] && HF= && EAGER=
 TESTS=${TESTS:-"tests/gpu/test_async_cuda.py tests/gpu/test_small_ops_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_cuda_graphs.py"}
 [ -z "$SHORT" ] && TESTS="$TESTS tests/gpu/test_engine_cuda.py tests/gpu/test_attention_cuda.py"
 timeout ${TEST_SECONDS:-200} python3 -m pytest $TESTS -q -p no:cacheprovider -rs ${SHORT:+-x} \
