@@ -29,17 +29,18 @@ def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, num_exper
         value = tl.max(remaining, axis=0)
         tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
         tl.store(weights_ptr + token * TOP_K + k, value)
-        _count(counts_ptr, best, COUNT)
         total += value
         remaining = tl.where(experts == best, -2.0, remaining)
+    _count(counts_ptr, experts, remaining == -2.0, COUNT)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 
 @triton.jit
-def _count(counts_ptr, expert, COUNT: tl.constexpr):
-    """One more token routed to `expert` (the MoE layer's running expert-load metric)."""
+def _count(counts_ptr, experts, chosen, COUNT: tl.constexpr):
+    """One more token routed to each chosen expert (the MoE layer's running expert-load metric): one
+    relaxed atomic per expert, all at once (acq_rel atomics one after another cost ~5 us per token)."""
     if COUNT:
-        tl.atomic_add(counts_ptr + expert, 1)
+        tl.atomic_add(counts_ptr + experts, chosen.to(tl.int64), mask=chosen, sem="relaxed")
 
 
 @triton.jit
@@ -72,6 +73,7 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr,
         kept = kept | (group_ids == best)
         group_scores = tl.where(group_ids == best, -float("inf"), group_scores)
     remaining = tl.where(kept[:, None], choice, -float("inf"))
+    chosen = tl.zeros([NUM_GROUPS, GROUP_SIZE], dtype=tl.int1)
     total = 0.0
     for k in tl.static_range(TOP_K):
         # the best expert: the best group first, then its best member (no reshape: on the GPU a reshaped
@@ -84,9 +86,10 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr,
         weight = tl.sum(tl.sum(tl.where(picked, scores, 0.0), axis=1), axis=0)
         tl.store(ids_ptr + token * TOP_K + k, best.to(tl.int64))
         tl.store(weights_ptr + token * TOP_K + k, weight)
-        _count(counts_ptr, best, COUNT)
         total += weight
         remaining = tl.where(picked, -float("inf"), remaining)
+        chosen = chosen | picked
+    _count(counts_ptr, experts, chosen, COUNT)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 

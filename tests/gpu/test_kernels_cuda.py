@@ -90,6 +90,19 @@ def test_routing_kernels_match_at_deepseek_v3_shape():
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
+def test_routing_kernels_count_the_chosen_experts_under_contention():
+    logits = torch.randn(8192, 256, device="cuda")
+    logits[:, 3] += 10  # every token picks expert 3: 8,192 atomics on one counter
+    grouped = MoEConfig(num_experts=256, top_k=8, intermediate_size=1, scoring="sigmoid", renormalize=True,
+                        num_groups=8, topk_groups=4, group_score="top2_sum", correction_bias=True)
+    earlier = torch.randint(0, 1000, (256,), device="cuda")
+    for route in (lambda counts: softmax_topk(logits, 8, True, 1.0, counts),
+                  lambda counts: grouped_topk(logits, torch.zeros(256, device="cuda"), grouped, counts)):
+        counts = earlier.clone()
+        ids, _ = route(counts)
+        assert torch.equal(counts, earlier + torch.bincount(ids.flatten(), minlength=256))
+
+
 def test_silu_and_mul_fp8_on_gpu():
     gate_up = torch.randn(300, 2 * INTERMEDIATE, device="cuda").bfloat16() * 3
     gate, up = gate_up.float().chunk(2, dim=-1)
