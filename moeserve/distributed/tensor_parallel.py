@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.linear import QuantLinear
+from moeserve.ops.linear import quantized_linear
 
 
 class RowParallelLinear(nn.Linear):
@@ -30,7 +31,7 @@ class QuantRowParallelLinear(QuantLinear):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.dequantize(x.dtype))
+        out = quantized_linear(x, self.weight)
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 

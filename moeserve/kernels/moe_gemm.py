@@ -107,17 +107,25 @@ def _moe_gemm_kernel(
     stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_ge, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
-    num_padded): one tile each for a full grid, several for a persistent one."""
-    num_m = tl.load(num_padded_ptr) // BLOCK_M
+    num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
+    and the rows in order (a dense linear layer): no layout is read."""
+    if DENSE:
+        num_m = tl.cdiv(num_rows, BLOCK_M)
+    else:
+        num_m = tl.load(num_padded_ptr) // BLOCK_M
     num_n = tl.cdiv(N, BLOCK_N)
     k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     for tile in range(tl.program_id(0), num_m * num_n * SPLIT_K, tl.num_programs(0)):
         pid_m, pid_n, pid_k = _tile_coordinates(tile, num_m, num_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        if DENSE:
+            expert = 0
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        else:
+            expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+            rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = rows < num_rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -148,37 +156,66 @@ def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: Bloc
     """out[row] (row in the layout) = a[row // rows_per_a_row] @ W[expert]^T, times row_weights[row] if given.
     weight: [E, N, K] tensor, or a QuantizedWeight of shape [E, N, K] or [E, 2, N/2, K] (gate and up).
     Rows outside the layout are left alone, except with split-K, which writes them as 0."""
-    fmt = weight_format(weight)
+    _launch(a, a_scale, weight, out, row_weights, config, layout.sorted_rows, layout.block_expert,
+            layout.num_padded, layout.sorted_rows.numel(), layout.num_rows, rows_per_a_row, dense=False)
+
+
+def dense_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, out: torch.Tensor, config: GemmConfig) -> None:
+    """out = a @ W^T for one matrix W [N, K] (a tensor or a QuantizedWeight: FP8 128x128 blocks with a's 1x128
+    FP8 scales, or NVFP4): the grouped GEMM's kernel with every row in order, reading the stored format."""
+    one_expert = _OneMatrix(weight) if hasattr(weight, "format") else weight.unsqueeze(0)
+    rows = a.shape[0]
+    padded = triton.cdiv(rows, config.block_m) * config.block_m
+    _launch(a, a_scale, one_expert, out, None, config, out, out, out, padded, rows, 1, dense=True)
+
+
+class _OneMatrix:
+    """A [N, K] QuantizedWeight seen as a stack of one matrix, as the grouped GEMM reads experts."""
+
+    def __init__(self, weight):
+        self.inner, self.shape = weight, (1, *weight.shape)
+        self.block = getattr(weight, "block", None)
+
+    def __getattr__(self, name):  # values / scale / packed / block_scale / global_scale
+        return getattr(self.inner, name)
+
+
+def _weight_operands(weight, fmt: int, num_experts: int, n: int, k: int, config: GemmConfig, dummy: torch.Tensor):
+    """(w, w_scale, w_global) as the kernel indexes them: [E, N, K or K/2], [E, scale rows, scale cols], [E, parts]."""
+    if fmt == BF16:
+        return weight, dummy.view(1, 1, 1), dummy
+    if fmt == FP8:
+        if config.block_k > FP8_BLOCK or FP8_BLOCK % config.block_k or weight.block != (FP8_BLOCK, FP8_BLOCK):
+            raise ValueError("the FP8 grouped GEMM needs 128x128 weight blocks and BLOCK_K dividing 128")
+        return weight.values.view(num_experts, n, k), weight.scale.view(num_experts, -1, weight.scale.shape[-1]), dummy
+    return (weight.packed.view(num_experts, n, k // 2), weight.block_scale.view(num_experts, n, k // 16),
+            weight.global_scale.reshape(num_experts, -1))
+
+
+def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_rows, block_expert, num_padded,
+            row_slots: int, num_rows: int, rows_per_a_row: int, dense: bool) -> None:
+    fmt = weight_format(weight.inner if isinstance(weight, _OneMatrix) else weight)
     shape = weight.shape
     num_experts, k = shape[0], shape[-1]
     n_part = shape[-2]
     n = n_part * (2 if len(shape) == 4 else 1)
     dummy = a.new_empty(1, dtype=torch.float32)
-    if fmt == BF16:
-        w, w_scale, w_global = weight, dummy.view(1, 1, 1), dummy
-    elif fmt == FP8:
-        if config.block_k > FP8_BLOCK or FP8_BLOCK % config.block_k or weight.block != (FP8_BLOCK, FP8_BLOCK):
-            raise ValueError("the FP8 grouped GEMM needs 128x128 weight blocks and BLOCK_K dividing 128")
-        w, w_scale, w_global = weight.values.view(num_experts, n, k), weight.scale.view(num_experts, -1, weight.scale.shape[-1]), dummy
-    else:
-        w = weight.packed.view(num_experts, n, k // 2)
-        w_scale = weight.block_scale.view(num_experts, n, k // 16)
-        w_global = weight.global_scale.reshape(num_experts, -1)
+    w, w_scale, w_global = _weight_operands(weight, fmt, num_experts, n, k, config, dummy)
     a_scale = a_scale if a_scale is not None else dummy.view(1, 1)
     target = out if config.split_k == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    max_tiles = layout.sorted_rows.numel() // config.block_m * triton.cdiv(n, config.block_n) * config.split_k
+    max_tiles = row_slots // config.block_m * triton.cdiv(n, config.block_n) * config.split_k
     grid = (min(max_tiles, persistent_programs(a.device)) if config.persistent else max_tiles,)
     _moe_gemm_kernel[grid](
         a, a_scale, w, w_scale, w_global, target, row_weights if row_weights is not None else dummy,
-        layout.sorted_rows, layout.block_expert, layout.num_padded,
-        n, k, layout.num_rows, rows_per_a_row, n_part,
+        sorted_rows, block_expert, num_padded,
+        n, k, num_rows, rows_per_a_row, n_part,
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         w_global.stride(0) if w_global.dim() > 1 else 0, target.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SPLIT_K=config.split_k,
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DENSE=dense, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:
         out.copy_(target)

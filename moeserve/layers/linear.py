@@ -1,13 +1,14 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moeserve.ops.linear import quantized_linear
 from moeserve.quant.formats import QuantizedWeight
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is quantized. The reference path dequantizes the weight and multiplies in
-    the activation dtype (W8A16 / W4A16 semantics); GPU kernels implement the same product."""
+    """A Linear whose weight is quantized, computed by moeserve.ops.linear.quantized_linear: FP8 block
+    weights with FP8 1x128 activations (W8A8), NVFP4 with 16-bit activations (W4A16); on CUDA through
+    kernels that read the stored format."""
 
     def __init__(self, weight: QuantizedWeight, bias: nn.Parameter | None):
         super().__init__()
@@ -16,7 +17,7 @@ class QuantLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dequantize(x.dtype), self.bias)
+        return quantized_linear(x, self.weight, self.bias)
 
 
 def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

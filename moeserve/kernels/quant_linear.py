@@ -1,0 +1,49 @@
+"""Quantized dense linears on CUDA, reading the stored format: FP8 128x128-block weights with the
+activations quantized 1x128 per token (W8A8), and NVFP4 weights dequantized in registers (W4A16), both
+through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS rows (decode, short prefill
+chunks), where the weight's bytes set the time; above, dequantizing once and cuBLAS's bf16 GEMM is faster
+than this kernel's tensor-core rate today. Reference: F.linear(x, weight.dequantize(x.dtype), bias)."""
+
+import functools
+
+import torch
+import triton
+
+from moeserve.kernels.moe_gemm import FP8, FP8_BLOCK, NVFP4, GemmConfig, dense_gemm, weight_format
+from moeserve.quant.fp8 import quantize_fp8_groups
+
+DENSE_KERNEL_MAX_ROWS = 256
+
+
+def supports(weight, rows: int) -> bool:
+    fmt = weight_format(weight)
+    if not 0 < rows <= DENSE_KERNEL_MAX_ROWS or len(weight.shape) != 2:
+        return False
+    if fmt == FP8:
+        return weight.block == (FP8_BLOCK, FP8_BLOCK)
+    return fmt == NVFP4 and weight.shape[-1] % 32 == 0
+
+
+@functools.cache
+def dense_config(rows: int, n: int, k: int, num_sms: int) -> GemmConfig:
+    """16-row tiles for decode, 64 for short prefills; K split (up to 8) until the tiles cover the SMs twice."""
+    block_m = 16 if rows <= 16 else 64
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, 64)
+    split_k = 1
+    while split_k < 8 and tiles * split_k < 2 * num_sms and k // (2 * split_k) >= 512:
+        split_k *= 2
+    return GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
+
+
+def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for a QuantizedWeight W [N, K] that `supports` takes; out in x's dtype."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    config = dense_config(rows.shape[0], n, k, sms)
+    a, a_scale = quantize_fp8_groups(rows) if weight_format(weight) == FP8 else (rows, None)
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    dense_gemm(a, a_scale, weight, out, config)
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], n)

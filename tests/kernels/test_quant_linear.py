@@ -1,0 +1,68 @@
+"""Quantized dense linears through the grouped GEMM's kernel in dense mode, against the reference:
+FP8 128x128 blocks (W8A8) and NVFP4 (W4A16), 1 to 80 rows (partial 16- and 64-row tiles), N and K not
+multiples of the tiles, split-K, bias; outputs start as NaN so an unwritten element shows."""
+
+import pytest
+import torch
+
+from moeserve.kernels import quant_linear
+from moeserve.kernels.quant_linear import DENSE_KERNEL_MAX_ROWS, quantized_gemm, supports
+from moeserve.ops.linear import quantized_linear_reference
+from moeserve.quant.formats import make_quantized_weight
+from tests.kernels.poison import PoisonedTorch
+
+
+def quantized(fmt: str, n: int, k: int, seed: int):
+    torch.manual_seed(seed)
+    weight = make_quantized_weight(fmt, (n, k))
+    weight.quantize_from(torch.randn(n, k) * 0.05)
+    return weight
+
+
+@pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 320), ("fp8", 64, 1024), ("nvfp4", 96, 160), ("nvfp4", 130, 64)])
+@pytest.mark.parametrize("rows", [1, 5, 17, 80])
+def test_dense_kernel_matches_the_reference(fmt, n, k, rows, monkeypatch):
+    monkeypatch.setattr(quant_linear, "torch", PoisonedTorch())
+    weight = quantized(fmt, n, k, seed=rows)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    for b in (None, bias):
+        actual = quantized_gemm(x, weight, b)
+        expected = quantized_linear_reference(x, weight, b)
+        assert actual.shape == (rows, n) and torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_activations_keep_their_dtype_and_leading_dims():
+    weight = quantized("nvfp4", 48, 64, seed=0)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    out = quantized_gemm(x, weight)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), quantized_linear_reference(x, weight).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_split_k_is_chosen_for_few_tiles_and_long_k():
+    assert quant_linear.dense_config(1, 2048, 7168, 132).split_k == 8
+    assert quant_linear.dense_config(1, 24576, 1536, 132).split_k == 1
+    assert quant_linear.dense_config(200, 2048, 2048, 132).block_m == 64
+
+
+def test_what_the_kernel_takes():
+    fp8 = quantized("fp8", 64, 256, seed=0)
+    assert supports(fp8, 1) and supports(fp8, DENSE_KERNEL_MAX_ROWS)
+    assert not supports(fp8, 0) and not supports(fp8, DENSE_KERNEL_MAX_ROWS + 1)  # long prefills: dequantize once
+    small_blocks = make_quantized_weight("fp8", (64, 256), (32, 32))
+    assert not supports(small_blocks, 4)
+    assert not supports(make_quantized_weight("nvfp4", (64, 48)), 4)  # K not a multiple of 32
+    assert not supports(make_quantized_weight("fp8", (2, 64, 256)), 4)  # a stack of experts, not a linear
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_the_long_prefill_path_is_the_reference_in_the_activation_dtype(fmt):
+    from moeserve.ops.linear import dequantized_linear
+
+    weight, x, bias = quantized(fmt, 72, 256, seed=4), torch.randn(300, 256), torch.randn(72)
+    torch.testing.assert_close(dequantized_linear(x, weight, bias), quantized_linear_reference(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+    half = dequantized_linear(x.bfloat16(), weight, bias.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), quantized_linear_reference(x, weight, bias), rtol=3e-2, atol=3e-2)
