@@ -22,6 +22,18 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
+def quantize_e4m3_group(y, axis: tl.constexpr):
+    """A group of fp32 values along `axis` -> (E4M3 values, the group's scale amax / 448), as
+    moeserve.quant.fp8.quantize_fp8_groups (zero-padded elements of a partial group count as 0)."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=axis), 1e-12) / 448.0
+    if axis == 0:
+        scaled = y / scale
+    else:
+        scaled = y / tl.expand_dims(scale, axis)
+    return round_to_e4m3_grid(tl.minimum(tl.maximum(scaled, -448.0), 448.0)).to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_in, stride_out, stride_scale,
                          BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_SILU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -34,10 +46,9 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_i
     if ROUND_SILU:  # as an eager silu(gate) * up in bf16 rounds: silu first, then the product
         silu = silu.to(gate_up_ptr.dtype.element_ty).to(tl.float32)
     y = silu * up
-    if QUANTIZE:  # one scale per 128 values: amax / 448
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-        q = round_to_e4m3_grid(tl.minimum(tl.maximum(y / scale, -448.0), 448.0))
-        tl.store(out_ptr + row * stride_out + offs, q.to(tl.float8e4nv), mask=ok)
+    if QUANTIZE:  # one scale per 128 values
+        q, scale = quantize_e4m3_group(y, 0)
+        tl.store(out_ptr + row * stride_out + offs, q, mask=ok)
         tl.store(scale_ptr + row * stride_scale + group, scale)
     else:
         tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=ok)

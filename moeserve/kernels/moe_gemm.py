@@ -17,10 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.activation import quantize_e4m3_group
 from moeserve.kernels.moe_layout import BlockLayout
 from moeserve.quant.formats import Fp8BlockWeight, Nvfp4Weight
 
 BF16, FP8, NVFP4 = 0, 1, 2
+FP8_QUANTIZING = 3  # FP8 weights, 16-bit activations quantized 1x128 inside the GEMM (BLOCK_K = 128)
 FP8_BLOCK = 128
 
 
@@ -89,8 +91,11 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
             k_ok = offs_k < K
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if FORMAT == 1:  # FP8 W8A8: this K step lies in one 128-wide scale block (BLOCK_K divides 128)
+            if FORMAT == 3:  # 16-bit activations, quantized here: this 128-wide K step is one activation group
+                a, a_scale = quantize_e4m3_group(a.to(tl.float32), 1)
+            elif FORMAT == 1:
                 a_scale = tl.load(a_scale_ptr + a_rows * stride_as + k0 // 128, mask=valid, other=0.0)
+            if FORMAT == 1 or FORMAT == 3:  # FP8 W8A8: this K step lies in one 128-wide scale block (BLOCK_K divides 128)
                 n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
                 w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
                 acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
@@ -162,7 +167,8 @@ def moe_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, layout: Bloc
 
 def dense_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, weight, out: torch.Tensor, config: GemmConfig) -> None:
     """out = a @ W^T for one matrix W [N, K] (a tensor or a QuantizedWeight: FP8 128x128 blocks with a's 1x128
-    FP8 scales, or NVFP4): the grouped GEMM's kernel with every row in order, reading the stored format."""
+    FP8 scales, or with 16-bit a and no scales, quantized in the kernel; or NVFP4): the grouped GEMM's
+    kernel with every row in order, reading the stored format."""
     one_expert = _OneMatrix(weight) if hasattr(weight, "format") else weight.unsqueeze(0)
     rows = a.shape[0]
     padded = triton.cdiv(rows, config.block_m) * config.block_m
@@ -184,7 +190,9 @@ def _weight_operands(weight, fmt: int, num_experts: int, n: int, k: int, config:
     """(w, w_scale, w_global) as the kernel indexes them: [E, N, K or K/2], [E, scale rows, scale cols], [E, parts]."""
     if fmt == BF16:
         return weight, dummy.view(1, 1, 1), dummy
-    if fmt == FP8:
+    if fmt in (FP8, FP8_QUANTIZING):
+        if fmt == FP8_QUANTIZING and config.block_k != FP8_BLOCK:
+            raise ValueError("quantizing the activations inside the FP8 GEMM needs BLOCK_K = 128 (one group a step)")
         if config.block_k > FP8_BLOCK or FP8_BLOCK % config.block_k or weight.block != (FP8_BLOCK, FP8_BLOCK):
             raise ValueError("the FP8 grouped GEMM needs 128x128 weight blocks and BLOCK_K dividing 128")
         return weight.values.view(num_experts, n, k), weight.scale.view(num_experts, -1, weight.scale.shape[-1]), dummy
@@ -195,6 +203,8 @@ def _weight_operands(weight, fmt: int, num_experts: int, n: int, k: int, config:
 def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_rows, block_expert, num_padded,
             row_slots: int, num_rows: int, rows_per_a_row: int, dense: bool) -> None:
     fmt = weight_format(weight.inner if isinstance(weight, _OneMatrix) else weight)
+    if fmt == FP8 and a_scale is None:  # 16-bit activations for FP8 weights: the kernel quantizes them
+        fmt = FP8_QUANTIZING
     shape = weight.shape
     num_experts, k = shape[0], shape[-1]
     n_part = shape[-2]

@@ -1,8 +1,9 @@
 """Quantized dense linears on CUDA, reading the stored format: FP8 128x128-block weights with the
-activations quantized 1x128 per token (W8A8), and NVFP4 weights dequantized in registers (W4A16), both
-through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS rows (decode, short prefill
-chunks), where the weight's bytes set the time; above, dequantizing once and cuBLAS's bf16 GEMM is faster
-than this kernel's tensor-core rate today. Reference: F.linear(x, weight.dequantize(x.dtype), bias)."""
+activations quantized 1x128 per token inside the GEMM (W8A8), and NVFP4 weights dequantized in registers (W4A16), both
+through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS rows, where it measured
+faster than dequantizing every call for cuBLAS (H200, V3 shapes: 2-20x at 1-1,024 rows); longer prefills
+take that path (cuBLAS's bf16 rate there beats this kernel's FP8 rate today). Reference:
+moeserve.ops.linear.quantized_linear_reference."""
 
 import functools
 
@@ -10,9 +11,8 @@ import torch
 import triton
 
 from moeserve.kernels.moe_gemm import FP8, FP8_BLOCK, NVFP4, GemmConfig, dense_gemm, weight_format
-from moeserve.quant.fp8 import quantize_fp8_groups
 
-DENSE_KERNEL_MAX_ROWS = 256
+DENSE_KERNEL_MAX_ROWS = 1024
 
 
 def supports(weight, rows: int) -> bool:
@@ -41,9 +41,8 @@ def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None) ->
     rows = x.reshape(-1, k).contiguous()
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     config = dense_config(rows.shape[0], n, k, sms)
-    a, a_scale = quantize_fp8_groups(rows) if weight_format(weight) == FP8 else (rows, None)
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    dense_gemm(a, a_scale, weight, out, config)
+    dense_gemm(rows, None, weight, out, config)  # FP8: the activations are quantized 1x128 inside the GEMM
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], n)
