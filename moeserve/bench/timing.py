@@ -32,3 +32,16 @@ def graph_of(fn):
         torch.cuda.synchronize()
         return None
     return graph.replay
+
+
+def per_copy_ms(fn_of_copy, copies: int) -> float:
+    """The time of fn_of_copy(i), a call on copy i of its operands, as CUDA-graph replays of all copies in
+    turn: with enough copies no operand stays in L2, as in a model's step that reads each weight once."""
+    for i in range(copies):
+        fn_of_copy(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn_of_copy(i)
+    return time_ms(graph.replay, iterations=10, warmup=2) / copies

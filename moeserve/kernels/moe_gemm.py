@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.activation import quantize_e4m3_group
+from moeserve.kernels.device import multiprocessors
 from moeserve.kernels.moe_layout import BlockLayout
 from moeserve.quant.formats import Fp8BlockWeight, Nvfp4Weight
 
@@ -236,4 +237,4 @@ def persistent_programs(device: torch.device) -> int:
     """Two CTAs per SM on a GPU; a few programs in the CPU interpreter (so its loop runs several tiles)."""
     if device.type != "cuda":
         return 3
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * multiprocessors(device)

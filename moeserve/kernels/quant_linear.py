@@ -10,6 +10,7 @@ import functools
 import torch
 import triton
 
+from moeserve.kernels.device import multiprocessors
 from moeserve.kernels.moe_gemm import FP8, FP8_BLOCK, NVFP4, GemmConfig, dense_gemm, weight_format
 
 DENSE_KERNEL_MAX_ROWS = 1024
@@ -35,12 +36,13 @@ def dense_config(rows: int, n: int, k: int, num_sms: int) -> GemmConfig:
     return GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
 
 
-def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) for a QuantizedWeight W [N, K] that `supports` takes; out in x's dtype."""
+def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                   config: GemmConfig | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for a QuantizedWeight W [N, K] that `supports` takes; out in x's dtype.
+    config: dense_config's unless given."""
     n, k = weight.shape
     rows = x.reshape(-1, k).contiguous()
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    config = dense_config(rows.shape[0], n, k, sms)
+    config = config or dense_config(rows.shape[0], n, k, multiprocessors(x.device))
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     dense_gemm(rows, None, weight, out, config)  # FP8: the activations are quantized 1x128 inside the GEMM
     if bias is not None:

@@ -100,6 +100,14 @@ def make_quantized_weight(fmt: str, shape: tuple[int, ...], block: tuple[int, in
     raise ValueError(f"unknown quantization format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
+def quantized(fmt: str, w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> QuantizedWeight:
+    """w [..., N, K] quantized to `fmt`, on w's device."""
+    with torch.device(w.device):
+        weight = make_quantized_weight(fmt, tuple(w.shape), block)
+    weight.quantize_from(w)
+    return weight
+
+
 def weight_matrix(weight: torch.Tensor | QuantizedWeight, index, dtype: torch.dtype) -> torch.Tensor:
     """weight[index] as a float tensor, whether the weight is plain or quantized."""
     if isinstance(weight, QuantizedWeight):

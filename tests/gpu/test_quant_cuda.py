@@ -44,13 +44,11 @@ def test_quantized_logits_and_greedy_tokens_on_cuda_equal_cpu(preset, fmt):
 def test_dense_quantized_kernel_at_deepseek_v3_shapes(fmt, rows):
     from moeserve.kernels.quant_linear import quantized_gemm
     from moeserve.ops.linear import quantized_linear_reference
-    from moeserve.quant.formats import make_quantized_weight
+    from moeserve.quant.formats import quantized
 
     for n, k in [(1536, 7168), (7168, 16384), (576, 7168)]:
-        with torch.device("cuda"):
-            weight = make_quantized_weight(fmt, (n, k))
-            weight.quantize_from(torch.randn(n, k) * 0.02)
-            x = torch.randn(rows, k).bfloat16()
+        weight = quantized(fmt, torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(rows, k, device="cuda").bfloat16()
         actual = quantized_gemm(x, weight).float()
         expected = quantized_linear_reference(x, weight).float()
         assert torch.isfinite(actual).all()

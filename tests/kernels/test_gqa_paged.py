@@ -133,7 +133,7 @@ def test_empty_batches():
 
 
 def test_num_splits_fill_two_waves_without_short_splits(monkeypatch):
-    monkeypatch.setattr(gqa_paged, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(gqa_paged, "multiprocessors", lambda device: 132)
     assert paged_decode_num_splits(1, 4, 32768, "cuda") == MAX_SPLITS  # 66 wanted
     assert paged_decode_num_splits(64, 4, 32768, "cuda") == 2  # 256 programs: 264 / 256 rounded up
     assert paged_decode_num_splits(128, 4, 32768, "cuda") == 1

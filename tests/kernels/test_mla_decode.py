@@ -98,7 +98,7 @@ def test_empty_batch():
 
 
 def test_num_splits_fill_the_gpu_without_short_splits(monkeypatch):
-    monkeypatch.setattr(decode, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(decode, "multiprocessors", lambda device: 132)
     splits = lambda batch, heads, context: mla_decode_num_splits(batch, heads, context, torch.device("cuda"))
     assert splits(32, 16, 4096) == 16  # 512 programs: four per SM
     assert splits(128, 128, 4096) == 2  # 2 head tiles x 128 sequences x 2 splits: four per SM

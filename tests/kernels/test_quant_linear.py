@@ -8,22 +8,20 @@ import torch
 from moeserve.kernels import quant_linear
 from moeserve.kernels.quant_linear import DENSE_KERNEL_MAX_ROWS, quantized_gemm, supports
 from moeserve.ops.linear import quantized_linear_reference
-from moeserve.quant.formats import make_quantized_weight
+from moeserve.quant.formats import make_quantized_weight, quantized
 from tests.kernels.poison import PoisonedTorch
 
 
-def quantized(fmt: str, n: int, k: int, seed: int):
+def random_quantized(fmt: str, n: int, k: int, seed: int):
     torch.manual_seed(seed)
-    weight = make_quantized_weight(fmt, (n, k))
-    weight.quantize_from(torch.randn(n, k) * 0.05)
-    return weight
+    return quantized(fmt, torch.randn(n, k) * 0.05)
 
 
 @pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 320), ("fp8", 64, 1024), ("nvfp4", 96, 160), ("nvfp4", 130, 64)])
 @pytest.mark.parametrize("rows", [1, 5, 17, 80])
 def test_dense_kernel_matches_the_reference(fmt, n, k, rows, monkeypatch):
     monkeypatch.setattr(quant_linear, "torch", PoisonedTorch())
-    weight = quantized(fmt, n, k, seed=rows)
+    weight = random_quantized(fmt, n, k, seed=rows)
     x, bias = torch.randn(rows, k), torch.randn(n)
     for b in (None, bias):
         actual = quantized_gemm(x, weight, b)
@@ -33,7 +31,7 @@ def test_dense_kernel_matches_the_reference(fmt, n, k, rows, monkeypatch):
 
 
 def test_bf16_activations_keep_their_dtype_and_leading_dims():
-    weight = quantized("nvfp4", 48, 64, seed=0)
+    weight = random_quantized("nvfp4", 48, 64, seed=0)
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
     out = quantized_gemm(x, weight)
     assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
@@ -47,7 +45,7 @@ def test_split_k_is_chosen_for_few_tiles_and_long_k():
 
 
 def test_what_the_kernel_takes():
-    fp8 = quantized("fp8", 64, 256, seed=0)
+    fp8 = random_quantized("fp8", 64, 256, seed=0)
     assert supports(fp8, 1) and supports(fp8, DENSE_KERNEL_MAX_ROWS)
     assert not supports(fp8, 0) and not supports(fp8, DENSE_KERNEL_MAX_ROWS + 1)  # long prefills: dequantize once
     small_blocks = make_quantized_weight("fp8", (64, 256), (32, 32))
@@ -60,7 +58,7 @@ def test_what_the_kernel_takes():
 def test_the_long_prefill_path_is_the_reference_in_the_activation_dtype(fmt):
     from moeserve.ops.linear import dequantized_linear
 
-    weight, x, bias = quantized(fmt, 72, 256, seed=4), torch.randn(300, 256), torch.randn(72)
+    weight, x, bias = random_quantized(fmt, 72, 256, seed=4), torch.randn(300, 256), torch.randn(72)
     torch.testing.assert_close(dequantized_linear(x, weight, bias), quantized_linear_reference(x, weight, bias),
                                rtol=1e-5, atol=1e-5)
     x, bias = x.bfloat16(), bias.bfloat16()

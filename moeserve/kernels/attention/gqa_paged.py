@@ -10,7 +10,6 @@ the tile sees wholly are processed without masks. An FP8 cache is converted to t
 after loading, its scale applied to the scores and the output.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import triton.language as tl
 
 from moeserve.kernels.attention.flash_prefill import LOG2E, SCORE_FLOOR, _load_rows, _normalize, _online_softmax
 from moeserve.kernels.attention.paged import context_slots, from_cache_dtype
+from moeserve.kernels.device import multiprocessors
 from moeserve.layers.attention.dense import attention_with_lse, causal_mask
 
 FP8_AS_FP16 = True  # FP8 caches: products in fp16 (E4M3 converts to it exactly, in one instruction) or q's dtype
@@ -229,13 +229,6 @@ def paged_decode_config(group_size: int) -> DecodeConfig:
     return DecodeConfig(max(16, triton.next_power_of_2(group_size)))
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: a few programs
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def merge_tile(num_splits: int) -> int:
     """Two merge variants in all, whatever the step's split count (each new one would compile mid-serving)."""
     return SMALL_MERGE_TILE if num_splits <= SMALL_MERGE_TILE else MAX_SPLITS
@@ -245,7 +238,7 @@ def paged_decode_num_splits(batch_size: int, num_kv_heads: int, max_context_len:
     """Splits per (sequence, KV head) so that the decode grid fills about two waves of the SMs, without
     splits shorter than MIN_TILES_PER_SPLIT key tiles of the longest context; at most MAX_SPLITS."""
     programs = max(batch_size * num_kv_heads, 1)
-    wanted = triton.cdiv(2 * _sm_count(torch.device(device)), programs)
+    wanted = triton.cdiv(2 * multiprocessors(device), programs)
     longest = max(max_context_len // (MIN_TILES_PER_SPLIT * DECODE_BLOCK_N), 1)
     return max(1, min(wanted, longest, MAX_SPLITS))
 

@@ -9,7 +9,6 @@ and writes a normalized partial output and its log-sum-exp. Stage 2 merges the s
 With one split stage 1 writes the output itself. Reference: mla_decode_reference (torch, fp32).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.attention.paged import context_slots, from_cache_dtype
+from moeserve.kernels.device import multiprocessors
 
 LOG2E = 1.4426950408889634  # the kernel's softmax runs in base 2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -50,20 +50,13 @@ def mla_decode_config(num_heads: int, dtype: torch.dtype) -> MLADecodeConfig:
     return MLADecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=1 if dtype == torch.float8_e4m3fn else 2)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the CPU interpreter: a few programs are enough
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def mla_decode_num_splits(batch_size: int, num_heads: int, max_context_len: int, device: torch.device) -> int:
     """Splits per sequence that fill the GPU (about WAVES programs per SM) without splits shorter than
     MIN_SPLIT_TILES tiles of the longest context. Depends only on its arguments (a fixed number per
     captured batch size); 1 when the batch alone fills the GPU."""
     config = mla_decode_config(num_heads, torch.bfloat16)
     programs_per_split = max(batch_size, 1) * triton.cdiv(num_heads, config.block_h)
-    wanted = WAVES * _multiprocessors(torch.device(device)) // programs_per_split
+    wanted = WAVES * multiprocessors(torch.device(device)) // programs_per_split
     longest = triton.cdiv(max_context_len, MIN_SPLIT_TILES * config.block_n)
     return max(1, min(wanted, longest, MAX_SPLITS))
 
