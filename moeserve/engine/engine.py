@@ -56,6 +56,15 @@ class LaunchedStep:
     result: StepResult
 
 
+
+def powers_of_two(lowest: int, highest: int) -> list[int]:
+    """lowest, 2 * lowest, 4 * lowest, ... while <= highest."""
+    sizes = []
+    while lowest <= highest:
+        sizes.append(lowest)
+        lowest *= 2
+    return sizes
+
 class Engine:
     """One rank's engine. With a DistributedContext it holds this rank's shard of the model and its
     own KV cache; LockstepEngine steps the ranks together."""
@@ -87,7 +96,7 @@ class Engine:
                                                      else on_cuda)
         self.start_fresh(args)
         if context is None and (args.warm_up if args.warm_up is not None else on_cuda):
-            self.warm_up()
+            self.warm_up(args.max_num_batched_tokens)
             self.start_fresh(args)
             self.runner.reset_expert_load()
         capacity = num_blocks * args.block_size
@@ -107,17 +116,23 @@ class Engine:
         self.counters = EngineCounters()
         self.preemption_log = PreemptionLog()
 
-    def warm_up(self) -> None:
+    def warm_up(self, max_step_tokens: int) -> None:
         """Greedy dummy requests through prefill and decode, so that the kernels of both paths are compiled
-        (Triton compiles at first use, seconds in all) before a real request waits on them. Two rounds:
-        prompts of different lengths together, then one alone that is a prefix of the first round's (other
-        token counts, and a prefix-cache hit). Sampling runs torch ops only, which need no warm-up."""
+        (Triton compiles at first use, seconds in all) before a real request waits on them. Rounds: prompts
+        of different lengths together; one alone that is a prefix of the first round's (other token counts,
+        and a prefix-cache hit); then prefills of 32, 64, ... tokens up to a full step, one at a time, so
+        that every size bucket of the kernels' block configurations (tuned per row count) is met.
+        Sampling runs torch ops only, which need no warm-up."""
         start = time.perf_counter()
         if self.max_model_len < 4:
             return
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         longest = min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens)
-        for lengths in ((longest, max(1, longest // 7)), (max(1, longest // 4),)):
+        kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
+        full_step = min(max_step_tokens, self.max_model_len - params.max_tokens, kv_tokens // 2)
+        rounds = [(longest, max(1, longest // 7)), (max(1, longest // 4),)]
+        rounds += [(length,) for length in powers_of_two(32, full_step)]
+        for lengths in rounds:
             for length in lengths:
                 ids = [i % self.config.vocab_size for i in range(length)]
                 self.add(self.make_request({"prompt_token_ids": ids}, params))

@@ -24,13 +24,19 @@ def round_to_e4m3_grid(x):
 @triton.jit
 def quantize_e4m3_group(y, axis: tl.constexpr):
     """A group of fp32 values along `axis` -> (E4M3 values, the group's scale amax / 448), as
-    moeserve.quant.fp8.quantize_fp8_groups (zero-padded elements of a partial group count as 0)."""
-    scale = tl.maximum(tl.max(tl.abs(y), axis=axis), 1e-12) / 448.0
+    moeserve.quant.fp8.quantize_fp8_groups computes them: correctly rounded divisions (a plain `/` is
+    approximate on the GPU), a NaN anywhere in a group makes its scale and values NaN, zero-padded
+    elements of a partial group count as 0."""
+    has_nan = tl.max((y != y).to(tl.int32), axis=axis) > 0
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=axis), 1e-12), 448.0)
+    scale = tl.where(has_nan, float("nan"), scale)
     if axis == 0:
-        scaled = y / scale
+        scaled = tl.math.div_rn(y, scale)
     else:
-        scaled = y / tl.expand_dims(scale, axis)
-    return round_to_e4m3_grid(tl.minimum(tl.maximum(scaled, -448.0), 448.0)).to(tl.float8e4nv), scale
+        scaled = tl.math.div_rn(y, tl.expand_dims(scale, axis))
+    clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
+    clamped = tl.where(scaled != scaled, scaled, clamped)  # the GPU's min / max would drop a NaN
+    return round_to_e4m3_grid(clamped).to(tl.float8e4nv), scale
 
 
 @triton.jit

@@ -205,6 +205,8 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
             row_slots: int, num_rows: int, rows_per_a_row: int, dense: bool) -> None:
     fmt = weight_format(weight.inner if isinstance(weight, _OneMatrix) else weight)
     if fmt == FP8 and a_scale is None:  # 16-bit activations for FP8 weights: the kernel quantizes them
+        if a.dtype == torch.float8_e4m3fn:
+            raise ValueError("FP8 activations need their scales")
         fmt = FP8_QUANTIZING
     shape = weight.shape
     num_experts, k = shape[0], shape[-1]

@@ -27,13 +27,15 @@ def supports(weight, rows: int) -> bool:
 
 @functools.cache
 def dense_config(rows: int, n: int, k: int, num_sms: int) -> GemmConfig:
-    """16-row tiles for decode, 64 for short prefills; K split (up to 8) until the tiles cover the SMs twice."""
-    block_m = 16 if rows <= 16 else 64
-    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, 64)
+    """Decode (<= 16 rows): 16-row tiles, K split (up to 8) until the tiles cover the SMs twice. Longer: 64-row
+    tiles, no split. Two variants per shape, whatever the row count: a new one would compile mid-serving."""
+    if rows > 16:
+        return GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    tiles = triton.cdiv(n, 64)
     split_k = 1
     while split_k < 8 and tiles * split_k < 2 * num_sms and k // (2 * split_k) >= 512:
         split_k *= 2
-    return GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
+    return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
 
 
 def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,

@@ -20,8 +20,8 @@ def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
 
 def quantized_linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 block weights take FP8 activations in groups of the weight's K block per token (1x128 for
-    128x128 blocks: W8A8 as DeepSeek's reference inference and the kernel, FP8 operands, products and
-    scales in fp32; groups within a block also keep a tensor-parallel shard's sums those of the whole);
+    128x128 blocks: W8A8 as DeepSeek-V3's reference inference with gemm_impl="fp8" and as vLLM's and
+    SGLang's block-FP8 linears, FP8 operands, products and scales in fp32, as the kernel; groups within a block also keep a tensor-parallel shard's sums those of the whole);
     other formats multiply the dequantized weight in x's dtype (NVFP4: W4A16)."""
     if isinstance(weight, Fp8BlockWeight):
         activations = fp8_group_round_trip(x, weight.block[1])

@@ -71,7 +71,10 @@ def test_two_tp_ranks_over_quantized_linears_match_one_rank(scheme, tmp_path):
     for actual, row_shards in run_ranks(2, tp_logits, folder, (2, 1, 2)):  # TP2 attention and dense MLP, EP2 experts
         assert row_shards == 3 + 1 + 2  # o_proj of 3 layers, the dense MLP's down_proj, 2 shared experts' down_proj
         assert torch.isfinite(actual).all()
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+        if scheme == "nvfp4":  # W4A16: the ranks' sums differ from one rank's by fp32 rounding only
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+        else:  # W8A8: an fp32 rounding difference (the all-reduce's order) can flip an activation's FP8 code
+            assert relative_error(actual, expected) < 0.01  # measured 0.0032; a lost all-reduce gives ~0.9
 
 
 def build_error(rank, world, folder, layout) -> str:

@@ -42,6 +42,10 @@ def test_split_k_is_chosen_for_few_tiles_and_long_k():
     assert quant_linear.dense_config(1, 2048, 7168, 132).split_k == 8
     assert quant_linear.dense_config(1, 24576, 1536, 132).split_k == 1
     assert quant_linear.dense_config(200, 2048, 2048, 132).block_m == 64
+    assert {quant_linear.dense_config(rows, 576, 7168, 132) for rows in range(17, 1025)} == {
+        quant_linear.dense_config(17, 576, 7168, 132)}  # one prefill variant: nothing compiles mid-serving
+    assert {quant_linear.dense_config(rows, 576, 7168, 132) for rows in range(1, 17)} == {
+        quant_linear.dense_config(1, 576, 7168, 132)}
 
 
 def test_what_the_kernel_takes():
@@ -66,3 +70,12 @@ def test_the_long_prefill_path_is_the_reference_in_the_activation_dtype(fmt):
     assert half.dtype == torch.bfloat16
     expected = quantized_linear_reference(x.float(), weight, bias.float())  # the same FP8 codes: the bf16 inputs
     torch.testing.assert_close(half.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_a_nan_in_the_activations_reaches_its_row_and_no_other():
+    weight = random_quantized("fp8", 64, 256, seed=5)
+    x = torch.randn(4, 256)
+    x[2, 200] = float("nan")
+    out = quantized_gemm(x, weight)
+    assert out[2].isnan().all()
+    torch.testing.assert_close(out[[0, 1, 3]], quantized_linear_reference(x[[0, 1, 3]], weight), rtol=1e-4, atol=1e-4)

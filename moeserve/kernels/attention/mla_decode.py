@@ -181,6 +181,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, 
     assert rank == triton.next_power_of_2(rank) and rope == triton.next_power_of_2(rope)
     fp8 = cache.dtype == torch.float8_e4m3fn
     assert not fp8 or kv_scale is not None, "an FP8 cache needs kv_scale"
+    assert 1 <= num_splits <= MAX_SPLITS, f"num_splits must be 1..{MAX_SPLITS} (the merge's tile), got {num_splits}"
     config = config or mla_decode_config(num_heads, torch.float32 if q.dtype == torch.float32 else cache.dtype)
     if num_splits == 1:
         partial, lse = out.unsqueeze(2), out  # stage 1 writes the output (no lse)

@@ -76,26 +76,33 @@ class MLAttention(nn.Module):
         return self.o_proj(out.flatten(-2))
 
     def decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [..., N, L] and rope keys [..., N, R] -> keys [..., N, Hq, P + R], values [..., N, Hq, V]."""
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1))  # [..., N, Hq, P + V]
+        """Latents [..., N, L] and rope keys [..., N, R] -> keys [..., N, Hq, P + R], values [..., N, Hq, V].
+        kv_b_proj's weight as the absorbed path multiplies it (a quantized one dequantized, the latents not
+        quantized: W8A16, as DeepSeek's absorb mode), so that prefill and decode compute the same attention."""
+        weight = self.kv_b_weight(c_kv.dtype).flatten(0, 1)  # [Hq (P + V), L]
+        kv = F.linear(c_kv, weight).unflatten(-1, (self.num_heads, -1))  # [..., N, Hq, P + V]
         k_nope, v = kv.split([self.mla.qk_nope_head_dim, self.mla.v_head_dim], dim=-1)
         k_rope = k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], self.num_heads, k_pe.shape[-1])
         return torch.cat((k_nope, k_rope), dim=-1), v
 
-    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [Hq, P, L] and W_UV [Hq, V, L]: views of kv_b_proj, or of its dequantized copy, made once
+    def kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight as [Hq, P + V, L] in dtype: a view of it, or of its dequantized copy, made once
         (`prepare_absorbed`) when kv_b_proj is quantized or in another dtype."""
-        prepared = getattr(self, "absorbed", None)
-        if prepared is not None and prepared[0].dtype == dtype:
+        prepared = getattr(self, "kv_b_prepared", None)
+        if prepared is not None and prepared.dtype == dtype:
             return prepared
         w = weight_matrix(self.kv_b_proj.weight, (), dtype)
-        w = w.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
+        return w.view(self.num_heads, self.mla.qk_nope_head_dim + self.mla.v_head_dim, -1)
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [Hq, P, L] and W_UV [Hq, V, L]: views of `kv_b_weight`."""
+        w = self.kv_b_weight(dtype)
         return w[:, : self.mla.qk_nope_head_dim], w[:, self.mla.qk_nope_head_dim :]
 
     def prepare_absorbed(self, dtype: torch.dtype) -> None:
-        """Compute W_UK and W_UV once (after the weights are loaded), never per layer per step."""
-        self.absorbed = None
-        self.absorbed = self.absorbed_weights(dtype)
+        """Compute kv_b_proj's weight in dtype once (after the weights are loaded), never per layer per step."""
+        self.kv_b_prepared = None
+        self.kv_b_prepared = self.kv_b_weight(dtype)
 
 
 def prepare_absorbed_weights(model: nn.Module, dtype: torch.dtype) -> None:
