@@ -130,11 +130,13 @@ class Engine:
         longest = min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens)
         kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
         full_step = min(max_step_tokens, self.max_model_len - params.max_tokens, kv_tokens // 2)
-        rounds = [(longest, max(1, longest // 7)), (max(1, longest // 4),)]
-        rounds += [(length,) for length in powers_of_two(32, full_step)]
-        for lengths in rounds:
-            for length in lengths:
-                ids = [i % self.config.vocab_size for i in range(length)]
+        def prompt(length: int, first: int = 0) -> list[int]:
+            return [(first + i) % self.config.vocab_size for i in range(length)]
+
+        rounds = [[prompt(longest), prompt(max(1, longest // 7))], [prompt(max(1, longest // 4))]]  # 2nd: a prefix hit
+        rounds += [[prompt(length, first=length)] for length in powers_of_two(32, full_step)]  # no cached prefix
+        for prompts in rounds:
+            for ids in prompts:
                 self.add(self.make_request({"prompt_token_ids": ids}, params))
             while self.has_unfinished_requests():
                 self.step()

@@ -38,3 +38,22 @@ def test_warm_up_fits_a_short_max_model_len():
 def test_no_warm_up_where_no_dummy_request_fits():
     llm = LLM("tiny-mixtral", warm_up=True, max_model_len=3)
     assert llm.generate([{"prompt_token_ids": [1]}], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_warm_up_prefills_every_size_up_to_a_full_step(monkeypatch):
+    """Block configurations are tuned per row count: the warm-up's lone prefills of 32, 64, ... tokens up
+    to a step's budget meet each size bucket (a bucket first met while serving compiles for seconds)."""
+    from moeserve.engine.model_runner import ModelRunner
+
+    step_tokens = []
+    execute = ModelRunner.execute
+
+    def recording(self, scheduled):
+        step_tokens.append(sum(n for _, n in scheduled))
+        return execute(self, scheduled)
+
+    monkeypatch.setattr(ModelRunner, "execute", recording)
+    LLM("tiny-qwen3-moe", warm_up=True, max_num_batched_tokens=300, max_model_len=512)
+    for size in (32, 64, 128, 256):
+        assert size in step_tokens
+    assert max(step_tokens) <= 300
