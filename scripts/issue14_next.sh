@@ -9,9 +9,11 @@ OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
 if [ "${PART:-tests}" = tests ]; then
-  timeout 540 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py \
-    tests/gpu/test_no_compiles_after_warm_up.py tests/gpu/test_engine_cuda.py tests/gpu/test_attention_cuda.py \
-    tests/gpu/test_cuda_graphs.py -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu_tests.log" | tail -12 >> "$T"
+  timeout 300 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py tests/gpu/test_engine_cuda.py \
+    tests/gpu/test_attention_cuda.py tests/gpu/test_cuda_graphs.py -q -p no:cacheprovider -rf 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -8 >> "$T"
+  timeout 280 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf 2>&1 \
+    | tee "$OUT/no_compiles.log" | tail -6 >> "$T"
 else
   timeout 100 python3 scripts/probes/quant_linear_bench.py > "$OUT/quant_linear_bench.txt" 2>&1
   cat "$OUT/quant_linear_bench.txt" >> "$T"

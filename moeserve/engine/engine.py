@@ -130,11 +130,11 @@ class Engine:
         longest = min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens)
         kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
         full_step = min(max_step_tokens, self.max_model_len - params.max_tokens, kv_tokens // 2)
-        def prompt(length: int, first: int = 0) -> list[int]:
-            return [(first + i) % self.config.vocab_size for i in range(length)]
+        def prompt(length: int, first: int = 0) -> list[int]:  # a first token of its own: no cached prefix
+            return [first % self.config.vocab_size] + [i % self.config.vocab_size for i in range(1, length)]
 
         rounds = [[prompt(longest), prompt(max(1, longest // 7))], [prompt(max(1, longest // 4))]]  # 2nd: a prefix hit
-        rounds += [[prompt(length, first=length)] for length in powers_of_two(32, full_step)]  # no cached prefix
+        rounds += [[prompt(length, first=j)] for j, length in enumerate(powers_of_two(32, full_step), start=1)]
         for prompts in rounds:
             for ids in prompts:
                 self.add(self.make_request({"prompt_token_ids": ids}, params))

@@ -8,7 +8,8 @@ from typing import Protocol
 import torch
 
 from moeserve.kernels.activation import silu_and_mul, sum_over_k
-from moeserve.kernels.moe_gemm import BF16, FP8, FP8_BLOCK, NVFP4, GemmConfig, moe_gemm, weight_format
+from moeserve.kernels.moe_gemm import (BF16, FP8, FP8_BLOCK, IN_GEMM_QUANTIZATION_MAX_ROWS, NVFP4, GemmConfig, moe_gemm,
+                                       weight_format)
 from moeserve.kernels.moe_layout import block_layout
 from moeserve.kernels.row_layout import RowLayout
 from moeserve.kernels.tuning import tuned_config
@@ -30,7 +31,8 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor, layout: RowLayout, co
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8
-    quantize_in_gemm = config.block_k == FP8_BLOCK  # the gate_up GEMM quantizes x 1x128 as it reads it
+    # decode sizes: the gate_up GEMM quantizes x 1x128 as it reads it (above, once first: each N tile would redo it)
+    quantize_in_gemm = config.block_k == FP8_BLOCK and rows <= IN_GEMM_QUANTIZATION_MAX_ROWS
     a, a_scale = quantize_fp8_groups(x) if fp8 and not quantize_in_gemm else (x, None)
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)

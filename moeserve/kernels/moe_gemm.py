@@ -24,6 +24,7 @@ from moeserve.quant.formats import Fp8BlockWeight, Nvfp4Weight
 
 BF16, FP8, NVFP4 = 0, 1, 2
 FP8_QUANTIZING = 3  # FP8 weights, 16-bit activations quantized 1x128 inside the GEMM (BLOCK_K = 128)
+IN_GEMM_QUANTIZATION_MAX_ROWS = 16  # callers quantize first above: each N tile would re-quantize its rows
 FP8_BLOCK = 128
 
 

@@ -11,7 +11,9 @@ import torch
 import triton
 
 from moeserve.kernels.device import multiprocessors
-from moeserve.kernels.moe_gemm import FP8, FP8_BLOCK, NVFP4, GemmConfig, dense_gemm, weight_format
+from moeserve.kernels.moe_gemm import (FP8, FP8_BLOCK, IN_GEMM_QUANTIZATION_MAX_ROWS, NVFP4, GemmConfig, dense_gemm,
+                                       weight_format)
+from moeserve.quant.fp8 import quantize_fp8_groups
 
 DENSE_KERNEL_MAX_ROWS = 1024
 
@@ -27,15 +29,14 @@ def supports(weight, rows: int) -> bool:
 
 @functools.cache
 def dense_config(rows: int, n: int, k: int, num_sms: int) -> GemmConfig:
-    """Decode (<= 16 rows): 16-row tiles, K split (up to 8) until the tiles cover the SMs twice. Longer: 64-row
-    tiles, no split. Two variants per shape, whatever the row count: a new one would compile mid-serving."""
-    if rows > 16:
-        return GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
-    tiles = triton.cdiv(n, 64)
+    """16-row tiles for decode (<= 16 rows), 64 above; K split (up to 8) until the tiles cover the SMs twice.
+    The split halves as the rows double, so the warm-up's prefills of 32, 64, ... tokens meet every variant."""
+    block_m = 16 if rows <= 16 else 64
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, 64)
     split_k = 1
     while split_k < 8 and tiles * split_k < 2 * num_sms and k // (2 * split_k) >= 512:
         split_k *= 2
-    return GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
+    return GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
 
 
 def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
@@ -46,7 +47,10 @@ def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     rows = x.reshape(-1, k).contiguous()
     config = config or dense_config(rows.shape[0], n, k, multiprocessors(x.device))
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    dense_gemm(rows, None, weight, out, config)  # FP8: the activations are quantized 1x128 inside the GEMM
+    a, a_scale = rows, None  # FP8 at decode sizes: the activations are quantized 1x128 inside the GEMM
+    if weight_format(weight) == FP8 and rows.shape[0] > IN_GEMM_QUANTIZATION_MAX_ROWS:
+        a, a_scale = quantize_fp8_groups(rows)  # once, not once per N tile
+    dense_gemm(a, a_scale, weight, out, config)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], n)

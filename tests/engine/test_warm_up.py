@@ -53,7 +53,7 @@ def test_warm_up_prefills_every_size_up_to_a_full_step(monkeypatch):
         return execute(self, scheduled)
 
     monkeypatch.setattr(ModelRunner, "execute", recording)
-    LLM("tiny-qwen3-moe", warm_up=True, max_num_batched_tokens=300, max_model_len=512)
-    for size in (32, 64, 128, 256):
+    LLM("tiny-qwen3-moe", warm_up=True, max_num_batched_tokens=1100, max_model_len=2048)  # prompts past the vocab
+    for size in (32, 64, 128, 256, 512, 1024):
         assert size in step_tokens
-    assert max(step_tokens) <= 300
+    assert max(step_tokens) <= 1100

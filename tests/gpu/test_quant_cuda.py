@@ -53,3 +53,23 @@ def test_dense_quantized_kernel_at_deepseek_v3_shapes(fmt, rows):
         expected = quantized_linear_reference(x, weight).float()
         assert torch.isfinite(actual).all()
         assert (actual - expected).norm() <= 1e-2 * expected.norm(), (n, k)
+
+
+def test_in_gemm_fp8_quantization_equals_quantizing_first_bit_for_bit():
+    """The dense kernel's in-GEMM activation quantization (exact divisions) gives the codes and scales that
+    quantize_fp8_groups gives, so the two paths' outputs are bit-identical; a NaN stays in its row."""
+    from moeserve.kernels.moe_gemm import GemmConfig, dense_gemm
+    from moeserve.quant.formats import quantized
+    from moeserve.quant.fp8 import quantize_fp8_groups
+
+    weight = quantized("fp8", torch.randn(1536, 7168, device="cuda") * 0.02)
+    x = (torch.randn(16, 7168, device="cuda") * torch.logspace(-3, 2, 16, device="cuda")[:, None]).bfloat16()
+    x[5, 1000] = float("nan")
+    config = GemmConfig(block_m=16, block_n=64, block_k=128)
+    in_gemm, first = (torch.empty(16, 1536, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    dense_gemm(x, None, weight, in_gemm, config)
+    dense_gemm(*quantize_fp8_groups(x), weight, first, config)
+    assert in_gemm[5].isnan().all() and first[5].isnan().all()
+    rows = [r for r in range(16) if r != 5]
+    assert torch.isfinite(in_gemm[rows]).all()
+    assert torch.equal(in_gemm[rows], first[rows])

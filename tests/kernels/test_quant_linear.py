@@ -42,10 +42,10 @@ def test_split_k_is_chosen_for_few_tiles_and_long_k():
     assert quant_linear.dense_config(1, 2048, 7168, 132).split_k == 8
     assert quant_linear.dense_config(1, 24576, 1536, 132).split_k == 1
     assert quant_linear.dense_config(200, 2048, 2048, 132).block_m == 64
-    assert {quant_linear.dense_config(rows, 576, 7168, 132) for rows in range(17, 1025)} == {
-        quant_linear.dense_config(17, 576, 7168, 132)}  # one prefill variant: nothing compiles mid-serving
-    assert {quant_linear.dense_config(rows, 576, 7168, 132) for rows in range(1, 17)} == {
-        quant_linear.dense_config(1, 576, 7168, 132)}
+    # every variant met by a power of two of rows (the warm-up's prefills): none compiles mid-serving
+    for n, k in [(576, 7168), (1536, 7168), (7168, 16384), (2048, 2048)]:
+        variants = {quant_linear.dense_config(rows, n, k, 132) for rows in range(1, 1025)}
+        assert variants == {quant_linear.dense_config(2**i, n, k, 132) for i in range(11)}
 
 
 def test_what_the_kernel_takes():
