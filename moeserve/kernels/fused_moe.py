@@ -1,6 +1,6 @@
-"""The experts' forward on CUDA: layout -> gate_up GEMM (tokens read by index; FP8: quantized 1x128 in the GEMM when
-its K step is 128, else before) -> SiLU-and-mul
-(+ FP8 quantization for W8A8) -> down GEMM (routed weight in the epilogue) -> sum over k.
+"""The experts' forward on CUDA: layout -> gate_up GEMM (tokens read by index; FP8: quantized 1x128 inside the
+GEMM at decode sizes, before it otherwise) -> SiLU-and-mul (+ FP8 quantization for W8A8) -> down GEMM
+(routed weight in the epilogue) -> sum over k.
 Reference: moeserve.layers.moe.experts.Experts.reference (same inputs, same output)."""
 
 from typing import Protocol
