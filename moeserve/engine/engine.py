@@ -118,29 +118,39 @@ class Engine:
 
     def warm_up(self, max_step_tokens: int) -> None:
         """Greedy dummy requests through prefill and decode, so that the kernels of both paths are compiled
-        (Triton compiles at first use, seconds in all) before a real request waits on them. Rounds: prompts
-        of different lengths together; one alone that is a prefix of the first round's (other token counts,
-        and a prefix-cache hit); then prefills of 32, 64, ... tokens up to a full step, one at a time, so
-        that every size bucket of the kernels' block configurations (tuned per row count) is met.
-        Sampling runs torch ops only, which need no warm-up."""
+        (Triton compiles at first use, seconds in all) before a real request waits on them; the rounds are
+        `warm_up_rounds`. Sampling runs torch ops only, which need no warm-up."""
         start = time.perf_counter()
         if self.max_model_len < 4:
             return
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-        longest = min(WARM_UP_PROMPT_LEN, self.max_model_len - params.max_tokens)
-        kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
-        full_step = min(max_step_tokens, self.max_model_len - params.max_tokens, kv_tokens // 2)
-        def prompt(length: int, first: int = 0) -> list[int]:  # a first token of its own: no cached prefix
-            return [first % self.config.vocab_size] + [i % self.config.vocab_size for i in range(1, length)]
-
-        rounds = [[prompt(longest), prompt(max(1, longest // 7))], [prompt(max(1, longest // 4))]]  # 2nd: a prefix hit
-        rounds += [[prompt(length, first=j)] for j, length in enumerate(powers_of_two(32, full_step), start=1)]
-        for prompts in rounds:
+        for prompts in self.warm_up_rounds(max_step_tokens, params.max_tokens):
             for ids in prompts:
                 self.add(self.make_request({"prompt_token_ids": ids}, params))
             while self.has_unfinished_requests():
                 self.step()
         logger.info("Warmed up prefill and decode in %.1f s", time.perf_counter() - start)
+
+    def warm_up_rounds(self, max_step_tokens: int, max_tokens: int) -> list[list[list[int]]]:
+        """Prompts of different lengths together; one alone that is a prefix of the first round's (other
+        token counts, and a prefix-cache hit); then steps of 32, 64, ... prompt tokens up to a full step
+        (several prompts where one may not be that long), so that every size bucket of the kernels' block
+        configurations (tuned per row count) is met. Those prompts start with first tokens of their own:
+        no cached prefix shortens them."""
+        vocab = self.config.vocab_size
+        firsts = itertools.count(1)
+
+        def prompt(length: int, first: int = 0) -> list[int]:
+            return [first % vocab] + [i % vocab for i in range(1, length)]
+
+        per_request = self.max_model_len - max_tokens
+        longest = min(WARM_UP_PROMPT_LEN, per_request)
+        rounds = [[prompt(longest), prompt(max(1, longest // 7))], [prompt(max(1, longest // 4))]]
+        kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
+        for total in powers_of_two(32, min(max_step_tokens, kv_tokens // 2)):
+            sizes = [per_request] * (total // per_request) + ([total % per_request] if total % per_request else [])
+            rounds.append([prompt(size, next(firsts)) for size in sizes])
+        return rounds
 
     @property
     def model(self):

@@ -57,3 +57,7 @@ def test_warm_up_prefills_every_size_up_to_a_full_step(monkeypatch):
     for size in (32, 64, 128, 256, 512, 1024):
         assert size in step_tokens
     assert max(step_tokens) <= 1100
+    step_tokens.clear()
+    LLM("tiny-qwen3-moe", warm_up=True, max_num_batched_tokens=1024, max_model_len=200)  # steps of several prompts
+    for size in (32, 64, 128, 256, 512, 1024):
+        assert size in step_tokens
