@@ -147,7 +147,8 @@ class Engine:
         longest = min(WARM_UP_PROMPT_LEN, per_request)
         rounds = [[prompt(longest), prompt(max(1, longest // 7))], [prompt(max(1, longest // 4))]]
         kv_tokens = self.block_manager.num_free_blocks * self.block_manager.block_size
-        for total in powers_of_two(32, min(max_step_tokens, kv_tokens // 2)):
+        full_step = min(max_step_tokens, kv_tokens // 2, self.scheduler.max_num_seqs * per_request)
+        for total in powers_of_two(32, full_step if per_request >= 32 else 0):  # none for toy context lengths
             sizes = [per_request] * (total // per_request) + ([total % per_request] if total % per_request else [])
             rounds.append([prompt(size, next(firsts)) for size in sizes])
         return rounds
