@@ -30,10 +30,10 @@ def quantize_e4m3_group(y, axis: tl.constexpr):
     has_nan = tl.max((y != y).to(tl.int32), axis=axis) > 0
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=axis), 1e-12), 448.0)
     scale = tl.where(has_nan, float("nan"), scale)
-    if axis == 0:
-        scaled = tl.math.div_rn(y, scale)
-    else:
-        scaled = tl.math.div_rn(y, tl.expand_dims(scale, axis))
+    divisor = scale if axis == 0 else tl.expand_dims(scale, axis)
+    # A zero dividend sends the GPU's correctly rounded division down its slow path (the padded rows of every
+    # decode tile are zeros): divide something else there and keep the zero, with its sign.
+    scaled = tl.where(y == 0, y, tl.math.div_rn(tl.where(y == 0, 1.0, y), divisor))
     clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
     clamped = tl.where(scaled != scaled, scaled, clamped)  # the GPU's min / max would drop a NaN
     return round_to_e4m3_grid(clamped).to(tl.float8e4nv), scale

@@ -1,7 +1,7 @@
 """Quantized dense linears on CUDA, reading the stored format: FP8 128x128-block weights with the
 activations quantized 1x128 per token inside the GEMM (W8A8), and NVFP4 weights dequantized in registers (W4A16), both
 through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS rows, where it measured
-faster than dequantizing every call for cuBLAS (H200, V3 shapes: 2-20x at 1-1,024 rows); longer prefills
+faster than dequantizing every call for cuBLAS (H200, V3 shapes: 1.2-27x at 1-1,024 rows); longer prefills
 take that path (cuBLAS's bf16 rate there beats this kernel's FP8 rate today). Reference:
 moeserve.ops.linear.quantized_linear_reference."""
 
@@ -28,15 +28,17 @@ def supports(weight, rows: int) -> bool:
 
 
 @functools.cache
-def dense_config(rows: int, n: int, k: int, num_sms: int) -> GemmConfig:
-    """16-row tiles for decode (<= 16 rows), 64 above; K split (up to 8) until the tiles cover the SMs twice.
+def dense_config(rows: int, n: int, k: int, num_sms: int, fmt: int = FP8) -> GemmConfig:
+    """16-row tiles for decode (<= 16 rows; FP8 128 columns wide), 64 rows above; K split (up to 8, slices of at
+    least 256) until the tiles, counted 64 columns wide, cover the SMs twice (H200 sweep, scripts/probes/quant_linear_sweep.py).
     The split halves as the rows double, so the warm-up's prefills of 32, 64, ... tokens meet every variant."""
     block_m = 16 if rows <= 16 else 64
-    tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, 64)
+    block_n = 128 if fmt == FP8 and rows <= 16 else 64
+    narrow_tiles = triton.cdiv(rows, block_m) * triton.cdiv(n, 64)  # a 128-wide tile counts as two
     split_k = 1
-    while split_k < 8 and tiles * split_k < 2 * num_sms and k // (2 * split_k) >= 512:
+    while split_k < 8 and narrow_tiles * split_k < 2 * num_sms and k // (2 * split_k) >= 256:
         split_k *= 2
-    return GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
+    return GemmConfig(block_m=block_m, block_n=block_n, block_k=128, num_warps=4, num_stages=3, split_k=split_k)
 
 
 def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
@@ -45,7 +47,7 @@ def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     config: dense_config's unless given."""
     n, k = weight.shape
     rows = x.reshape(-1, k).contiguous()
-    config = config or dense_config(rows.shape[0], n, k, multiprocessors(x.device))
+    config = config or dense_config(rows.shape[0], n, k, multiprocessors(x.device), weight_format(weight))
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     a, a_scale = rows, None  # FP8 at decode sizes: the activations are quantized 1x128 inside the GEMM
     if weight_format(weight) == FP8 and rows.shape[0] > IN_GEMM_QUANTIZATION_MAX_ROWS:

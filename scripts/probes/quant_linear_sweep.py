@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.bench.timing import per_copy_ms
-from moeserve.kernels.moe_gemm import GemmConfig
+from moeserve.kernels.moe_gemm import GemmConfig, weight_format
 from moeserve.kernels.quant_linear import dense_config, quantized_gemm
 from moeserve.ops.linear import quantized_linear_reference
 from moeserve.quant.formats import quantized
@@ -28,7 +28,7 @@ for (name, (n, k)), fmt in itertools.product(SHAPES.items(), ("fp8", "nvfp4")):
         x = torch.randn(rows, k, device="cuda").bfloat16()
         expected = quantized_linear_reference(x, weights[0]).float()
         bf16 = 1000 * per_copy_ms(lambda i: F.linear(x, dense[i]), copies)
-        default = dense_config(rows, n, k, sms)
+        default = dense_config(rows, n, k, sms, weight_format(weights[0]))
         times = {}
         for block_n, split_k, stages in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (3, 4)):
             config = GemmConfig(block_m=16, block_n=block_n, block_k=128, num_stages=stages, split_k=split_k)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeserve.kernels import quant_linear
+from moeserve.kernels.moe_gemm import FP8, NVFP4
 from moeserve.kernels.quant_linear import DENSE_KERNEL_MAX_ROWS, quantized_gemm, supports
 from moeserve.ops.linear import quantized_linear_reference
 from moeserve.quant.formats import make_quantized_weight, quantized
@@ -41,11 +42,15 @@ def test_bf16_activations_keep_their_dtype_and_leading_dims():
 def test_split_k_is_chosen_for_few_tiles_and_long_k():
     assert quant_linear.dense_config(1, 2048, 7168, 132).split_k == 8
     assert quant_linear.dense_config(1, 24576, 1536, 132).split_k == 1
+    assert quant_linear.dense_config(1, 7168, 16384, 132).split_k == 4
+    assert quant_linear.dense_config(1, 3072, 2048, 132).split_k == 8  # slices of 256
+    assert quant_linear.dense_config(1, 3072, 2048, 132, NVFP4).block_n == 64
     assert quant_linear.dense_config(200, 2048, 2048, 132).block_m == 64
     # every variant met by a power of two of rows (the warm-up's prefills): none compiles mid-serving
-    for n, k in [(576, 7168), (1536, 7168), (7168, 16384), (2048, 2048)]:
-        variants = {quant_linear.dense_config(rows, n, k, 132) for rows in range(1, 1025)}
-        assert variants == {quant_linear.dense_config(2**i, n, k, 132) for i in range(11)}
+    for fmt in (FP8, NVFP4):
+        for n, k in [(576, 7168), (1536, 7168), (7168, 16384), (2048, 2048)]:
+            variants = {quant_linear.dense_config(rows, n, k, 132, fmt) for rows in range(1, 1025)}
+            assert variants == {quant_linear.dense_config(2**i, n, k, 132, fmt) for i in range(11)}
 
 
 def test_what_the_kernel_takes():
@@ -73,6 +78,8 @@ def test_the_long_prefill_path_is_the_reference_in_the_activation_dtype(fmt):
 
 
 def test_a_nan_in_the_activations_reaches_its_row_and_no_other():
+    # Row isolation only: the interpreter's min / max keep a NaN by themselves, so the kernel's NaN-keeping
+    # clamp is checked on CUDA (tests/gpu/test_quant_cuda.py, in-GEMM quantization equals quantizing first).
     weight = random_quantized("fp8", 64, 256, seed=5)
     x = torch.randn(4, 256)
     x[2, 200] = float("nan")
