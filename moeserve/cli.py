@@ -69,6 +69,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend, help="EP transport")
     parser.add_argument("--ep-dispatch-format", choices=DISPATCH_FORMATS, default=defaults.ep_dispatch_format,
                         help="tokens on the wire in EP dispatch (bf16: unquantized)")
+    parser.add_argument("--num-redundant-experts", type=int, default=0,
+                        help="extra expert replicas per MoE layer, spread evenly over the EP ranks (EPLB)")
+    parser.add_argument("--eplb-interval", type=int, default=0,
+                        help="forwards between expert rebalancings from the counted load (0: off)")
     parser.add_argument("--dist-timeout", type=float, default=defaults.dist_timeout,
                         help="seconds a collective may wait before every rank gives up")
     parser.add_argument("--load-format", choices=LOAD_FORMATS, default=defaults.load_format,
@@ -90,6 +94,12 @@ def add_profile_arguments(parser: argparse.ArgumentParser, steps: str) -> None:
     parser.add_argument("--profile", action="store_true",
                         help=f"torch.profiler over {steps}: GPU busy, kernels per step, top kernels (CPU ops without CUDA)")
     parser.add_argument("--profile-steps", type=positive_int, default=8, help="steps profiled")
+
+
+def add_expert_load_arguments(parser: argparse.ArgumentParser, ranks_help: str) -> None:
+    parser.add_argument("--expert-load", default=None, metavar="FILE.png",
+                        help="draw the run's tokens per expert and per EP rank, before and after balancing")
+    parser.add_argument("--expert-load-ranks", type=int, default=None, help=ranks_help)
 
 
 def positive_int(text: str) -> int:
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--compare-hf", action="store_true",
                             help="also run the same workload through transformers' generate (baseline)")
     add_profile_arguments(throughput, "a window of steps once every request decodes")
+    add_expert_load_arguments(throughput, "EP ranks of the picture (default: --ep, or 8 without it)")
     throughput.set_defaults(run=run_throughput)
 
     latency = bench.add_parser("latency", help="one batch, step by step: prefill and decode step times",
@@ -190,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     latency.add_argument("--output-json", default=None, metavar="FILE", help="write the results as JSON")
     add_profile_arguments(latency, "steady decode steps")
     latency.set_defaults(run=run_latency)
+
+    plan = commands.add_parser("plan", help="memory per rank of a layout before launch, and whether it fits",
+                               **HELP_FORMAT)
+    add_plan_arguments(plan)
+    plan.set_defaults(run=run_plan)
 
     info = commands.add_parser("info", help="parameters and weight memory of a model, per format", **HELP_FORMAT)
     info.add_argument("--model", required=True, help="checkpoint folder or preset (real-shape presets work)")
@@ -223,7 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     serving.add_argument("--vocab-size", type=int, default=500, help="random prompt token ids are below this")
     serving.add_argument("--save-result", default=None, help="write the report as JSON")
     serving.add_argument("--plot", default=None, help="write a latency picture (PNG; needs matplotlib)")
+    add_expert_load_arguments(serving, "EP ranks of the picture (default 8)")
+    serving.add_argument("--expert-load-redundant", type=int, default=0,
+                         help="redundant experts the picture's balanced placement may use")
     serving.set_defaults(run=run_bench_serve)
+
+    stats = commands.add_parser("stats", help="a running server's expert load, per layer and per EP rank, "
+                                "before and after balancing", **HELP_FORMAT)
+    stats.add_argument("--url", default="http://127.0.0.1:8000", help="the moeserve server (its /metrics is read)")
+    stats.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the load (needs matplotlib)")
+    stats.add_argument("--ranks", type=int, default=8, help="EP ranks to place the experts on")
+    stats.add_argument("--num-redundant-experts", type=int, default=0,
+                       help="extra expert replicas the balanced placement may use")
+    stats.set_defaults(run=run_stats)
 
     moe = bench.add_parser("moe", help="one MoE layer's experts on one GPU: kernels vs baselines", **HELP_FORMAT)
     moe.add_argument("--model", default="deepseek-v3", help="a preset or checkpoint (its expert shapes are used)")
@@ -357,10 +385,15 @@ def throughput_on_rank(args: argparse.Namespace, context) -> int:
     llm = LLM(args.model, context=context, **engine_args(args))
     result = measure(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     if context is not None:
+        load = run_expert_load(llm, context) if args.expert_load else None
         if context.rank == 0:
             print(f"moeserve (tp={args.tp} dp={args.dp} ep={args.ep}):", result.report(), flush=True)
+            if load is not None:
+                draw_expert_load(args, load, args.num_redundant_experts)
         return 0
     print("moeserve:", result.report())
+    if args.expert_load:
+        draw_expert_load(args, run_expert_load(llm, None), 0)
     if args.profile:
         from moeserve.bench.profile import profile_engine
         from moeserve.bench.throughput import random_prompts, throughput_params
@@ -374,6 +407,43 @@ def throughput_on_rank(args: argparse.Namespace, context) -> int:
         del llm
         result = run_hf_baseline(args.model, args.num_prompts, args.input_len, args.output_len, device, dtype, args.seed)
         print("transformers generate:", result.report())
+    return 0
+
+
+def run_expert_load(llm, context):
+    """The engine's expert load, summed over the data-parallel replicas (each counts its own tokens)."""
+    from moeserve.bench.expert_load import ExpertLoad, from_engine
+
+    load = from_engine(llm.engine)
+    if context is None or context.groups.layout.dp == 1:
+        return load
+    import torch.distributed as dist
+
+    counts = load.counts.to(llm.engine.device)
+    dist.all_reduce(counts, group=context.groups.dp_group)
+    return ExpertLoad(load.layers, counts.cpu())
+
+
+def draw_expert_load(args: argparse.Namespace, load, redundant: int) -> None:
+    from moeserve.bench.expert_load import show
+
+    ranks = args.expert_load_ranks or (args.ep if args.ep > 1 else 8)
+    print(show(load, ranks, redundant, args.expert_load, title=f"{args.model}: expert load"))
+    print(f"expert load picture: {args.expert_load}")
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from moeserve.bench.expert_load import fetch_metrics, parse_metrics, served_imbalance, show
+
+    text = fetch_metrics(args.url)
+    load = parse_metrics(text)
+    print(show(load, args.ranks, args.num_redundant_experts, args.plot, title=f"{args.url}: expert load"))
+    served = served_imbalance(text)
+    if served:
+        worst = max(served, key=served.get)
+        print(f"the server's own placement (its EP ranks' tokens): worst layer {worst} at {served[worst]:.3f}")
+    if args.plot:
+        print(f"picture: {args.plot}")
     return 0
 
 
@@ -510,6 +580,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     from moeserve.bench.serve import plot, run_benchmark, save
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    load_before = server_expert_load(args.base_url) if args.expert_load else None
     report, results = asyncio.run(run_benchmark(args.base_url, args.model, args.num_prompts, args.input_len,
                                                 args.output_len, args.request_rate, args.max_concurrency, args.seed,
                                                 args.ignore_eos, args.api_key, args.vocab_size))
@@ -521,7 +592,22 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         save(report, args.save_result, {k: v for k, v in vars(args).items() if k != "run"})
     if args.plot:
         plot(results, args.plot)
+    if args.expert_load:
+        from moeserve.bench.expert_load import ExpertLoad, show
+
+        after = server_expert_load(args.base_url)
+        if after.layers != load_before.layers or after.counts.shape != load_before.counts.shape:
+            raise ValueError(f"the server at {args.base_url} changed model during the run")
+        load = ExpertLoad(after.layers, after.counts - load_before.counts)  # this run's tokens only
+        print(show(load, args.expert_load_ranks or 8, args.expert_load_redundant, args.expert_load,
+                   title=f"{args.model}: expert load of the run"))
     return 0 if not failures else 1
+
+
+def server_expert_load(url: str):
+    from moeserve.bench.expert_load import fetch_metrics, parse_metrics
+
+    return parse_metrics(fetch_metrics(url))
 
 
 def int_list(text: str) -> list[int]:
@@ -602,6 +688,82 @@ def write_tuned_table(args: argparse.Namespace, config) -> int:
             partial.write_text(json.dumps(table, indent=2))
             os.replace(partial, path)
     return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from moeserve.config import ConfigError
+    from moeserve.engine.plan import fits, plan_rank, report, smallest_fitting_layout
+
+    request, gpu_name, num_gpus = plan_request(args)
+    config = request.config
+    weights_note = (f"{request.quantization} weights (quantized on load)" if request.quantization else
+                    f"{request.checkpoint_plan.format} checkpoint" if request.checkpoint_plan else "bf16 weights")
+    print(f"moeserve plan: {args.model} ({config.architecture}), {weights_note}, KV cache "
+          f"{'fp8' if request.kv_cache_dtype == 'fp8' else 'bf16'}, max_model_len {request.model_len:,}, "
+          f"max_num_seqs {request.max_num_seqs}, max_num_batched_tokens {request.max_num_batched_tokens:,}")
+    if request.layout.world_size > num_gpus:
+        raise ConfigError(f"the layout needs {request.layout.world_size} GPUs (tp x dp) but --num-gpus is {num_gpus}")
+    memory = plan_rank(request)
+    for line in report(request, memory, args.concurrency, gpu_name):
+        print(line)
+    if request.quantization is not None:
+        bf16 = sum(plan_rank(dataclasses.replace(request, quantization=None)).weights.values())
+        if bf16 > request.gpu_memory_utilization * request.gpu_memory:
+            print(f"note: quantizing on load holds the bf16 shard first ({bf16 / 2**30:,.1f} GiB per rank): write an "
+                  f"{request.quantization} checkpoint once with `moeserve quantize` and serve that")
+    if fits(memory, request, args.concurrency):
+        return 0
+    found = smallest_fitting_layout(request, args.concurrency)
+    if found is None:
+        print(f"no layout of up to 256 {gpu_name} GPUs holds {args.concurrency} sequence(s) of {request.model_len:,} "
+              "tokens: lower max_model_len or the concurrency, or quantize the weights / KV cache")
+    else:
+        layout, fitting = found
+        print(f"smallest layout that fits: --tp {layout.tp} --dp {layout.dp} --ep {layout.ep} "
+              f"({layout.world_size} GPUs; {fitting.kv_tokens:,} KV tokens per rank, "
+              f"{fitting.concurrency(request.model_len):,} sequences at max_model_len)")
+    return 1
+
+
+def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    add_engine_arguments(plan, offline=False)
+    plan.add_argument("--gpu", choices=("H100", "H200", "B200"), default="H200", help="the card (its memory)")
+    plan.add_argument("--gpu-memory", type=byte_size, default=None, help="memory per GPU instead of --gpu's")
+    plan.add_argument("--num-gpus", type=int, default=None, help="GPUs available (default: tp x dp)")
+    plan.add_argument("--concurrency", type=int, default=1,
+                      help="sequences of max_model_len tokens each rank's KV cache must hold at once")
+
+
+def plan_request(args: argparse.Namespace):
+    """(Request, card name, GPUs available) from plan's flags, resolved as the engine resolves them."""
+    import torch
+
+    from moeserve.distributed.layout import ParallelLayout
+    from moeserve.engine.plan import GPU_MEMORY, Request
+    from moeserve.loader.checkpoint import CheckpointReader
+    from moeserve.loader.model_loader import checkpoint_quant_plan, load_config_and_scheme
+    from moeserve.loader.resolve import resolve_checkpoint
+
+    EngineArgs(model=args.model, **engine_args(args))  # the engine's own checks of every flag
+    config, scheme = load_config_and_scheme(args.model)
+    checkpoint_plan = None
+    if scheme is not None:
+        if args.quantization is not None:
+            raise ValueError(f"{args.model} is already quantized ({scheme.name}); drop --quantization")
+        with CheckpointReader(resolve_checkpoint(args.model)) as reader:
+            checkpoint_plan = checkpoint_quant_plan(config, scheme, reader)
+    layout = ParallelLayout(tp=args.tp, dp=args.dp, ep=args.ep)
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    dtype = getattr(torch, "bfloat16" if args.dtype == "auto" else args.dtype)
+    request = Request(config, layout, args.quantization, checkpoint_plan, dtype, args.kv_cache_dtype,
+                      args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens,
+                      args.block_size,
+                      args.gpu_memory or GPU_MEMORY[args.gpu], args.gpu_memory_utilization, args.kv_cache_memory,
+                      args.num_redundant_experts, args.ep_dispatch_format,
+                      cuda_graphs=not args.enforce_eager and layout.ep == 1)
+    gpu_name = args.gpu if args.gpu_memory is None else f"GPU of {args.gpu_memory / 2**30:,.1f} GiB"
+    return request, gpu_name, args.num_gpus or layout.world_size
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -133,13 +133,9 @@ def save(report: ServeReport, path: str, settings: dict) -> None:
 
 
 def plot(results: list[RequestResult], path: str) -> None:
-    try:
-        import matplotlib
+    from moeserve.bench.expert_load import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     done = [r for r in results if r.ok]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for axis, values, title in ((left, [1000 * r.ttft for r in done], "time to first token (ms)"),
@@ -149,3 +145,4 @@ def plot(results: list[RequestResult], path: str) -> None:
         axis.set_ylabel("count")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)

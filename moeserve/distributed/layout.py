@@ -56,25 +56,54 @@ class ParallelLayout:
 
 @dataclass(frozen=True)
 class ExpertMap:
-    """Logical expert -> (EP rank, local slot). Dispatchers and loaders read only this map, so a
-    load balancer can move experts by changing it."""
+    """Physical expert slots -> the logical expert each holds; EP rank r holds slots r * slots_per_rank onwards.
+    A logical expert may have several replicas (redundant experts), never two on one rank. Dispatchers and
+    loaders read only this map, so a load balancer moves experts by changing it."""
 
-    rank_of_expert: tuple[int, ...]
-    slot_of_expert: tuple[int, ...]
+    logical_of_slot: tuple[int, ...]
+    num_ranks: int
+
+    def __post_init__(self):
+        if len(self.logical_of_slot) % self.num_ranks:
+            raise ConfigError(f"{len(self.logical_of_slot)} expert slots cannot be split evenly over {self.num_ranks} "
+                              "EP ranks: use a number of redundant experts that makes them a multiple")
+        for rank in range(self.num_ranks):
+            local = self.local_experts(rank)
+            if len(set(local)) != len(local):
+                raise ConfigError(f"EP rank {rank} would hold two replicas of one expert ({local}): use fewer "
+                                  "redundant experts (at most the experts per rank x (ranks - 1))")
 
     @classmethod
     def contiguous(cls, num_experts: int, ep: int) -> "ExpertMap":
-        per_rank = num_experts // ep
-        return cls(tuple(e // per_rank for e in range(num_experts)), tuple(e % per_rank for e in range(num_experts)))
+        return cls(tuple(range(num_experts)), ep)
+
+    @property
+    def num_experts(self) -> int:
+        return max(self.logical_of_slot) + 1
+
+    @property
+    def slots_per_rank(self) -> int:
+        return len(self.logical_of_slot) // self.num_ranks
 
     def local_experts(self, ep_rank: int) -> list[int]:
         """Logical ids of the experts at ep_rank, in slot order."""
-        mine = [e for e, r in enumerate(self.rank_of_expert) if r == ep_rank]
-        return sorted(mine, key=lambda e: self.slot_of_expert[e])
+        per_rank = len(self.logical_of_slot) // self.num_ranks
+        return list(self.logical_of_slot[ep_rank * per_rank : (ep_rank + 1) * per_rank])
+
+    def replicas(self) -> list[list[int]]:
+        """Each logical expert's physical slots, in increasing order."""
+        slots: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for slot, expert in enumerate(self.logical_of_slot):
+            slots[expert].append(slot)
+        return slots
 
     def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.tensor(self.rank_of_expert, dtype=torch.long, device=device),
-                torch.tensor(self.slot_of_expert, dtype=torch.long, device=device))
+        """(replica slots [E, num_ranks], -1 padded; replica counts [E]): at most one replica per rank, so the
+        table's width never changes when a balancer moves experts."""
+        replicas = self.replicas()
+        rows = [slots + [-1] * (self.num_ranks - len(slots)) for slots in replicas]
+        return (torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor([len(slots) for slots in replicas], dtype=torch.long, device=device))
 
 
 class ParallelGroups:

@@ -13,6 +13,7 @@ from torch import nn
 
 from moeserve.config import ConfigError
 from moeserve.distributed.ep.dispatchers import DISPATCHERS, gather_padded
+from moeserve.distributed.eplb import balance
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap, ParallelGroups
 from moeserve.distributed.tensor_parallel import (QuantRowParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -35,6 +36,7 @@ class ParallelOptions:
     groups: ParallelGroups
     dispatch_format: str = "bf16"  # token format of EP dispatch: bf16 (unquantized), fp8, nvfp4
     backend: str = "all_to_all"  # or allgather
+    num_redundant_experts: int = 0  # extra expert replicas per MoE layer over the EP ranks (EPLB)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,11 @@ class ExpertShard:
 
 
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
-                backend: str = "all_to_all", device="cpu", dtype=torch.float32) -> None:
+                backend: str = "all_to_all", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0) -> None:
     layout = groups.layout
     layout.check_model(model.config)
+    if num_redundant_experts and layout.ep == 1:
+        raise ConfigError("redundant experts need expert parallelism (--ep > 1): with one EP rank every expert is local")
     if backend not in DISPATCHERS:
         raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)})")
     token_format(dispatch_format)  # an unknown format fails here
@@ -80,7 +84,8 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
         shard_dense_parts(model, groups, specs)
     for path, moe in [(p, m) for p, m in model.named_modules() if isinstance(m, MoE)]:
         if layout.ep > 1:
-            shard_experts_over_ranks(moe, path, groups, dispatch_format, backend, device, dtype, specs)
+            expert_map = initial_expert_map(moe.moe.num_experts, layout.ep, num_redundant_experts)
+            shard_experts_over_ranks(moe, path, groups, expert_map, dispatch_format, backend, device, dtype, specs)
         elif layout.tp > 1:
             split_experts_intermediate(moe, path, groups, specs)
     model.shard_specs = specs
@@ -197,10 +202,19 @@ def resized_experts(experts: Experts, num_experts: int, intermediate: int) -> Ex
     return new
 
 
-def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, dispatch_format: str, backend: str,
-                             device, dtype, specs: dict) -> None:
+def initial_expert_map(num_experts: int, ep: int, num_redundant: int) -> ExpertMap:
+    """Contiguous without redundant experts; with them, the balancer's placement for a uniform load (until the
+    first rebalancing has counted the real one)."""
+    if not num_redundant:
+        return ExpertMap.contiguous(num_experts, ep)
+    with torch.device("cpu"):  # models are built under the meta device
+        placement = balance(torch.ones(num_experts), num_experts + num_redundant, ep)
+    return ExpertMap(tuple(placement.physical_to_logical[0].tolist()), ep)
+
+
+def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, expert_map: ExpertMap, dispatch_format: str,
+                             backend: str, device, dtype, specs: dict) -> None:
     layout = groups.layout
-    expert_map = ExpertMap.contiguous(moe.moe.num_experts, layout.ep)
     local = expert_map.local_experts(groups.ep_rank)
     moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)
     specs[f"{path}.experts"] = ExpertShard(tuple(local), moe.moe.num_experts)

@@ -48,6 +48,8 @@ class EngineArgs:
     ep: int = 1  # expert parallel size: experts are spread over ep ranks
     ep_backend: str = "all_to_all"  # or allgather
     ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
+    num_redundant_experts: int = 0  # extra expert replicas per MoE layer, spread over the EP ranks (EPLB)
+    eplb_interval: int = 0  # forwards between rebalancings from the counted expert load; 0: the placement stays
     dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
     enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8, 16, 24, ...
@@ -80,6 +82,12 @@ class EngineArgs:
         require(self.dist_timeout > 0, "dist_timeout", "must be positive")
         require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be at least 2")
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1")
+        require(self.num_redundant_experts >= 0 and self.num_redundant_experts % self.ep == 0, "num_redundant_experts",
+                f"must be a multiple of ep={self.ep} (each EP rank holds the same number of expert slots)")
+        require(self.num_redundant_experts == 0 or self.ep > 1, "num_redundant_experts",
+                "needs expert parallelism (ep > 1): with one EP rank every expert is local")
+        require(self.eplb_interval >= 0, "eplb_interval", "must be 0 (off) or a number of forwards")
+        require(self.eplb_interval == 0 or self.ep > 1, "eplb_interval", "needs expert parallelism (ep > 1)")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
         require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                 "block_size", "must be a power of two")

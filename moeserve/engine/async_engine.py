@@ -162,6 +162,9 @@ class AsyncEngine:
     def state(self) -> EngineState:
         return self.engine.state()
 
+    def expert_imbalance(self) -> dict[int, float]:
+        return self.engine.expert_imbalance()
+
     def expert_load(self) -> dict[int, list[int]]:
         return self.engine.expert_load()
 

@@ -174,6 +174,10 @@ class Engine:
         return EngineState(len(scheduler.running), len(scheduler.waiting), blocks.usage, scheduler.num_preemptions,
                            blocks.prefix_queries, blocks.prefix_hits)
 
+    def expert_imbalance(self) -> dict[int, float]:
+        """Per MoE layer: max over mean tokens per EP rank so far (1.0 without expert parallelism)."""
+        return self.runner.expert_imbalance()
+
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer: layer index -> counts [E]."""
         return self.runner.expert_load()

@@ -1,5 +1,6 @@
 """How many KV blocks fit: a fixed budget on CPU; on CUDA what a profiling pass of the largest batch
-leaves under gpu_memory_utilization."""
+leaves under gpu_memory_utilization, less the decode graphs' pool (the arithmetic of moeserve.engine.plan,
+which `moeserve plan` runs before launch)."""
 
 import logging
 
@@ -7,24 +8,15 @@ import torch
 
 from moeserve.config import ConfigError
 from moeserve.engine.args import EngineArgs
+from moeserve.distributed.layout import ParallelLayout
 from moeserve.engine.kv_cache import bytes_per_block
+from moeserve.engine.plan import graph_pool_bytes, kv_blocks, kv_cache_budget, profile_batch_shape
 from moeserve.layers.attention.backend import DenseAttention
 from moeserve.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 2**20
-
-
-PROFILE_SEQ_LEN = 2048  # dense attention's scores grow with the square of a sequence: the token budget is profiled
-# as sequences of at most this many tokens (the engine's prefill runs flash kernels, whose memory is linear)
-
-
-def profile_batch_shape(num_tokens: int, max_model_len: int) -> tuple[int, int]:
-    """(sequences, tokens each) covering at least num_tokens, none longer than PROFILE_SEQ_LEN or max_model_len."""
-    longest = max(1, min(PROFILE_SEQ_LEN, max_model_len))
-    batch = -(-num_tokens // longest)
-    return batch, -(-num_tokens // batch)
 
 
 @torch.no_grad()
@@ -54,23 +46,28 @@ def largest_step(model: CausalLM, args: EngineArgs, max_model_len: int, device) 
 
 
 def plan_num_blocks(model: CausalLM, args: EngineArgs, max_model_len: int, dtype: torch.dtype, device,
-                    tp: int = 1) -> int:
-    block_bytes = bytes_per_block(model.config, args.block_size, dtype, tp)
+                    layout: ParallelLayout = ParallelLayout(), max_graph_batch: int = 0,
+                    model_dtype: torch.dtype = torch.bfloat16) -> int:
+    """dtype: the KV cache's; max_graph_batch: the largest decode batch captured in a CUDA graph (0: none)."""
+    block_bytes = bytes_per_block(model.config, args.block_size, dtype, layout.tp)
     where = ""
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory
     elif device.type == "cuda":
         activations = profile_peak_activation_bytes(model, args, max_model_len, device)
+        graph_pool = graph_pool_bytes(model.config, layout, model_dtype, max_graph_batch,
+                                      max_model_len) if max_graph_batch else 0
         free, total = torch.cuda.mem_get_info(device)
-        budget = args.gpu_memory_utilization * total - (total - free) - activations
+        budget = kv_cache_budget(total, args.gpu_memory_utilization, total - free, activations, graph_pool)
         where = (f" (GPU: {total / 2**30:.1f} GiB, {(total - free) / 2**30:.1f} GiB in use with this model's weights "
-                 f"and anything else on the GPU, {activations / 2**30:.2f} GiB peak activations)")
+                 f"and anything else on the GPU, {activations / 2**30:.2f} GiB peak activations, "
+                 f"{graph_pool / 2**30:.2f} GiB for the decode graphs)")
         logger.info("KV cache budget %.1f GiB%s", budget / 2**30, where)
     else:
         budget = DEFAULT_CPU_KV_CACHE_BYTES
-    num_blocks = max(int(budget // block_bytes), 0)
+    num_blocks = kv_blocks(budget, block_bytes)
     if num_blocks * args.block_size < max_model_len:
         raise ConfigError(f"the KV cache holds {num_blocks * args.block_size} tokens, fewer than "
                           f"max_model_len={max_model_len}{where}: lower max_model_len or give the cache more memory "
-                          "(kv_cache_memory, gpu_memory_utilization)")
+                          "(kv_cache_memory, gpu_memory_utilization); `moeserve plan` shows where the memory goes")
     return num_blocks

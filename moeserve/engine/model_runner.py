@@ -15,6 +15,9 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.distributed.launch import DistributedContext, resolve_device
+from moeserve.distributed.ep.rebalance import ExpertBalancer, expert_dispatcher, placement_of
+from moeserve.distributed.eplb import imbalance, rank_load
+from moeserve.distributed.layout import ParallelLayout
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.args import EngineArgs
 from moeserve.engine.block_table import BlockTable
@@ -100,11 +103,15 @@ class ModelRunner:
         self.previous_rows: dict[Sequence, int] = {}  # the last step's sampled sequences -> their rows in:
         self.previous_ids: torch.Tensor | None = None  # its sampled ids [S], on the device
         self.graphs = self.capture_graphs(args, context)
+        self.balancer = None
+        if context is not None and args.eplb_interval:
+            self.balancer = ExpertBalancer(self.model, context.groups.ep_group, context.groups.ep_rank,
+                                           args.eplb_interval, self.device)
 
     def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
         parallel = None
         if context is not None:
-            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend)
+            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts)
         if args.load_format != "dummy":
             return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
         model = build_model(self.config, self.dtype, self.device, parallel=parallel)
@@ -125,9 +132,26 @@ class ModelRunner:
         return {index: layer.mlp.expert_tokens.tolist() for index, layer in enumerate(self.model.model.layers)
                 if isinstance(layer.mlp, MoE)}
 
+    def expert_imbalance(self) -> dict[int, float]:
+        """Per MoE layer: max over mean of the tokens its EP ranks computed so far (tokens of an expert with
+        replicas split evenly over them); 1.0 without expert parallelism."""
+        result = {}
+        for index, layer in enumerate(self.model.model.layers):
+            if not isinstance(layer.mlp, MoE):
+                continue
+            dispatcher = expert_dispatcher(layer.mlp)
+            if dispatcher is None:
+                result[index] = 1.0
+                continue
+            load = layer.mlp.expert_tokens.cpu().double()[None]
+            result[index] = float(imbalance(rank_load(load, placement_of([dispatcher.expert_map])))[0])
+        return result
+
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
-        tp = context.groups.layout.tp if context is not None else 1
-        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, tp)
+        layout = context.groups.layout if context is not None else ParallelLayout()
+        graphs = self.device.type == "cuda" and not args.enforce_eager and layout.ep == 1
+        num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, layout,
+                                     max(graph_sizes(args)) if graphs else 0, self.dtype)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
             smallest = torch.tensor([num_blocks])
             torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN, group=context.control)
@@ -160,6 +184,8 @@ class ModelRunner:
         inside the model (tensor-parallel reductions, MoE dispatch) find every rank. With graphs, the
         smallest graph over padding rows only."""
         self.empty_steps += 1
+        if self.balancer is not None:
+            self.balancer.before_forward()
         if self.graphs is not None:
             size = self.graphs.sizes[0]
             self.send_padding(size)
@@ -171,6 +197,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
+        if self.balancer is not None:
+            self.balancer.before_forward()
         scheduled = sorted(scheduled, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
         graph_size = self.graphs.size_for(len(scheduled)) if self.graphs is not None and self.decodes_only(scheduled) else None
         if graph_size is not None:

@@ -23,7 +23,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device:
         if plan is not None:
             apply_plan(model, plan)
         if parallel is not None:
-            parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype)
+            parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype,
+                        parallel.num_redundant_experts)
     cast_float_params(model, dtype)
     model.to_empty(device=device)
     return model.requires_grad_(False).eval()

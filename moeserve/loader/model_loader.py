@@ -41,6 +41,15 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     return load_config_and_scheme(name_or_path)[0]
 
 
+def checkpoint_quant_plan(config: ModelConfig, scheme: CheckpointScheme | None, reader: CheckpointReader) -> QuantPlan | None:
+    """The modules a quantized checkpoint stores quantized (None for a high-precision one)."""
+    if scheme is None:
+        return None
+    to_ours = model_class(config.architecture, "config").to_our_name
+    linears, experts = quantized_module_paths(scheme, reader.names(), to_ours)
+    return QuantPlan(scheme.format, frozenset(linears), frozenset(experts), scheme.block)
+
+
 def load_model(
     name_or_path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -61,11 +70,7 @@ def load_model(
         if scheme is not None:
             raise ConfigError(f"{folder} is already quantized ({scheme.name}); drop the quantization option")
     with CheckpointReader(folder) as reader:
-        plan = None
-        if scheme is not None:
-            to_ours = model_class(config.architecture, "config").to_our_name
-            linears, experts = quantized_module_paths(scheme, reader.names(), to_ours)
-            plan = QuantPlan(scheme.format, frozenset(linears), frozenset(experts), scheme.block)
+        plan = checkpoint_quant_plan(config, scheme, reader)
         model = build_model(config, dtype, device, plan, parallel)
         load_weights(model, reader, scheme, progress)
     if quantization is not None:

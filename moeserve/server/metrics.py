@@ -38,6 +38,12 @@ class EngineCollector:
             for expert, count in enumerate(counts):
                 experts.add_metric([self.labels["model_name"], str(layer), str(expert)], count)
         yield experts
+        balance = GaugeMetricFamily("moeserve:expert_rank_imbalance",
+                                    "Max over mean tokens per EP rank so far, per MoE layer (1 = even)",
+                                    labels=["model_name", "layer"])
+        for layer, value in self.engine.expert_imbalance().items():
+            balance.add_metric([self.labels["model_name"], str(layer)], value)
+        yield balance
 
     def gauge(self, name, documentation, value):
         family = GaugeMetricFamily(f"moeserve:{name}", documentation, labels=list(self.labels))

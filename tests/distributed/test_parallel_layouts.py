@@ -87,10 +87,17 @@ def test_layout_errors_are_clear():
 
 def test_expert_map_is_explicit():
     expert_map = ExpertMap.contiguous(8, 4)
-    assert expert_map.rank_of_expert == (0, 0, 1, 1, 2, 2, 3, 3)
-    assert expert_map.local_experts(2) == [4, 5]
-    moved = ExpertMap(rank_of_expert=(1, 0), slot_of_expert=(0, 0))
+    assert expert_map.local_experts(2) == [4, 5] and expert_map.slots_per_rank == 2
+    moved = ExpertMap(logical_of_slot=(1, 0), num_ranks=2)
     assert moved.local_experts(0) == [1] and moved.local_experts(1) == [0]
+    redundant = ExpertMap(logical_of_slot=(0, 1, 2, 0, 3, 1), num_ranks=2)  # experts 0 and 1 on both ranks
+    assert redundant.replicas() == [[0, 3], [1, 5], [2], [4]]
+    table, counts = redundant.tensors("cpu")
+    assert table.tolist() == [[0, 3], [1, 5], [2, -1], [4, -1]] and counts.tolist() == [2, 2, 1, 1]
+    with pytest.raises(ConfigError, match="EP rank 0 would hold two replicas of one expert"):
+        ExpertMap(logical_of_slot=(0, 0, 1, 2), num_ranks=2)
+    with pytest.raises(ConfigError, match="5 expert slots cannot be split evenly over 2 EP ranks"):
+        ExpertMap(logical_of_slot=(0, 1, 2, 3, 0), num_ranks=2)
 
 
 def moe_edge_cases(rank, world, backend):

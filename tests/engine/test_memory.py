@@ -4,7 +4,7 @@ attention's scores (square in a sequence's length) stay far below what the flash
 import pytest
 import torch
 
-from moeserve.engine.memory import PROFILE_SEQ_LEN, profile_batch_shape
+from moeserve.engine.plan import PROFILE_SEQ_LEN, profile_batch_shape
 
 
 @pytest.mark.parametrize("budget, max_model_len", [(16384, 163840), (16384, 4096), (8192, 8192), (100, 4096),
@@ -18,10 +18,11 @@ def test_profile_batch_covers_the_budget_in_short_sequences(budget, max_model_le
 @pytest.mark.parametrize("preset", ["tiny-deepseek-v2-lite", "tiny-qwen3-moe", "tiny-llama4"])
 def test_the_profiled_step_runs_as_several_sequences(preset, monkeypatch):
     from moeserve import engine
+    import moeserve.engine.plan  # noqa: F401
     from moeserve.engine.args import EngineArgs
     from moeserve.llm import LLM
 
-    monkeypatch.setattr(engine.memory, "PROFILE_SEQ_LEN", 16)
+    monkeypatch.setattr(engine.plan, "PROFILE_SEQ_LEN", 16)
     llm = LLM(preset)
     args = EngineArgs(model=preset, max_num_batched_tokens=40, max_num_seqs=8)
     probs = engine.memory.largest_step(llm.engine.model, args, 64, "cpu")  # 3 sequences of 14 tokens

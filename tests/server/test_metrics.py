@@ -19,7 +19,7 @@ def sample(metrics: Metrics, name: str) -> float:
 
 def test_timer_uses_arrival_and_production_times():
     engine = SimpleNamespace(state=lambda: EngineState(0, 0, 0.0, 0, 0, 0), expert_load=dict,
-                             finish_reasons={"stop": 0, "length": 0}, num_aborted=0)
+                             expert_imbalance=dict, finish_reasons={"stop": 0, "length": 0}, num_aborted=0)
     metrics = Metrics(engine, "m")
     timer = RequestTimer(metrics, arrival=100.0)
     for out in (output(0, 100.5), output(1, 101.0), output(3, 101.5), output(4, 103.0, finished=True)):

@@ -283,9 +283,10 @@ def test_bench_serve_reports_like_vllm(server, tmp_path, capsys):
     result_file = tmp_path / "result.json"
     args = ["bench", "serve", "--base-url", server.url, "--model", MODEL, "--num-prompts", "12", "--input-len", "16",
             "--output-len", "6", "--request-rate", "50", "--max-concurrency", "4", "--ignore-eos", "--api-key", KEY,
-            "--save-result", str(result_file)]
+            "--save-result", str(result_file), "--expert-load", str(tmp_path / "load.png"), "--expert-load-ranks", "2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
+    assert (tmp_path / "load.png").stat().st_size > 10_000 and "over 2 ranks" in printed
     for label in ("successful requests", "output token throughput", "Mean TTFT", "P99 ITL", "Median TPOT"):
         assert label.lower() in printed.lower()
     report = json.loads(result_file.read_text())["report"]

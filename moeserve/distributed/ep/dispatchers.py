@@ -22,11 +22,30 @@ from moeserve.kernels.row_layout import RowLayout
 
 class ExpertParallelDispatcher:
     def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
-        self.rank_of_expert, self.slot_of_expert = expert_map.tensors(device)  # [E] each
+        self.replica_slots, self.replica_count = expert_map.tensors(device)  # [E, ep], [E]
+        self.slots_per_rank = expert_map.slots_per_rank
+        self.expert_map = expert_map
         self.ep_rank = ep_rank
         self.group = group
-        self.ep = dist.get_world_size(group)
+        self.ep = expert_map.num_ranks
         self.format = token_format(dispatch_format, dtype)
+
+    def move_experts(self, expert_map: ExpertMap) -> None:
+        """A balancer's new map, written into the same tables (a captured step keeps reading them)."""
+        if (expert_map.num_ranks, expert_map.slots_per_rank) != (self.ep, self.slots_per_rank):
+            raise ValueError(f"a new expert map must keep {self.slots_per_rank} slots on each of {self.ep} ranks, "
+                             f"got {expert_map.slots_per_rank} on {expert_map.num_ranks}")
+        slots, counts = expert_map.tensors(self.replica_slots.device)
+        self.replica_slots.copy_(slots)
+        self.replica_count.copy_(counts)
+        self.expert_map = expert_map
+
+    def place(self, topk_ids: torch.Tensor, first_token: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, K] logical experts -> (EP rank, local slot) of the replica each token uses: token t takes replica
+        (t + first_token + ep_rank) mod count, so a hot expert's tokens spread evenly over its replicas."""
+        token = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None] + first_token + self.ep_rank
+        physical = self.replica_slots[topk_ids, token % self.replica_count[topk_ids]]
+        return physical // self.slots_per_rank, physical % self.slots_per_rank
 
     def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
         """Byte rows [token payload | K int32 | K fp32] -> (tokens [R, H], int32 [R, K], fp32 [R, K])."""
@@ -57,7 +76,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         # x: [T, H]; topk_ids, topk_weights: [T, K]
         hidden, top_k = x.shape[1], topk_ids.shape[1]
-        destination = self.rank_of_expert[topk_ids]  # [T, K]
+        destination, local_slot = self.place(topk_ids)  # [T, K] each
         goes_to = F.one_hot(destination, self.ep).amax(dim=1).bool()  # [T, ep]
         send_counts, recv_counts = self.exchange_counts(goes_to.sum(dim=0))  # the one host sync
         # the (rank, token) pairs to send, sorted by destination: a stable sort puts the set flags first, in
@@ -66,7 +85,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         pairs = torch.argsort((~flags).to(torch.uint8), stable=True)[: sum(send_counts)]
         rank_of_row, token_of_row = pairs // x.shape[0], pairs % x.shape[0]
         here = destination[token_of_row] == rank_of_row[:, None]  # [S, K]
-        slots = torch.where(here, self.slot_of_expert[topk_ids[token_of_row]], -1).to(torch.int32)
+        slots = torch.where(here, local_slot[token_of_row], -1).to(torch.int32)
         weights = torch.where(here, topk_weights[token_of_row].float(), 0.0)
         payload = torch.cat((self.format.pack(x[token_of_row]), as_row_bytes(slots), as_row_bytes(weights)), dim=1)
         received = payload.new_empty(sum(recv_counts), payload.shape[1])
@@ -111,8 +130,9 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         all_x, ids, weights = self.unpack_rows(gathered, hidden, top_k, x.dtype)
         ids = ids.long()
         is_real = (torch.arange(padded, device=x.device) < sizes[:, None]).flatten()  # padding rows: no experts
-        here = is_real[:, None] & (self.rank_of_expert[ids] == self.ep_rank)
-        slots = torch.where(here, self.slot_of_expert[ids], -1)
+        destination, local_slot = self.place(ids, first_token=-self.ep_rank)  # the same choice on every rank
+        here = is_real[:, None] & (destination == self.ep_rank)
+        slots = torch.where(here, local_slot, -1)
         return all_x, RowLayout(slots, weights), AllGatherHandle(padded, x.shape[0], x.dtype)
 
     def combine(self, y: torch.Tensor, handle: AllGatherHandle) -> torch.Tensor:
