@@ -755,13 +755,13 @@ def plan_request(args: argparse.Namespace):
     layout = ParallelLayout(tp=args.tp, dp=args.dp, ep=args.ep)
     if args.concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
-    dtype = getattr(torch, "bfloat16" if args.dtype == "auto" else args.dtype)
+    dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)  # as the engine resolves it
     request = Request(config, layout, args.quantization, checkpoint_plan, dtype, args.kv_cache_dtype,
                       args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens,
                       args.block_size,
                       args.gpu_memory or GPU_MEMORY[args.gpu], args.gpu_memory_utilization, args.kv_cache_memory,
                       args.num_redundant_experts, args.ep_dispatch_format,
-                      cuda_graphs=not args.enforce_eager and layout.ep == 1)
+                      enforce_eager=args.enforce_eager)
     gpu_name = args.gpu if args.gpu_memory is None else f"GPU of {args.gpu_memory / 2**30:,.1f} GiB"
     return request, gpu_name, args.num_gpus or layout.world_size
 

@@ -71,7 +71,7 @@ class ExpertMap:
             local = self.local_experts(rank)
             if len(set(local)) != len(local):
                 raise ConfigError(f"EP rank {rank} would hold two replicas of one expert ({local}): use fewer "
-                                  "redundant experts (at most the experts per rank x (ranks - 1))")
+                                  "redundant experts (at most num_experts x (ranks - 1))")
 
     @classmethod
     def contiguous(cls, num_experts: int, ep: int) -> "ExpertMap":

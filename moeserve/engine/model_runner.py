@@ -103,6 +103,7 @@ class ModelRunner:
         self.previous_rows: dict[Sequence, int] = {}  # the last step's sampled sequences -> their rows in:
         self.previous_ids: torch.Tensor | None = None  # its sampled ids [S], on the device
         self.graphs = self.capture_graphs(args, context)
+        self.reset_expert_load()  # the memory profile and graph capture routed dummy tokens
         self.balancer = None
         if context is not None and args.eplb_interval:
             self.balancer = ExpertBalancer(self.model, context.groups.ep_group, context.groups.ep_rank,

@@ -23,8 +23,8 @@ GIB = 2**30
 # from public device queries).
 GPU_MEMORY = {"H100": int(79.1 * GIB), "H200": int(139.8 * GIB), "B200": int(178.35 * GIB)}
 # What a started engine holds beside its weights when it sizes the cache: the CUDA context and libraries
-# (0.67-0.88 GiB outside torch's allocator on the lent H200) and the allocator's free blocks left by loading
-# (0.42-1.45 GiB); in all 1.36-2.18 GiB for V2-Lite and Qwen3-30B-A3B in bf16 and FP8 (scripts/plan_vs_engine.py).
+# (0.67-0.88 GiB outside torch's allocator on an H100) and the allocator's free blocks left by loading
+# (0.45-1.45 GiB), for V2-Lite and Qwen3-30B-A3B in bf16 and FP8 (scripts/plan_vs_engine.py; docs/perf.md 2026-12-07).
 CUDA_CONTEXT_BYTES = int(1.75 * GIB)
 # The engine's profiling pass runs the token budget as sequences of at most this many tokens through eager
 # attention, whose fp32 scores grow with the square of a sequence (the engine's prefill runs flash kernels, whose
@@ -63,7 +63,12 @@ class Request:
     kv_cache_memory: int | None = None  # bytes: the KV cache's size as given, as the engine takes it
     num_redundant_experts: int = 0
     ep_dispatch_format: str = "bf16"
-    cuda_graphs: bool = True
+    enforce_eager: bool = False
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """The engine captures decode graphs unless told not to or expert-parallel (its dispatch sizes on the host)."""
+        return not self.enforce_eager and self.layout.ep == 1
 
     @property
     def kv_block_size(self) -> int:
@@ -146,11 +151,17 @@ def largest_step_activation_bytes(config: ModelConfig, layout: ParallelLayout, d
     return max(stream + max(intermediates), logits)
 
 
+# What start-up takes after sizing beyond the largest graph's activations: the other graphs' pieces of the pool,
+# library workspaces and the runner's static buffers; measured 0.16-0.27 GiB (scripts/plan_vs_engine.py on an H100:
+# V2-Lite and Qwen3-30B-A3B, bf16 and FP8, graphs up to 128 sequences).
+GRAPH_POOL_EXTRA_BYTES = GIB // 4
+
+
 def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, max_graph_batch: int,
                      max_model_len: int) -> int:
     """The decode graphs share one memory pool, as large as the largest captured batch's step needs."""
-    return largest_step_activation_bytes(config, layout, dtype, max_graph_batch, max_graph_batch, max_model_len,
-                                         dense_attention=False)
+    return GRAPH_POOL_EXTRA_BYTES + largest_step_activation_bytes(config, layout, dtype, max_graph_batch,
+                                                                  max_graph_batch, max_model_len, dense_attention=False)
 
 
 def ep_buffer_bytes(layout: ParallelLayout) -> int:
@@ -210,7 +221,7 @@ def candidate_layouts(config: ModelConfig, max_gpus: int = 256) -> list[Parallel
 
 def smallest_fitting_layout(request: Request, concurrency: int) -> tuple[ParallelLayout, RankMemory] | None:
     for layout in candidate_layouts(request.config):
-        if layout.ep > 1 and request.num_redundant_experts % layout.ep:
+        if request.num_redundant_experts and (layout.ep == 1 or request.num_redundant_experts % layout.ep):
             continue
         memory = plan_rank(replace(request, layout=layout))
         if fits(memory, request, concurrency):
@@ -235,7 +246,8 @@ def report(request: Request, memory: RankMemory, concurrency: int, gpu_name: str
         f"  activation peak   {gib(memory.activations):>12}   (the {request.max_num_batched_tokens:,}-token step; estimate)",
         f"  CUDA-graph pool   {gib(memory.graph_pool):>12}   "
         + (f"(decode graphs up to {min(request.max_num_seqs, request.max_num_batched_tokens)} sequences; estimate)"
-           if request.cuda_graphs else "(no CUDA graphs: expert parallelism dispatches eagerly)"),
+           if request.cuda_graphs else "(no CUDA graphs: --enforce-eager)" if request.enforce_eager
+           else "(no CUDA graphs: expert parallelism dispatches eagerly)"),
         f"  EP buffers        {gib(memory.ep_buffers):>12}   "
         + ("(NCCL all-to-all: allocated per step, inside the activation peak)" if layout.ep > 1 else "(no EP)"),
         f"  CUDA context      {gib(CUDA_CONTEXT_BYTES):>12}   (and the allocator's free blocks after loading; measured)",

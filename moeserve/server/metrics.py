@@ -39,7 +39,8 @@ class EngineCollector:
                 experts.add_metric([self.labels["model_name"], str(layer), str(expert)], count)
         yield experts
         balance = GaugeMetricFamily("moeserve:expert_rank_imbalance",
-                                    "Max over mean tokens per EP rank so far, per MoE layer (1 = even)",
+                                    "This rank's routed tokens so far as the current expert placement spreads them over the "
+                                    "EP ranks: max over mean per MoE layer (1 = even)",
                                     labels=["model_name", "layer"])
         for layer, value in self.engine.expert_imbalance().items():
             balance.add_metric([self.labels["model_name"], str(layer)], value)

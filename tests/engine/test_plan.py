@@ -130,3 +130,25 @@ def test_gib_figures_are_the_planned_bytes():
         - CUDA_CONTEXT_BYTES
     per_token = 48 * 2 * 4 * 128 * 2  # layers x (K, V) x KV heads x head dim x bf16
     assert memory.kv_tokens == memory.kv_budget // (16 * per_token) * 16 > 0
+
+
+def test_dtype_auto_is_the_models_as_in_the_engine():
+    rc, text = run_plan("--model", "tiny-deepseek-v3", "--max-model-len", "256")
+    assert rc == 0 and f"({load_config('tiny-deepseek-v3').dtype.removeprefix('torch.')} " in text.split("  weights")[1]
+
+
+def test_enforce_eager_plans_no_graph_pool_and_says_why():
+    rc, text = run_plan("--model", "deepseek-v2-lite", "--max-model-len", "4096", "--enforce-eager")
+    pool = text.split("CUDA-graph pool")[1]
+    assert rc == 0 and pool.split("GiB")[0].strip() == "0.00" and "--enforce-eager" in pool.split("\n")[0]
+    rc, text = run_plan("--model", "deepseek-v2-lite", "--max-model-len", "4096")
+    assert float(text.split("CUDA-graph pool")[1].split("GiB")[0]) > 0
+
+
+def test_smallest_layout_with_redundant_experts_has_expert_parallelism():
+    from moeserve.engine.plan import smallest_fitting_layout
+
+    request = Request(load_config("deepseek-v2-lite"), ParallelLayout(dp=2, ep=2), num_redundant_experts=4,
+                      max_model_len=4096, gpu_memory=80 * GIB)
+    layout, memory = smallest_fitting_layout(request, 1)
+    assert layout.ep > 1 and 4 % layout.ep == 0 and memory.graph_pool == 0  # no graphs under EP

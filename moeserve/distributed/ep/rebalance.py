@@ -11,12 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moeserve.config import ConfigError
 from moeserve.distributed.ep.dispatchers import ExpertParallelDispatcher
 from moeserve.distributed.eplb import Placement, balance, imbalance, rank_load
 from moeserve.distributed.layout import ExpertMap
 from moeserve.layers.moe.moe import MoE
 
 logger = logging.getLogger(__name__)
+
+MIN_GAIN = 0.01  # a layer's experts move only when that lowers its max/mean tokens per rank by at least this
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,15 @@ def rebalance(layers: list[MoE], load: torch.Tensor, group, ep_rank: int) -> Reb
     dispatchers = [expert_dispatcher(moe) for moe in layers]
     old = placement_of([d.expert_map for d in dispatchers])
     new = balance(load, old.physical_to_logical.shape[1], old.num_ranks)
+    before, after = imbalance(rank_load(load, old)), imbalance(rank_load(load, new))
     moved = 0
     for layer, (moe, dispatcher) in enumerate(zip(layers, dispatchers)):
+        if load[layer].sum() == 0 or after[layer] > before[layer] - MIN_GAIN:
+            after[layer] = before[layer]  # nothing counted, or too little to gain: the experts stay
+            continue
         new_map = ExpertMap(tuple(new.physical_to_logical[layer].tolist()), old.num_ranks)
         moved += move_expert_weights(moe.experts, dispatcher.expert_map, new_map, group, ep_rank)
         dispatcher.move_experts(new_map)
-    before, after = imbalance(rank_load(load, old)), imbalance(rank_load(load, new))
     return Rebalancing(before.tolist(), after.tolist(), moved)
 
 
@@ -71,6 +77,14 @@ def transfers(old: ExpertMap, new: ExpertMap) -> list[list[tuple[int, int]]]:
     return gains
 
 
+def check_movable(experts, num_slots: int) -> None:
+    """Every parameter must hold the slots first and be contiguous, so a move writes into its own storage."""
+    for name, param in experts.named_parameters():
+        if param.dim() == 0 or param.shape[0] != num_slots or not param.is_contiguous():
+            raise ConfigError(f"the expert parameter {name} {tuple(param.shape)} cannot be rebalanced: it must be "
+                              f"contiguous with its {num_slots} expert slots first; run without --eplb-interval")
+
+
 def move_expert_weights(experts, old: ExpertMap, new: ExpertMap, group, ep_rank: int) -> int:
     """Every parameter of the experts module (slots first) rearranged to the new map's slots, in place."""
     gains = transfers(old, new)
@@ -80,10 +94,7 @@ def move_expert_weights(experts, old: ExpertMap, new: ExpertMap, group, ep_rank:
     sends = [[e for e, sender in gains[rank] if sender == ep_rank] for rank in range(new.num_ranks)]
     receives = [[e for e, sender in gains[ep_rank] if sender == rank] for rank in range(new.num_ranks)]
     for param in experts.parameters():
-        if param.shape[0] != len(old_local):
-            raise RuntimeError(f"an expert parameter of shape {tuple(param.shape)} does not have the "
-                               f"{len(old_local)} slots first")
-        rows = param.data.reshape(len(old_local), -1).view(torch.uint8)  # bytes: any dtype, moved as it is
+        rows = param.data.view(len(old_local), -1).view(torch.uint8)  # bytes: any dtype, moved as it is
         send = [rows[old_local.index(e)] for rank_sends in sends for e in rank_sends]
         send_rows = torch.stack(send) if send else rows.new_empty(0, rows.shape[1])
         received = rows.new_empty(sum(len(r) for r in receives), rows.shape[1])
@@ -100,10 +111,13 @@ class ExpertBalancer:
 
     def __init__(self, model, group, ep_rank: int, interval: int, device):
         self.layers = expert_parallel_layers(model)
+        for moe in self.layers:
+            check_movable(moe.experts, expert_dispatcher(moe).slots_per_rank)
         self.group, self.ep_rank, self.interval, self.device = group, ep_rank, interval, device
         self.forwards = 0
         self.counted: torch.Tensor | None = None  # the counters at the previous rebalancing
         self.last: Rebalancing | None = None
+        self.moved_experts = 0  # over every rebalancing so far
 
     def before_forward(self) -> None:
         self.forwards += 1
@@ -113,5 +127,6 @@ class ExpertBalancer:
         since = totals - self.counted if self.counted is not None else totals
         self.counted = totals.clone()
         self.last = rebalance(self.layers, since, self.group, self.ep_rank)
+        self.moved_experts += self.last.moved_experts
         logger.info("EPLB: %d experts moved; max/mean tokens per EP rank, worst layer %.3f -> %.3f",
                     self.last.moved_experts, max(self.last.before), max(self.last.after))
