@@ -15,7 +15,7 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.distributed.launch import DistributedContext, resolve_device
-from moeserve.distributed.ep.rebalance import ExpertBalancer, expert_dispatcher, placement_of
+from moeserve.distributed.ep.rebalance import ExpertBalancer, ep_nodes, expert_dispatcher, placement_of
 from moeserve.distributed.eplb import imbalance, rank_load
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.distributed.parallelize import ParallelOptions
@@ -107,7 +107,7 @@ class ModelRunner:
         self.balancer = None
         if context is not None and args.eplb_interval:
             self.balancer = ExpertBalancer(self.model, context.groups.ep_group, context.groups.ep_rank,
-                                           args.eplb_interval, self.device)
+                                           args.eplb_interval, self.device, ep_nodes(context.groups.layout.ep))
 
     def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
         parallel = None

@@ -215,3 +215,12 @@ def test_other_errors():
         Placement(torch.tensor([[0, 0, 1, 1]]), torch.ones(1, 2, dtype=torch.long), 2)
     with pytest.raises(ValueError, match=r"logical ids in 0..1"):
         Placement(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long), 1)
+
+
+def test_the_balancer_places_hierarchically_when_the_ep_group_spans_nodes(monkeypatch):
+    from moeserve.distributed.ep.rebalance import ep_nodes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert [ep_nodes(ep) for ep in (4, 8, 16, 32, 12)] == [1, 1, 2, 4, 1]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert ep_nodes(16) == 1  # spawned ranks: one machine

@@ -6,6 +6,7 @@ computes the same placement from the same sums, so no rank waits on a plan it do
 """
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,13 @@ class Rebalancing:
     moved_experts: int  # expert weights received, over the group
 
 
+def ep_nodes(ep: int) -> int:
+    """The nodes an EP group (ep consecutive ranks) spans: torchrun puts LOCAL_WORLD_SIZE ranks on each node; spawned
+    ranks share one."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ep))
+    return ep // per_node if ep > per_node and ep % per_node == 0 else 1
+
+
 def expert_dispatcher(moe: MoE) -> ExpertParallelDispatcher | None:
     dispatcher = moe.dispatcher
     while not isinstance(dispatcher, ExpertParallelDispatcher) and hasattr(dispatcher, "inner"):
@@ -46,14 +54,17 @@ def placement_of(maps: list[ExpertMap]) -> Placement:
     return Placement(physical, counts, maps[0].num_ranks)
 
 
-def rebalance(layers: list[MoE], load: torch.Tensor, group, ep_rank: int) -> Rebalancing:
-    """load: [layers, E] tokens per logical expert since the last rebalancing, on this rank (summed here)."""
+def rebalance(layers: list[MoE], load: torch.Tensor, group, ep_rank: int, num_groups: int = 1,
+              num_nodes: int = 1) -> Rebalancing:
+    """load: [layers, E] tokens per logical expert since the last rebalancing, on this rank (summed here).
+    num_groups: the router's expert groups; num_nodes: the nodes the EP ranks span (hierarchical placement when
+    the groups split evenly over them)."""
     load = load.clone()
     dist.all_reduce(load, group=group)
     load = load.cpu().double()
     dispatchers = [expert_dispatcher(moe) for moe in layers]
     old = placement_of([d.expert_map for d in dispatchers])
-    new = balance(load, old.physical_to_logical.shape[1], old.num_ranks)
+    new = balance(load, old.physical_to_logical.shape[1], old.num_ranks, num_groups, num_nodes)
     before, after = imbalance(rank_load(load, old)), imbalance(rank_load(load, new))
     moved = 0
     for layer, (moe, dispatcher) in enumerate(zip(layers, dispatchers)):
@@ -109,11 +120,14 @@ class ExpertBalancer:
     """Rebalances a model's expert-parallel layers every `interval` forwards, from the tokens counted since the
     previous rebalancing. The forwards are counted on every rank alike (lockstep ranks run them together)."""
 
-    def __init__(self, model, group, ep_rank: int, interval: int, device):
+    def __init__(self, model, group, ep_rank: int, interval: int, device, num_nodes: int = 1):
         self.layers = expert_parallel_layers(model)
         for moe in self.layers:
             check_movable(moe.experts, expert_dispatcher(moe).slots_per_rank)
         self.group, self.ep_rank, self.interval, self.device = group, ep_rank, interval, device
+        moe = model.config.moe
+        self.num_groups = moe.num_groups if moe is not None else 1
+        self.num_nodes = num_nodes
         self.forwards = 0
         self.counted: torch.Tensor | None = None  # the counters at the previous rebalancing
         self.last: Rebalancing | None = None
@@ -126,7 +140,7 @@ class ExpertBalancer:
         totals = torch.stack([moe.expert_tokens.to(self.device) for moe in self.layers])
         since = totals - self.counted if self.counted is not None else totals
         self.counted = totals.clone()
-        self.last = rebalance(self.layers, since, self.group, self.ep_rank)
+        self.last = rebalance(self.layers, since, self.group, self.ep_rank, self.num_groups, self.num_nodes)
         self.moved_experts += self.last.moved_experts
         logger.info("EPLB: %d experts moved; max/mean tokens per EP rank, worst layer %.3f -> %.3f",
                     self.last.moved_experts, max(self.last.before), max(self.last.after))
