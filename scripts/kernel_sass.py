@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import os
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -25,6 +27,7 @@ POINTER_TYPES = {  # format -> (activations, weights, weight scales)
     1: ("*fp8e4nv", "*fp8e4nv", "*fp32"),
     2: ("*bf16", "*u8", "*fp8e4nv"),
 }
+ONE_SCALE = os.environ.get("ONE_SCALE", "0") == "1"  # FP8: the N tile in one weight scale block
 UNALIGNED = ("stride_as", "stride_wsn", "stride_wse", "stride_ge", "num_rows", "rows_per_a_row")
 
 
@@ -34,7 +37,7 @@ def signature(fmt: int) -> dict:
                     row_weight_ptr="*fp32", sorted_rows_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32")
     integers = dict.fromkeys(["N", "K", "num_rows", "rows_per_a_row", "n_part", "stride_am", "stride_as"], "i32")
     integers.update(stride_we="i64", **dict.fromkeys(["stride_wn", "stride_wse", "stride_wsn", "stride_ge", "stride_om"], "i32"))
-    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION"],
+    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK"],
                               "constexpr")
     return {**pointers, **integers, **constants}
 
@@ -45,7 +48,7 @@ def compile_for_hopper(fmt: int, block_m: int, block_n: int, block_k: int, warps
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n] != "constexpr" and n not in UNALIGNED}
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, FORMAT=fmt,
-                     WEIGHTED=False, PRECISION="tf32")
+                     WEIGHTED=False, PRECISION="tf32", DENSE=False, TILE_IN_ONE_SCALE_BLOCK=ONE_SCALE)
     return triton.compile(ASTSource(_moe_gemm_kernel, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

@@ -67,8 +67,9 @@ def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
 def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows, valid, offs_n, n_ok,
                  k_lo, k_hi, K, n_part, stride_am, stride_as, stride_wn, stride_wsn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FORMAT: tl.constexpr, PRECISION: tl.constexpr):
-    """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32."""
+                 FORMAT: tl.constexpr, PRECISION: tl.constexpr, TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False):
+    """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. TILE_IN_ONE_SCALE_BLOCK (FP8): the
+    N tile lies in one 128-row weight scale block, so each K step's weight scale is one number."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
@@ -98,9 +99,15 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
             elif FORMAT == 1:
                 a_scale = tl.load(a_scale_ptr + a_rows * stride_as + k0 // 128, mask=valid, other=0.0)
             if FORMAT == 1 or FORMAT == 3:  # FP8 W8A8: this K step lies in one 128-wide scale block (BLOCK_K divides 128)
-                n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
-                w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
-                acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
+                if TILE_IN_ONE_SCALE_BLOCK:  # one multiply a row, one FMA an element
+                    first_n = tl.min(offs_n, axis=0)
+                    n_block = (first_n // n_part) * tl.cdiv(n_part, 128) + (first_n % n_part) // 128
+                    w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128)
+                    acc += tl.dot(a, w) * (a_scale * w_scale)[:, None]
+                else:
+                    n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
+                    w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
+                    acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
             else:
                 acc += tl.dot(a, w, input_precision=PRECISION)
     return acc
@@ -115,6 +122,7 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
+    TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
     num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
@@ -140,7 +148,7 @@ def _moe_gemm_kernel(
                            w_global_ptr + expert * stride_ge, (rows // rows_per_a_row).to(tl.int64), valid,
                            offs_n, n_ok, pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), K, n_part,
                            stride_am, stride_as, stride_wn, stride_wsn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION)
+                           BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION, TILE_IN_ONE_SCALE_BLOCK)
         if WEIGHTED:
             acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -229,10 +237,16 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         GROUP_M=config.group_m, SPLIT_K=config.split_k,
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
-        DENSE=dense, num_warps=config.num_warps, num_stages=config.num_stages,
+        DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:
         out.copy_(target)
+
+
+def tile_in_one_scale_block(n_part: int, config: GemmConfig) -> bool:
+    """Whether every N tile lies inside one 128-row FP8 weight block (of one part of a gate_up weight)."""
+    return FP8_BLOCK % config.block_n == 0 and n_part % FP8_BLOCK == 0
 
 
 @functools.cache

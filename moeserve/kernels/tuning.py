@@ -19,10 +19,16 @@ METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of
           "block_k x num_warps x group_m x persistent); the fastest kept per (format, rows)")
 
 
-def default_config(num_rows: int) -> GemmConfig:
-    """Small M blocks when each expert sees few rows (decode), large ones for prefill."""
+def default_config(num_rows: int, fmt: str = "bf16") -> GemmConfig:
+    """Small M blocks when each expert sees few rows (decode), large ones for prefill: for FP8 one K step per
+    128-wide scale block with N tiles inside one weight scale block, for bf16 wide N tiles (the fastest of
+    scripts/probes/fp8_prefill_sweep.py on an H100, 2026-12-07: 562 and 491 TFLOP/s at DeepSeek-V3's 8,192 tokens)."""
     if num_rows <= 1024:
         return GemmConfig(block_m=16, block_n=64, block_k=128)
+    if fmt == "fp8":
+        return GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+    if fmt == "bf16":
+        return GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
     return GemmConfig(block_m=64, block_n=128, block_k=64)
 
 
@@ -59,4 +65,4 @@ def lookup(table: dict, fmt: str, hidden: int, intermediate: int, num_rows: int)
     entries = table.get("configs", {}).get(f"{fmt}/{hidden}x{intermediate}", {})
     sizes = sorted(int(rows) for rows in entries)
     fitting = [rows for rows in sizes if rows <= num_rows] or sizes[:1]
-    return GemmConfig(**entries[str(fitting[-1])]) if fitting else default_config(num_rows)
+    return GemmConfig(**entries[str(fitting[-1])]) if fitting else default_config(num_rows, fmt)

@@ -168,3 +168,28 @@ def test_silu_and_mul_can_round_silu_first_as_eager_bf16_does():
     out = silu_and_mul(gate_up, round_silu=True)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, F.silu(gate) * up, rtol=2**-7, atol=0)  # sigmoid forms differ by an ulp
+
+
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n):
+    """gate_up halves of 256 rows (two 128-row scale blocks each), each block scaled by another power of two: a tile
+    that read a neighbouring block's scale would be off by a factor of 2 or more."""
+    from moeserve.kernels.moe_gemm import tile_in_one_scale_block
+
+    num_experts, hidden, intermediate, top_k, rows = 3, 256, 256, 2, 5
+    generator = torch.Generator().manual_seed(block_n)
+    gate_up = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
+    gate_up *= (2.0 ** torch.arange(4)).repeat_interleave(128)[None, :, None]
+    weight = make_quantized_weight("fp8", (num_experts, 2, intermediate, hidden))
+    weight.quantize_from(gate_up)
+    config = GemmConfig(block_m=16, block_n=block_n, block_k=128)
+    assert tile_in_one_scale_block(intermediate, config)
+    x = torch.randn(rows, hidden, generator=generator)
+    slots = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(rows)])
+    a, a_scale = quantize_fp8_groups(x)
+    out = torch.full((rows * top_k, 2 * intermediate), float("nan"))
+    moe_gemm(a, a_scale, weight, block_layout(slots, num_experts, 16), out, rows_per_a_row=top_k, config=config)
+    x_w8a8 = fp8_group_round_trip(x)
+    for row, expert in enumerate(slots.flatten().tolist()):
+        expected = weight.dequantize(torch.float32, expert).reshape(2 * intermediate, hidden) @ x_w8a8[row // top_k]
+        torch.testing.assert_close(out[row], expected, rtol=1e-4, atol=1e-4)

@@ -21,8 +21,16 @@ def test_lookup_takes_the_largest_tuned_size_not_above_the_rows():
     assert lookup(table, "fp8", 7168, 2048, 1) == small  # below every entry: the smallest
     assert lookup(table, "fp8", 7168, 2048, 4095) == small
     assert lookup(table, "fp8", 7168, 2048, 65536) == large
-    assert lookup(table, "bf16", 7168, 2048, 4096) == default_config(4096)  # no entry for this format
-    assert lookup({}, "fp8", 7168, 2048, 8) == default_config(8)
+    assert lookup(table, "bf16", 7168, 2048, 4096) == default_config(4096, "bf16")  # no entry for this format
+    assert lookup({}, "fp8", 7168, 2048, 8) == default_config(8, "fp8")
+    assert lookup({}, "fp8", 7168, 2048, 65536) == default_config(65536, "fp8") != default_config(65536, "bf16")
+
+
+def test_fp8_prefill_default_steps_one_scale_block_at_a_time_inside_one_weight_block():
+    from moeserve.kernels.moe_gemm import tile_in_one_scale_block
+
+    config = default_config(65536, "fp8")
+    assert config.block_k == FP8_BLOCK and tile_in_one_scale_block(2048, config)
 
 
 def test_tables_in_the_repo_name_their_card_method_and_commands_and_hold_candidates():
