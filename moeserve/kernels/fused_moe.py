@@ -26,7 +26,7 @@ class ExpertWeights(Protocol):
 def fused_experts(experts: ExpertWeights, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
     rows, top_k = layout.slots.shape
     weights = weight_format(experts.gate_up_proj)
-    fmt = {BF16: "bf16", FP8: "fp8", NVFP4: "nvfp4"}[weights]
+    fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: "nvfp4"}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8

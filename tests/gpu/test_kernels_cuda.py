@@ -10,6 +10,7 @@ from moeserve.kernels.activation import silu_and_mul
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.kernels.routing import grouped_topk, softmax_topk
+from moeserve.kernels.tuning import default_config
 from moeserve.kernels.row_layout import RowLayout
 from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.router import select_experts
@@ -24,8 +25,9 @@ def experts_of(fmt):
     experts = Experts(EXPERTS, HIDDEN, INTERMEDIATE).cuda()
     gate_up = torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, device="cuda") / HIDDEN**0.5
     down = torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, device="cuda") / INTERMEDIATE**0.5
-    if fmt == "bf16":
-        experts.gate_up_proj.data, experts.down_proj.data = gate_up.bfloat16(), down.bfloat16()
+    if fmt in ("bf16", "fp32"):
+        dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+        experts.gate_up_proj.data, experts.down_proj.data = gate_up.to(dtype), down.to(dtype)
         return experts
     del experts.gate_up_proj, experts.down_proj
     with torch.device("cuda"):
@@ -54,14 +56,17 @@ def reference(experts, fmt, x, layout):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4", "fp32"])
 @pytest.mark.parametrize("tokens,config", [
     (1, None), (7, None), (300, None),
     (7, GemmConfig(16, 64, 128, split_k=4)),
     (300, GemmConfig(64, 128, 64, num_warps=8, group_m=8, persistent=True)),
-], ids=["1", "7", "300", "7-split4", "300-persistent"])
+    (300, "default"),
+], ids=["1", "7", "300", "7-split4", "300-persistent", "300-default-prefill"])
 def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
-    x = torch.randn(tokens, HIDDEN, device="cuda").bfloat16()
+    if config == "default":  # the prefill default of this format, whatever the card's table says
+        config = default_config(tokens * TOP_K, fmt)
+    x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.float32 if fmt == "fp32" else torch.bfloat16)
     slots = torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K].int()
     if tokens == 300:
         slots[::2, 0] = 0  # a hot expert
