@@ -96,3 +96,38 @@ def sum_over_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
     if rows:
         _sum_over_k_kernel[(rows, triton.cdiv(hidden, 1024))](y, out, hidden, TOP_K=top_k, BLOCK=1024)
     return out
+
+
+@triton.jit
+def _quantize_groups_kernel(x_ptr, out_ptr, scale_ptr, num_rows, num_cols, stride_x, stride_out, stride_scale_row,
+                            stride_scale_group, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
+    ok = offs < num_cols
+    y = tl.load(x_ptr + row * stride_x + offs, mask=ok & (row < num_rows), other=0.0).to(tl.float32)
+    q, scale = quantize_e4m3_group(y, 1)
+    tl.store(out_ptr + row * stride_out + offs, q, mask=ok)
+    tl.store(scale_ptr + row * stride_scale_row + groups * stride_scale_group, scale,
+             mask=groups < tl.cdiv(num_cols, GROUP))
+
+
+def quantize_fp8_activations(x: torch.Tensor, pad_rows_to: int = 1, column_major_scales: bool = False):
+    """x [T, K] -> (FP8 values [T', K], scales [T', ceil(K/128)] fp32), one pass, equal bit for bit to
+    moeserve.quant.fp8.quantize_fp8_groups. T' is T rounded up to pad_rows_to (the added rows quantize zeros);
+    column_major_scales stores the scales group by group ([groups, T'] seen transposed), as cuBLAS's block scaling
+    reads them."""
+    rows, cols = x.shape
+    padded = triton.cdiv(rows, pad_rows_to) * pad_rows_to
+    groups = triton.cdiv(cols, FP8_GROUP)
+    values = torch.empty(padded, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    if column_major_scales:
+        scales = torch.empty(groups, padded, dtype=torch.float32, device=x.device).t()
+    else:
+        scales = torch.empty(padded, groups, dtype=torch.float32, device=x.device)
+    per_program = min(8, triton.next_power_of_2(groups))
+    if padded:
+        _quantize_groups_kernel[(padded, triton.cdiv(groups, per_program))](
+            x, values, scales, rows, cols, x.stride(0), values.stride(0), scales.stride(0), scales.stride(1),
+            GROUPS=per_program, GROUP=FP8_GROUP)
+    return values, scales

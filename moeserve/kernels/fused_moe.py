@@ -7,12 +7,11 @@ from typing import Protocol
 
 import torch
 
-from moeserve.kernels.activation import silu_and_mul, sum_over_k
+from moeserve.kernels.activation import quantize_fp8_activations, silu_and_mul, sum_over_k
 from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
 from moeserve.kernels.row_layout import RowLayout
 from moeserve.kernels.tuning import tuned_config
-from moeserve.quant.fp8 import quantize_fp8_groups
 
 
 class ExpertWeights(Protocol):
@@ -30,7 +29,7 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor, layout: RowLayout, co
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8
-    a, a_scale = quantize_fp8_groups(x) if fp8 else (x, None)
+    a, a_scale = quantize_fp8_activations(x) if fp8 else (x, None)
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)
     moe_gemm(a, a_scale, experts.gate_up_proj, block, gate_up, rows_per_a_row=top_k, config=config)

@@ -2,20 +2,28 @@
 activations quantized 1x128 per token inside the GEMM (W8A8), and NVFP4 weights dequantized in registers (W4A16), both
 through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS rows, where it measured
 faster than dequantizing every call for cuBLAS (H200, V3 shapes: 1.2-27x at 1-1,024 rows); longer prefills
-take that path (cuBLAS's bf16 rate there beats this kernel's FP8 rate today). Reference:
-moeserve.ops.linear.quantized_linear_reference."""
+take that path (cuBLAS's bf16 rate there beats this kernel's FP8 rate today).
+From CUBLAS_MIN_ROWS rows, FP8 goes to cuBLAS's DeepSeek block scaling instead (torch._scaled_mm with 1x128 and
+128x128 scales, CUDA >= 12.9 on sm_90): the same W8A8 arithmetic at up to 953 TFLOP/s (H100, docs/perf.md).
+Reference: moeserve.ops.linear.quantized_linear_reference."""
 
 import functools
+import logging
 
 import torch
 import triton
 
+from moeserve.kernels.activation import quantize_fp8_activations
 from moeserve.kernels.device import multiprocessors
 from moeserve.kernels.moe_gemm import (FP8, FP8_BLOCK, IN_GEMM_QUANTIZATION_MAX_ROWS, NVFP4, GemmConfig, dense_gemm,
                                        weight_format)
-from moeserve.quant.fp8 import quantize_fp8_groups
+
+logger = logging.getLogger(__name__)
 
 DENSE_KERNEL_MAX_ROWS = 1024
+CUBLAS_MIN_ROWS = 128  # below, the dense kernel was as fast or faster (H100, V3 shapes)
+CUBLAS_K_MULTIPLE = 512  # cuBLAS 13.0's block scaling computed wrong sums (no error) for K of 2, 3, 5-7, 10, 22 blocks
+CUBLAS_ROW_MULTIPLE = 4  # its column-major activation scales need 16-byte aligned columns
 
 
 def supports(weight, rows: int) -> bool:
@@ -51,8 +59,61 @@ def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     a, a_scale = rows, None  # FP8 at decode sizes: the activations are quantized 1x128 inside the GEMM
     if weight_format(weight) == FP8 and rows.shape[0] > IN_GEMM_QUANTIZATION_MAX_ROWS:
-        a, a_scale = quantize_fp8_groups(rows)  # once, not once per N tile
+        a, a_scale = quantize_fp8_activations(rows)  # once, not once per N tile
     dense_gemm(a, a_scale, weight, out, config)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], n)
+
+
+def cublas_takes(weight, rows: int) -> bool:
+    """Whether an FP8 128x128-block weight's product with `rows` rows goes to cuBLAS's block scaling."""
+    return (rows >= CUBLAS_MIN_ROWS and weight_format(weight) == FP8 and len(weight.shape) == 2
+            and weight.block == (FP8_BLOCK, FP8_BLOCK) and weight.shape[-1] % CUBLAS_K_MULTIPLE == 0
+            and cublas_block_scaling_works(weight.values.device))
+
+
+def cublas_block_scaled_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias), W8A8 with 1x128 activation and 128x128 weight scales, by cuBLAS."""
+    k = weight.shape[-1]
+    rows = x.reshape(-1, k)
+    a, a_scale = quantize_fp8_activations(rows, pad_rows_to=CUBLAS_ROW_MULTIPLE, column_major_scales=True)
+    out = torch._scaled_mm(a, weight.values.t(), a_scale, weight.scale.t(), out_dtype=x.dtype)[: rows.shape[0]]
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _block_scaling_checked(device: torch.device) -> bool:
+    """cuBLAS's block scaling on a small product against the reference: a build without it, or one that computes it
+    wrongly, leaves FP8 on the other paths."""
+    from moeserve.ops.linear import quantized_linear_reference
+    from moeserve.quant.formats import quantized
+
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    generator = torch.Generator(device).manual_seed(0)
+    weight = quantized("fp8", torch.randn(256, 1024, device=device, generator=generator) * 0.02)
+    x = torch.randn(CUBLAS_MIN_ROWS + 1, 1024, device=device, generator=generator).bfloat16()
+    try:
+        out = cublas_block_scaled_gemm(x, weight).float()
+    except RuntimeError as error:
+        logger.info("cuBLAS block-scaled FP8 unavailable (%s): FP8 linears use the Triton kernel", str(error)[:200])
+        return False
+    expected = quantized_linear_reference(x, weight).float()
+    good = bool(((out - expected).norm() <= 1e-2 * expected.norm()).item())
+    if not good:
+        logger.warning("cuBLAS block-scaled FP8 gave wrong results on %s: FP8 linears use the Triton kernel", device)
+    return good
+
+
+def cublas_block_scaling_works(device: torch.device) -> bool:
+    """Checked once per device, outside CUDA-graph capture (a capture takes the other paths until then)."""
+    if torch.cuda.is_current_stream_capturing() and device not in _checked_devices:
+        return False
+    _checked_devices.add(device)
+    return _block_scaling_checked(device)
+
+
+_checked_devices: set = set()

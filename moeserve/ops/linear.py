@@ -6,13 +6,16 @@ from moeserve.quant.fp8 import fp8_group_round_trip
 
 
 def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) for a QuantizedWeight W [N, K]. On CUDA: the kernels that read the stored format
-    where they take the weight and the row count, else `dequantized_linear` (long prefills); elsewhere
-    `quantized_linear_reference`."""
+    """x @ W^T (+ bias) for a QuantizedWeight W [N, K]. On CUDA: cuBLAS's FP8 block scaling or the kernels that
+    read the stored format where they take the weight and the row count, else `dequantized_linear` (long
+    prefills); elsewhere `quantized_linear_reference`."""
     if x.is_cuda:
         from moeserve.kernels import quant_linear
 
-        if quant_linear.supports(weight, x.numel() // x.shape[-1]):
+        rows = x.numel() // x.shape[-1]
+        if quant_linear.cublas_takes(weight, rows):
+            return quant_linear.cublas_block_scaled_gemm(x, weight, bias)
+        if quant_linear.supports(weight, rows):
             return quant_linear.quantized_gemm(x, weight, bias)
         return dequantized_linear(x, weight, bias)
     return quantized_linear_reference(x, weight, bias)

@@ -73,3 +73,44 @@ def test_in_gemm_fp8_quantization_equals_quantizing_first_bit_for_bit():
     rows = [r for r in range(16) if r != 5]
     assert torch.isfinite(in_gemm[rows]).all()
     assert torch.equal(in_gemm[rows], first[rows])
+
+
+def test_activation_quantization_kernel_equals_torch_bit_for_bit_on_cuda():
+    from moeserve.kernels.activation import quantize_fp8_activations
+    from moeserve.quant.fp8 import quantize_fp8_groups
+
+    x = (torch.randn(37, 7168, device="cuda") * torch.logspace(-4, 3, 7168, device="cuda")).bfloat16()
+    x[3, 500] = float("nan")
+    x[4, :256] = 0
+    values, scales = quantize_fp8_activations(x)
+    expected_values, expected_scales = quantize_fp8_groups(x)
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scales.isnan(), expected_scales.isnan()) and scales[3, 3].isnan()
+    assert torch.equal(scales.nan_to_num(), expected_scales.nan_to_num())
+
+
+def test_cublas_block_scaled_fp8_equals_the_reference():
+    """cuBLAS's DeepSeek block scaling (rows padded to 4, column-major activation scales) computes W8A8 as the
+    reference does; a K it computes wrongly (not a multiple of 512) never reaches it."""
+    from moeserve.kernels import quant_linear
+    from moeserve.ops.linear import quantized_linear, quantized_linear_reference
+    from moeserve.quant.formats import quantized
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("cuBLAS block scaling is used on sm_90 only")
+    assert quant_linear.cublas_block_scaling_works(torch.device("cuda", torch.cuda.current_device()))
+    for n, k in [(576, 7168), (24576, 1536), (7168, 16384), (1000, 512)]:
+        weight = quantized("fp8", torch.randn(n, k, device="cuda") * 0.02)
+        bias = torch.randn(n, device="cuda").bfloat16()
+        for rows in (128, 130, 1027):
+            x = torch.randn(rows, k, device="cuda").bfloat16()
+            assert quant_linear.cublas_takes(weight, rows)
+            actual = quantized_linear(x, weight, bias).float()
+            expected = quantized_linear_reference(x, weight, bias).float()
+            assert actual.shape == (rows, n) and torch.isfinite(actual).all()
+            assert (actual - expected).norm() <= 1e-2 * expected.norm(), (n, k, rows)
+    odd = quantized("fp8", torch.randn(256, 768, device="cuda") * 0.02)
+    assert not quant_linear.cublas_takes(odd, 1024)
+    x = torch.randn(1024, 768, device="cuda").bfloat16()
+    expected = quantized_linear_reference(x, odd).float()
+    assert (quantized_linear(x, odd).float() - expected).norm() <= 1e-2 * expected.norm()

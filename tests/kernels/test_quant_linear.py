@@ -86,3 +86,15 @@ def test_a_nan_in_the_activations_reaches_its_row_and_no_other():
     out = quantized_gemm(x, weight)
     assert out[2].isnan().all()
     torch.testing.assert_close(out[[0, 1, 3]], quantized_linear_reference(x[[0, 1, 3]], weight), rtol=1e-4, atol=1e-4)
+
+
+def test_which_fp8_products_go_to_cublas_block_scaling(monkeypatch):
+    from moeserve.kernels import quant_linear
+    from moeserve.quant.formats import quantized
+
+    monkeypatch.setattr(quant_linear, "cublas_block_scaling_works", lambda device: True)  # as on an sm_90 build with it
+    fp8 = quantized("fp8", torch.randn(256, 1024) * 0.02)
+    assert quant_linear.cublas_takes(fp8, quant_linear.CUBLAS_MIN_ROWS)
+    assert not quant_linear.cublas_takes(fp8, quant_linear.CUBLAS_MIN_ROWS - 1)  # decode: the Triton kernel
+    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(256, 768) * 0.02), 4096)  # 6 K blocks
+    assert not quant_linear.cublas_takes(quantized("nvfp4", torch.randn(256, 1024) * 0.02), 4096)
