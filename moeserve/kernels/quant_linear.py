@@ -24,6 +24,7 @@ DENSE_KERNEL_MAX_ROWS = 1024
 CUBLAS_MIN_ROWS = 128  # below, the dense kernel was as fast or faster (H100, V3 shapes)
 CUBLAS_K_MULTIPLE = 512  # cuBLAS 13.0's block scaling computed wrong sums (no error) for K of 2, 3, 5-7, 10, 22 blocks
 CUBLAS_ROW_MULTIPLE = 4  # its column-major activation scales need 16-byte aligned columns
+CUBLAS_N_MULTIPLE = 16  # torch._scaled_mm's requirement on the weight's rows
 
 
 def supports(weight, rows: int) -> bool:
@@ -70,6 +71,7 @@ def cublas_takes(weight, rows: int) -> bool:
     """Whether an FP8 128x128-block weight's product with `rows` rows goes to cuBLAS's block scaling."""
     return (rows >= CUBLAS_MIN_ROWS and weight_format(weight) == FP8 and len(weight.shape) == 2
             and weight.block == (FP8_BLOCK, FP8_BLOCK) and weight.shape[-1] % CUBLAS_K_MULTIPLE == 0
+            and weight.shape[0] % CUBLAS_N_MULTIPLE == 0
             and cublas_block_scaling_works(weight.values.device))
 
 

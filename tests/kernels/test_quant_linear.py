@@ -98,3 +98,4 @@ def test_which_fp8_products_go_to_cublas_block_scaling(monkeypatch):
     assert not quant_linear.cublas_takes(fp8, quant_linear.CUBLAS_MIN_ROWS - 1)  # decode: the Triton kernel
     assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(256, 768) * 0.02), 4096)  # 6 K blocks
     assert not quant_linear.cublas_takes(quantized("nvfp4", torch.randn(256, 1024) * 0.02), 4096)
+    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(1000, 1024) * 0.02), 4096)  # N % 16
