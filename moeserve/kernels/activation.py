@@ -117,6 +117,7 @@ def quantize_fp8_activations(x: torch.Tensor, pad_rows_to: int = 1, column_major
     moeserve.quant.fp8.quantize_fp8_groups. T' is T rounded up to pad_rows_to (the added rows quantize zeros);
     column_major_scales stores the scales group by group ([groups, T'] seen transposed), as cuBLAS's block scaling
     reads them."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
     rows, cols = x.shape
     padded = triton.cdiv(rows, pad_rows_to) * pad_rows_to
     groups = triton.cdiv(cols, FP8_GROUP)
@@ -126,7 +127,7 @@ def quantize_fp8_activations(x: torch.Tensor, pad_rows_to: int = 1, column_major
     else:
         scales = torch.empty(padded, groups, dtype=torch.float32, device=x.device)
     per_program = min(8, triton.next_power_of_2(groups))
-    if padded:
+    if padded and cols:
         _quantize_groups_kernel[(padded, triton.cdiv(groups, per_program))](
             x, values, scales, rows, cols, x.stride(0), values.stride(0), scales.stride(0), scales.stride(1),
             GROUPS=per_program, GROUP=FP8_GROUP)

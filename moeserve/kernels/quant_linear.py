@@ -67,9 +67,9 @@ def quantized_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     return out.reshape(*x.shape[:-1], n)
 
 
-def cublas_takes(weight, rows: int) -> bool:
-    """Whether an FP8 128x128-block weight's product with `rows` rows goes to cuBLAS's block scaling."""
-    return (rows >= CUBLAS_MIN_ROWS and weight_format(weight) == FP8 and len(weight.shape) == 2
+def cublas_takes(weight, rows: int, dtype: torch.dtype) -> bool:
+    """Whether an FP8 128x128-block weight's product with `rows` rows of bf16 goes to cuBLAS's block scaling."""
+    return (rows >= CUBLAS_MIN_ROWS and dtype == torch.bfloat16 and weight_format(weight) == FP8 and len(weight.shape) == 2
             and weight.block == (FP8_BLOCK, FP8_BLOCK) and weight.shape[-1] % CUBLAS_K_MULTIPLE == 0
             and weight.shape[0] % CUBLAS_N_MULTIPLE == 0
             and cublas_block_scaling_works(weight.values.device))
@@ -90,8 +90,8 @@ def cublas_block_scaled_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None 
 def _block_scaling_checked(device: torch.device) -> bool:
     """cuBLAS's block scaling on a small product against the reference: a build without it, or one that computes it
     wrongly, leaves FP8 on the other paths."""
-    from moeserve.ops.linear import quantized_linear_reference
     from moeserve.quant.formats import quantized
+    from moeserve.quant.fp8 import fp8_group_round_trip
 
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
@@ -100,10 +100,10 @@ def _block_scaling_checked(device: torch.device) -> bool:
     x = torch.randn(CUBLAS_MIN_ROWS + 1, 1024, device=device, generator=generator).bfloat16()
     try:
         out = cublas_block_scaled_gemm(x, weight).float()
-    except RuntimeError as error:
+    except Exception as error:  # a build without it: RuntimeError from cuBLAS, ValueError from torch's checks
         logger.info("cuBLAS block-scaled FP8 unavailable (%s): FP8 linears use the Triton kernel", str(error)[:200])
         return False
-    expected = quantized_linear_reference(x, weight).float()
+    expected = fp8_group_round_trip(x) @ weight.dequantize(torch.float32).t()  # the reference's W8A8
     good = bool(((out - expected).norm() <= 1e-2 * expected.norm()).item())
     if not good:
         logger.warning("cuBLAS block-scaled FP8 gave wrong results on %s: FP8 linears use the Triton kernel", device)
@@ -114,8 +114,9 @@ def cublas_block_scaling_works(device: torch.device) -> bool:
     """Checked once per device, outside CUDA-graph capture (a capture takes the other paths until then)."""
     if torch.cuda.is_current_stream_capturing() and device not in _checked_devices:
         return False
+    works = _block_scaling_checked(device)
     _checked_devices.add(device)
-    return _block_scaling_checked(device)
+    return works
 
 
 _checked_devices: set = set()

@@ -13,7 +13,7 @@ def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) 
         from moeserve.kernels import quant_linear
 
         rows = x.numel() // x.shape[-1]
-        if quant_linear.cublas_takes(weight, rows):
+        if quant_linear.cublas_takes(weight, rows, x.dtype):
             return quant_linear.cublas_block_scaled_gemm(x, weight, bias)
         if quant_linear.supports(weight, rows):
             return quant_linear.quantized_gemm(x, weight, bias)

@@ -100,18 +100,20 @@ def test_cublas_block_scaled_fp8_equals_the_reference():
         pytest.skip("cuBLAS block scaling is used on sm_90 only")
     assert quant_linear.cublas_block_scaling_works(torch.device("cuda", torch.cuda.current_device()))
     for n, k in [(576, 7168), (24576, 1536), (7168, 16384), (1008, 512)]:  # 576, 1008: a partial last N block
-        weight = quantized("fp8", torch.randn(n, k, device="cuda") * 0.02)
+        blocks = 2.0 ** (torch.arange(-(-n // 128), device="cuda") % 6).repeat_interleave(128)[:n, None]  # scales apart
+        weight = quantized("fp8", torch.randn(n, k, device="cuda") * 0.02 * blocks)
         bias = torch.randn(n, device="cuda").bfloat16()
         for rows in (128, 130, 1027):
-            x = torch.randn(rows, k, device="cuda").bfloat16()
-            assert quant_linear.cublas_takes(weight, rows)
+            groups = 2.0 ** (torch.arange(k // 128, device="cuda") % 5).repeat_interleave(128)  # activation scales apart
+            x = (torch.randn(rows, k, device="cuda") * groups).bfloat16()
+            assert quant_linear.cublas_takes(weight, rows, x.dtype)
             actual = quantized_linear(x, weight, bias).float()
             expected = quantized_linear_reference(x, weight, bias).float()
             assert actual.shape == (rows, n) and torch.isfinite(actual).all()
             assert (actual - expected).norm() <= 1e-2 * expected.norm(), (n, k, rows)
     for n, k in [(256, 768), (1000, 512)]:  # 6 K blocks; N not a multiple of 16
         odd = quantized("fp8", torch.randn(n, k, device="cuda") * 0.02)
-        assert not quant_linear.cublas_takes(odd, 1024)
+        assert not quant_linear.cublas_takes(odd, 1024, torch.bfloat16)
         x = torch.randn(1024, k, device="cuda").bfloat16()
         expected = quantized_linear_reference(x, odd).float()
         assert (quantized_linear(x, odd).float() - expected).norm() <= 1e-2 * expected.norm()

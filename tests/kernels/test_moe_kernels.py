@@ -184,11 +184,20 @@ def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n)
     weight.quantize_from(gate_up)
     config = GemmConfig(block_m=16, block_n=block_n, block_k=128)
     assert tile_in_one_scale_block(intermediate, config)
+    import moeserve.kernels.moe_gemm as moe_gemm_module
+
+    chosen = []
+    original = moe_gemm_module.tile_in_one_scale_block
+    moe_gemm_module.tile_in_one_scale_block = lambda n_part, cfg: chosen.append(original(n_part, cfg)) or chosen[-1]
     x = torch.randn(rows, hidden, generator=generator)
     slots = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(rows)])
     a, a_scale = quantize_fp8_groups(x)
     out = torch.full((rows * top_k, 2 * intermediate), float("nan"))
-    moe_gemm(a, a_scale, weight, block_layout(slots, num_experts, 16), out, rows_per_a_row=top_k, config=config)
+    try:
+        moe_gemm(a, a_scale, weight, block_layout(slots, num_experts, 16), out, rows_per_a_row=top_k, config=config)
+    finally:
+        moe_gemm_module.tile_in_one_scale_block = original
+    assert chosen == [True]  # the launch took the one-scale path
     x_w8a8 = fp8_group_round_trip(x)
     for row, expert in enumerate(slots.flatten().tolist()):
         expected = weight.dequantize(torch.float32, expert).reshape(2 * intermediate, hidden) @ x_w8a8[row // top_k]

@@ -94,8 +94,21 @@ def test_which_fp8_products_go_to_cublas_block_scaling(monkeypatch):
 
     monkeypatch.setattr(quant_linear, "cublas_block_scaling_works", lambda device: True)  # as on an sm_90 build with it
     fp8 = quantized("fp8", torch.randn(256, 1024) * 0.02)
-    assert quant_linear.cublas_takes(fp8, quant_linear.CUBLAS_MIN_ROWS)
-    assert not quant_linear.cublas_takes(fp8, quant_linear.CUBLAS_MIN_ROWS - 1)  # decode: the Triton kernel
-    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(256, 768) * 0.02), 4096)  # 6 K blocks
-    assert not quant_linear.cublas_takes(quantized("nvfp4", torch.randn(256, 1024) * 0.02), 4096)
-    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(1000, 1024) * 0.02), 4096)  # N % 16
+    bf16, rows = torch.bfloat16, quant_linear.CUBLAS_MIN_ROWS
+    assert quant_linear.cublas_takes(fp8, rows, bf16)
+    assert not quant_linear.cublas_takes(fp8, rows - 1, bf16)  # decode: the Triton kernel
+    assert not quant_linear.cublas_takes(fp8, rows, torch.float16)  # checked in bf16 only
+    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(256, 768) * 0.02), 4096, bf16)  # 6 K blocks
+    assert not quant_linear.cublas_takes(quantized("nvfp4", torch.randn(256, 1024) * 0.02), 4096, bf16)
+    assert not quant_linear.cublas_takes(quantized("fp8", torch.randn(1000, 1024) * 0.02), 4096, bf16)  # N % 16
+
+
+@pytest.mark.parametrize("rows", [1, 17])  # quantized inside the GEMM (128-wide tiles); quantized first (64-wide)
+def test_fp8_dense_tiles_read_their_own_weight_blocks_scale(rows):
+    torch.manual_seed(rows)
+    blocks = 2.0 ** torch.arange(3).repeat_interleave(128)[:, None]  # three 128-row blocks, scales 1, 2, 4 apart
+    weight = quantized("fp8", torch.randn(384, 512) * 0.05 * blocks)
+    x = torch.randn(rows, 512)
+    actual = quantized_gemm(x, weight)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)

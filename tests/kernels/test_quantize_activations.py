@@ -46,3 +46,11 @@ def test_padded_rows_and_column_major_scales():
     assert_same(values[:5], expected_values)
     assert torch.equal(scales[:5], expected_scales)
     assert (values[5:].float() == 0).all() and torch.isfinite(scales[5:]).all()
+
+
+def test_a_transposed_view_is_read_as_its_values():
+    x = torch.randn(256, 6).t()  # [6, 256], columns 6 elements apart
+    values, scales = quantize_fp8_activations(x)
+    expected_values, expected_scales = quantize_fp8_groups(x.contiguous())
+    assert_same(values, expected_values)
+    assert torch.equal(scales, expected_scales)

@@ -19,11 +19,20 @@ def test_lookup_takes_the_largest_tuned_size_not_above_the_rows():
     small, large = list(candidates(8))[3], list(candidates(4096))[5]
     table = {"configs": {"fp8/7168x2048": {"8": asdict(small), "4096": asdict(large)}}}
     assert lookup(table, "fp8", 7168, 2048, 1) == small  # below every entry: the smallest
-    assert lookup(table, "fp8", 7168, 2048, 4095) == small
+    assert lookup(table, "fp8", 7168, 2048, 1024) == small  # the decode regime's entry
+    assert lookup(table, "fp8", 7168, 2048, 1025) == large  # prefill: below its entries, its smallest
     assert lookup(table, "fp8", 7168, 2048, 65536) == large
     assert lookup(table, "bf16", 7168, 2048, 4096) == default_config(4096, "bf16")  # no entry for this format
     assert lookup({}, "fp8", 7168, 2048, 8) == default_config(8, "fp8")
     assert lookup({}, "fp8", 7168, 2048, 65536) == default_config(65536, "fp8") != default_config(65536, "bf16")
+
+
+def test_a_prefill_without_prefill_entries_takes_the_prefill_default_not_a_decode_entry():
+    decode = list(candidates(8))[3]
+    table = {"configs": {"fp8/7168x2048": {"8": asdict(decode), "256": asdict(decode)}}}
+    assert lookup(table, "fp8", 7168, 2048, 65536) == default_config(65536, "fp8")
+    assert lookup(table, "fp8", 7168, 2048, 1000) == decode
+    assert lookup(table, "fp8", 7168, 2048, 65536, large_tiles=False).block_m == 64  # ~100 KiB shared memory cards
 
 
 def test_fp8_prefill_default_steps_one_scale_block_at_a_time_inside_one_weight_block():
