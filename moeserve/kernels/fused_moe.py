@@ -12,6 +12,7 @@ from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, we
 from moeserve.kernels.moe_layout import block_layout
 from moeserve.kernels.row_layout import RowLayout
 from moeserve.kernels.tuning import tuned_config
+from moeserve.quant.fp8 import Fp8Activations
 
 
 class ExpertWeights(Protocol):
@@ -22,14 +23,21 @@ class ExpertWeights(Protocol):
     down_proj: torch.Tensor  # [E, H, I]
 
 
-def fused_experts(experts: ExpertWeights, x: torch.Tensor, layout: RowLayout, config: GemmConfig | None = None) -> torch.Tensor:
+def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layout: RowLayout,
+                  config: GemmConfig | None = None) -> torch.Tensor:
+    """x: [R, H], or rows already quantized 1x128 (an FP8 dispatch's): FP8 experts multiply them as they are."""
     rows, top_k = layout.slots.shape
     weights = weight_format(experts.gate_up_proj)
+    if isinstance(x, Fp8Activations) and weights != FP8:
+        x = x.dequantize()
     fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: "nvfp4"}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8
-    a, a_scale = quantize_fp8_activations(x) if fp8 else (x, None)
+    if isinstance(x, Fp8Activations):
+        a, a_scale = x.values, x.scales
+    else:
+        a, a_scale = quantize_fp8_activations(x) if fp8 else (x, None)
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)
     moe_gemm(a, a_scale, experts.gate_up_proj, block, gate_up, rows_per_a_row=top_k, config=config)

@@ -6,6 +6,8 @@ each block has one fp32 scale, a multiplier: w ~= values * scale, scale = amax(b
 Activations [T, K] get one scale per token per group of 128 channels, computed at run time.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 E4M3_MAX = 448.0
@@ -74,3 +76,25 @@ def dequantize_fp8_groups(values: torch.Tensor, scales: torch.Tensor, group: int
 def fp8_group_round_trip(x: torch.Tensor, group: int = 128) -> torch.Tensor:
     """x through FP8 1x`group` quantization and back (fp32): what a W8A8 kernel multiplies."""
     return dequantize_fp8_groups(*quantize_fp8_groups(x, group), group)
+
+
+@dataclass
+class Fp8Activations:
+    """Activations already quantized 1x128 per token (as quantize_fp8_groups gives them: a W8A8 GEMM's A operand), and
+    the dtype they stand for. An FP8 expert-parallel dispatch hands its received tokens on in this form, so FP8 experts
+    multiply them as they arrived instead of quantizing them again."""
+
+    values: torch.Tensor  # [T, K] float8_e4m3fn (rows may be strided, elements contiguous)
+    scales: torch.Tensor  # [T, ceil(K/128)] float32
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_fp8_groups(self.values, self.scales, 128, self.dtype)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.activation import silu_and_mul, sum_over_k
+from moeserve.kernels import fused_moe
 from moeserve.kernels.fused_moe import fused_experts
 from moeserve.kernels.moe_gemm import GemmConfig, moe_gemm
 from moeserve.kernels.moe_layout import block_layout
@@ -202,3 +203,26 @@ def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n)
     for row, expert in enumerate(slots.flatten().tolist()):
         expected = weight.dequantize(torch.float32, expert).reshape(2 * intermediate, hidden) @ x_w8a8[row // top_k]
         torch.testing.assert_close(out[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_experts_take_an_fp8_dispatchs_tokens_as_they_arrived(monkeypatch):
+    """Rows received over an FP8 dispatch (strided views of the byte payload) give, bit for bit, what quantizing the
+    same tokens in the experts gives; bf16 and NVFP4 experts dequantize them first."""
+    from moeserve.distributed.ep.token_formats import Fp8Format, as_row_bytes
+
+    torch.manual_seed(3)
+    x = torch.randn(6, HIDDEN)
+    layout = routing(6, "other ranks")
+    wire = Fp8Format()
+    payload = torch.cat((wire.pack(x), as_row_bytes(layout.slots.int())), dim=1)  # as dispatched: metadata after
+    received = wire.receive(payload, HIDDEN, torch.float32)
+    assert received.values.stride(0) == payload.shape[1]  # read in place, not copied
+    arrived = received.dequantize()
+    for fmt in ("fp8", None, "nvfp4"):
+        experts = random_experts(fmt)
+        expected = fused_experts(experts, arrived, layout)
+        with monkeypatch.context() as patch:  # FP8 experts must not quantize the tokens again
+            patch.setattr(fused_moe, "quantize_fp8_activations", lambda *args: pytest.fail("quantized twice"))
+            actual = fused_experts(experts, received, layout)
+        assert torch.isfinite(actual).all()
+        assert torch.equal(actual, expected), fmt

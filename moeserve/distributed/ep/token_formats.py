@@ -9,8 +9,9 @@ Byte layout of one token's payload, hidden size H (a multiple of 128 for the qua
 | fp8 | H + H/32 | H float8_e4m3fn values, then H/128 float32 scales (one per 128 channels, a multiplier: x ~= value * scale) |
 | nvfp4 | H/2 + H/16 + 4 | H/2 bytes of E2M1 codes (element 2i in the low nibble), then H/16 float8_e4m3fn block scales (one per 16), then one float32 global scale |
 
-All multi-byte values are little-endian. The receiver unpacks to a float tensor through zero-copy
-views of the payload (`Fp8Tokens`, `Nvfp4Tokens`); the expert GEMM does not read them directly yet.
+All multi-byte values are little-endian. `receive` hands the tokens on as the experts take them: FP8 tokens as
+zero-copy views of the payload (`Fp8Activations`: FP8 experts multiply them as they arrived, others dequantize),
+the other formats as float tensors (NVFP4 through the views of `Nvfp4Tokens`).
 NVFP4's global scale is per token (amax of the token / 2688). A NaN in a token makes that token's
 scales NaN: it propagates, it is never hidden.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.quant.fp8 import dequantize_fp8_groups, quantize_fp8_groups
+from moeserve.quant.fp8 import Fp8Activations, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
 
@@ -58,11 +59,7 @@ class UnquantizedFormat:
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return payload.contiguous().view(self.dtype).to(dtype)
 
-
-@dataclass
-class Fp8Tokens:
-    values: torch.Tensor  # [T, H] float8_e4m3fn, a view of the payload
-    scales: torch.Tensor  # [T, H/128] float32, a view of the payload
+    receive = unpack
 
 
 class Fp8Format:
@@ -77,13 +74,16 @@ class Fp8Format:
         values, scales = quantize_fp8_groups(x, FP8_GROUP)
         return torch.cat((as_row_bytes(values), as_row_bytes(scales)), dim=1)
 
-    def views(self, payload: torch.Tensor, hidden: int) -> Fp8Tokens:
-        return Fp8Tokens(payload[:, :hidden].view(torch.float8_e4m3fn),
-                         payload[:, hidden : self.payload_bytes(hidden)].view(torch.float32))
+    def views(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> Fp8Activations:
+        """values [T, H] and scales [T, H/128]: views of the payload."""
+        return Fp8Activations(payload[:, :hidden].view(torch.float8_e4m3fn),
+                              payload[:, hidden : self.payload_bytes(hidden)].view(torch.float32), dtype)
 
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        tokens = self.views(payload, hidden)
-        return dequantize_fp8_groups(tokens.values, tokens.scales, FP8_GROUP, dtype)
+        return self.views(payload, hidden, dtype).dequantize()
+
+    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> Fp8Activations:
+        return self.views(payload, hidden, dtype)
 
 
 @dataclass
@@ -115,6 +115,8 @@ class Nvfp4Format:
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         tokens = self.views(payload, hidden)
         return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
+
+    receive = unpack
 
 
 
