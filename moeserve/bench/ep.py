@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from moeserve.distributed.ep.dispatchers import DISPATCHERS
 from moeserve.distributed.layout import ExpertMap
+from moeserve.quant.fp8 import Fp8Activations
 
 
 @dataclass
@@ -57,9 +58,12 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
         state["out"] = dispatcher.dispatch(x, topk_ids, topk_weights)
 
     def combine():
-        rows, _, handle = state["out"]
-        dispatcher.combine(rows, handle)  # experts that return their input
+        _, _, handle = state["out"]
+        dispatcher.combine(state["experts_out"], handle)  # experts that return their input
 
+    dispatch()  # the same routing every time: the received rows keep their number
+    rows = state["out"][0]  # FP8 rows arrive quantized: the experts' output is in the activation dtype
+    state["experts_out"] = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
     for _ in range(3):
         dispatch(), combine()
     dispatch_us = _median_us(dispatch, device, iterations, control)

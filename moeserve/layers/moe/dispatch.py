@@ -4,7 +4,8 @@
 process and, for each row, its local expert slots and weights (a RowLayout); the experts return
 each row's weighted sum; `combine(y, handle) -> out` brings those back to token order. On one device
 the rows are the tokens themselves; expert-parallel dispatchers (moeserve.distributed.ep) move rows
-between ranks behind the same interface.
+between ranks behind the same interface. Rows carry their format: an FP8 dispatch hands them on as
+`Fp8Activations` (quantized as they travelled), which FP8 experts multiply as they are.
 """
 
 import torch
