@@ -24,7 +24,7 @@ class LocalDispatcher:
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         # x: [T, H], topk_ids / topk_weights: [T, K]
         if self.token_format is not None:
-            x = self.token_format.unpack(self.token_format.pack(x), x.shape[1], x.dtype)
+            x = self.token_format.receive(self.token_format.pack(x), x.shape[1], x.dtype)  # as an EP rank receives it
         return x, RowLayout(topk_ids, topk_weights.float()), None
 
     def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
