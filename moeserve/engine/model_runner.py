@@ -24,6 +24,7 @@ from moeserve.engine.block_table import BlockTable
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
 from moeserve.engine.memory import plan_num_blocks
+from moeserve.engine.plan import decode_graphs
 from moeserve.engine.sequence import Sequence
 from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
@@ -150,7 +151,7 @@ class ModelRunner:
 
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
         layout = context.groups.layout if context is not None else ParallelLayout()
-        graphs = self.device.type == "cuda" and not args.enforce_eager and layout.ep == 1
+        graphs = self.device.type == "cuda" and decode_graphs(args.enforce_eager, layout)
         num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, layout,
                                      max(graph_sizes(args)) if graphs else 0, self.dtype)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest

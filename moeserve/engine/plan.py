@@ -33,6 +33,12 @@ CUDA_CONTEXT_BYTES = int(1.75 * GIB)
 PROFILE_SEQ_LEN = 256
 
 
+def decode_graphs(enforce_eager: bool, layout: ParallelLayout) -> bool:
+    """Whether a CUDA engine captures decode graphs: unless told not to or expert-parallel (its dispatch sizes on the
+    host)."""
+    return not enforce_eager and layout.ep == 1
+
+
 class PlanningGroups:
     """A rank of a layout without processes: what parallelize reads of ParallelGroups (no group handles,
     which only a forward would use)."""
@@ -67,8 +73,7 @@ class Request:
 
     @property
     def cuda_graphs(self) -> bool:
-        """The engine captures decode graphs unless told not to or expert-parallel (its dispatch sizes on the host)."""
-        return not self.enforce_eager and self.layout.ep == 1
+        return decode_graphs(self.enforce_eager, self.layout)
 
     @property
     def kv_block_size(self) -> int:

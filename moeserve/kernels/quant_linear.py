@@ -4,7 +4,8 @@ through the grouped GEMM's kernel in dense mode. Up to DENSE_KERNEL_MAX_ROWS row
 faster than dequantizing every call for cuBLAS (H200, V3 shapes: 1.2-27x at 1-1,024 rows); longer prefills
 take that path (cuBLAS's bf16 rate there beats this kernel's FP8 rate today).
 From CUBLAS_MIN_ROWS rows, FP8 goes to cuBLAS's DeepSeek block scaling instead (torch._scaled_mm with 1x128 and
-128x128 scales, CUDA >= 12.9 on sm_90): the same W8A8 arithmetic at up to 953 TFLOP/s (H100, docs/perf.md).
+128x128 scales, CUDA >= 12.9 on sm_90): the same W8A8 arithmetic at 1,031-1,128 TFLOP/s on V3's large shapes at
+8,192 rows (H100, docs/perf.md).
 Reference: moeserve.ops.linear.quantized_linear_reference."""
 
 import functools
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 DENSE_KERNEL_MAX_ROWS = 1024
 CUBLAS_MIN_ROWS = 128  # below, the dense kernel was as fast or faster (H100, V3 shapes)
-CUBLAS_K_MULTIPLE = 512  # cuBLAS 13.0's block scaling computed wrong sums (no error) for K of 2, 3, 5-7, 10, 22 blocks
+CUBLAS_K_MULTIPLE = 512  # torch 2.11+cu130's block scaling gave wrong sums (no error) for K of 2, 3, 5-7, 10, 22 blocks
 CUBLAS_ROW_MULTIPLE = 4  # its column-major activation scales need 16-byte aligned columns
 CUBLAS_N_MULTIPLE = 16  # torch._scaled_mm's requirement on the weight's rows
 
@@ -86,7 +87,6 @@ def cublas_block_scaled_gemm(x: torch.Tensor, weight, bias: torch.Tensor | None 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@functools.cache
 def _block_scaling_checked(device: torch.device) -> bool:
     """cuBLAS's block scaling on a small product against the reference: a build without it, or one that computes it
     wrongly, leaves FP8 on the other paths."""
@@ -112,11 +112,11 @@ def _block_scaling_checked(device: torch.device) -> bool:
 
 def cublas_block_scaling_works(device: torch.device) -> bool:
     """Checked once per device, outside CUDA-graph capture (a capture takes the other paths until then)."""
-    if torch.cuda.is_current_stream_capturing() and device not in _checked_devices:
-        return False
-    works = _block_scaling_checked(device)
-    _checked_devices.add(device)
-    return works
+    if device not in _block_scaling_works:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _block_scaling_works[device] = _block_scaling_checked(device)
+    return _block_scaling_works[device]
 
 
-_checked_devices: set = set()
+_block_scaling_works: dict[torch.device, bool] = {}
