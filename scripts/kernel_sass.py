@@ -28,6 +28,8 @@ POINTER_TYPES = {  # format -> (activations, weights, weight scales)
     2: ("*bf16", "*u8", "*fp8e4nv"),
 }
 ONE_SCALE = os.environ.get("ONE_SCALE", "0") == "1"  # FP8: the N tile in one weight scale block
+SWAP_AB = os.environ.get("SWAP_AB", "0") == "1"  # the product computed as W @ a^T
+NIBBLES = os.environ.get("NIBBLES", "1") == "1"  # NVFP4: codes to bf16 by bit operations (0: the fp32 path)
 UNALIGNED = ("stride_as", "stride_wsn", "stride_wse", "stride_ge", "num_rows", "rows_per_a_row")
 
 
@@ -37,7 +39,7 @@ def signature(fmt: int) -> dict:
                     row_weight_ptr="*fp32", sorted_rows_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32")
     integers = dict.fromkeys(["N", "K", "num_rows", "rows_per_a_row", "n_part", "stride_am", "stride_as"], "i32")
     integers.update(stride_we="i64", **dict.fromkeys(["stride_wn", "stride_wse", "stride_wsn", "stride_ge", "stride_om"], "i32"))
-    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK"],
+    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK", "SWAP_AB", "NIBBLES_TO_BF16", "USE_ASM"],
                               "constexpr")
     return {**pointers, **integers, **constants}
 
@@ -48,7 +50,8 @@ def compile_for_hopper(fmt: int, block_m: int, block_n: int, block_k: int, warps
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n] != "constexpr" and n not in UNALIGNED}
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, FORMAT=fmt,
-                     WEIGHTED=False, PRECISION="tf32", DENSE=False, TILE_IN_ONE_SCALE_BLOCK=ONE_SCALE)
+                     WEIGHTED=False, PRECISION="tf32", DENSE=False, TILE_IN_ONE_SCALE_BLOCK=ONE_SCALE, SWAP_AB=SWAP_AB,
+                     NIBBLES_TO_BF16=fmt == 2 and NIBBLES, USE_ASM=True)
     return triton.compile(ASTSource(_moe_gemm_kernel, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
@@ -61,7 +64,7 @@ def summary(kernel) -> str:
         sass = subprocess.run([tools / "nvdisasm", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
-    count = {name: sum(op == name for op in opcodes) for name in ("HGMMA", "QGMMA", "HMMA", "LDGSTS", "STL", "LDL")}
+    count = {name: sum(op == name for op in opcodes) for name in ("HGMMA", "QGMMA", "HMMA", "LDGSTS", "STL", "LDL", "STS", "LDS", "SHFL", "PRMT", "LOP3", "F2F", "I2F")}
     waits = sorted(set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", kernel.asm["ptx"])))
     registers = re.search(r"REG:(\d+)", usage)
     return (f"instructions {len(opcodes)}, " + ", ".join(f"{k} {v}" for k, v in count.items())

@@ -38,6 +38,7 @@ class GemmConfig:
     group_m: int = 1  # tiles run in groups of group_m M blocks x all N tiles, so L2 reuses both operands
     split_k: int = 1  # > 1: K is cut in split_k slices added atomically in fp32 (more CTAs at decode)
     persistent: bool = False  # one CTA per SM looping over the tiles in use (no CTAs for unused blocks)
+    swap_ab: bool = False  # the product computed as W @ a^T: few rows on the wgmma's narrow side (decode)
 
 
 @triton.jit
@@ -47,6 +48,69 @@ def e2m1_to_float(code):
     bit make the value times 2^-14 (normal and subnormal codes alike)."""
     bits = ((code & 8).to(tl.int16) << 12) | ((code & 7).to(tl.int16) << 9)
     return bits.to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _e2m1_bits_times_scale(packed, scale):
+    """Bytes of two E2M1 codes and each byte's bf16 scale -> (low code * scale * 2^-126, high code * scale * 2^-126)
+    in bf16, exact: the portable form of _e2m1_bits_times_scale_ptx (the interpreter flushes bf16 subnormals, so the
+    codes go through e2m1_to_float here)."""
+    scale = scale.to(tl.float32) * 1.1754943508222875e-38  # 2^-126
+    return (e2m1_to_float(packed & 0xF) * scale).to(tl.bfloat16), (e2m1_to_float(packed >> 4) * scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _e2m1_bits_times_scale_ptx(packed, scale):
+    """Bytes of two E2M1 codes and each byte's bf16 scale -> (low code * scale, high code * scale) * 2^-126 in bf16,
+    four bytes at a time. PRMT places two bytes in the high bytes of two 16-bit halves; a mask and a shift put each
+    nibble's sign at bit 15 and its 3 magnitude bits at bits 8-6 (two codes an instruction), which makes the bf16
+    number value * 2^-126 (subnormal for 0 and 0.5); one bf16x2 multiply scales them, exactly."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 b01, b23, lo01, lo23, hi01, hi23, t;
+        prmt.b32 b01, $4, 0, 0x1404;
+        prmt.b32 b23, $4, 0, 0x3424;
+        shl.b32 lo01, b01, 4;
+        shl.b32 lo23, b23, 4;
+        shr.b32 t, lo01, 6;
+        and.b32 t, t, 0x01C001C0;
+        lop3.b32 lo01, lo01, 0x80008000, t, 0xEA;
+        shr.b32 t, lo23, 6;
+        and.b32 t, t, 0x01C001C0;
+        lop3.b32 lo23, lo23, 0x80008000, t, 0xEA;
+        shr.b32 t, b01, 6;
+        and.b32 t, t, 0x01C001C0;
+        lop3.b32 hi01, b01, 0x80008000, t, 0xEA;
+        shr.b32 t, b23, 6;
+        and.b32 t, t, 0x01C001C0;
+        lop3.b32 hi23, b23, 0x80008000, t, 0xEA;
+        mul.rn.bf16x2 $0, lo01, $5;
+        mul.rn.bf16x2 $1, lo23, $6;
+        mul.rn.bf16x2 $2, hi01, $5;
+        mul.rn.bf16x2 $3, hi23, $6;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r", args=[packed, scale], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+        pack=4)
+
+
+@triton.jit
+def _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """The weight tile's elements k0, k0 + 2, ... and k0 + 1, k0 + 3, ... ([BLOCK_N, BLOCK_K / 2] each) as bf16
+    value * block scale * 2^-62 (2^64 on the scales keeps the products normal; the caller multiplies by 2^62)."""
+    offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(w_base + offs_n[:, None] * stride_wn + offs_j[None, :],
+                     mask=n_ok[:, None] & (offs_j < K // 2)[None, :], other=0)
+    offs_g = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    block_scale = tl.load(w_scale_base + offs_n[:, None] * stride_wsn + offs_g[None, :],
+                          mask=n_ok[:, None] & (offs_g < K // 16)[None, :], other=0.0)
+    block_scale = (block_scale.to(tl.float32) * 18446744073709551616.0).to(tl.bfloat16)  # * 2^64, exact
+    scale = tl.reshape(tl.broadcast_to(block_scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 8)), (BLOCK_N, BLOCK_K // 2))
+    if USE_ASM:
+        return _e2m1_bits_times_scale_ptx(packed, scale)
+    return _e2m1_bits_times_scale(packed, scale)
 
 
 @triton.jit
@@ -67,12 +131,33 @@ def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
 def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows, valid, offs_n, n_ok,
                  k_lo, k_hi, K, n_part, stride_am, stride_as, stride_wn, stride_wsn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FORMAT: tl.constexpr, PRECISION: tl.constexpr, TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False):
+                 FORMAT: tl.constexpr, PRECISION: tl.constexpr, TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False,
+                 SWAP_AB: tl.constexpr = False, NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False):
     """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. TILE_IN_ONE_SCALE_BLOCK (FP8): the
-    N tile lies in one 128-row weight scale block, so each K step's weight scale is one number."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    N tile lies in one 128-row weight scale block, so each K step's weight scale is one number. SWAP_AB: the product
+    is computed transposed, W's tile times a's (acc [BLOCK_N, BLOCK_M]), so that a few rows still feed the
+    tensor cores' wide wgmma, the weights filling its 64-row side. NIBBLES_TO_BF16 (NVFP4, bf16 activations): codes
+    become bf16 by bit operations (in PTX with USE_ASM), the block scale multiplies them in bf16 exactly, and the global
+    scale multiplies the sum."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
+        if FORMAT == 2 and NIBBLES_TO_BF16:  # NVFP4 with bf16 activations: even and odd elements apart, no interleave
+            w_even, w_odd = _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
+                                            BLOCK_N, BLOCK_K, USE_ASM)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                        mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+            if SWAP_AB:
+                acc = tl.dot(w_even, tl.trans(a_even), acc)
+                acc = tl.dot(w_odd, tl.trans(a_odd), acc)
+            else:
+                acc = tl.dot(a_even, tl.trans(w_even), acc)
+                acc = tl.dot(a_odd, tl.trans(w_odd), acc)
+        elif FORMAT == 2:  # NVFP4, W4A16: byte j of a weight row holds elements 2j (low nibble) and 2j + 1
             offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
@@ -88,12 +173,20 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
             w = (e2m1_to_float(codes) * scale).to(a_ptr.dtype.element_ty)
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
                         other=0.0)
-            acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
+            if SWAP_AB:
+                acc += tl.dot(w, tl.trans(a), input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if SWAP_AB:  # W's tile [BLOCK_N, BLOCK_K]
+                w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+            else:  # W's tile transposed, [BLOCK_K, BLOCK_N]
+                w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                            other=0.0)
             if FORMAT == 3:  # 16-bit activations, quantized here: this 128-wide K step is one activation group
                 a, a_scale = quantize_e4m3_group(a.to(tl.float32), 1)
             elif FORMAT == 1:
@@ -103,13 +196,27 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
                     first_n = tl.min(offs_n, axis=0)
                     n_block = (first_n // n_part) * tl.cdiv(n_part, 128) + (first_n % n_part) // 128
                     w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128)
-                    acc += tl.dot(a, w) * (a_scale * w_scale)[:, None]
+                    if SWAP_AB:
+                        acc += tl.dot(w, tl.trans(a)) * (a_scale * w_scale)[None, :]
+                    else:
+                        acc += tl.dot(a, w) * (a_scale * w_scale)[:, None]
                 else:
                     n_block = (offs_n // n_part) * tl.cdiv(n_part, 128) + (offs_n % n_part) // 128
                     w_scale = tl.load(w_scale_base + n_block * stride_wsn + k0 // 128, mask=n_ok, other=0.0)
-                    acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
+                    if SWAP_AB:
+                        acc += tl.dot(w, tl.trans(a)) * (w_scale[:, None] * a_scale[None, :])
+                    else:
+                        acc += tl.dot(a, w) * (a_scale[:, None] * w_scale[None, :])
+            elif SWAP_AB:
+                acc += tl.dot(w, tl.trans(a), input_precision=PRECISION)
             else:
                 acc += tl.dot(a, w, input_precision=PRECISION)
+    if FORMAT == 2 and NIBBLES_TO_BF16:  # each part's global scale, and the 2^-62 the bf16 weights carried
+        part_scale = tl.load(w_global_base + offs_n // n_part, mask=n_ok, other=0.0) * 4611686018427387904.0
+        if SWAP_AB:
+            acc = acc * part_scale[:, None]
+        else:
+            acc = acc * part_scale[None, :]
     return acc
 
 
@@ -122,7 +229,8 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
-    TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False,
+    TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
     num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
@@ -148,7 +256,10 @@ def _moe_gemm_kernel(
                            w_global_ptr + expert * stride_ge, (rows // rows_per_a_row).to(tl.int64), valid,
                            offs_n, n_ok, pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), K, n_part,
                            stride_am, stride_as, stride_wn, stride_wsn,
-                           BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION, TILE_IN_ONE_SCALE_BLOCK)
+                           BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION, TILE_IN_ONE_SCALE_BLOCK, SWAP_AB,
+                           NIBBLES_TO_BF16, USE_ASM)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         if WEIGHTED:
             acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -238,6 +349,8 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
+        SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and a.dtype == torch.bfloat16 and config.block_k >= 32,
+        USE_ASM=a.device.type == "cuda",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:

@@ -109,7 +109,9 @@ def test_fused_experts_match_the_reference(fmt, case):
     GemmConfig(block_m=16, block_n=64, block_k=64, split_k=2),  # K = 128: one BLOCK_K step per slice
     GemmConfig(block_m=16, block_n=32, block_k=32, split_k=3),  # slices of unequal length, the last short
     GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, persistent=True),  # 3 programs loop over tiles
-], ids=["split2", "split3", "persistent-grouped"])
+    GemmConfig(block_m=16, block_n=64, block_k=128, swap_ab=True),  # W @ a^T, stored transposed
+    GemmConfig(block_m=16, block_n=32, block_k=64, split_k=2, swap_ab=True),
+], ids=["split2", "split3", "persistent-grouped", "swap-ab", "swap-ab-split2"])
 def test_split_k_and_persistent_grouped_tiles_match_the_reference(fmt, config):
     assert_fused_experts_match(fmt, 9, "other ranks", config)
 
@@ -171,8 +173,9 @@ def test_silu_and_mul_can_round_silu_first_as_eager_bf16_does():
     torch.testing.assert_close(out, F.silu(gate) * up, rtol=2**-7, atol=0)  # sigmoid forms differ by an ulp
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("block_n", [32, 64, 128])
-def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n):
+def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n, swap_ab):
     """gate_up halves of 256 rows (two 128-row scale blocks each), each block scaled by another power of two: a tile
     that read a neighbouring block's scale would be off by a factor of 2 or more."""
     from moeserve.kernels.moe_gemm import tile_in_one_scale_block
@@ -183,7 +186,7 @@ def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n)
     gate_up *= (2.0 ** torch.arange(4)).repeat_interleave(128)[None, :, None]
     weight = make_quantized_weight("fp8", (num_experts, 2, intermediate, hidden))
     weight.quantize_from(gate_up)
-    config = GemmConfig(block_m=16, block_n=block_n, block_k=128)
+    config = GemmConfig(block_m=16, block_n=block_n, block_k=128, swap_ab=swap_ab)
     assert tile_in_one_scale_block(intermediate, config)
     import moeserve.kernels.moe_gemm as moe_gemm_module
 
@@ -226,3 +229,17 @@ def test_fp8_experts_take_an_fp8_dispatchs_tokens_as_they_arrived(monkeypatch):
             actual = fused_experts(experts, received, layout)
         assert torch.isfinite(actual).all()
         assert torch.equal(actual, expected), fmt
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_nvfp4_experts_with_bf16_activations_turn_codes_into_bf16_by_bits(swap_ab):
+    """bf16 activations take the NVFP4 path that builds each code's bf16 from its bits and scales the sums by the global
+    scale: the same products as the reference's dequantized weights, summed in fp32."""
+    torch.manual_seed(3)
+    experts = random_experts("nvfp4")
+    x = torch.randn(6, HIDDEN).to(torch.bfloat16)
+    layout = routing(6, "random")
+    actual = fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=32, block_k=64, swap_ab=swap_ab)).float()
+    expected = experts(x.float(), layout)  # fp32 reference on the same bf16 inputs
+    assert torch.isfinite(actual).all()
+    assert ((actual - expected).norm() / expected.norm()).item() < 2e-2  # the interpreter truncates bf16 stores

@@ -31,6 +31,36 @@ def test_dense_kernel_matches_the_reference(fmt, n, k, rows, monkeypatch):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 320), ("nvfp4", 130, 160)])
+@pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_the_swapped_product_matches_the_reference(fmt, n, k, rows, split_k):
+    """W @ x^T, the decode form: FP8 quantizing its rows in the GEMM (1 and 5 rows) or first (17), NVFP4."""
+    from moeserve.kernels.moe_gemm import GemmConfig
+
+    weight = random_quantized(fmt, n, k, seed=rows + split_k)
+    x = torch.randn(rows, k)
+    config = GemmConfig(block_m=16, block_n=64, block_k=128 if fmt == "fp8" else 32, split_k=split_k, swap_ab=True)
+    actual = quantized_gemm(x, weight, config=config)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_nvfp4_with_bf16_activations(rows, swap_ab):
+    """bf16 rows take the path that builds the codes' bf16 from their bits (global scale on the sums)."""
+    from moeserve.kernels.moe_gemm import GemmConfig
+
+    weight = random_quantized("nvfp4", 130, 160, seed=rows)
+    x = torch.randn(rows, 160).bfloat16()
+    config = GemmConfig(block_m=16, block_n=64, block_k=32, swap_ab=swap_ab)
+    actual = quantized_gemm(x, weight, config=config).float()
+    expected = quantized_linear_reference(x.float(), weight)
+    assert torch.isfinite(actual).all()
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-2
+
+
 def test_bf16_activations_keep_their_dtype_and_leading_dims():
     weight = random_quantized("nvfp4", 48, 64, seed=0)
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
