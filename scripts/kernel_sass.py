@@ -39,7 +39,7 @@ def signature(fmt: int) -> dict:
                     row_weight_ptr="*fp32", sorted_rows_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32")
     integers = dict.fromkeys(["N", "K", "num_rows", "rows_per_a_row", "n_part", "stride_am", "stride_as"], "i32")
     integers.update(stride_we="i64", **dict.fromkeys(["stride_wn", "stride_wse", "stride_wsn", "stride_ge", "stride_om"], "i32"))
-    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK", "SWAP_AB", "NIBBLES_TO_BF16", "USE_ASM"],
+    constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK", "SWAP_AB", "NIBBLES_TO_BF16", "USE_ASM", "EVEN_K"],
                               "constexpr")
     return {**pointers, **integers, **constants}
 
@@ -51,7 +51,8 @@ def compile_for_hopper(fmt: int, block_m: int, block_n: int, block_k: int, warps
              if sig[n] != "constexpr" and n not in UNALIGNED}
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, FORMAT=fmt,
                      WEIGHTED=False, PRECISION="tf32", DENSE=False, TILE_IN_ONE_SCALE_BLOCK=ONE_SCALE, SWAP_AB=SWAP_AB,
-                     NIBBLES_TO_BF16=fmt == 2 and NIBBLES, USE_ASM=True)
+                     NIBBLES_TO_BF16=fmt == 2 and NIBBLES, USE_ASM=True,
+                     EVEN_K=os.environ.get("EVEN_K", "1") == "1")
     return triton.compile(ASTSource(_moe_gemm_kernel, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

@@ -31,7 +31,7 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layo
     if isinstance(x, Fp8Activations) and weights != FP8:
         x = x.dequantize()
     fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: "nvfp4"}[weights]
-    config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k)
+    config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k, experts.num_experts)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8
     if isinstance(x, Fp8Activations):

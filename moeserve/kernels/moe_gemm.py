@@ -51,24 +51,27 @@ def e2m1_to_float(code):
 
 
 @triton.jit
-def _e2m1_bits_times_scale(packed, scale):
-    """Bytes of two E2M1 codes and each byte's bf16 scale -> (low code * scale * 2^-126, high code * scale * 2^-126)
-    in bf16, exact: the portable form of _e2m1_bits_times_scale_ptx (the interpreter flushes bf16 subnormals, so the
-    codes go through e2m1_to_float here)."""
-    scale = scale.to(tl.float32) * 1.1754943508222875e-38  # 2^-126
+def _e2m1_bits_times_scale(packed, scale_bits):
+    """Bytes of two E2M1 codes and each byte's bf16 scale (its bits in an int32) -> (low code * scale,
+    high code * scale) * 2^-126 in bf16, exact: the portable form of _e2m1_bits_times_scale_ptx (the interpreter
+    flushes bf16 subnormals, so the codes go through e2m1_to_float here)."""
+    scale = scale_bits.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32) * 1.1754943508222875e-38
     return (e2m1_to_float(packed & 0xF) * scale).to(tl.bfloat16), (e2m1_to_float(packed >> 4) * scale).to(tl.bfloat16)
 
 
 @triton.jit
-def _e2m1_bits_times_scale_ptx(packed, scale):
-    """Bytes of two E2M1 codes and each byte's bf16 scale -> (low code * scale, high code * scale) * 2^-126 in bf16,
-    four bytes at a time. PRMT places two bytes in the high bytes of two 16-bit halves; a mask and a shift put each
-    nibble's sign at bit 15 and its 3 magnitude bits at bits 8-6 (two codes an instruction), which makes the bf16
-    number value * 2^-126 (subnormal for 0 and 0.5); one bf16x2 multiply scales them, exactly."""
+def _e2m1_bits_times_scale_ptx(packed, scale_bits):
+    """Bytes of two E2M1 codes and each byte's bf16 scale (its bits in an int32) -> (low code * scale,
+    high code * scale) * 2^-126 in bf16, four bytes at a time (any four: each has its own scale; the layout decides
+    which). PRMT places two bytes in the high bytes of two 16-bit halves, and two scales in one register; a mask and a
+    shift put each nibble's sign at bit 15 and its 3 magnitude bits at bits 8-6 (two codes an instruction), which
+    makes the bf16 number value * 2^-126 (subnormal for 0 and 0.5); one bf16x2 multiply scales two, exactly."""
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 b01, b23, lo01, lo23, hi01, hi23, t;
+        .reg .b32 b01, b23, lo01, lo23, t, s01, s23;
+        prmt.b32 s01, $5, $6, 0x5410;
+        prmt.b32 s23, $7, $8, 0x5410;
         prmt.b32 b01, $4, 0, 0x1404;
         prmt.b32 b23, $4, 0, 0x3424;
         shl.b32 lo01, b01, 4;
@@ -81,36 +84,43 @@ def _e2m1_bits_times_scale_ptx(packed, scale):
         lop3.b32 lo23, lo23, 0x80008000, t, 0xEA;
         shr.b32 t, b01, 6;
         and.b32 t, t, 0x01C001C0;
-        lop3.b32 hi01, b01, 0x80008000, t, 0xEA;
+        lop3.b32 b01, b01, 0x80008000, t, 0xEA;
         shr.b32 t, b23, 6;
         and.b32 t, t, 0x01C001C0;
-        lop3.b32 hi23, b23, 0x80008000, t, 0xEA;
-        mul.rn.bf16x2 $0, lo01, $5;
-        mul.rn.bf16x2 $1, lo23, $6;
-        mul.rn.bf16x2 $2, hi01, $5;
-        mul.rn.bf16x2 $3, hi23, $6;
+        lop3.b32 b23, b23, 0x80008000, t, 0xEA;
+        mul.rn.bf16x2 $0, lo01, s01;
+        mul.rn.bf16x2 $1, lo23, s23;
+        mul.rn.bf16x2 $2, b01, s01;
+        mul.rn.bf16x2 $3, b23, s23;
         }
         """,
-        constraints="=r,=r,=r,=r,r,r,r", args=[packed, scale], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-        pack=4)
+        constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, scale_bits], dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=4)
 
 
 @triton.jit
 def _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr):
     """The weight tile's elements k0, k0 + 2, ... and k0 + 1, k0 + 3, ... ([BLOCK_N, BLOCK_K / 2] each) as bf16
-    value * block scale * 2^-62 (2^64 on the scales keeps the products normal; the caller multiplies by 2^62)."""
+    value * block scale * 2^-62 (2^64 on the scales keeps the products normal; the caller multiplies by 2^62).
+    Each scale goes to the conversion as its bits in an int32, so broadcasting it costs no packing."""
     offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(w_base + offs_n[:, None] * stride_wn + offs_j[None, :],
-                     mask=n_ok[:, None] & (offs_j < K // 2)[None, :], other=0)
     offs_g = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    block_scale = tl.load(w_scale_base + offs_n[:, None] * stride_wsn + offs_g[None, :],
-                          mask=n_ok[:, None] & (offs_g < K // 16)[None, :], other=0.0)
+    if EVEN_K:  # whole K steps: only the rows are masked
+        packed = tl.load(w_base + offs_n[:, None] * stride_wn + offs_j[None, :], mask=n_ok[:, None], other=0)
+        block_scale = tl.load(w_scale_base + offs_n[:, None] * stride_wsn + offs_g[None, :], mask=n_ok[:, None],
+                              other=0.0)
+    else:
+        packed = tl.load(w_base + offs_n[:, None] * stride_wn + offs_j[None, :],
+                         mask=n_ok[:, None] & (offs_j < K // 2)[None, :], other=0)
+        block_scale = tl.load(w_scale_base + offs_n[:, None] * stride_wsn + offs_g[None, :],
+                              mask=n_ok[:, None] & (offs_g < K // 16)[None, :], other=0.0)
     block_scale = (block_scale.to(tl.float32) * 18446744073709551616.0).to(tl.bfloat16)  # * 2^64, exact
-    scale = tl.reshape(tl.broadcast_to(block_scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 8)), (BLOCK_N, BLOCK_K // 2))
+    bits = block_scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    scale_bits = tl.reshape(tl.broadcast_to(bits[:, :, None], (BLOCK_N, BLOCK_K // 16, 8)), (BLOCK_N, BLOCK_K // 2))
     if USE_ASM:
-        return _e2m1_bits_times_scale_ptx(packed, scale)
-    return _e2m1_bits_times_scale(packed, scale)
+        return _e2m1_bits_times_scale_ptx(packed, scale_bits)
+    return _e2m1_bits_times_scale(packed, scale_bits)
 
 
 @triton.jit
@@ -132,7 +142,8 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
                  k_lo, k_hi, K, n_part, stride_am, stride_as, stride_wn, stride_wsn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  FORMAT: tl.constexpr, PRECISION: tl.constexpr, TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False,
-                 SWAP_AB: tl.constexpr = False, NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False):
+                 SWAP_AB: tl.constexpr = False, NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False,
+                 EVEN_K: tl.constexpr = False):
     """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. TILE_IN_ONE_SCALE_BLOCK (FP8): the
     N tile lies in one 128-row weight scale block, so each K step's weight scale is one number. SWAP_AB: the product
     is computed transposed, W's tile times a's (acc [BLOCK_N, BLOCK_M]), so that a few rows still feed the
@@ -146,10 +157,13 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 2 and NIBBLES_TO_BF16:  # NVFP4 with bf16 activations: even and odd elements apart, no interleave
             w_even, w_odd = _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
-                                            BLOCK_N, BLOCK_K, USE_ASM)
+                                            BLOCK_N, BLOCK_K, USE_ASM, EVEN_K)
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
-                        mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                            mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
             a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             if SWAP_AB:
                 acc = tl.dot(w_even, tl.trans(a_even), acc)
@@ -230,7 +244,7 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
     TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False,
+    NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False, EVEN_K: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
     num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
@@ -257,7 +271,7 @@ def _moe_gemm_kernel(
                            offs_n, n_ok, pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), K, n_part,
                            stride_am, stride_as, stride_wn, stride_wsn,
                            BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION, TILE_IN_ONE_SCALE_BLOCK, SWAP_AB,
-                           NIBBLES_TO_BF16, USE_ASM)
+                           NIBBLES_TO_BF16, USE_ASM, EVEN_K)
         if SWAP_AB:
             acc = tl.trans(acc)
         if WEIGHTED:
@@ -350,7 +364,7 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
         SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and a.dtype == torch.bfloat16 and config.block_k >= 32,
-        USE_ASM=a.device.type == "cuda",
+        USE_ASM=a.device.type == "cuda", EVEN_K=k % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:

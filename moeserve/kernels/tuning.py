@@ -14,18 +14,28 @@ from moeserve.kernels.moe_gemm import GemmConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DECODE_MAX_ROWS = 1024  # (token, expert) rows up to which the decode configs (16-row tiles, split-K) apply
+WIDE_DECODE_ROWS_PER_EXPERT = 16  # above this many rows per expert on average, decode blocks are 64 rows
 LARGE_TILE_SHARED_MEMORY = 160 * 1024  # bytes a block may use for the prefill defaults' large tiles (Hopper: 227 KiB)
 METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of 20 after 5 warm-ups; a "
           "candidate that cannot be captured is skipped) for each candidate of "
-          "moeserve.kernels.tuning.candidates (decode: block_n x block_k x split_k; prefill: block_m x "
+          "moeserve.kernels.tuning.candidates (decode: swap_ab x block_n x block_k x split_k; prefill: block_m x "
           "block_k x num_warps x group_m x persistent); the fastest kept per (format, rows)")
 
 
-def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True) -> GemmConfig:
-    """Small M blocks when each expert sees few rows (decode), large ones for prefill: for FP8 one K step per
-    128-wide scale block with N tiles inside one weight scale block, for bf16 wide N tiles (the fastest of
-    scripts/probes/fp8_prefill_sweep.py on an H100, 2026-12-07: 562 and 491 TFLOP/s at DeepSeek-V3's 8,192 tokens)."""
+def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True, num_experts: int = 1) -> GemmConfig:
+    """Decode: the product transposed (wgmma on the weights' side) with blocks of 64 rows once the experts average more
+    than 16 rows each (each weight tile then read once: DeepSeek-V3 layer, 32 experts, 128 tokens, H100: bf16
+    1.37 -> 0.98 ms, FP8 0.65 -> 0.55), 16-row blocks below (FP8 transposed, 128 columns). Prefill: large tiles; for
+    FP8 one K step per 128-wide scale block with N tiles inside one weight scale block, for bf16 wide N tiles (the
+    fastest of scripts/probes/fp8_prefill_sweep.py on an H100, 2026-12-07: 562 and 491 TFLOP/s at DeepSeek-V3's
+    8,192 tokens). Measured by scripts/probes/swap_ab_sweep.py (docs/perf.md)."""
     if num_rows <= DECODE_MAX_ROWS:
+        if num_rows > WIDE_DECODE_ROWS_PER_EXPERT * num_experts:
+            return GemmConfig(block_m=64, block_n=128, block_k=128, swap_ab=True)
+        if fmt == "fp8":
+            return GemmConfig(block_m=16, block_n=128, block_k=128, swap_ab=True)
+        if fmt == "nvfp4":  # long K steps amortize the conversion's fixed part: 3-5% over 64x128 (H100, 1-32 tokens)
+            return GemmConfig(block_m=16, block_n=128, block_k=256)
         return GemmConfig(block_m=16, block_n=64, block_k=128)
     if not large_tiles:  # cards with ~100 KiB of shared memory a block (sm_86, sm_89)
         return GemmConfig(block_m=64, block_n=128, block_k=64)
@@ -37,11 +47,13 @@ def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True) -
 
 
 def candidates(num_rows: int):
-    """Decode (few rows per expert): small M blocks, K split to fill the SMs. Prefill: large tiles,
+    """Decode (few rows per expert): small M blocks, K split to fill the SMs, the product as is or transposed. Prefill: large tiles,
     grouped tile order, optionally a persistent grid; K steps of 128 as well (one per FP8 scale block)."""
     if num_rows <= DECODE_MAX_ROWS:
-        for block_n, block_k, split_k in itertools.product((32, 64, 128), (64, 128), (1, 2, 4)):
-            yield GemmConfig(16, block_n, block_k, num_warps=4, num_stages=3, split_k=split_k)
+        for swap_ab, block_n, block_k, split_k in itertools.product((False, True), (32, 64, 128), (64, 128), (1, 2, 4)):
+            yield GemmConfig(16, block_n, block_k, num_warps=4, num_stages=3, split_k=split_k, swap_ab=swap_ab)
+        for block_m in (32, 64):  # many rows per expert (few experts, 32+ tokens)
+            yield GemmConfig(block_m, 128, 128, num_warps=4, num_stages=3, swap_ab=True)
         return
     sizes = itertools.product((64, 128), (64, 128), (4, 8), (1, 8), (False, True))
     for block_m, block_k, warps, group_m, persistent in sizes:
@@ -60,19 +72,22 @@ def load_table(device_name: str) -> dict:
 
 
 @functools.cache  # asked by every MoE layer at every step
-def tuned_config(fmt: str, hidden: int, intermediate: int, num_rows: int) -> GemmConfig:
+def tuned_config(fmt: str, hidden: int, intermediate: int, num_rows: int, num_experts: int = 1) -> GemmConfig:
     table, large_tiles = {}, True
     if torch.cuda.is_available():
         table = load_table(torch.cuda.get_device_name())
         large_tiles = torch.cuda.get_device_properties().shared_memory_per_block_optin >= LARGE_TILE_SHARED_MEMORY
-    return lookup(table, fmt, hidden, intermediate, num_rows, large_tiles)
+    return lookup(table, fmt, hidden, intermediate, num_rows, large_tiles, num_experts)
 
 
-def lookup(table: dict, fmt: str, hidden: int, intermediate: int, num_rows: int, large_tiles: bool = True) -> GemmConfig:
+def lookup(table: dict, fmt: str, hidden: int, intermediate: int, num_rows: int, large_tiles: bool = True,
+           num_experts: int = 1) -> GemmConfig:
     """The entry tuned for the largest row count <= num_rows (the smallest one below all of them), within the same
     regime (decode: <= DECODE_MAX_ROWS rows; prefill above); the defaults where the regime has no entry."""
     entries = table.get("configs", {}).get(f"{fmt}/{hidden}x{intermediate}", {})
     prefill = num_rows > DECODE_MAX_ROWS
     sizes = sorted(int(rows) for rows in entries if (int(rows) > DECODE_MAX_ROWS) == prefill)
     fitting = [rows for rows in sizes if rows <= num_rows] or sizes[:1]
-    return GemmConfig(**entries[str(fitting[-1])]) if fitting else default_config(num_rows, fmt, large_tiles)
+    if fitting:
+        return GemmConfig(**entries[str(fitting[-1])])
+    return default_config(num_rows, fmt, large_tiles, num_experts)

@@ -4,7 +4,7 @@
          bf16 cuBLAS on the same shape, as CUDA-graph replays over enough weight copies to defeat L2;
   moe:   the fused experts of a DeepSeek-V3 layer (32 local experts) at 1-128 tokens, bf16 / FP8 / NVFP4.
 Every variant is checked against the reference (relative error <= 1e-2) before it is timed.
-Usage (device): PYTHONPATH=. python3 scripts/probes/swap_ab_sweep.py [dense|moe|all]"""
+Usage (device): PYTHONPATH=. python3 scripts/probes/swap_ab_sweep.py [dense|moe|all] [fp8,nvfp4]"""
 import itertools
 import sys
 
@@ -23,18 +23,29 @@ from moeserve.quant.formats import quantized
 
 DENSE_SHAPES = {"v3 q_b": (24576, 1536), "v3 o_proj": (7168, 16384), "v3 kv_a": (576, 7168),
                 "v3 dense down": (7168, 18432), "v2lite q_proj": (3072, 2048), "v2lite o_proj": (2048, 2048)}
+FORMATS = [f for f in ("fp8", "nvfp4") if f in (sys.argv[2] if len(sys.argv) > 2 else "fp8,nvfp4").split(",")]
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(torch.isfinite(actual).all() and (actual.float() - expected).norm() <= 1e-2 * expected.norm())
 
 
-def swap_variants(moe: bool = False):
-    for block_n, split_k in itertools.product((64, 128), (1, 2, 4, 8)):
-        yield GemmConfig(block_m=16, block_n=block_n, block_k=128, split_k=split_k, swap_ab=True)
+def variants(fmt: str, moe: bool = False):
+    """The transposed product's blocks; for NVFP4 both forms, K steps of 128 and 256 (its conversion's cost per step)."""
+    if fmt == "nvfp4":
+        for swap_ab, block_n, block_k, split_k in itertools.product((False, True), (64, 128), (128, 256), (1, 2, 4)):
+            yield GemmConfig(block_m=16, block_n=block_n, block_k=block_k, split_k=split_k, swap_ab=swap_ab)
+    else:
+        for block_n, split_k in itertools.product((64, 128), (1, 2, 4, 8)):
+            yield GemmConfig(block_m=16, block_n=block_n, block_k=128, split_k=split_k, swap_ab=True)
     if moe:  # more rows per expert block at 32+ tokens: each weight tile read once
         for block_m in (32, 64):
             yield GemmConfig(block_m=block_m, block_n=128, block_k=128, swap_ab=True)
+
+
+def short(config: GemmConfig) -> str:
+    return (f"{config.block_m}x{config.block_n}x{config.block_k} split {config.split_k}"
+            + (" swapped" if config.swap_ab else ""))
 
 
 def bandwidth():
@@ -52,9 +63,9 @@ def bandwidth():
 
 def dense():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{'shape':14} {'fmt':5} {'rows':>4} {'MB':>6} {'bf16 us':>8} {'now us':>7} {'TB/s':>5} {'swap us':>8} {'TB/s':>5}"
-          "  swap (block_n, split_k)")
-    for (name, (n, k)), fmt in itertools.product(DENSE_SHAPES.items(), ("fp8", "nvfp4")):
+    print(f"{'shape':14} {'fmt':5} {'rows':>4} {'MB':>6} {'bf16 us':>8} {'now us':>7} {'TB/s':>5} {'best us':>8} {'TB/s':>5}"
+          "  best variant")
+    for (name, (n, k)), fmt in itertools.product(DENSE_SHAPES.items(), FORMATS):
         copies = max(2, min(32, 400 * 2**20 // (n * k * 2)))
         bf16 = [torch.randn(n, k, device="cuda").bfloat16() for _ in range(copies)]
         weights = [quantized(fmt, w.float() * 0.02) for w in bf16]
@@ -65,7 +76,7 @@ def dense():
             cublas = 1000 * per_copy_ms(lambda i: F.linear(x, bf16[i]), copies)
             now = dense_config(rows, n, k, sms, weight_format(weights[0]))
             times = {}
-            for config in [now, *swap_variants()]:
+            for config in [now, *variants(fmt)]:
                 try:
                     if not close(quantized_gemm(x, weights[0], config=config), expected):
                         print(f"  {name} {fmt} {rows} {config}: WRONG")
@@ -73,11 +84,11 @@ def dense():
                     times[config] = 1000 * per_copy_ms(lambda i: quantized_gemm(x, weights[i], config=config), copies)
                 except Exception as error:  # shared memory, etc.
                     print(f"  {name} {fmt} {rows} {config}: {type(error).__name__} {str(error)[:100]}")
-            swaps = {c: t for c, t in times.items() if c.swap_ab}
+            swaps = {c: t for c, t in times.items() if c != now}
             best = min(swaps, key=swaps.get)
             print(f"{name:14} {fmt:5} {rows:4d} {megabytes:6.1f} {cublas:8.1f} {times[now]:7.1f} "
                   f"{megabytes / times[now]:5.2f} {swaps[best]:8.1f} {megabytes / swaps[best]:5.2f}"
-                  f"  ({best.block_n}, {best.split_k})", flush=True)
+                  f"  {short(best)}", flush=True)
         del bf16, weights
         torch.cuda.empty_cache()
 
@@ -85,18 +96,18 @@ def dense():
 def moe():
     config = load_config("deepseek-v3")
     local_experts = 32
-    print(f"{'fmt':5} {'tokens':>6} {'now ms':>7} {'TB/s':>5} {'swap ms':>8} {'TB/s':>5}  swap (block_m, block_n, split_k); now = the config used today")
-    for fmt in ("bf16", "fp8", "nvfp4"):
+    print(f"{'fmt':5} {'tokens':>6} {'now ms':>7} {'TB/s':>5} {'best ms':>8} {'TB/s':>5}  best variant; now = the config used today")
+    for fmt in ("bf16", *FORMATS):
         experts = make_experts(config, local_experts, fmt, "cuda")
         per_expert = expert_bytes(experts)
         for tokens in (1, 8, 32, 128):
             torch.manual_seed(tokens)
             x, layout = random_routing(config, local_experts, tokens, "cuda")
             touched = int(torch.unique(layout.slots).numel())
-            now = tuned_config(fmt, config.hidden_size, config.moe.intermediate_size, layout.slots.numel())
+            now = tuned_config(fmt, config.hidden_size, config.moe.intermediate_size, layout.slots.numel(), local_experts)
             expected = fused_experts(experts, x, layout, now).float()
             times = {}
-            for candidate in [now, *swap_variants(moe=True)]:
+            for candidate in [now, *variants(fmt, moe=True)]:
                 try:
                     if not close(fused_experts(experts, x, layout, candidate), expected):
                         print(f"  {fmt} {tokens} {candidate}: WRONG")
@@ -106,11 +117,11 @@ def moe():
                         times[candidate] = ms
                 except Exception as error:
                     print(f"  {fmt} {tokens} {candidate}: {type(error).__name__} {str(error)[:100]}")
-            swaps = {c: t for c, t in times.items() if c.swap_ab}
+            swaps = {c: t for c, t in times.items() if c != now}
             best = min(swaps, key=swaps.get)
             gb = touched * per_expert / 1e9
             print(f"{fmt:5} {tokens:6d} {times[now]:7.3f} {gb / times[now]:5.2f} {swaps[best]:8.3f} {gb / swaps[best]:5.2f}"
-                  f"  ({best.block_m}, {best.block_n}, {best.split_k}); now {now}", flush=True)
+                  f"  {short(best)}; now {short(now)}", flush=True)
         del experts
         torch.cuda.empty_cache()
 

@@ -63,7 +63,12 @@ def reference(experts, fmt, x, layout, gate_up_dtype=None):
     (7, GemmConfig(16, 64, 128, split_k=4)),
     (300, GemmConfig(64, 128, 64, num_warps=8, group_m=8, persistent=True)),
     (300, "default"),
-], ids=["1", "7", "300", "7-split4", "300-persistent", "300-default-prefill"])
+    (1, GemmConfig(16, 128, 128, swap_ab=True)),
+    (7, GemmConfig(16, 64, 128, split_k=2, swap_ab=True)),
+    (300, GemmConfig(64, 128, 128, swap_ab=True)),
+    (7, GemmConfig(16, 128, 256)),
+], ids=["1", "7", "300", "7-split4", "300-persistent", "300-default-prefill", "1-swapped", "7-swapped-split2",
+        "300-swapped-64", "7-k256"])
 def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
     if config == "default":  # the prefill default of this format, whatever the card's table says
         config = default_config(tokens * TOP_K, fmt)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import moeserve
+from moeserve.kernels.moe_gemm import GemmConfig
 from moeserve.llm import LLM
 from moeserve.sampling_params import SamplingParams
 
@@ -40,6 +41,26 @@ def test_quantized_logits_and_greedy_tokens_on_cuda_equal_cpu(preset, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("config", [GemmConfig(16, 64, 128, swap_ab=True), GemmConfig(16, 128, 128, split_k=4, swap_ab=True),
+                                    GemmConfig(16, 128, 256, split_k=2)], ids=["swapped", "swapped-split4", "k256"])
+def test_dense_quantized_kernel_variants_at_deepseek_v3_shapes(fmt, config):
+    """The decode variants the probes time, each against the reference (a wrong one must never be timed as fast)."""
+    from moeserve.kernels.quant_linear import quantized_gemm
+    from moeserve.ops.linear import quantized_linear_reference
+    from moeserve.quant.formats import quantized
+
+    if fmt == "fp8" and config.block_k != 128:
+        pytest.skip("FP8 steps one 128-wide scale block at a time")
+    for n, k in [(1536, 7168), (7168, 16384)]:
+        weight = quantized(fmt, torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(5, k, device="cuda").bfloat16()
+        actual = quantized_gemm(x, weight, config=config).float()
+        expected = quantized_linear_reference(x, weight).float()
+        assert torch.isfinite(actual).all()
+        assert (actual - expected).norm() <= 1e-2 * expected.norm(), (n, k)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("rows", [1, 7, 64, 256])
 def test_dense_quantized_kernel_at_deepseek_v3_shapes(fmt, rows):
     from moeserve.kernels.quant_linear import quantized_gemm
@@ -58,7 +79,7 @@ def test_dense_quantized_kernel_at_deepseek_v3_shapes(fmt, rows):
 def test_in_gemm_fp8_quantization_equals_quantizing_first_bit_for_bit():
     """The dense kernel's in-GEMM activation quantization (exact divisions) gives the codes and scales that
     quantize_fp8_groups gives, so the two paths' outputs are bit-identical; a NaN stays in its row."""
-    from moeserve.kernels.moe_gemm import GemmConfig, dense_gemm
+    from moeserve.kernels.moe_gemm import dense_gemm
     from moeserve.quant.formats import quantized
     from moeserve.quant.fp8 import quantize_fp8_groups
 

@@ -231,15 +231,16 @@ def test_fp8_experts_take_an_fp8_dispatchs_tokens_as_they_arrived(monkeypatch):
         assert torch.equal(actual, expected), fmt
 
 
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_nvfp4_experts_with_bf16_activations_turn_codes_into_bf16_by_bits(swap_ab):
+@pytest.mark.parametrize("config", [GemmConfig(16, 32, 64), GemmConfig(16, 32, 64, swap_ab=True),
+                                    GemmConfig(16, 128, 256)], ids=["as-is", "swapped", "k256"])
+def test_nvfp4_experts_with_bf16_activations_turn_codes_into_bf16_by_bits(config):
     """bf16 activations take the NVFP4 path that builds each code's bf16 from its bits and scales the sums by the global
     scale: the same products as the reference's dequantized weights, summed in fp32."""
     torch.manual_seed(3)
     experts = random_experts("nvfp4")
     x = torch.randn(6, HIDDEN).to(torch.bfloat16)
     layout = routing(6, "random")
-    actual = fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=32, block_k=64, swap_ab=swap_ab)).float()
+    actual = fused_experts(experts, x, layout, config).float()
     expected = experts(x.float(), layout)  # fp32 reference on the same bf16 inputs
     assert torch.isfinite(actual).all()
     assert ((actual - expected).norm() / expected.norm()).item() < 2e-2  # the interpreter truncates bf16 stores

@@ -2,7 +2,7 @@
 
 from dataclasses import asdict
 
-from moeserve.kernels.moe_gemm import FP8_BLOCK
+from moeserve.kernels.moe_gemm import FP8_BLOCK, GemmConfig
 from moeserve.kernels.tuning import candidates, default_config, lookup
 
 
@@ -56,3 +56,11 @@ def test_tables_in_the_repo_name_their_card_method_and_commands_and_hold_candida
             hidden, intermediate = (int(n) for n in shape.split("/")[1].split("x"))
             for rows in entries:
                 assert lookup(table, fmt, hidden, intermediate, int(rows)) in set(candidates(int(rows))), (path, shape, rows)
+
+
+def test_decode_blocks_widen_when_the_experts_average_more_than_16_rows():
+    assert default_config(1024, "bf16", num_experts=32) == GemmConfig(64, 128, 128, swap_ab=True)  # 32 rows each
+    assert default_config(1024, "fp8", num_experts=256).block_m == 16  # 4 rows each
+    assert default_config(8, "fp8").swap_ab and not default_config(8, "nvfp4").swap_ab
+    assert default_config(4096, "bf16", num_experts=32).block_m == 128  # prefill
+    assert GemmConfig(64, 128, 128, swap_ab=True) in set(candidates(1024))
