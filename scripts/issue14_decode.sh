@@ -9,19 +9,19 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"
 git log -1 --format=%h >> "$T" 2>/dev/null
-timeout 170 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider -rf \
+timeout 150 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider -rf \
   > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$T"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8 >> "$T"
 timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
 grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
 for q in "" fp8 nvfp4; do
   echo "== latency v2-lite b1 ${q:-bf16}" >> "$T"
-  timeout ${LATENCY_TIMEOUT:-60} python3 -m moeserve bench latency --load-format dummy --dtype bfloat16 --device cuda \
+  timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy --dtype bfloat16 --device cuda \
     --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 --output-len 64 \
     --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} >> "$OUT/latency.log" 2>&1
   grep -E "^\| moeserve|Error" "$OUT/latency.log" | tail -1 >> "$T"
 done
-timeout 100 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \
+timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \
   > "$OUT/no_compiles.log" 2>&1
 echo "no-compiles rc=$?" >> "$T"; grep -E "passed|failed|FAILED" "$OUT/no_compiles.log" | tail -4 >> "$T"
 cat "$T"
