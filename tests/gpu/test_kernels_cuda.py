@@ -72,6 +72,8 @@ def reference(experts, fmt, x, layout, gate_up_dtype=None):
 def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
     if config == "default":  # the prefill default of this format, whatever the card's table says
         config = default_config(tokens * TOP_K, fmt)
+    if isinstance(config, GemmConfig) and config.block_k > 128 and fmt in ("fp8", "fp32"):
+        pytest.skip("K steps of 256: FP8 steps one scale block at a time; fp32 tiles exceed shared memory")
     x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.float32 if fmt == "fp32" else torch.bfloat16)
     slots = torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K].int()
     if tokens == 300:
