@@ -25,17 +25,19 @@ METHOD = ("fused_experts timed with CUDA events as CUDA-graph replays (median of
 def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True, num_experts: int = 1) -> GemmConfig:
     """Decode: the product transposed (wgmma on the weights' side) with blocks of 64 rows once the experts average more
     than 16 rows each (each weight tile then read once: DeepSeek-V3 layer, 32 experts, 128 tokens, H100: bf16
-    1.37 -> 0.98 ms, FP8 0.65 -> 0.55), 16-row blocks below (FP8 transposed, 128 columns). Prefill: large tiles; for
+    1.37 -> 0.98 ms, FP8 0.65 -> 0.55), 16-row blocks below (FP8 transposed, 128 columns); NVFP4 as is (its fastest
+    there: 0.87 ms at 128 tokens against 1.01 transposed). Prefill: large tiles; for
     FP8 one K step per 128-wide scale block with N tiles inside one weight scale block, for bf16 wide N tiles (the
     fastest of scripts/probes/fp8_prefill_sweep.py on an H100, 2026-12-07: 562 and 491 TFLOP/s at DeepSeek-V3's
     8,192 tokens). Measured by scripts/probes/swap_ab_sweep.py (docs/perf.md)."""
     if num_rows <= DECODE_MAX_ROWS:
-        if num_rows > WIDE_DECODE_ROWS_PER_EXPERT * num_experts:
+        many_rows = num_rows > WIDE_DECODE_ROWS_PER_EXPERT * num_experts
+        if fmt == "nvfp4":  # not transposed; long K steps amortize the conversion's fixed part at 1-32 tokens (3-6%)
+            return GemmConfig(block_m=16, block_n=128, block_k=128 if many_rows else 256)
+        if many_rows:
             return GemmConfig(block_m=64, block_n=128, block_k=128, swap_ab=True)
         if fmt == "fp8":
             return GemmConfig(block_m=16, block_n=128, block_k=128, swap_ab=True)
-        if fmt == "nvfp4":  # long K steps amortize the conversion's fixed part: 3-5% over 64x128 (H100, 1-32 tokens)
-            return GemmConfig(block_m=16, block_n=128, block_k=256)
         return GemmConfig(block_m=16, block_n=64, block_k=128)
     if not large_tiles:  # cards with ~100 KiB of shared memory a block (sm_86, sm_89)
         return GemmConfig(block_m=64, block_n=128, block_k=64)

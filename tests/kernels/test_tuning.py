@@ -62,5 +62,6 @@ def test_decode_blocks_widen_when_the_experts_average_more_than_16_rows():
     assert default_config(1024, "bf16", num_experts=32) == GemmConfig(64, 128, 128, swap_ab=True)  # 32 rows each
     assert default_config(1024, "fp8", num_experts=256).block_m == 16  # 4 rows each
     assert default_config(8, "fp8").swap_ab and not default_config(8, "nvfp4").swap_ab
+    assert default_config(1024, "nvfp4", num_experts=32) == GemmConfig(16, 128, 128)
     assert default_config(4096, "bf16", num_experts=32).block_m == 128  # prefill
     assert GemmConfig(64, 128, 128, swap_ab=True) in set(candidates(1024))
