@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--iterations", type=int, default=20, help="timed repetitions per point")
     ep.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ep.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
+    ep.add_argument("--virtual-ranks", default=None,
+                    help="comma-separated rank counts: the peer-to-peer transport with that many EP ranks in this "
+                         "one process on one device, beside a copy of the same bytes (--ranks and --backend unused)")
     ep.set_defaults(run=run_bench_ep)
 
     serving = bench.add_parser("serve", help="load an OpenAI-compatible server; TTFT, TPOT, ITL, throughput",
@@ -550,6 +553,8 @@ def run_bench_ep(args: argparse.Namespace) -> int:
     from moeserve.distributed.layout import ParallelLayout
 
     args.device = resolve_device(args.device)
+    if args.virtual_ranks:
+        return bench_ep_virtual(args)
     launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)
     return 0
 
@@ -572,6 +577,23 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
                                       context.groups.ep_group, context.control, args.iterations)
                 if context.rank == 0:
                     print(report_row(tokens, fmt, backend, point), flush=True)
+
+
+def bench_ep_virtual(args: argparse.Namespace) -> int:
+    from moeserve.bench.ep_virtual import HEADER, measure_virtual, report_row
+    from moeserve.config import ConfigError
+
+    print(f"EP dispatch/combine, peer-to-peer transport, virtual ranks on one {args.device} device, hidden "
+          f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform random routing\n{HEADER}", flush=True)
+    for ranks in (int(r) for r in args.virtual_ranks.split(",")):
+        if args.experts % ranks:
+            raise ConfigError(f"--experts {args.experts} cannot be split over {ranks} virtual ranks")
+        for tokens in (int(t) for t in args.tokens_per_rank.split(",")):
+            for fmt in args.format.split(","):
+                point = measure_virtual(ranks, tokens, args.hidden, args.topk, args.experts, fmt, args.device,
+                                        args.iterations)
+                print(report_row(ranks, tokens, fmt, point), flush=True)
+    return 0
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,177 @@
+"""Expert-parallel dispatch and combine over peer memory (issue 15's transport, high-throughput mode, first part):
+every rank writes straight into its peers' buffers (moeserve.kernels.ep_transport), so there is no collective and the
+layout never leaves the device.
+
+One exchange, per EP rank `me` with T tokens:
+1. layout (device): the ranks each token goes to (a token goes once to each rank holding one of its experts), its
+   index among this rank's rows for each destination, the per-destination routing metadata; `put_counts` writes
+   this rank's row counts into row `me` of every peer's [EP, EP] count matrix.
+2. (all ranks have written their counts) each rank's rows for destination d go to d's receive area after the rows
+   of the ranks before it: position = sum of counts[s][d] for s < me, plus the row's index. `put_rows` writes the
+   payload (in the dispatch format) and the metadata for d: [payload | K local slots (int32, -1: not here) | K
+   weights (fp32)], as the all-to-all dispatcher's rows.
+3. (all rows written) the receiver reads how many rows came (the one host sync, to size its tensors) and hands
+   them to the experts as they lie, grouped by source rank.
+4. combine: `put_results` writes each received row's result into its source's [EP, max_tokens, H] area at
+   (this rank, the row's index at its source); (all written) `sum_results` adds, for each token, the results of
+   the ranks it went to.
+Between the steps every rank must have finished the previous one: `barrier`. On one GPU with virtual ranks
+(VirtualRanks) the ranks run each step in turn and no barrier is needed.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.distributed.ep.dispatchers import ExpertParallelDispatcher
+from moeserve.distributed.ep.token_formats import as_row_bytes
+from moeserve.distributed.layout import ExpertMap
+from moeserve.kernels import ep_transport
+from moeserve.kernels.row_layout import RowLayout
+
+
+@dataclass
+class PeerTables:
+    """The addresses (int64, on the device) of every EP rank's count matrix, receive area and combine area."""
+
+    counts: torch.Tensor
+    recv: torch.Tensor
+    back: torch.Tensor
+
+
+class PeerBuffers:
+    """One rank's communication memory, allocated once for `max_tokens` tokens a rank:
+    counts int32 [EP, EP]; recv uint8 [EP * max_tokens, row bytes] (worst case: every rank sends me all its tokens);
+    back [EP, max_tokens, H] in the activation dtype (each rank's results for my rows)."""
+
+    def __init__(self, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device):
+        self.max_tokens = max_tokens
+        self.counts = torch.zeros(ep, ep, dtype=torch.int32, device=device)
+        self.recv = torch.zeros(ep * max_tokens, row_bytes, dtype=torch.uint8, device=device)
+        self.back = torch.zeros(ep, max_tokens, hidden, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.counts, self.recv, self.back))
+
+
+def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
+    """Address tables of buffers that one process can reach (virtual ranks on one device)."""
+    def table(name):
+        return torch.tensor([getattr(b, name).data_ptr() for b in buffers], dtype=torch.int64, device=device)
+    return PeerTables(table("counts"), table("recv"), table("back"))
+
+
+@dataclass
+class PeerHandle:
+    local_index: torch.Tensor  # int32 [T, EP]: each token's row index among this rank's rows to each rank, -1: none
+    source: torch.Tensor  # int32 [R]: the rank each received row came from
+    index_at_source: torch.Tensor  # int32 [R]: its index among that rank's rows to this one
+    num_tokens: int
+    dtype: torch.dtype
+
+
+class PeerToPeerRank(ExpertParallelDispatcher):
+    """One EP rank's side of the exchange, step by step (the module docstring); `dispatch` / `combine` run the steps
+    with `barrier` between them."""
+
+    def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, buffers: PeerBuffers,
+                 tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None):
+        super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
+        self.buffers, self.tables, self.barrier = buffers, tables, barrier
+        # FP8 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them first)
+        self.fuse_quantization = torch.device(device).type == "cuda" if fuse_quantization is None else fuse_quantization
+        self.pending = None
+
+    def row_bytes(self, hidden: int, top_k: int) -> int:
+        return self.format.payload_bytes(hidden) + 8 * top_k
+
+    def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        tokens, top_k = topk_ids.shape
+        if tokens > self.buffers.max_tokens:
+            raise ValueError(f"{tokens} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
+                             f"({self.buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
+        destination, local_slot = self.place(topk_ids)  # [T, K] each
+        goes_to = F.one_hot(destination.long(), self.ep).amax(dim=1).bool()  # [T, EP]
+        local_index = torch.where(goes_to, goes_to.int().cumsum(dim=0) - 1, -1).to(torch.int32)
+        here = destination[:, None, :] == torch.arange(self.ep, device=x.device)[None, :, None]  # [T, EP, K]
+        slots = torch.where(here, local_slot[:, None, :], -1).to(torch.int32).reshape(-1, top_k)
+        weights = torch.where(here, topk_weights[:, None, :].float(), 0.0).reshape(-1, top_k)
+        meta = torch.cat((as_row_bytes(slots), as_row_bytes(weights)), dim=1).view(tokens, self.ep, 8 * top_k)
+        fused = self.format.name == "fp8" and self.fuse_quantization
+        payload = x.contiguous() if fused else self.format.pack(x)
+        self.pending = (payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
+        ep_transport.put_counts(self.tables.counts, goes_to.sum(dim=0).to(torch.int32), self.ep_rank)
+
+    def send_rows(self) -> None:
+        payload, fused, meta, local_index, *_ = self.pending
+        before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)  # [EP]: rows ahead of mine
+        position = torch.where(local_index >= 0, local_index + before_me[None, :], -1).to(torch.int32)
+        put = ep_transport.put_rows_fp8 if fused else ep_transport.put_rows
+        put(payload, meta.contiguous(), position, self.tables.recv)
+
+    def receive(self):
+        *_, local_index, hidden, top_k, dtype = self.pending
+        self.pending = None
+        from_each = self.buffers.counts[:, self.ep_rank]  # [EP]
+        total = int(from_each.sum())  # the host sync: how many rows to hand on
+        rows = self.buffers.recv[:total]
+        tokens, slots, weights = self.unpack_rows(rows, hidden, top_k, dtype)
+        ranks = torch.arange(self.ep, device=rows.device, dtype=torch.int32)
+        source = torch.repeat_interleave(ranks, from_each, output_size=total)
+        first = torch.cumsum(from_each, dim=0) - from_each
+        index_at_source = (torch.arange(total, device=rows.device) - first[source.long()]).to(torch.int32)
+        return tokens, RowLayout(slots, weights), PeerHandle(local_index, source, index_at_source,
+                                                             local_index.shape[0], dtype)
+
+    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
+        ep_transport.put_results(y.to(handle.dtype).contiguous(), handle.source, handle.index_at_source,
+                                 self.tables.back, self.ep_rank, self.buffers.max_tokens)
+
+    def sum_results(self, handle: PeerHandle) -> torch.Tensor:
+        out = torch.empty(handle.num_tokens, self.buffers.back.shape[2], dtype=handle.dtype,
+                          device=self.buffers.back.device)
+        ep_transport.sum_results(self.buffers.back, handle.local_index, out)
+        return out
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        self.send_counts(x, topk_ids, topk_weights)
+        self.barrier()
+        self.send_rows()
+        self.barrier()
+        return self.receive()
+
+    def combine(self, y: torch.Tensor, handle: PeerHandle) -> torch.Tensor:
+        self.send_results(y, handle)
+        self.barrier()
+        return self.sum_results(handle)
+
+
+class VirtualRanks:
+    """EP ranks 0..R-1 in one process on one device: R buffers, one address table, each step run for every rank
+    in turn (so a step sees every rank's previous step done). Tests and benchmarks of the transport without
+    several GPUs."""
+
+    def __init__(self, expert_map: ExpertMap, dispatch_format: str, hidden: int, top_k: int, max_tokens: int,
+                 device, dtype=torch.bfloat16, fuse_quantization: bool | None = None):
+        ep = expert_map.num_ranks
+        probe = PeerToPeerRank(expert_map, 0, dispatch_format, None, None, device, dtype)
+        row_bytes = probe.row_bytes(hidden, top_k)
+        self.buffers = [PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device) for _ in range(ep)]
+        tables = tables_of(self.buffers, device)
+        self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format, self.buffers[r], tables, device, dtype,
+                                     fuse_quantization=fuse_quantization) for r in range(ep)]
+
+    def dispatch(self, xs, topk_ids, topk_weights) -> list:
+        """Per rank: (tokens, RowLayout, handle), as each rank's dispatch returns them."""
+        for rank, x, ids, weights in zip(self.ranks, xs, topk_ids, topk_weights):
+            rank.send_counts(x, ids, weights)
+        for rank in self.ranks:
+            rank.send_rows()
+        return [rank.receive() for rank in self.ranks]
+
+    def combine(self, ys, handles) -> list[torch.Tensor]:
+        for rank, y, handle in zip(self.ranks, ys, handles):
+            rank.send_results(y, handle)
+        return [rank.sum_results(handle) for rank, handle in zip(self.ranks, handles)]

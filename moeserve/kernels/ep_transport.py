@@ -1,0 +1,152 @@
+"""Expert-parallel transport kernels over peer memory: each takes a table of addresses (int64), one per EP rank, of
+that rank's buffer, and writes into peers' buffers directly (one-sided puts). On one GPU the addresses are R buffers of
+the same device (virtual ranks); across GPUs they are the peer pointers of symmetric memory. Rows move as 32-bit
+words (every row size is a multiple of 4 bytes).
+References: moeserve.distributed.ep.peer_to_peer (what each put means) and the all-to-all dispatcher (same results)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels.activation import FP8_GROUP, quantize_e4m3_group
+
+WORDS_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _peer(table_ptr, rank, dtype: tl.constexpr):
+    return tl.load(table_ptr + rank).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _put_counts_kernel(counts_table_ptr, my_counts_ptr, me, EP: tl.constexpr, EP_POW2: tl.constexpr):
+    """Row `me` of every peer's [EP, EP] count matrix <- this rank's rows for each destination."""
+    peer = tl.program_id(0)
+    offs = tl.arange(0, EP_POW2)
+    counts = tl.load(my_counts_ptr + offs, mask=offs < EP)
+    tl.store(_peer(counts_table_ptr, peer, tl.int32) + me * EP + offs, counts, mask=offs < EP)
+
+
+@triton.jit
+def _put_rows_kernel(payload_ptr, meta_ptr, position_ptr, recv_table_ptr, payload_words, meta_words,
+                     EP: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t to destination d (program (t, d)), if it goes there: its payload words, then its metadata for d,
+    as row position[t, d] of d's receive area (rows of payload_words + meta_words words)."""
+    token = tl.program_id(0).to(tl.int64)
+    dest = tl.program_id(1)
+    position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+    if position >= 0:
+        row_words = payload_words + meta_words
+        row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
+        for start in range(0, payload_words, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < payload_words
+            tl.store(row + offs, tl.load(payload_ptr + token * payload_words + offs, mask=ok), mask=ok)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < meta_words
+        meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
+        tl.store(row + payload_words + offs, meta, mask=ok)
+
+
+@triton.jit
+def _put_rows_fp8_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, meta_words,
+                         EP: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), to every rank it goes to: row
+    position[t, d] of d's receive area gets [H codes | H/128 fp32 scales | its metadata for d]."""
+    token = tl.program_id(0).to(tl.int64)
+    row_bytes = hidden + hidden // GROUP * 4 + meta_words * 4
+    for group in range(0, hidden // GROUP):
+        offs = group * GROUP + tl.arange(0, GROUP)
+        values, scale = quantize_e4m3_group(tl.load(x_ptr + token * hidden + offs).to(tl.float32), 0)
+        for dest in range(EP):
+            position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+            if position >= 0:
+                row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
+                tl.store(row.to(tl.pointer_type(tl.float8e4nv)) + offs, values)
+                tl.store((row + hidden).to(tl.pointer_type(tl.float32)) + group, scale)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < meta_words
+    for dest in range(EP):
+        position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+        if position >= 0:
+            row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
+            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
+            tl.store((row + hidden + hidden // GROUP * 4).to(tl.pointer_type(tl.int32)) + offs, meta, mask=ok)
+
+
+@triton.jit
+def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_tokens, hidden,
+                        BLOCK: tl.constexpr):
+    """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hidden
+    source = tl.load(source_ptr + row)
+    index = tl.load(index_ptr + row).to(tl.int64)
+    back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
+    tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * hidden + offs, mask=ok), mask=ok)
+
+
+@triton.jit
+def _sum_results_kernel(back_ptr, local_index_ptr, out_ptr, max_tokens, hidden, EP: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out[t] = sum over the ranks d that token t went to of back[d, local_index[t, d]], in fp32."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for dest in tl.static_range(EP):
+        index = tl.load(local_index_ptr + token * EP + dest).to(tl.int64)
+        part = tl.load(back_ptr + (dest * max_tokens + index) * hidden + offs, mask=ok & (index >= 0), other=0.0)
+        acc += part.to(tl.float32)
+    tl.store(out_ptr + token * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def put_counts(counts_table: torch.Tensor, my_counts: torch.Tensor, me: int) -> None:
+    """my_counts: int32 [EP]; counts_table: int64 [EP], addresses of int32 [EP, EP] matrices."""
+    ep = counts_table.numel()
+    _put_counts_kernel[(ep,)](counts_table, my_counts, me, EP=ep, EP_POW2=triton.next_power_of_2(ep))
+
+
+def put_rows(payload: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
+    """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; position: int32 [T, EP] (-1: not sent); P and M multiples of 4."""
+    tokens, ep = position.shape
+    payload_words, meta_words = payload.shape[1] // 4, meta.shape[2] // 4
+    if meta_words > WORDS_PER_PROGRAM:
+        raise ValueError(f"routing metadata of {meta.shape[2]} bytes a row exceeds {4 * WORDS_PER_PROGRAM}")
+    if tokens:
+        _put_rows_kernel[(tokens, ep)](payload.view(torch.int32), meta.view(torch.int32), position, recv_table,
+                                       payload_words, meta_words, EP=ep, BLOCK=WORDS_PER_PROGRAM)
+
+
+def put_rows_fp8(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
+    """put_rows with the FP8 token format's payload made here from x [T, H] (H a multiple of 128): each token read and
+    quantized once, whatever the number of ranks it goes to."""
+    tokens, ep = position.shape
+    hidden = x.shape[1]
+    meta_words = meta.shape[2] // 4
+    if hidden % FP8_GROUP or meta_words > WORDS_PER_PROGRAM:
+        raise ValueError(f"the fused FP8 put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
+    if tokens:
+        _put_rows_fp8_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
+                                        GROUP=FP8_GROUP, BLOCK=triton.next_power_of_2(max(meta_words, 1)))
+
+
+def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,
+                max_tokens: int) -> None:
+    """y: [R, H] in the back areas' dtype; source, index: int32 [R]."""
+    rows, hidden = y.shape
+    if rows:
+        block = min(1024, triton.next_power_of_2(hidden))
+        _put_results_kernel[(rows, triton.cdiv(hidden, block))](y, source, index, back_table, me, max_tokens, hidden,
+                                                                BLOCK=block)
+
+
+def sum_results(back: torch.Tensor, local_index: torch.Tensor, out: torch.Tensor) -> None:
+    """back: [EP, max_tokens, H]; local_index: int32 [T, EP] (-1: not sent there); out: [T, H]."""
+    tokens, ep = local_index.shape
+    hidden = out.shape[1]
+    if tokens:
+        block = min(1024, triton.next_power_of_2(hidden))
+        _sum_results_kernel[(tokens, triton.cdiv(hidden, block))](back, local_index, out, back.shape[1], hidden,
+                                                                  EP=ep, BLOCK=block)

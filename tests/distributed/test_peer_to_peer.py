@@ -1,0 +1,106 @@
+"""The peer-to-peer transport on virtual ranks (R buffers in one process; the kernels under the Triton interpreter):
+every rank receives exactly the tokens that have an expert there, with their local slots and weights, and combine
+returns each token's sum over its experts, as the all-to-all dispatcher does."""
+
+import pytest
+import torch
+
+from moeserve.distributed.ep.peer_to_peer import VirtualRanks
+from moeserve.distributed.ep.token_formats import token_format
+from moeserve.distributed.layout import ExpertMap
+from moeserve.quant.fp8 import Fp8Activations
+
+HIDDEN, TOP_K, EXPERTS = 256, 3, 12
+
+
+def routing(tokens: int, case: str, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    choices = EXPERTS // 4 if case == "one rank" else EXPERTS  # "one rank": experts of rank 0 only
+    ids = torch.rand(tokens, choices, generator=generator).argsort(dim=1)[:, :TOP_K]
+    return ids, torch.rand(tokens, TOP_K, generator=generator)
+
+
+def toy_experts(tokens, layout, ep_rank: int, slots_per_rank: int) -> torch.Tensor:
+    """Each received row's sum over its experts here of weight * x * (physical slot + 1)."""
+    x = tokens.dequantize().float() if isinstance(tokens, Fp8Activations) else tokens.float()
+    here = layout.slots >= 0
+    factor = torch.where(here, layout.weights * (ep_rank * slots_per_rank + layout.slots + 1).float(), 0.0)
+    return x * factor.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("case", ["random", "one rank"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt):
+    generator = torch.Generator().manual_seed(ranks * 10 + len(case))
+    expert_map = ExpertMap.contiguous(EXPERTS, ranks)
+    tokens_per_rank = [5, 0, 9, 3][:ranks]  # rank 1 has no tokens
+    xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
+    routes = [routing(t, case, generator) for t in tokens_per_rank]
+    group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32)
+    received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
+
+    for rank, (tokens, layout, handle) in enumerate(received):
+        sent_here = [(s, t) for s in range(ranks) for t in range(tokens_per_rank[s])
+                     if (routes[s][0][t] // expert_map.slots_per_rank == rank).any()]
+        assert layout.slots.shape[0] == len(sent_here)  # each token once per rank it has experts on
+        assert handle.source.tolist() == [s for s, _ in sent_here]  # grouped by source, in token order
+        for row, (s, t) in enumerate(sent_here):
+            ids, weights = routes[s][0][t], routes[s][1][t]
+            mine = ids // expert_map.slots_per_rank == rank
+            assert layout.slots[row].tolist() == torch.where(mine, ids % expert_map.slots_per_rank, -1).tolist()
+            torch.testing.assert_close(layout.weights[row], torch.where(mine, weights, 0.0))
+
+    ys = [toy_experts(tokens, layout, rank, expert_map.slots_per_rank)
+          for rank, (tokens, layout, _) in enumerate(received)]
+    outs = group.combine(ys, [handle for _, _, handle in received])
+    round_trip = token_format(fmt, torch.float32)
+    for s, (x, (ids, weights)) in enumerate(zip(xs, routes)):
+        sent = round_trip.unpack(round_trip.pack(x), HIDDEN, torch.float32) if x.shape[0] else x
+        expected = sent * (weights * (ids + 1).float()).sum(dim=1, keepdim=True)
+        assert outs[s].shape == x.shape and torch.isfinite(outs[s]).all()
+        torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_more_tokens_than_the_buffers_hold_is_a_clear_error():
+    expert_map = ExpertMap.contiguous(EXPERTS, 2)
+    group = VirtualRanks(expert_map, "bf16", HIDDEN, TOP_K, max_tokens=4, device="cpu", dtype=torch.float32)
+    ids, weights = routing(5, "random", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="ep-max-tokens-per-rank"):
+        group.dispatch([torch.randn(5, HIDDEN), torch.randn(1, HIDDEN)], [ids, ids[:1]], [weights, weights[:1]])
+
+
+def test_the_buffers_are_sized_for_every_rank_sending_all_its_tokens():
+    expert_map = ExpertMap.contiguous(EXPERTS, 4)
+    group = VirtualRanks(expert_map, "fp8", HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.bfloat16)
+    row = HIDDEN + HIDDEN // 32 + 8 * TOP_K
+    assert group.buffers[0].recv.shape == (4 * 16, row) and group.buffers[0].back.shape == (4, 16, HIDDEN)
+    assert group.buffers[0].nbytes == 4 * 4 * 4 + 4 * 16 * row + 4 * 16 * HIDDEN * 2
+
+
+def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
+    from moeserve.cli import main
+
+    assert main(["bench", "ep", "--virtual-ranks", "2,4", "--device", "cpu", "--hidden", "256", "--experts", "8",
+                 "--topk", "2", "--tokens-per-rank", "0,4", "--format", "bf16,fp8", "--iterations", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 * 2 * 2  # rank counts x tokens x formats
+    written = [float(row.split("|")[6]) for row in rows]
+    assert all(mb == 0 for mb, row in zip(written, rows) if row.split("|")[2].strip() == "0")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fp8_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks):
+    """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does."""
+    generator = torch.Generator().manual_seed(ranks)
+    expert_map = ExpertMap.contiguous(EXPERTS, ranks)
+    xs = [torch.randn(t, HIDDEN, generator=generator) * torch.logspace(-3, 2, HIDDEN) for t in (6, 4, 0)[:ranks]]
+    xs[0][1, :128] = 0  # an all-zero group
+    routes = [routing(x.shape[0], "random", generator) for x in xs]
+    areas = []
+    for fused in (False, True):
+        group = VirtualRanks(expert_map, "fp8", HIDDEN, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
+                             fuse_quantization=fused)
+        received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
+        areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])
+    for unfused, fused in zip(*areas):
+        assert unfused.shape[0] and torch.equal(unfused, fused)
