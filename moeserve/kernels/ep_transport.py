@@ -77,14 +77,17 @@ def _put_rows_fp8_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, 
 @triton.jit
 def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_tokens, hidden,
                         BLOCK: tl.constexpr):
-    """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area."""
+    """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area; nothing
+    for index -1 (a row slot that held no token)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
     source = tl.load(source_ptr + row)
     index = tl.load(index_ptr + row).to(tl.int64)
-    back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
-    tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * hidden + offs, mask=ok), mask=ok)
+    if index >= 0:
+        back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
+        tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * hidden + offs, mask=ok),
+                 mask=ok)
 
 
 @triton.jit

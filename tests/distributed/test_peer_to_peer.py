@@ -30,29 +30,56 @@ def toy_experts(tokens, layout, ep_rank: int, slots_per_rank: int) -> torch.Tens
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("case", ["random", "one rank"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt):
+@pytest.mark.parametrize("low_latency", [False, True], ids=["high-throughput", "low-latency"])
+def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt, low_latency):
     generator = torch.Generator().manual_seed(ranks * 10 + len(case))
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
     tokens_per_rank = [5, 0, 9, 3][:ranks]  # rank 1 has no tokens
     xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
     routes = [routing(t, case, generator) for t in tokens_per_rank]
-    group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32)
-    received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
+    group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
+                         low_latency=low_latency)
+    for _ in range(2):  # the second exchange finds the first one's rows in the buffers
+        received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
+        if low_latency:  # every region's rows, fixed shapes: those with no token carry no experts
+            assert all(layout.slots.shape == (ranks * 16, TOP_K) for _, layout, _ in received)
+            received = [real_rows(tokens, layout, handle) for tokens, layout, handle in received]
+        check_received(received, routes, tokens_per_rank, expert_map, ranks)
+        combine_and_check(group, received, xs, routes, expert_map, fmt)
 
-    for rank, (tokens, layout, handle) in enumerate(received):
+
+def real_rows(tokens, layout, handle):
+    """The rows of a low-latency receive that hold tokens (index at the source >= 0), in order."""
+    real = handle.index_at_source >= 0
+    assert (layout.slots[~real] == -1).all() and (layout.weights[~real] == 0).all()
+    tokens = Fp8Activations(tokens.values[real], tokens.scales[real], tokens.dtype) if isinstance(
+        tokens, Fp8Activations) else tokens[real]
+    return tokens, type(layout)(layout.slots[real], layout.weights[real]), handle, real
+
+
+def check_received(received, routes, tokens_per_rank, expert_map, ranks):
+    for rank, (tokens, layout, handle, *real) in enumerate(received):
+        source = handle.source[real[0]] if real else handle.source
         sent_here = [(s, t) for s in range(ranks) for t in range(tokens_per_rank[s])
                      if (routes[s][0][t] // expert_map.slots_per_rank == rank).any()]
         assert layout.slots.shape[0] == len(sent_here)  # each token once per rank it has experts on
-        assert handle.source.tolist() == [s for s, _ in sent_here]  # grouped by source, in token order
+        assert source.tolist() == [s for s, _ in sent_here]  # grouped by source, in token order
         for row, (s, t) in enumerate(sent_here):
             ids, weights = routes[s][0][t], routes[s][1][t]
             mine = ids // expert_map.slots_per_rank == rank
             assert layout.slots[row].tolist() == torch.where(mine, ids % expert_map.slots_per_rank, -1).tolist()
             torch.testing.assert_close(layout.weights[row], torch.where(mine, weights, 0.0))
 
-    ys = [toy_experts(tokens, layout, rank, expert_map.slots_per_rank)
-          for rank, (tokens, layout, _) in enumerate(received)]
-    outs = group.combine(ys, [handle for _, _, handle in received])
+
+
+def combine_and_check(group, received, xs, routes, expert_map, fmt):
+    ys = []
+    for rank, (tokens, layout, handle, *real) in enumerate(received):
+        y = toy_experts(tokens, layout, rank, expert_map.slots_per_rank)
+        if real:  # results of every row slot, as the experts give them for the whole receive area
+            y = torch.zeros(real[0].shape[0], y.shape[1]).index_copy_(0, real[0].nonzero().flatten(), y)
+        ys.append(y)
+    outs = group.combine(ys, [handle for _, _, handle, *_ in received])
     round_trip = token_format(fmt, torch.float32)
     for s, (x, (ids, weights)) in enumerate(zip(xs, routes)):
         sent = round_trip.unpack(round_trip.pack(x), HIDDEN, torch.float32) if x.shape[0] else x

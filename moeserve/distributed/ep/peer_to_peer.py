@@ -17,6 +17,11 @@ One exchange, per EP rank `me` with T tokens:
    the ranks it went to.
 Between the steps every rank must have finished the previous one: `barrier`. On one GPU with virtual ranks
 (VirtualRanks) the ranks run each step in turn and no barrier is needed.
+
+Low-latency mode (decode): rank s's rows for d go to d's fixed region s (rows s * max_tokens onwards), so they need
+no other rank's counts and go out with the counts in one step; the receiver hands on all EP * max_tokens rows, those
+beyond each region's count with no experts (slots -1), and puts back only real rows. Every shape is fixed and nothing
+waits on the host, so a decode step with it can be captured in a CUDA graph.
 """
 
 from dataclasses import dataclass
@@ -67,7 +72,7 @@ def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
 class PeerHandle:
     local_index: torch.Tensor  # int32 [T, EP]: each token's row index among this rank's rows to each rank, -1: none
     source: torch.Tensor  # int32 [R]: the rank each received row came from
-    index_at_source: torch.Tensor  # int32 [R]: its index among that rank's rows to this one
+    index_at_source: torch.Tensor  # int32 [R]: its index among that rank's rows to this one (-1: no row, low latency)
     num_tokens: int
     dtype: torch.dtype
 
@@ -77,9 +82,11 @@ class PeerToPeerRank(ExpertParallelDispatcher):
     with `barrier` between them."""
 
     def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, buffers: PeerBuffers,
-                 tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None):
+                 tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None,
+                 low_latency: bool = False):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
         self.buffers, self.tables, self.barrier = buffers, tables, barrier
+        self.low_latency = low_latency
         # FP8 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them first)
         self.fuse_quantization = torch.device(device).type == "cuda" if fuse_quantization is None else fuse_quantization
         self.pending = None
@@ -106,12 +113,18 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def send_rows(self) -> None:
         payload, fused, meta, local_index, *_ = self.pending
-        before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)  # [EP]: rows ahead of mine
+        if self.low_latency:  # my fixed region at every rank
+            before_me = torch.full((self.ep,), self.ep_rank * self.buffers.max_tokens, dtype=torch.int32,
+                                   device=local_index.device)
+        else:  # after the rows of the ranks before me
+            before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)
         position = torch.where(local_index >= 0, local_index + before_me[None, :], -1).to(torch.int32)
         put = ep_transport.put_rows_fp8 if fused else ep_transport.put_rows
         put(payload, meta.contiguous(), position, self.tables.recv)
 
     def receive(self):
+        if self.low_latency:
+            return self.receive_fixed_regions()
         *_, local_index, hidden, top_k, dtype = self.pending
         self.pending = None
         from_each = self.buffers.counts[:, self.ep_rank]  # [EP]
@@ -125,6 +138,20 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         return tokens, RowLayout(slots, weights), PeerHandle(local_index, source, index_at_source,
                                                              local_index.shape[0], dtype)
 
+    def receive_fixed_regions(self):
+        """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts and index -1."""
+        *_, local_index, hidden, top_k, dtype = self.pending
+        self.pending = None
+        per_rank = self.buffers.max_tokens
+        tokens, slots, weights = self.unpack_rows(self.buffers.recv, hidden, top_k, dtype)
+        index = torch.arange(per_rank, device=slots.device, dtype=torch.int32).repeat(self.ep)  # [EP * max_tokens]
+        real = index < self.buffers.counts[:, self.ep_rank].repeat_interleave(per_rank)
+        slots = torch.where(real[:, None], slots, -1)
+        weights = torch.where(real[:, None], weights, 0.0)
+        source = torch.arange(self.ep, device=slots.device, dtype=torch.int32).repeat_interleave(per_rank)
+        handle = PeerHandle(local_index, source, torch.where(real, index, -1), local_index.shape[0], dtype)
+        return tokens, RowLayout(slots, weights), handle
+
     def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
         ep_transport.put_results(y.to(handle.dtype).contiguous(), handle.source, handle.index_at_source,
                                  self.tables.back, self.ep_rank, self.buffers.max_tokens)
@@ -137,7 +164,8 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         self.send_counts(x, topk_ids, topk_weights)
-        self.barrier()
+        if not self.low_latency:  # rows wait for every rank's counts
+            self.barrier()
         self.send_rows()
         self.barrier()
         return self.receive()
@@ -154,14 +182,14 @@ class VirtualRanks:
     several GPUs."""
 
     def __init__(self, expert_map: ExpertMap, dispatch_format: str, hidden: int, top_k: int, max_tokens: int,
-                 device, dtype=torch.bfloat16, fuse_quantization: bool | None = None):
+                 device, dtype=torch.bfloat16, fuse_quantization: bool | None = None, low_latency: bool = False):
         ep = expert_map.num_ranks
         probe = PeerToPeerRank(expert_map, 0, dispatch_format, None, None, device, dtype)
         row_bytes = probe.row_bytes(hidden, top_k)
         self.buffers = [PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device) for _ in range(ep)]
         tables = tables_of(self.buffers, device)
         self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format, self.buffers[r], tables, device, dtype,
-                                     fuse_quantization=fuse_quantization) for r in range(ep)]
+                                     fuse_quantization=fuse_quantization, low_latency=low_latency) for r in range(ep)]
 
     def dispatch(self, xs, topk_ids, topk_weights) -> list:
         """Per rank: (tokens, RowLayout, handle), as each rank's dispatch returns them."""
