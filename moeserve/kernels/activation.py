@@ -116,7 +116,8 @@ def _quantize_groups_kernel(x_ptr, out_ptr, scale_ptr, num_rows, num_cols, strid
 
 def quantize_fp8_activations(x: torch.Tensor, pad_rows_to: int = 1, column_major_scales: bool = False):
     """x [T, K] -> (FP8 values [T', K], scales [T', ceil(K/128)] fp32), one pass, computed as
-    moeserve.quant.fp8.quantize_fp8_groups computes them, bit for bit. T' is T rounded up to pad_rows_to (the added rows quantize zeros);
+    moeserve.quant.fp8.quantize_fp8_groups computes them, bit for bit (but for a zero in a group with a NaN: code 0 here,
+    NaN there; the group's scale is NaN either way). T' is T rounded up to pad_rows_to (the added rows quantize zeros);
     column_major_scales stores the scales group by group ([groups, T'] seen transposed), as cuBLAS's block scaling
     reads them."""
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -23,6 +23,11 @@ class ExpertWeights(Protocol):
     down_proj: torch.Tensor  # [E, H, I]
 
 
+def nvfp4_format(dtype: torch.dtype) -> str:
+    """The tuning name of NVFP4 weights with these activations: bf16 ones take the bit conversion and its blocks."""
+    return "nvfp4" if dtype == torch.bfloat16 else f"nvfp4-{str(dtype).removeprefix('torch.').replace('float', 'fp')}"
+
+
 def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layout: RowLayout,
                   config: GemmConfig | None = None) -> torch.Tensor:
     """x: [R, H], or rows already quantized 1x128 (an FP8 dispatch's): FP8 experts multiply them as they are."""
@@ -30,7 +35,7 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layo
     weights = weight_format(experts.gate_up_proj)
     if isinstance(x, Fp8Activations) and weights != FP8:
         x = x.dequantize()
-    fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: "nvfp4"}[weights]
+    fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: nvfp4_format(x.dtype)}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k, experts.num_experts)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8

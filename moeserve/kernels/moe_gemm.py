@@ -364,11 +364,17 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
         SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and a.dtype == torch.bfloat16 and config.block_k >= 32,
-        USE_ASM=a.device.type == "cuda", EVEN_K=k % config.block_k == 0,
+        USE_ASM=bf16x2_multiply(a.device), EVEN_K=k % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:
         out.copy_(target)
+
+
+@functools.cache
+def bf16x2_multiply(device: torch.device) -> bool:
+    """Whether the NVFP4 conversion's PTX (mul.rn.bf16x2, sm_90 and later) compiles there; else its Triton form."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def tile_in_one_scale_block(n_part: int, config: GemmConfig) -> bool:

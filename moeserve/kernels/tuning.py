@@ -26,7 +26,9 @@ def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True, n
     """Decode: the product transposed (wgmma on the weights' side) with blocks of 64 rows once the experts average more
     than 16 rows each (each weight tile then read once: DeepSeek-V3 layer, 32 experts, 128 tokens, H100: bf16
     1.37 -> 0.98 ms, FP8 0.65 -> 0.55), 16-row blocks below (FP8 transposed, 128 columns); NVFP4 as is (its fastest
-    there: 0.87 ms at 128 tokens against 1.01 transposed). Prefill: large tiles; for
+    there: 0.87 ms at 128 tokens against 1.01 transposed; "nvfp4" means bf16 activations, whose codes become bf16 by
+    bit operations: NVFP4 weights with other activations are "nvfp4-fp16" / "nvfp4-fp32" and take the plain blocks).
+    Prefill: large tiles; for
     FP8 one K step per 128-wide scale block with N tiles inside one weight scale block, for bf16 wide N tiles (the
     fastest of scripts/probes/fp8_prefill_sweep.py on an H100, 2026-12-07: 562 and 491 TFLOP/s at DeepSeek-V3's
     8,192 tokens). Measured by scripts/probes/swap_ab_sweep.py (docs/perf.md)."""
@@ -34,7 +36,7 @@ def default_config(num_rows: int, fmt: str = "bf16", large_tiles: bool = True, n
         many_rows = num_rows > WIDE_DECODE_ROWS_PER_EXPERT * num_experts
         if fmt == "nvfp4":  # not transposed; long K steps amortize the conversion's fixed part at 1-32 tokens (3-6%)
             return GemmConfig(block_m=16, block_n=128, block_k=128 if many_rows else 256)
-        if many_rows:
+        if many_rows and large_tiles and fmt in ("bf16", "fp8"):
             return GemmConfig(block_m=64, block_n=128, block_k=128, swap_ab=True)
         if fmt == "fp8":
             return GemmConfig(block_m=16, block_n=128, block_k=128, swap_ab=True)

@@ -85,6 +85,9 @@ def dense():
                 except Exception as error:  # shared memory, etc.
                     print(f"  {name} {fmt} {rows} {config}: {type(error).__name__} {str(error)[:100]}")
             swaps = {c: t for c, t in times.items() if c != now}
+            if now not in times or not swaps:
+                print(f"{name:14} {fmt:5} {rows:4d}: the current config or every variant failed (above)")
+                continue
             best = min(swaps, key=swaps.get)
             print(f"{name:14} {fmt:5} {rows:4d} {megabytes:6.1f} {cublas:8.1f} {times[now]:7.1f} "
                   f"{megabytes / times[now]:5.2f} {swaps[best]:8.1f} {megabytes / swaps[best]:5.2f}"
@@ -105,7 +108,7 @@ def moe():
             x, layout = random_routing(config, local_experts, tokens, "cuda")
             touched = int(torch.unique(layout.slots).numel())
             now = tuned_config(fmt, config.hidden_size, config.moe.intermediate_size, layout.slots.numel(), local_experts)
-            expected = fused_experts(experts, x, layout, now).float()
+            expected = experts.reference(x, layout).float()  # the torch loop
             times = {}
             for candidate in [now, *variants(fmt, moe=True)]:
                 try:
@@ -118,6 +121,9 @@ def moe():
                 except Exception as error:
                     print(f"  {fmt} {tokens} {candidate}: {type(error).__name__} {str(error)[:100]}")
             swaps = {c: t for c, t in times.items() if c != now}
+            if now not in times or not swaps:
+                print(f"{fmt:5} {tokens:6d}: the current config or every variant failed (above)")
+                continue
             best = min(swaps, key=swaps.get)
             gb = touched * per_expert / 1e9
             print(f"{fmt:5} {tokens:6d} {times[now]:7.3f} {gb / times[now]:5.2f} {swaps[best]:8.3f} {gb / swaps[best]:5.2f}"

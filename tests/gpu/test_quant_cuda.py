@@ -138,3 +138,19 @@ def test_cublas_block_scaled_fp8_equals_the_reference():
         x = torch.randn(1024, k, device="cuda").bfloat16()
         expected = quantized_linear_reference(x, odd).float()
         assert (quantized_linear(x, odd).float() - expected).norm() <= 1e-2 * expected.norm()
+
+
+@pytest.mark.parametrize("config", [GemmConfig(16, 64, 256, split_k=2, swap_ab=True), GemmConfig(16, 128, 128),
+                                    GemmConfig(16, 64, 64)], ids=["k256-split2-swapped", "k128", "k64"])
+def test_nvfp4_ptx_conversion_reproduces_each_weight_over_six_decades_of_block_scales(config):
+    """x = I through the PTX conversion (K = 352: a partial last step), block scales down to E4M3's subnormals."""
+    from moeserve.kernels.quant_linear import quantized_gemm
+    from moeserve.quant.formats import quantized
+
+    torch.manual_seed(0)
+    k = 352
+    weight = quantized("nvfp4", torch.randn(96, k, device="cuda") * torch.logspace(-6, 0, 96, device="cuda")[:, None])
+    actual = quantized_gemm(torch.eye(k, device="cuda").bfloat16(), weight, config=config).float()
+    expected = weight.dequantize(torch.bfloat16).t().float()
+    assert (weight.block_scale.float() < 2.0**-6).any()
+    torch.testing.assert_close(actual, expected, rtol=2**-8, atol=0)

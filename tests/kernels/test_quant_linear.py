@@ -142,3 +142,22 @@ def test_fp8_dense_tiles_read_their_own_weight_blocks_scale(rows):
     actual = quantized_gemm(x, weight)
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    dict(block_k=256, split_k=2, swap_ab=True), dict(block_k=64), dict(block_k=128, split_k=3)],
+    ids=["k256-split2-swapped", "k64", "k128-split3"])
+def test_nvfp4_bits_path_reproduces_each_weight_over_six_decades_of_block_scales(config):
+    """x = I: each output is one weight, so a block scale near E4M3's subnormals, a 0.5 code flushed to 0 or a wrong
+    group's scale shows as a wrong element (K = 352: the last K step is partial)."""
+    from moeserve.kernels.moe_gemm import GemmConfig
+
+    torch.manual_seed(0)
+    k = 352
+    w = torch.randn(96, k) * torch.logspace(-6, 0, 96)[:, None]  # with one global scale, small rows get tiny blocks
+    weight = quantized("nvfp4", w)
+    eye = torch.eye(k).bfloat16()
+    actual = quantized_gemm(eye, weight, config=GemmConfig(block_m=16, block_n=64, **config)).float()
+    expected = weight.dequantize(torch.bfloat16).t().float()
+    assert (weight.block_scale.float() < 2.0**-6).any()  # subnormal E4M3 block scales are in play
+    torch.testing.assert_close(actual, expected, rtol=2**-8, atol=0)
