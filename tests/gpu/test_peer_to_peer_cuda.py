@@ -41,3 +41,45 @@ def test_virtual_ranks_on_cuda_equal_the_reference(ranks, fmt):
         assert torch.isfinite(out).all()
         error = ((out.float() - expected).norm() / expected.norm()).item()
         assert error < 1e-2, error  # each rank's part rounded to bf16 once, summed in fp32
+
+
+def symmetric_memory_rank(rank, world, low_latency):
+    """One EP rank in its own process, its buffers in PyTorch's symmetric memory (ranks may share a GPU)."""
+    import torch.distributed as dist
+
+    from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, symmetric_buffers
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    expert_map = ExpertMap.contiguous(EXPERTS, world)
+    generator = torch.Generator(device=device).manual_seed(rank)
+    tokens = 64 + 32 * rank
+    x = torch.randn(tokens, HIDDEN, device=device, generator=generator).bfloat16()
+    ids = torch.rand(tokens, EXPERTS, device=device, generator=generator).argsort(dim=1)[:, :TOP_K]
+    weights = torch.rand(tokens, TOP_K, device=device, generator=generator)
+    probe = PeerToPeerRank(expert_map, rank, "fp8", None, None, device, torch.bfloat16)
+    buffers, tables, barrier = symmetric_buffers(dist.group.WORLD, world, 128, probe.row_bytes(HIDDEN, TOP_K), HIDDEN,
+                                                 torch.bfloat16, device)
+    me = PeerToPeerRank(expert_map, rank, "fp8", buffers, tables, device, torch.bfloat16, barrier=barrier,
+                        low_latency=low_latency)
+    outs = []
+    for _ in range(2):
+        received, layout, handle = me.dispatch(x, ids, weights)
+        slot = rank * expert_map.slots_per_rank + layout.slots
+        factor = torch.where(layout.slots >= 0, layout.weights * (slot + 1), 0.0).sum(1, keepdim=True)
+        outs.append(me.combine((received.dequantize().float() * factor).bfloat16(), handle).cpu())
+    return x.cpu(), ids.cpu(), weights.cpu(), outs
+
+
+@pytest.mark.parametrize("low_latency", [False, True], ids=["high-throughput", "low-latency"])
+def test_two_processes_exchange_through_symmetric_memory(low_latency):
+    from tests.distributed.harness import run_ranks
+
+    results = run_ranks(2, symmetric_memory_rank, low_latency)
+    round_trip = token_format("fp8", torch.bfloat16)
+    for x, ids, weights, outs in results:
+        sent = round_trip.unpack(round_trip.pack(x), HIDDEN, torch.float32)
+        expected = sent * (weights * (ids + 1).float()).sum(dim=1, keepdim=True)
+        for out in outs:
+            assert torch.isfinite(out).all()
+            assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2

@@ -50,11 +50,12 @@ class PeerBuffers:
     counts int32 [EP, EP]; recv uint8 [EP * max_tokens, row bytes] (worst case: every rank sends me all its tokens);
     back [EP, max_tokens, H] in the activation dtype (each rank's results for my rows)."""
 
-    def __init__(self, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device):
+    def __init__(self, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device,
+                 allocate=torch.empty):
         self.max_tokens = max_tokens
-        self.counts = torch.zeros(ep, ep, dtype=torch.int32, device=device)
-        self.recv = torch.zeros(ep * max_tokens, row_bytes, dtype=torch.uint8, device=device)
-        self.back = torch.zeros(ep, max_tokens, hidden, dtype=dtype, device=device)
+        self.counts = allocate((ep, ep), dtype=torch.int32, device=device).zero_()
+        self.recv = allocate((ep * max_tokens, row_bytes), dtype=torch.uint8, device=device).zero_()
+        self.back = allocate((ep, max_tokens, hidden), dtype=dtype, device=device).zero_()
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +67,28 @@ def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
     def table(name):
         return torch.tensor([getattr(b, name).data_ptr() for b in buffers], dtype=torch.int64, device=device)
     return PeerTables(table("counts"), table("recv"), table("back"))
+
+
+def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device):
+    """(PeerBuffers, PeerTables, barrier) of one rank of `group` in PyTorch's symmetric memory (CUDA backend): every
+    rank's buffers mapped into every rank's address space, and a barrier on the device (release / acquire signals,
+    ordered on the current stream). Collective: every rank of the group calls it. Not yet run on several GPUs."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    def allocate(shape, dtype, device):
+        return symm_mem.empty(*shape, dtype=dtype, device=device)
+
+    buffers = PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device, allocate)
+    handles = {name: symm_mem.rendezvous(getattr(buffers, name), group) for name in ("counts", "recv", "back")}
+    tables = PeerTables(*(torch.tensor(handles[name].buffer_ptrs, dtype=torch.int64, device=device)
+                          for name in ("counts", "recv", "back")))
+    torch.cuda.synchronize(device)  # the zeroed buffers, before any peer writes into them
+    handles["counts"].barrier(channel=0)
+
+    def barrier():
+        handles["counts"].barrier(channel=0)
+
+    return buffers, tables, barrier
 
 
 @dataclass
