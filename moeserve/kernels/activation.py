@@ -42,10 +42,13 @@ def quantize_e4m3_group(y, axis: tl.constexpr):
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_in, stride_out, stride_scale,
-                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_SILU: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, slots_ptr, intermediate, stride_in, stride_out, stride_scale,
+                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_SILU: tl.constexpr, ROWS_IN_USE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
+    if ROWS_IN_USE:
+        if tl.load(slots_ptr + row) < 0:  # a row no expert computed: nothing to read, nothing anyone reads
+            return
     offs = group * BLOCK + tl.arange(0, BLOCK)
     ok = offs < intermediate
     gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
@@ -62,10 +65,11 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, intermediate, stride_i
         tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False, round_silu: bool = False):
+def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False, round_silu: bool = False,
+                 slots: torch.Tensor | None = None):
     """gate_up [R, 2I] -> silu(gate) * up [R, I] in gate_up's dtype, or (FP8 values, scales [R, ceil(I/128)]).
     Computed in fp32 and rounded once; `round_silu` rounds silu(gate) to gate_up's dtype first, as the
-    eager torch expression does."""
+    eager torch expression does. slots (int32 [R]): rows with -1 are skipped (their outputs left unwritten)."""
     rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     groups = triton.cdiv(intermediate, FP8_GROUP)
     if quantize:
@@ -74,29 +78,37 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False, round_silu: bool
     else:
         out, scales = torch.empty(rows, intermediate, dtype=gate_up.dtype, device=gate_up.device), None
     if rows:
-        _silu_and_mul_kernel[(rows, groups)](gate_up, out, scales if quantize else out, intermediate,
+        _silu_and_mul_kernel[(rows, groups)](gate_up, out, scales if quantize else out,
+                                             slots if slots is not None else gate_up, intermediate,
                                              gate_up.stride(0), out.stride(0), scales.stride(0) if quantize else 0,
-                                             BLOCK=FP8_GROUP, QUANTIZE=quantize, ROUND_SILU=round_silu)
+                                             BLOCK=FP8_GROUP, QUANTIZE=quantize, ROUND_SILU=round_silu,
+                                             ROWS_IN_USE=slots is not None)
     return (out, scales) if quantize else out
 
 
 @triton.jit
-def _sum_over_k_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_over_k_kernel(y_ptr, slots_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS_IN_USE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        acc += tl.load(y_ptr + (row * TOP_K + k) * hidden + offs, mask=ok, other=0.0).to(tl.float32)
+        use = ok
+        if ROWS_IN_USE:  # a (row, k) no expert here computed holds nothing: read as 0
+            use = ok & (tl.load(slots_ptr + row * TOP_K + k) >= 0)
+        acc += tl.load(y_ptr + (row * TOP_K + k) * hidden + offs, mask=use, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_over_k(y: torch.Tensor, top_k: int) -> torch.Tensor:
-    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]."""
+def sum_over_k(y: torch.Tensor, top_k: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]. slots (int32 [R * K]): entries of -1 are
+    read as 0 (y there may be unwritten)."""
     rows, hidden = y.shape[0] // top_k, y.shape[1]
     out = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
     if rows:
-        _sum_over_k_kernel[(rows, triton.cdiv(hidden, 1024))](y, out, hidden, TOP_K=top_k, BLOCK=1024)
+        _sum_over_k_kernel[(rows, triton.cdiv(hidden, 1024))](y, slots if slots is not None else y, out, hidden,
+                                                              TOP_K=top_k, BLOCK=1024, ROWS_IN_USE=slots is not None)
     return out
 
 

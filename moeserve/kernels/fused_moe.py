@@ -1,6 +1,7 @@
 """The experts' forward on CUDA: layout -> gate_up GEMM (tokens read by index; FP8: x quantized 1x128 first, which
 measured faster than quantizing inside the GEMM even at batch 1: each N tile redoes that) -> SiLU-and-mul (+ FP8 quantization for W8A8) -> down GEMM
-(routed weight in the epilogue) -> sum over k.
+(routed weight in the epilogue) -> sum over k. (row, k) pairs with no expert here (slot -1) are skipped from the
+SiLU on, so their buffers are never filled (a low-latency EP receive hands on many such rows).
 Reference: moeserve.layers.moe.experts.Experts.reference (same inputs, same output)."""
 
 from typing import Protocol
@@ -46,9 +47,10 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layo
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)
     moe_gemm(a, a_scale, experts.gate_up_proj, block, gate_up, rows_per_a_row=top_k, config=config)
-    activation = silu_and_mul(gate_up, quantize=fp8)
+    slots = layout.slots.reshape(-1).to(torch.int32)  # (row, k) pairs of other ranks (-1) are never computed
+    activation = silu_and_mul(gate_up, quantize=fp8, slots=slots)
     act, act_scale = activation if fp8 else (activation, None)
-    down = torch.zeros(rows * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # rows for other ranks stay 0
+    down = torch.empty(rows * top_k, x.shape[1], dtype=x.dtype, device=x.device)
     moe_gemm(act, act_scale, experts.down_proj, block, down, rows_per_a_row=1,
              row_weights=layout.weights.reshape(-1).float().contiguous(), config=config)
-    return sum_over_k(down, top_k)
+    return sum_over_k(down, top_k, slots)

@@ -244,3 +244,15 @@ def test_nvfp4_experts_with_bf16_activations_turn_codes_into_bf16_by_bits(config
     expected = experts(x.float(), layout)  # fp32 reference on the same bf16 inputs
     assert torch.isfinite(actual).all()
     assert ((actual - expected).norm() / expected.norm()).item() < 2e-2  # the interpreter truncates bf16 stores
+
+
+@pytest.mark.parametrize("fmt", [None, "fp8"])
+def test_pairs_of_other_ranks_are_never_read_when_buffers_start_as_nan(fmt, monkeypatch):
+    """gate_up and down start unwritten (NaN here): the (row, k) pairs with no expert here must not reach the sum."""
+    import moeserve.kernels.activation as activation_module
+    import moeserve.kernels.fused_moe as fused_moe_module
+    from tests.kernels.poison import PoisonedTorch
+
+    monkeypatch.setattr(fused_moe_module, "torch", PoisonedTorch())
+    monkeypatch.setattr(activation_module, "torch", PoisonedTorch())
+    assert_fused_experts_match(fmt, 9, "other ranks", GemmConfig(block_m=16, block_n=64, block_k=128))
