@@ -28,6 +28,43 @@ def _put_counts_kernel(counts_table_ptr, my_counts_ptr, me, EP: tl.constexpr, EP
 
 
 @triton.jit
+def _route_rows_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_ptr, local_index_ptr, meta_ptr,
+                       counts_table_ptr, num_tokens, me, slots_per_rank, stride_replicas,
+                       EP: tl.constexpr, EP_POW2: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The send side's whole layout in one program: each (token, k)'s replica (token + me mod its count), the ranks
+    each token goes to, its index among this rank's rows to each (a running prefix sum over token chunks), the
+    metadata rows [K slots (-1: not there) | K weights] per (token, rank), and this rank's counts into row `me` of
+    every peer's count matrix."""
+    ranks = tl.arange(0, EP_POW2)
+    rank_ok = ranks < EP
+    running = tl.zeros((EP_POW2,), dtype=tl.int32)
+    meta_weights_ptr = meta_ptr.to(tl.pointer_type(tl.float32))
+    for first in range(0, num_tokens, BLOCK_T):
+        tokens = first + tl.arange(0, BLOCK_T)
+        token_ok = tokens < num_tokens
+        ok = token_ok[:, None] & rank_ok[None, :]
+        goes = tl.zeros((BLOCK_T, EP_POW2), dtype=tl.int32)
+        meta_row = (tokens.to(tl.int64)[:, None] * EP + ranks[None, :]) * (2 * TOP_K)
+        for k in tl.static_range(TOP_K):
+            expert = tl.load(ids_ptr + tokens * TOP_K + k, mask=token_ok, other=0).to(tl.int64)
+            replicas = tl.load(replica_count_ptr + expert, mask=token_ok, other=1)
+            physical = tl.load(replica_slots_ptr + expert * stride_replicas + (tokens + me) % replicas, mask=token_ok,
+                               other=0)
+            weight = tl.load(weights_ptr + tokens * TOP_K + k, mask=token_ok, other=0.0).to(tl.float32)
+            hit = (physical // slots_per_rank)[:, None] == ranks[None, :]
+            goes = tl.maximum(goes, hit.to(tl.int32))
+            tl.store(meta_ptr + meta_row + k, tl.where(hit, (physical % slots_per_rank)[:, None], -1).to(tl.int32),
+                     mask=ok)
+            tl.store(meta_weights_ptr + meta_row + TOP_K + k, tl.where(hit, weight[:, None], 0.0), mask=ok)
+        goes = tl.where(ok, goes, 0)
+        index = running[None, :] + tl.cumsum(goes, axis=0) - 1
+        tl.store(local_index_ptr + tokens[:, None] * EP + ranks[None, :], tl.where(goes > 0, index, -1), mask=ok)
+        running += tl.sum(goes, axis=0)
+    for peer in range(EP):
+        tl.store(_peer(counts_table_ptr, peer, tl.int32) + me * EP + ranks, running, mask=rank_ok)
+
+
+@triton.jit
 def _put_rows_kernel(payload_ptr, meta_ptr, position_ptr, recv_table_ptr, payload_words, meta_words,
                      EP: tl.constexpr, BLOCK: tl.constexpr):
     """Token t to destination d (program (t, d)), if it goes there: its payload words, then its metadata for d,
@@ -103,6 +140,20 @@ def _sum_results_kernel(back_ptr, local_index_ptr, out_ptr, max_tokens, hidden, 
         part = tl.load(back_ptr + (dest * max_tokens + index) * hidden + offs, mask=ok & (index >= 0), other=0.0)
         acc += part.to(tl.float32)
     tl.store(out_ptr + token * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def route_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor, replica_slots: torch.Tensor,
+               replica_count: torch.Tensor, slots_per_rank: int, me: int, counts_table: torch.Tensor):
+    """(local_index int32 [T, EP], meta uint8 [T, EP, 8K]) of this rank's tokens, its counts put into every peer's
+    matrix: one kernel for what the torch layout of PeerToPeerRank.send_counts computes."""
+    tokens, top_k = topk_ids.shape
+    ep = counts_table.numel()
+    local_index = torch.empty(tokens, ep, dtype=torch.int32, device=topk_ids.device)
+    meta = torch.empty(tokens, ep, 2 * top_k, dtype=torch.int32, device=topk_ids.device)
+    _route_rows_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), replica_slots, replica_count,
+                             local_index, meta, counts_table, tokens, me, slots_per_rank, replica_slots.stride(0),
+                             EP=ep, EP_POW2=triton.next_power_of_2(ep), TOP_K=top_k, BLOCK_T=128)
+    return local_index, meta.view(torch.uint8)
 
 
 def put_counts(counts_table: torch.Tensor, my_counts: torch.Tensor, me: int) -> None:

@@ -31,14 +31,15 @@ def toy_experts(tokens, layout, ep_rank: int, slots_per_rank: int) -> torch.Tens
 @pytest.mark.parametrize("case", ["random", "one rank"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @pytest.mark.parametrize("low_latency", [False, True], ids=["high-throughput", "low-latency"])
-def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt, low_latency):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-layout", "fused-as-on-cuda"])
+def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt, low_latency, fused):
     generator = torch.Generator().manual_seed(ranks * 10 + len(case))
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
     tokens_per_rank = [5, 0, 9, 3][:ranks]  # rank 1 has no tokens
     xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
     routes = [routing(t, case, generator) for t in tokens_per_rank]
     group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
-                         low_latency=low_latency)
+                         low_latency=low_latency, fuse_layout=fused, fuse_quantization=fused)
     for _ in range(2):  # the second exchange finds the first one's rows in the buffers
         received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
         if low_latency:  # every region's rows, fixed shapes: those with no token carry no experts
@@ -131,3 +132,29 @@ def test_fp8_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks):
         areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])
     for unfused, fused in zip(*areas):
         assert unfused.shape[0] and torch.equal(unfused, fused)
+
+
+@pytest.mark.parametrize("ranks,tokens", [(2, 7), (3, 300), (4, 0)])  # 300: several token chunks of the kernel
+def test_the_one_kernel_layout_equals_the_torch_layout(ranks, tokens):
+    """route_rows (default on CUDA) against PeerToPeerRank.layout: row indices, metadata bytes and the counts every
+    peer receives, with redundant experts (replicas chosen by token and rank) in the map."""
+    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, tables_of
+
+    generator = torch.Generator().manual_seed(tokens + ranks)
+    per_rank = EXPERTS // ranks  # each rank: its own experts and a replica of the next rank's first one
+    by_rank = [list(range(r * per_rank, (r + 1) * per_rank)) + [(r + 1) * per_rank % EXPERTS] for r in range(ranks)]
+    expert_map = ExpertMap(tuple(e for rank in by_rank for e in rank), ranks)
+    ids, weights = routing(tokens, "random", generator)
+    buffers = [PeerBuffers(ranks, max(tokens, 1), 4, 4, torch.float32, "cpu") for _ in range(ranks)]
+    tables = tables_of(buffers, "cpu")
+    me = ranks - 1
+    rank = PeerToPeerRank(expert_map, me, "bf16", buffers[me], tables, "cpu", torch.float32)
+    expected_index, expected_meta, expected_counts = rank.layout(ids, weights)
+    from moeserve.kernels.ep_transport import route_rows
+
+    index, meta = route_rows(ids, weights, rank.replica_slots, rank.replica_count, rank.slots_per_rank, me,
+                             tables.counts)
+    assert torch.equal(index, expected_index)
+    assert torch.equal(meta, expected_meta)
+    for b in buffers:
+        assert torch.equal(b.counts[me], expected_counts)

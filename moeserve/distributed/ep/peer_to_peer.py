@@ -106,12 +106,15 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, buffers: PeerBuffers,
                  tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None,
-                 low_latency: bool = False):
+                 low_latency: bool = False, fuse_layout: bool | None = None):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
         self.buffers, self.tables, self.barrier = buffers, tables, barrier
         self.low_latency = low_latency
         # FP8 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them first)
-        self.fuse_quantization = torch.device(device).type == "cuda" if fuse_quantization is None else fuse_quantization
+        on_cuda = torch.device(device).type == "cuda"
+        self.fuse_quantization = on_cuda if fuse_quantization is None else fuse_quantization
+        # the send side's layout in one kernel (default on CUDA; elsewhere the torch layout, its spec)
+        self.fuse_layout = on_cuda if fuse_layout is None else fuse_layout
         self.pending = None
 
     def row_bytes(self, hidden: int, top_k: int) -> int:
@@ -122,17 +125,27 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         if tokens > self.buffers.max_tokens:
             raise ValueError(f"{tokens} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
                              f"({self.buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
-        destination, local_slot = self.place(topk_ids)  # [T, K] each
-        goes_to = F.one_hot(destination.long(), self.ep).amax(dim=1).bool()  # [T, EP]
-        local_index = torch.where(goes_to, goes_to.int().cumsum(dim=0) - 1, -1).to(torch.int32)
-        here = destination[:, None, :] == torch.arange(self.ep, device=x.device)[None, :, None]  # [T, EP, K]
-        slots = torch.where(here, local_slot[:, None, :], -1).to(torch.int32).reshape(-1, top_k)
-        weights = torch.where(here, topk_weights[:, None, :].float(), 0.0).reshape(-1, top_k)
-        meta = torch.cat((as_row_bytes(slots), as_row_bytes(weights)), dim=1).view(tokens, self.ep, 8 * top_k)
+        if self.fuse_layout:  # one kernel, counts put too
+            local_index, meta = ep_transport.route_rows(topk_ids, topk_weights, self.replica_slots, self.replica_count,
+                                                        self.slots_per_rank, self.ep_rank, self.tables.counts)
+        else:
+            local_index, meta, counts = self.layout(topk_ids, topk_weights)
+            ep_transport.put_counts(self.tables.counts, counts, self.ep_rank)
         fused = self.format.name == "fp8" and self.fuse_quantization
         payload = x.contiguous() if fused else self.format.pack(x)
         self.pending = (payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
-        ep_transport.put_counts(self.tables.counts, goes_to.sum(dim=0).to(torch.int32), self.ep_rank)
+
+    def layout(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """(local_index int32 [T, EP], meta uint8 [T, EP, 8K], counts int32 [EP]) in torch: the spec of route_rows."""
+        tokens, top_k = topk_ids.shape
+        destination, local_slot = self.place(topk_ids)  # [T, K] each
+        goes_to = F.one_hot(destination.long(), self.ep).amax(dim=1).bool()  # [T, EP]
+        local_index = torch.where(goes_to, goes_to.int().cumsum(dim=0) - 1, -1).to(torch.int32)
+        here = destination[:, None, :] == torch.arange(self.ep, device=topk_ids.device)[None, :, None]  # [T, EP, K]
+        slots = torch.where(here, local_slot[:, None, :], -1).to(torch.int32).reshape(-1, top_k)
+        weights = torch.where(here, topk_weights[:, None, :].float(), 0.0).reshape(-1, top_k)
+        meta = torch.cat((as_row_bytes(slots), as_row_bytes(weights)), dim=1).view(tokens, self.ep, 8 * top_k)
+        return local_index, meta, goes_to.sum(dim=0).to(torch.int32)
 
     def send_rows(self) -> None:
         payload, fused, meta, local_index, *_ = self.pending
@@ -205,14 +218,16 @@ class VirtualRanks:
     several GPUs."""
 
     def __init__(self, expert_map: ExpertMap, dispatch_format: str, hidden: int, top_k: int, max_tokens: int,
-                 device, dtype=torch.bfloat16, fuse_quantization: bool | None = None, low_latency: bool = False):
+                 device, dtype=torch.bfloat16, fuse_quantization: bool | None = None, low_latency: bool = False,
+                 fuse_layout: bool | None = None):
         ep = expert_map.num_ranks
         probe = PeerToPeerRank(expert_map, 0, dispatch_format, None, None, device, dtype)
         row_bytes = probe.row_bytes(hidden, top_k)
         self.buffers = [PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device) for _ in range(ep)]
         tables = tables_of(self.buffers, device)
         self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format, self.buffers[r], tables, device, dtype,
-                                     fuse_quantization=fuse_quantization, low_latency=low_latency) for r in range(ep)]
+                                     fuse_quantization=fuse_quantization, low_latency=low_latency,
+                                     fuse_layout=fuse_layout) for r in range(ep)]
 
     def dispatch(self, xs, topk_ids, topk_weights) -> list:
         """Per rank: (tokens, RowLayout, handle), as each rank's dispatch returns them."""
