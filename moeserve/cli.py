@@ -583,6 +583,9 @@ def bench_ep_virtual(args: argparse.Namespace) -> int:
     from moeserve.bench.ep_virtual import HEADER, measure_virtual, report_row
     from moeserve.config import ConfigError
 
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("bench ep --virtual-ranks runs Triton kernels: use a CUDA device, or set TRITON_INTERPRET=1 "
+                          "to interpret them on the CPU (slow)")
     print(f"EP dispatch/combine, peer-to-peer transport, virtual ranks on one {args.device} device, hidden "
           f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform random routing\n{HEADER}", flush=True)
     for ranks in (int(r) for r in args.virtual_ranks.split(",")):

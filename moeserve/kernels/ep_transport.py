@@ -179,7 +179,7 @@ def put_rows_fp8(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, re
     tokens, ep = position.shape
     hidden = x.shape[1]
     meta_words = meta.shape[2] // 4
-    if hidden % FP8_GROUP or meta_words > WORDS_PER_PROGRAM:
+    if hidden % FP8_GROUP:
         raise ValueError(f"the fused FP8 put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
         _put_rows_fp8_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,

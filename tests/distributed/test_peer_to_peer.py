@@ -35,12 +35,13 @@ def toy_experts(tokens, layout, ep_rank: int, slots_per_rank: int) -> torch.Tens
 def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt, low_latency, fused):
     generator = torch.Generator().manual_seed(ranks * 10 + len(case))
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
-    tokens_per_rank = [5, 0, 9, 3][:ranks]  # rank 1 has no tokens
-    xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
-    routes = [routing(t, case, generator) for t in tokens_per_rank]
     group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
                          low_latency=low_latency, fuse_layout=fused, fuse_quantization=fused)
-    for _ in range(2):  # the second exchange finds the first one's rows in the buffers
+    # new tokens each exchange, over the last one's rows and counts: a rank with none, a full rank, fewer than before
+    for tokens_per_rank in ([5, 0, 9, 3], [16, 2, 0, 7], [1, 0, 0, 0]):
+        tokens_per_rank = tokens_per_rank[:ranks]
+        xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
+        routes = [routing(t, case, generator) for t in tokens_per_rank]
         received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
         if low_latency:  # every region's rows, fixed shapes: those with no token carry no experts
             assert all(layout.slots.shape == (ranks * 16, TOP_K) for _, layout, _ in received)
@@ -146,6 +147,8 @@ def test_the_one_kernel_layout_equals_the_torch_layout(ranks, tokens):
     expert_map = ExpertMap(tuple(e for rank in by_rank for e in rank), ranks)
     ids, weights = routing(tokens, "random", generator)
     buffers = [PeerBuffers(ranks, max(tokens, 1), 4, 4, torch.float32, "cpu") for _ in range(ranks)]
+    for b in buffers:
+        b.counts.fill_(-7)  # what an earlier exchange left: every count must be written, zeros too
     tables = tables_of(buffers, "cpu")
     me = ranks - 1
     rank = PeerToPeerRank(expert_map, me, "bf16", buffers[me], tables, "cpu", torch.float32)
@@ -158,3 +161,14 @@ def test_the_one_kernel_layout_equals_the_torch_layout(ranks, tokens):
     assert torch.equal(meta, expected_meta)
     for b in buffers:
         assert torch.equal(b.counts[me], expected_counts)
+
+
+def test_tokens_that_do_not_match_the_buffers_are_refused_before_any_put():
+    expert_map = ExpertMap.contiguous(EXPERTS, 2)
+    group = VirtualRanks(expert_map, "bf16", HIDDEN, TOP_K, max_tokens=4, device="cpu", dtype=torch.bfloat16)
+    ids, weights = routing(3, "random", torch.Generator().manual_seed(0))
+    for x, k in ((torch.randn(3, HIDDEN), TOP_K), (torch.randn(3, 128).bfloat16(), TOP_K),
+                 (torch.randn(3, HIDDEN).bfloat16(), TOP_K - 1)):
+        with pytest.raises(ValueError, match="do not match the transport"):
+            group.ranks[0].send_counts(x, ids[:, :k], weights[:, :k])
+    assert (group.buffers[1].counts == 0).all()  # nothing was written

@@ -256,3 +256,9 @@ def test_pairs_of_other_ranks_are_never_read_when_buffers_start_as_nan(fmt, monk
     monkeypatch.setattr(fused_moe_module, "torch", PoisonedTorch())
     monkeypatch.setattr(activation_module, "torch", PoisonedTorch())
     assert_fused_experts_match(fmt, 9, "other ranks", GemmConfig(block_m=16, block_n=64, block_k=128))
+    torch.manual_seed(1)
+    experts, x = random_experts(fmt), torch.randn(4, HIDDEN)
+    layout = routing(4, "random")
+    layout.slots[2] = -1  # a row with no expert here at all (an all-gather's or a low-latency receive's): sums to 0
+    out = fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=64, block_k=128))
+    assert (out[2] == 0).all() and torch.isfinite(out).all()

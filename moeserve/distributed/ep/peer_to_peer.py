@@ -18,6 +18,9 @@ One exchange, per EP rank `me` with T tokens:
 Between the steps every rank must have finished the previous one: `barrier`. On one GPU with virtual ranks
 (VirtualRanks) the ranks run each step in turn and no barrier is needed.
 
+Limits: one exchange in flight per buffer set (a second dispatch before the combine would overwrite the rows the
+experts read as views), and every rank must take the same mode at each step (their barriers and layouts differ).
+
 Low-latency mode (decode): rank s's rows for d go to d's fixed region s (rows s * max_tokens onwards), so they need
 no other rank's counts and go out with the counts in one step; the receiver hands on all EP * max_tokens rows, those
 beyond each region's count with no experts (slots -1), and puts back only real rows. Every shape is fixed and nothing
@@ -69,24 +72,33 @@ def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
     return PeerTables(table("counts"), table("recv"), table("back"))
 
 
-def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device):
+def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device,
+                      barrier_timeout_ms: int = 60_000):
     """(PeerBuffers, PeerTables, barrier) of one rank of `group` in PyTorch's symmetric memory (CUDA backend): every
     rank's buffers mapped into every rank's address space, and a barrier on the device (release / acquire signals,
-    ordered on the current stream). Collective: every rank of the group calls it. Not yet run on several GPUs."""
+    ordered on the current stream: every put must be on that stream). A rank that never arrives (it failed) makes the
+    others' barrier trap after barrier_timeout_ms instead of hanging. Collective: every rank of the group calls it.
+    Not yet run on several GPUs."""
+    import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
+
+    if dist.get_world_size(group) != ep:
+        raise ValueError(f"symmetric buffers for {ep} EP ranks need a group of {ep}, got {dist.get_world_size(group)}")
 
     def allocate(shape, dtype, device):
         return symm_mem.empty(*shape, dtype=dtype, device=device)
 
     buffers = PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device, allocate)
     handles = {name: symm_mem.rendezvous(getattr(buffers, name), group) for name in ("counts", "recv", "back")}
-    tables = PeerTables(*(torch.tensor(handles[name].buffer_ptrs, dtype=torch.int64, device=device)
-                          for name in ("counts", "recv", "back")))
+    # buffer_ptrs are each rank's allocation base; the tensor may start `offset` bytes into it
+    tables = PeerTables(*(torch.tensor([p + getattr(handles[name], "offset", 0) for p in handles[name].buffer_ptrs],
+                                       dtype=torch.int64, device=device) for name in ("counts", "recv", "back")))
     torch.cuda.synchronize(device)  # the zeroed buffers, before any peer writes into them
-    handles["counts"].barrier(channel=0)
 
     def barrier():
-        handles["counts"].barrier(channel=0)
+        handles["counts"].barrier(channel=0, timeout_ms=barrier_timeout_ms)
+
+    barrier()
 
     return buffers, tables, barrier
 
@@ -122,9 +134,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
-        if tokens > self.buffers.max_tokens:
-            raise ValueError(f"{tokens} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
-                             f"({self.buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
+        self.check_fits(x, top_k)
         if self.fuse_layout:  # one kernel, counts put too
             local_index, meta = ep_transport.route_rows(topk_ids, topk_weights, self.replica_slots, self.replica_count,
                                                         self.slots_per_rank, self.ep_rank, self.tables.counts)
@@ -134,6 +144,19 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         fused = self.format.name == "fp8" and self.fuse_quantization
         payload = x.contiguous() if fused else self.format.pack(x)
         self.pending = (payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
+
+    def check_fits(self, x: torch.Tensor, top_k: int) -> None:
+        """The exchange must match the buffers it writes into on every rank (else a put lands out of bounds)."""
+        back = self.buffers.back
+        if x.shape[0] > self.buffers.max_tokens:
+            raise ValueError(f"{x.shape[0]} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
+                             f"({self.buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
+        if x.dtype != back.dtype or x.shape[1] != back.shape[2]:
+            raise ValueError(f"tokens of {x.shape[1]} x {x.dtype} do not match the transport's buffers, made for "
+                             f"{back.shape[2]} x {back.dtype}")
+        if self.row_bytes(x.shape[1], top_k) != self.buffers.recv.shape[1]:
+            raise ValueError(f"rows of {self.row_bytes(x.shape[1], top_k)} bytes (top-{top_k}) do not match the "
+                             f"transport's receive rows of {self.buffers.recv.shape[1]}")
 
     def layout(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """(local_index int32 [T, EP], meta uint8 [T, EP, 8K], counts int32 [EP]) in torch: the spec of route_rows."""
