@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--virtual-ranks", default=None,
                     help="comma-separated rank counts: the peer-to-peer transport with that many EP ranks in this "
                          "one process on one device, beside a copy of the same bytes (--ranks and --backend unused)")
+    ep.add_argument("--virtual-modes", default="high-throughput,low-latency",
+                    help="comma-separated modes of the peer-to-peer transport under --virtual-ranks")
     ep.set_defaults(run=run_bench_ep)
 
     serving = bench.add_parser("serve", help="load an OpenAI-compatible server; TTFT, TPOT, ITL, throughput",
@@ -580,6 +582,8 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
 
 
 def bench_ep_virtual(args: argparse.Namespace) -> int:
+    import itertools
+
     from moeserve.bench.ep_virtual import HEADER, measure_virtual, report_row
     from moeserve.config import ConfigError
 
@@ -593,9 +597,11 @@ def bench_ep_virtual(args: argparse.Namespace) -> int:
             raise ConfigError(f"--experts {args.experts} cannot be split over {ranks} virtual ranks")
         for tokens in (int(t) for t in args.tokens_per_rank.split(",")):
             for fmt in args.format.split(","):
-                point = measure_virtual(ranks, tokens, args.hidden, args.topk, args.experts, fmt, args.device,
-                                        args.iterations)
-                print(report_row(ranks, tokens, fmt, point), flush=True)
+                for mode, routing in itertools.product(args.virtual_modes.split(","), ("uniform", "skewed")):
+                    point = measure_virtual(ranks, tokens, args.hidden, args.topk, args.experts, fmt, args.device,
+                                            args.iterations, low_latency=mode == "low-latency",
+                                            skewed=routing == "skewed")
+                    print(report_row(ranks, tokens, fmt, mode, routing, point), flush=True)
     return 0
 
 

@@ -1,7 +1,9 @@
 """`moeserve bench ep --virtual-ranks R`: the peer-to-peer transport with R EP ranks in one process on one device
 (moeserve.distributed.ep.peer_to_peer.VirtualRanks): what the kernels cost without the fabric. Per point: dispatch and
-combine of every rank (all R in turn, as one device runs them), the bytes they write, and a device-to-device copy of
-the same bytes timed in the same run, the yardstick (issue 15's one-GPU target: within 1.5x of it)."""
+combine of every rank (all R in turn, as one device runs them), the bytes they write (all, between ranks, and what sending
+per expert would move), and a device-to-device copy of the written bytes timed in the same run, the yardstick (issue
+15's one-GPU target: within 1.5x of it). High-throughput dispatch times include each rank's host sync for its
+received count."""
 
 import statistics
 import time
@@ -18,9 +20,10 @@ from moeserve.quant.fp8 import Fp8Activations
 class VirtualEpPoint:
     dispatch_us: float  # all ranks' dispatch, one after another
     combine_us: float
-    dispatch_bytes: int  # rows written into receive areas (to other ranks and to itself)
-    combine_bytes: int
-    copy_us: float  # a device-to-device copy of dispatch_bytes + combine_bytes
+    written_bytes: int  # rows put into receive areas and results put back, to other ranks and to itself
+    wire_bytes: int  # of those, what crosses between ranks (what a fabric would carry)
+    logical_bytes: int  # tokens x top-k payloads and results: what sending per expert instead of per rank would move
+    copy_us: float  # a device-to-device copy of written_bytes
 
 
 def median_us(fn, device: torch.device, iterations: int) -> float:
@@ -38,36 +41,49 @@ def median_us(fn, device: torch.device, iterations: int) -> float:
     return statistics.median(times)
 
 
+def routes(ranks: int, tokens: int, experts: int, top_k: int, skewed: bool, generator, device):
+    """Top-k expert ids per rank: uniform, or skewed (every token prefers rank 0's experts: they score +0.5)."""
+    scores = [torch.rand(tokens, experts, device=device, generator=generator) for _ in range(ranks)]
+    if skewed:
+        hot = (torch.arange(experts, device=device) < experts // ranks).float() * 0.5
+        scores = [s + hot for s in scores]
+    return [s.topk(top_k, dim=1).indices for s in scores]
+
+
 def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: int, fmt: str, device,
-                    iterations: int = 20) -> VirtualEpPoint:
+                    iterations: int = 20, low_latency: bool = False, skewed: bool = False) -> VirtualEpPoint:
     device = torch.device(device)
     expert_map = ExpertMap.contiguous(experts, ranks)
-    group = VirtualRanks(expert_map, fmt, hidden, top_k, tokens, device)
+    group = VirtualRanks(expert_map, fmt, hidden, top_k, tokens, device, low_latency=low_latency)
     generator = torch.Generator(device=device).manual_seed(ranks)
     xs = [torch.randn(tokens, hidden, device=device, generator=generator).bfloat16() for _ in range(ranks)]
-    ids = [torch.rand(tokens, experts, device=device, generator=generator).topk(top_k, dim=1).indices
-           for _ in range(ranks)]
+    ids = routes(ranks, tokens, experts, top_k, skewed, generator, device)
     weights = [torch.rand(tokens, top_k, device=device, generator=generator) for _ in range(ranks)]
     received = group.dispatch(xs, ids, weights)
     ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in received]  # experts return input
     handles = [handle for _, _, handle in received]
     dispatch_us = median_us(lambda: group.dispatch(xs, ids, weights), device, iterations)
     combine_us = median_us(lambda: group.combine(ys, handles), device, iterations)
-    rows = sum(handle.source.numel() for handle in handles)
-    dispatch_bytes = rows * group.ranks[0].row_bytes(hidden, top_k)
-    combine_bytes = rows * hidden * 2
-    source = torch.empty(dispatch_bytes + combine_bytes, dtype=torch.uint8, device=device)
+    row_bytes, result_bytes = group.ranks[0].row_bytes(hidden, top_k), hidden * 2
+    real = [handle.index_at_source >= 0 for handle in handles]  # (low latency: the regions' empty rows are not sent)
+    rows = sum(int(r.sum()) for r in real)
+    from_others = sum(int((r & (handle.source != rank)).sum()) for rank, (r, handle) in enumerate(zip(real, handles)))
+    payload = group.ranks[0].format.payload_bytes(hidden)
+    source = torch.empty(rows * (row_bytes + result_bytes), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_us = median_us(lambda: target.copy_(source), device, iterations)
-    return VirtualEpPoint(dispatch_us, combine_us, dispatch_bytes, combine_bytes, copy_us)
+    return VirtualEpPoint(dispatch_us, combine_us, rows * (row_bytes + result_bytes),
+                          from_others * (row_bytes + result_bytes), ranks * tokens * top_k * (payload + result_bytes),
+                          copy_us)
 
 
-HEADER = ("| virtual ranks | tokens/rank | format | dispatch us | combine us | MB written | copy of the same bytes us | "
-          "ours / copy |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| virtual ranks | tokens/rank | format | mode | routing | dispatch us | combine us | MB written | MB between "
+          "ranks | MB per expert | copy of the written bytes us | ours / copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def report_row(ranks: int, tokens: int, fmt: str, point: VirtualEpPoint) -> str:
+def report_row(ranks: int, tokens: int, fmt: str, mode: str, routing: str, point: VirtualEpPoint) -> str:
     total = point.dispatch_us + point.combine_us
-    megabytes = (point.dispatch_bytes + point.combine_bytes) / 1e6
-    return (f"| {ranks} | {tokens} | {fmt} | {point.dispatch_us:.0f} | {point.combine_us:.0f} | {megabytes:.1f} | "
-            f"{point.copy_us:.0f} | {total / point.copy_us:.2f} |")
+    return (f"| {ranks} | {tokens} | {fmt} | {mode} | {routing} | {point.dispatch_us:.0f} | {point.combine_us:.0f} | "
+            f"{point.written_bytes / 1e6:.3f} | {point.wire_bytes / 1e6:.3f} | {point.logical_bytes / 1e6:.3f} | "
+            f"{point.copy_us:.0f} | {total / max(point.copy_us, 1e-9):.2f} |")
