@@ -1,0 +1,38 @@
+"""Compile the small kernels the interpreter tests (SiLU-and-mul and the top-k sum with skipped pairs, the peer-to-peer
+transport) for Hopper (sm_90) without a GPU: catches what the interpreter does not (pointer casts, early returns).
+
+  PYTHONPATH=. python scripts/compile_new_kernels.py
+"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moeserve.kernels import activation, ep_transport
+
+def build(fn, sig, constants, warps=4):
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    k = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    print(fn.__name__, constants, "compiled for sm_90")
+
+c = "constexpr"
+for q in (False, True):
+    build(activation._silu_and_mul_kernel,
+          dict(gate_up_ptr="*bf16", out_ptr="*fp8e4nv" if q else "*bf16", scale_ptr="*fp32", slots_ptr="*i32", intermediate="i32",
+               stride_in="i32", stride_out="i32", stride_scale="i32", BLOCK=c, QUANTIZE=c, ROUND_SILU=c, ROWS_IN_USE=c),
+          dict(BLOCK=128, QUANTIZE=q, ROUND_SILU=False, ROWS_IN_USE=True))
+build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i32", out_ptr="*bf16", hidden="i32", TOP_K=c, BLOCK=c, ROWS_IN_USE=c),
+      dict(TOP_K=8, BLOCK=1024, ROWS_IN_USE=True))
+build(ep_transport._route_rows_kernel,
+      dict(ids_ptr="*i64", weights_ptr="*fp32", replica_slots_ptr="*i64", replica_count_ptr="*i64", local_index_ptr="*i32",
+           meta_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", me="i32", slots_per_rank="i32", stride_replicas="i32",
+           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=128))
+build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_ptr="*i32", me="i32", EP=c, EP_POW2=c), dict(EP=8, EP_POW2=8))
+build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
+      payload_words="i32", meta_words="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))
+build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
+      hidden="i32", meta_words="i32", EP=c, GROUP=c, BLOCK=c), dict(EP=8, GROUP=128, BLOCK=16))
+build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
+      me="i32", max_tokens="i32", hidden="i32", BLOCK=c), dict(BLOCK=1024))
+build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",
+      hidden="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))
