@@ -32,6 +32,8 @@ build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", p
       payload_words="i32", meta_words="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))
 build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
       hidden="i32", meta_words="i32", EP=c, GROUP=c, BLOCK=c), dict(EP=8, GROUP=128, BLOCK=16))
+build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
+      hidden="i32", meta_words="i32", EP=c, CHUNK=c, BLOCK=c), dict(EP=8, CHUNK=128, BLOCK=16))
 build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
       me="i32", max_tokens="i32", hidden="i32", BLOCK=c), dict(BLOCK=1024))
 build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",

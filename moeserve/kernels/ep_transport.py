@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.activation import FP8_GROUP, quantize_e4m3_group
+from moeserve.kernels.activation import FP8_GROUP, quantize_e4m3_group, round_to_e4m3_grid
 
 WORDS_PER_PROGRAM = 1024
 
@@ -86,12 +86,27 @@ def _put_rows_kernel(payload_ptr, meta_ptr, position_ptr, recv_table_ptr, payloa
 
 
 @triton.jit
+def _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words,
+              EP: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t's metadata for each rank d it goes to, after the payload of its row there."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < meta_words
+    for dest in range(EP):
+        position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+        if position >= 0:
+            row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
+            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
+            tl.store((row + payload_bytes).to(tl.pointer_type(tl.int32)) + offs, meta, mask=ok)
+
+
+@triton.jit
 def _put_rows_fp8_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, meta_words,
                          EP: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), to every rank it goes to: row
     position[t, d] of d's receive area gets [H codes | H/128 fp32 scales | its metadata for d]."""
     token = tl.program_id(0).to(tl.int64)
-    row_bytes = hidden + hidden // GROUP * 4 + meta_words * 4
+    payload_bytes = hidden + hidden // GROUP * 4
+    row_bytes = payload_bytes + meta_words * 4
     for group in range(0, hidden // GROUP):
         offs = group * GROUP + tl.arange(0, GROUP)
         values, scale = quantize_e4m3_group(tl.load(x_ptr + token * hidden + offs).to(tl.float32), 0)
@@ -101,14 +116,68 @@ def _put_rows_fp8_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, 
                 row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
                 tl.store(row.to(tl.pointer_type(tl.float8e4nv)) + offs, values)
                 tl.store((row + hidden).to(tl.pointer_type(tl.float32)) + group, scale)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < meta_words
+    _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, EP, BLOCK)
+
+
+@triton.jit
+def _e2m1_codes(scaled):
+    """Scaled values -> E2M1 codes (sign bit 8), to the nearest magnitude, ties to the even code, saturating at 6, NaN to
+    0: moeserve.quant.nvfp4.e2m1_codes."""
+    magnitude = tl.abs(scaled)
+    index = ((magnitude > 0.25).to(tl.int32) + (magnitude >= 0.75).to(tl.int32) + (magnitude > 1.25).to(tl.int32)
+             + (magnitude >= 1.75).to(tl.int32) + (magnitude > 2.5).to(tl.int32) + (magnitude >= 3.5).to(tl.int32)
+             + (magnitude > 5.0).to(tl.int32))
+    return index | ((scaled < 0).to(tl.int32) * 8)
+
+
+@triton.jit
+def _without_nan_rule(value, bound, take_min: tl.constexpr):
+    """min / max with a bound that keeps a NaN (the GPU's min and max would drop it; torch's clamp keeps it)."""
+    bounded = tl.minimum(value, bound) if take_min else tl.maximum(value, bound)
+    return tl.where(value != value, value, bounded)
+
+
+@triton.jit
+def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, meta_words,
+                           EP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t (program t), quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
+    token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: row position[t, d] of d's
+    receive area gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
+    token = tl.program_id(0).to(tl.int64)
+    payload_bytes = hidden // 2 + hidden // 16 + 4
+    row_bytes = payload_bytes + meta_words * 4
+    amax = 0.0
+    has_nan = 0
+    for start in range(0, hidden, CHUNK):  # first pass: the token's amax
+        v = tl.load(x_ptr + token * hidden + start + tl.arange(0, CHUNK)).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+        has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=0))
+    glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))  # 6 * 448
+    glob = tl.where(has_nan > 0, float("nan"), glob)
+    six_glob = glob * 6.0
+    for start in range(0, hidden, CHUNK):
+        v = tl.reshape(tl.load(x_ptr + token * hidden + start + tl.arange(0, CHUNK)).to(tl.float32), (CHUNK // 16, 16))
+        block_amax = tl.max(tl.abs(v), axis=1)
+        block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=1) > 0, float("nan"), block_amax)
+        raw = _without_nan_rule(tl.math.div_rn(block_amax, six_glob), 0.001953125, False)  # at least 2^-9
+        scale = tl.where(block_amax == 0, 1.0, raw)
+        scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))
+        scaled = tl.math.div_rn(v, (scale * glob)[:, None])
+        low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (CHUNK // 16, 8, 2)))
+        packed = tl.reshape((low | (high << 4)).to(tl.uint8), (CHUNK // 2,))
+        for dest in range(EP):
+            position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+            if position >= 0:
+                row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
+                tl.store(row + start // 2 + tl.arange(0, CHUNK // 2), packed)
+                tl.store((row + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+                         + tl.arange(0, CHUNK // 16), scale.to(tl.float8e4nv))
     for dest in range(EP):
         position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
         if position >= 0:
             row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
-            tl.store((row + hidden + hidden // GROUP * 4).to(tl.pointer_type(tl.int32)) + offs, meta, mask=ok)
+            tl.store((row + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob)
+    _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, EP, BLOCK)
 
 
 @triton.jit
@@ -184,6 +253,19 @@ def put_rows_fp8(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, re
     if tokens:
         _put_rows_fp8_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
                                         GROUP=FP8_GROUP, BLOCK=triton.next_power_of_2(max(meta_words, 1)))
+
+
+def put_rows_nvfp4(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
+    """put_rows with the NVFP4 token format's payload made here from x [T, H] (H a multiple of 128): each token read
+    twice (its amax, then its blocks) and quantized once, whatever the number of ranks it goes to."""
+    tokens, ep = position.shape
+    hidden = x.shape[1]
+    meta_words = meta.shape[2] // 4
+    if hidden % FP8_GROUP:
+        raise ValueError(f"the fused NVFP4 put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
+    if tokens:
+        _put_rows_nvfp4_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
+                                          CHUNK=FP8_GROUP, BLOCK=triton.next_power_of_2(max(meta_words, 1)))
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,

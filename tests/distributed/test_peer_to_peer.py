@@ -122,17 +122,23 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
             assert float(written) > 0
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_fp8_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks):
+def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt):
     """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does."""
     generator = torch.Generator().manual_seed(ranks)
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
     xs = [torch.randn(t, HIDDEN, generator=generator) * torch.logspace(-3, 2, HIDDEN) for t in (6, 4, 0)[:ranks]]
     xs[0][1, :128] = 0  # an all-zero group
+    xs[0][2, 5] = -1e-30  # a negative that rounds to zero
+    xs[1][0] *= 1e-30  # tiny values: block scales near E4M3's subnormals
+    ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, 0.5, 3.0, 4.0, -6.0, 1.0, 0.0])
+    xs[0][3] = 0.0
+    xs[0][3, :16], xs[0][3, 16] = ties, 2688.0  # NVFP4: global scale 1, block scale 1: codes at every tie
     routes = [routing(x.shape[0], "random", generator) for x in xs]
     areas = []
     for fused in (False, True):
-        group = VirtualRanks(expert_map, "fp8", HIDDEN, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
+        group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
                              fuse_quantization=fused)
         received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
         areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])

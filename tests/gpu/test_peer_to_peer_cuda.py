@@ -17,7 +17,7 @@ HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
 
 
 @pytest.mark.parametrize("ranks", [2, 8])
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 def test_virtual_ranks_on_cuda_equal_the_reference(ranks, fmt):
     torch.manual_seed(ranks)
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
@@ -29,7 +29,7 @@ def test_virtual_ranks_on_cuda_equal_the_reference(ranks, fmt):
     received = group.dispatch(xs, ids, weights)
     ys = []
     for rank, (tokens, layout, _) in enumerate(received):
-        x = tokens.dequantize().float() if isinstance(tokens, Fp8Activations) else tokens.float()
+        x = tokens.dequantize().float() if isinstance(tokens, Fp8Activations) else tokens.float()  # (NVFP4: floats)
         slot = rank * expert_map.slots_per_rank + layout.slots
         ys.append((x * torch.where(layout.slots >= 0, layout.weights * (slot + 1), 0.0).sum(1, keepdim=True)).bfloat16())
     outs = group.combine(ys, [handle for _, _, handle in received])
@@ -87,3 +87,21 @@ def test_two_processes_exchange_through_symmetric_memory(low_latency):
         for out in outs:
             assert torch.isfinite(out).all()
             assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_quantized_inside_the_put_on_cuda_writes_the_rows_the_format_writes(fmt):
+    """The fused put (the CUDA default) against the torch format's packing, byte for byte."""
+    torch.manual_seed(0)
+    expert_map = ExpertMap.contiguous(EXPERTS, 4)
+    xs = [(torch.randn(t, HIDDEN, device="cuda") * torch.logspace(-4, 3, HIDDEN, device="cuda")).bfloat16()
+          for t in (40, 7, 0, 100)]
+    ids = [torch.rand(x.shape[0], EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K] for x in xs]
+    weights = [torch.rand(x.shape[0], TOP_K, device="cuda") for x in xs]
+    areas = []
+    for fused in (False, True):
+        group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=100, device="cuda", fuse_quantization=fused)
+        received = group.dispatch(xs, ids, weights)
+        areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])
+    for unfused, fused in zip(*areas):
+        assert torch.equal(unfused, fused)

@@ -122,7 +122,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
         self.buffers, self.tables, self.barrier = buffers, tables, barrier
         self.low_latency = low_latency
-        # FP8 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them first)
+        # FP8 / NVFP4 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them)
         on_cuda = torch.device(device).type == "cuda"
         self.fuse_quantization = on_cuda if fuse_quantization is None else fuse_quantization
         # the send side's layout in one kernel (default on CUDA; elsewhere the torch layout, its spec)
@@ -141,7 +141,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         else:
             local_index, meta, counts = self.layout(topk_ids, topk_weights)
             ep_transport.put_counts(self.tables.counts, counts, self.ep_rank)
-        fused = self.format.name == "fp8" and self.fuse_quantization
+        fused = self.format.name in ("fp8", "nvfp4") and self.fuse_quantization
         payload = x.contiguous() if fused else self.format.pack(x)
         self.pending = (payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
 
@@ -178,7 +178,8 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         else:  # after the rows of the ranks before me
             before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)
         position = torch.where(local_index >= 0, local_index + before_me[None, :], -1).to(torch.int32)
-        put = ep_transport.put_rows_fp8 if fused else ep_transport.put_rows
+        put = {"fp8": ep_transport.put_rows_fp8, "nvfp4": ep_transport.put_rows_nvfp4}[self.format.name] if fused \
+            else ep_transport.put_rows
         put(payload, meta.contiguous(), position, self.tables.recv)
 
     def receive(self):
