@@ -66,7 +66,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
                         help="data parallel attention groups")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (divides tp * dp)")
-    parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend, help="EP transport")
+    parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend,
+                        help="EP transport (p2p: peer-to-peer puts through symmetric memory, CUDA; new)")
+    parser.add_argument("--ep-max-tokens-per-rank", type=int, default=defaults.ep_max_tokens_per_rank,
+                        help="tokens a rank may dispatch in one step, which sizes the p2p buffers "
+                             "(default: --max-num-batched-tokens)")
     parser.add_argument("--ep-dispatch-format", choices=DISPATCH_FORMATS, default=defaults.ep_dispatch_format,
                         help="tokens on the wire in EP dispatch (bf16: unquantized)")
     parser.add_argument("--num-redundant-experts", type=int, default=0,
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--topk", type=int, default=8, help="experts per token")
     ep.add_argument("--experts", type=int, default=256, help="routed experts in all")
     ep.add_argument("--format", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
-    ep.add_argument("--backend", default="all_to_all,allgather", help="comma-separated: all_to_all, allgather")
+    ep.add_argument("--backend", default="all_to_all,allgather",
+                    help="comma-separated: all_to_all, allgather, p2p (CUDA: peer-to-peer puts through symmetric memory)")
     ep.add_argument("--iterations", type=int, default=20, help="timed repetitions per point")
     ep.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ep.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
@@ -551,12 +556,16 @@ def hf_latency_or_reason(args: argparse.Namespace, device: str, dtype: str):
 
 
 def run_bench_ep(args: argparse.Namespace) -> int:
+    from moeserve.config import ConfigError
     from moeserve.distributed.launch import launch, resolve_device
     from moeserve.distributed.layout import ParallelLayout
 
     args.device = resolve_device(args.device)
     if args.virtual_ranks:
         return bench_ep_virtual(args)
+    if "p2p" in args.backend.split(",") and args.device == "cpu":
+        raise ConfigError("--backend p2p puts tokens through GPU peer memory: use CUDA devices, or --virtual-ranks "
+                          "with TRITON_INTERPRET=1 to run its kernels on the CPU")
     launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)
     return 0
 
@@ -792,7 +801,8 @@ def plan_request(args: argparse.Namespace):
                       args.block_size,
                       args.gpu_memory or GPU_MEMORY[args.gpu], args.gpu_memory_utilization, args.kv_cache_memory,
                       args.num_redundant_experts, args.ep_dispatch_format,
-                      enforce_eager=args.enforce_eager)
+                      enforce_eager=args.enforce_eager, ep_backend=args.ep_backend,
+                      ep_max_tokens_per_rank=args.ep_max_tokens_per_rank)
     gpu_name = args.gpu if args.gpu_memory is None else f"GPU of {args.gpu_memory / 2**30:,.1f} GiB"
     return request, gpu_name, args.num_gpus or layout.world_size
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from moeserve.distributed.ep.dispatchers import DISPATCHERS
+from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 from moeserve.distributed.layout import ExpertMap
 from moeserve.quant.fp8 import Fp8Activations
 
@@ -47,7 +48,11 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
                   group, control, iterations: int = 20) -> EpPoint:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     expert_map = ExpertMap.contiguous(experts, world)
-    dispatcher = DISPATCHERS[backend](expert_map, group, rank, fmt, device, torch.bfloat16)
+    if backend == "p2p":  # buffers in symmetric memory for this point's tokens (CUDA)
+        transport = PeerTransport(group, world, max(tokens, 1))
+        dispatcher = PeerToPeerRank(expert_map, rank, fmt, None, None, device, torch.bfloat16, transport=transport)
+    else:
+        dispatcher = DISPATCHERS[backend](expert_map, group, rank, fmt, device, torch.bfloat16)
     generator = torch.Generator(device=device).manual_seed(rank)
     x = torch.randn(tokens, hidden, device=device, generator=generator).to(torch.bfloat16)
     topk_ids = torch.rand(tokens, experts, device=device, generator=generator).topk(top_k, dim=1).indices
@@ -78,6 +83,11 @@ def sent_bytes(handle, dispatcher, hidden: int, top_k: int, rank: int, backend: 
     if backend == "all_to_all":
         to_others = sum(c for r, c in enumerate(handle.send_counts) if r != rank)
         back_to_others = sum(c for r, c in enumerate(handle.recv_counts) if r != rank)
+        return to_others * row_bytes, back_to_others * hidden * 2
+    if backend == "p2p":
+        sent = handle.local_index >= 0
+        to_others = int(sent.sum()) - int(sent[:, rank].sum())
+        back_to_others = int(((handle.index_at_source >= 0) & (handle.source != rank)).sum())
         return to_others * row_bytes, back_to_others * hidden * 2
     others = dispatcher.ep - 1  # allgather: every padded row goes to every other rank, and comes back reduced
     return others * handle.padded_tokens * row_bytes, others * handle.padded_tokens * hidden * 2

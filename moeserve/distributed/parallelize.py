@@ -13,6 +13,7 @@ from torch import nn
 
 from moeserve.config import ConfigError
 from moeserve.distributed.ep.dispatchers import DISPATCHERS, gather_padded
+from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 from moeserve.distributed.eplb import balance
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap, ParallelGroups
@@ -37,6 +38,7 @@ class ParallelOptions:
     dispatch_format: str = "bf16"  # token format of EP dispatch: bf16 (unquantized), fp8, nvfp4
     backend: str = "all_to_all"  # or allgather
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer over the EP ranks (EPLB)
+    ep_max_tokens_per_rank: int = 8192  # the p2p backend's buffers: tokens one rank may dispatch at once
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,18 @@ class ExpertShard:
 
 
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
-                backend: str = "all_to_all", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0) -> None:
+                backend: str = "all_to_all", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
+                ep_max_tokens_per_rank: int = 8192) -> None:
     layout = groups.layout
     layout.check_model(model.config)
     if num_redundant_experts and layout.ep == 1:
         raise ConfigError("redundant experts need expert parallelism (--ep > 1): with one EP rank every expert is local")
-    if backend not in DISPATCHERS:
-        raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)})")
+    if backend not in (*DISPATCHERS, "p2p"):
+        raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)}, p2p)")
+    if backend == "p2p" and torch.device(device).type not in ("cuda", "meta"):
+        raise ConfigError("the p2p EP backend puts tokens through GPU peer memory: it needs CUDA devices "
+                          "(use all_to_all on the CPU)")
+    transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank) if backend == "p2p" else None
     token_format(dispatch_format)  # an unknown format fails here
     specs: dict = {}
     if layout.tp > 1:
@@ -85,7 +92,8 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
     for path, moe in [(p, m) for p, m in model.named_modules() if isinstance(m, MoE)]:
         if layout.ep > 1:
             expert_map = initial_expert_map(moe.moe.num_experts, layout.ep, num_redundant_experts)
-            shard_experts_over_ranks(moe, path, groups, expert_map, dispatch_format, backend, device, dtype, specs)
+            shard_experts_over_ranks(moe, path, groups, expert_map, dispatch_format, backend, device, dtype, specs,
+                                     transport)
         elif layout.tp > 1:
             split_experts_intermediate(moe, path, groups, specs)
     model.shard_specs = specs
@@ -213,12 +221,17 @@ def initial_expert_map(num_experts: int, ep: int, num_redundant: int) -> ExpertM
 
 
 def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, expert_map: ExpertMap, dispatch_format: str,
-                             backend: str, device, dtype, specs: dict) -> None:
+                             backend: str, device, dtype, specs: dict, transport=None) -> None:
+    """transport: the p2p backend's buffers, shared by every layer of the rank (made at the first exchange)."""
     layout = groups.layout
     local = expert_map.local_experts(groups.ep_rank)
     moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)
     specs[f"{path}.experts"] = ExpertShard(tuple(local), moe.moe.num_experts)
-    dispatcher = DISPATCHERS[backend](expert_map, groups.ep_group, groups.ep_rank, dispatch_format, device, dtype)
+    if backend == "p2p":
+        dispatcher = PeerToPeerRank(expert_map, groups.ep_rank, dispatch_format, None, None, device, dtype,
+                                    transport=transport)
+    else:
+        dispatcher = DISPATCHERS[backend](expert_map, groups.ep_group, groups.ep_rank, dispatch_format, device, dtype)
     if layout.tp > 1:
         dispatcher = TokenSplitDispatcher(dispatcher, groups.tp_group, groups.tp_rank, layout.tp)
     moe.dispatcher = dispatcher

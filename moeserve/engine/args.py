@@ -16,7 +16,7 @@ from moeserve.quant.formats import FORMATS
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATION_FORMATS = tuple(FORMATS)  # weight formats: fp8, nvfp4
-EP_BACKENDS = ("all_to_all", "allgather")  # moeserve.distributed.ep.dispatchers.DISPATCHERS
+EP_BACKENDS = ("all_to_all", "allgather", "p2p")  # DISPATCHERS, and the peer-to-peer transport (CUDA)
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
 # Tokens per step, as vLLM sets them on large GPUs: a served engine keeps chunks small enough for the decodes
 # sharing their step; offline, larger chunks keep the GPU busy through the host's per-step work.
@@ -46,7 +46,8 @@ class EngineArgs:
     tp: int = 1  # tensor parallel size (attention heads, dense MLPs; experts too when ep = 1)
     dp: int = 1  # data parallel attention: groups of tp ranks with their own requests
     ep: int = 1  # expert parallel size: experts are spread over ep ranks
-    ep_backend: str = "all_to_all"  # or allgather
+    ep_backend: str = "all_to_all"  # or allgather; p2p: peer-to-peer puts through symmetric memory (CUDA; new)
+    ep_max_tokens_per_rank: int | None = None  # p2p buffers' tokens a rank; None: max_num_batched_tokens
     ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer, spread over the EP ranks (EPLB)
     eplb_interval: int = 0  # forwards between rebalancings from the counted expert load; 0: the placement stays
@@ -89,6 +90,10 @@ class EngineArgs:
         require(self.eplb_interval >= 0, "eplb_interval", "must be 0 (off) or a number of forwards")
         require(self.eplb_interval == 0 or self.ep > 1, "eplb_interval", "needs expert parallelism (ep > 1)")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
+        require(self.ep_max_tokens_per_rank is None or self.ep_max_tokens_per_rank >= 1, "ep_max_tokens_per_rank",
+                "must be at least 1")
+        require(self.ep_backend != "p2p" or self.device != "cpu", "ep_backend",
+                "p2p puts tokens through GPU peer memory and needs a CUDA device (use all_to_all on the CPU)")
         require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
                 "block_size", "must be a power of two")
         require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", "must be positive")

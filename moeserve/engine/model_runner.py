@@ -113,7 +113,8 @@ class ModelRunner:
     def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
         parallel = None
         if context is not None:
-            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts)
+            parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts,
+                                       args.ep_max_tokens_per_rank or args.max_num_batched_tokens)
         if args.load_format != "dummy":
             return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
         model = build_model(self.config, self.dtype, self.device, parallel=parallel)

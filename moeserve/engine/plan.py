@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moeserve.config import ConfigError, ModelConfig
+from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.kv_cache import bytes_per_block
@@ -70,6 +71,8 @@ class Request:
     num_redundant_experts: int = 0
     ep_dispatch_format: str = "bf16"
     enforce_eager: bool = False
+    ep_backend: str = "all_to_all"
+    ep_max_tokens_per_rank: int | None = None  # p2p buffers; None: max_num_batched_tokens
 
     @property
     def cuda_graphs(self) -> bool:
@@ -169,11 +172,18 @@ def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.d
                                                                   max_graph_batch, max_model_len, dense_attention=False)
 
 
-def ep_buffer_bytes(layout: ParallelLayout) -> int:
-    """Persistent EP communication buffers: none for the NCCL all-to-all and all-gather backends, whose
-    transfers are allocated per step (inside the activation peak)."""
-    del layout
-    return 0
+def ep_buffer_bytes(request: "Request") -> int:
+    """Persistent EP communication buffers: the p2p backend's PeerBuffers (a count matrix, receive rows for every rank
+    sending all its tokens here, every rank's results for this rank's tokens); none for the NCCL all-to-all and
+    all-gather backends, whose transfers are allocated per step (inside the activation peak)."""
+    ep = request.layout.ep
+    if request.ep_backend != "p2p" or ep == 1:
+        return 0
+    config = request.config
+    hidden, top_k = config.hidden_size, config.moe.top_k
+    row = token_format(request.ep_dispatch_format, request.dtype).payload_bytes(hidden) + 8 * top_k
+    tokens = request.ep_max_tokens_per_rank or request.max_num_batched_tokens
+    return 4 * ep * ep + ep * tokens * row + ep * tokens * hidden * request.dtype.itemsize
 
 
 def kv_cache_budget(gpu_memory: int, utilization: float, in_use: int, activations: int, graph_pool: int) -> int:
@@ -194,7 +204,7 @@ def plan_rank(request: Request, rank: int = 0) -> RankMemory:
     activations = largest_step_activation_bytes(config, layout, request.dtype, tokens, rows, request.model_len,
                                                 dense_attention=True)
     graph_pool = graph_pool_bytes(config, layout, request.dtype, rows, request.model_len) if request.cuda_graphs else 0
-    ep_buffers = ep_buffer_bytes(layout)
+    ep_buffers = ep_buffer_bytes(request)
     in_use = sum(weights.values()) + CUDA_CONTEXT_BYTES + ep_buffers
     budget = request.kv_cache_memory or kv_cache_budget(request.gpu_memory, request.gpu_memory_utilization, in_use,
                                                         activations, graph_pool)

@@ -183,3 +183,58 @@ def test_tokens_that_do_not_match_the_buffers_are_refused_before_any_put():
         with pytest.raises(ValueError, match="do not match the transport"):
             group.ranks[0].send_counts(x, ids[:, :k], weights[:, :k])
     assert (group.buffers[1].counts == 0).all()  # nothing was written
+
+
+def test_the_p2p_backend_is_refused_on_the_cpu_with_what_to_use():
+    from moeserve.config import ConfigError
+    from moeserve.engine.args import EngineArgs
+
+    with pytest.raises(ConfigError, match="needs a CUDA device.*all_to_all"):
+        EngineArgs(model="tiny-deepseek-v3", device="cpu", ep_backend="p2p")
+    with pytest.raises(ConfigError, match="ep_max_tokens_per_rank"):
+        EngineArgs(model="tiny-deepseek-v3", ep_max_tokens_per_rank=0)
+
+
+def test_parallelize_gives_every_moe_layer_a_p2p_rank_sharing_one_transport():
+    """On the meta device (as plan and the engine build models): no buffers yet, one transport for all layers; on the
+    CPU a clear error."""
+    from moeserve.config import ConfigError
+    from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank
+    from moeserve.distributed.layout import ParallelLayout
+    from moeserve.distributed.parallelize import ParallelOptions
+    from moeserve.engine.plan import PlanningGroups
+    from moeserve.layers.moe.moe import MoE
+    from moeserve.loader.build import build_model
+    from moeserve.loader.model_loader import load_config
+
+    config = load_config("tiny-deepseek-v3")
+    groups = PlanningGroups(ParallelLayout(dp=2, ep=2), 1)
+    model = build_model(config, torch.bfloat16, "meta", parallel=ParallelOptions(groups, "fp8", "p2p",
+                                                                                 ep_max_tokens_per_rank=64))
+    ranks = [m.dispatcher for m in model.modules() if isinstance(m, MoE)]
+    assert ranks and all(isinstance(r, PeerToPeerRank) and r.buffers is None and r.ep_rank == 1 for r in ranks)
+    assert len({id(r.transport) for r in ranks}) == 1 and ranks[0].transport.max_tokens == 64
+    with pytest.raises(ConfigError, match="needs CUDA devices"):
+        build_model(config, torch.bfloat16, "cpu", parallel=ParallelOptions(groups, "fp8", "p2p"))
+
+
+def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
+    from moeserve.distributed.ep.peer_to_peer import PeerBuffers
+    from moeserve.distributed.layout import ParallelLayout
+    from moeserve.engine.plan import Request, ep_buffer_bytes
+    from moeserve.loader.model_loader import load_config
+
+    config = load_config("deepseek-v3")
+    request = Request(config, ParallelLayout(dp=8, ep=8), ep_dispatch_format="fp8", ep_backend="p2p",
+                      ep_max_tokens_per_rank=16)
+    row = config.hidden_size + config.hidden_size // 32 + 8 * config.moe.top_k
+    buffers = PeerBuffers(8, 16, row, config.hidden_size, torch.bfloat16, "meta")
+    assert ep_buffer_bytes(request) == buffers.nbytes > 0
+    assert ep_buffer_bytes(Request(config, ParallelLayout(dp=8, ep=8))) == 0  # NCCL backends: per step
+
+
+def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
+    from moeserve.cli import main
+
+    assert main(["bench", "ep", "--backend", "p2p", "--device", "cpu", "--ranks", "2"]) != 0
+    assert "virtual-ranks" in capsys.readouterr().err

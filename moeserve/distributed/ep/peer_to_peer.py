@@ -103,6 +103,21 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
     return buffers, tables, barrier
 
 
+class PeerTransport:
+    """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank and made at the first exchange
+    (collective: every rank's first MoE layer reaches it in the same step), sized for `max_tokens` a rank."""
+
+    def __init__(self, group, ep: int, max_tokens: int):
+        self.group, self.ep, self.max_tokens = group, ep, max_tokens
+        self.made = None
+
+    def get(self, row_bytes: int, hidden: int, dtype: torch.dtype, device):
+        """(PeerBuffers, PeerTables, barrier)."""
+        if self.made is None:
+            self.made = symmetric_buffers(self.group, self.ep, self.max_tokens, row_bytes, hidden, dtype, device)
+        return self.made
+
+
 @dataclass
 class PeerHandle:
     local_index: torch.Tensor  # int32 [T, EP]: each token's row index among this rank's rows to each rank, -1: none
@@ -118,9 +133,10 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, buffers: PeerBuffers,
                  tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None,
-                 low_latency: bool = False, fuse_layout: bool | None = None):
+                 low_latency: bool = False, fuse_layout: bool | None = None, transport=None):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
         self.buffers, self.tables, self.barrier = buffers, tables, barrier
+        self.transport = transport  # without buffers: they come from it at the first exchange
         self.low_latency = low_latency
         # FP8 / NVFP4 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them)
         on_cuda = torch.device(device).type == "cuda"
@@ -134,6 +150,9 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
+        if self.buffers is None:
+            self.buffers, self.tables, self.barrier = self.transport.get(self.row_bytes(x.shape[1], top_k), x.shape[1],
+                                                                         x.dtype, x.device)
         self.check_fits(x, top_k)
         if self.fuse_layout:  # one kernel, counts put too
             local_index, meta = ep_transport.route_rows(topk_ids, topk_weights, self.replica_slots, self.replica_count,
