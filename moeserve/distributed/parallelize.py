@@ -14,6 +14,7 @@ from torch import nn
 from moeserve.config import ConfigError
 from moeserve.distributed.ep.dispatchers import DISPATCHERS, gather_padded
 from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
+from moeserve.distributed.ep.rebalance import ep_nodes
 from moeserve.distributed.eplb import balance
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap, ParallelGroups
@@ -39,6 +40,7 @@ class ParallelOptions:
     backend: str = "all_to_all"  # or allgather
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer over the EP ranks (EPLB)
     ep_max_tokens_per_rank: int = 8192  # the p2p backend's buffers: tokens one rank may dispatch at once
+    dist_timeout: float = 300.0  # seconds the p2p backend's device barrier waits for a rank before it traps
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,22 @@ class ExpertShard:
 
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
                 backend: str = "all_to_all", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
-                ep_max_tokens_per_rank: int = 8192) -> None:
+                ep_max_tokens_per_rank: int = 8192, dist_timeout: float = 300.0) -> None:
     layout = groups.layout
     layout.check_model(model.config)
     if num_redundant_experts and layout.ep == 1:
         raise ConfigError("redundant experts need expert parallelism (--ep > 1): with one EP rank every expert is local")
     if backend not in (*DISPATCHERS, "p2p"):
         raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)}, p2p)")
-    if backend == "p2p" and torch.device(device).type not in ("cuda", "meta"):
-        raise ConfigError("the p2p EP backend puts tokens through GPU peer memory: it needs CUDA devices "
-                          "(use all_to_all on the CPU)")
-    transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank) if backend == "p2p" else None
+    transport = None
+    if backend == "p2p" and layout.ep > 1:
+        if torch.device(device).type not in ("cuda", "meta"):
+            raise ConfigError("the p2p EP backend puts tokens through GPU peer memory: it needs CUDA devices "
+                              "(use all_to_all on the CPU)")
+        if ep_nodes(layout.ep) > 1:
+            raise ConfigError(f"the p2p EP backend maps peer memory within one node, and this EP group of {layout.ep} "
+                              f"ranks spans {ep_nodes(layout.ep)}: use all_to_all, or an --ep within one node")
+        transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank, dist_timeout)
     token_format(dispatch_format)  # an unknown format fails here
     specs: dict = {}
     if layout.tp > 1:

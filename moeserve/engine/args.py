@@ -90,8 +90,10 @@ class EngineArgs:
         require(self.eplb_interval >= 0, "eplb_interval", "must be 0 (off) or a number of forwards")
         require(self.eplb_interval == 0 or self.ep > 1, "eplb_interval", "needs expert parallelism (ep > 1)")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1")
-        require(self.ep_max_tokens_per_rank is None or self.ep_max_tokens_per_rank >= 1, "ep_max_tokens_per_rank",
-                "must be at least 1")
+        require(self.ep_max_tokens_per_rank is None or self.ep_max_tokens_per_rank >= -(-self.max_num_batched_tokens
+                                                                                       // self.tp),
+                "ep_max_tokens_per_rank", f"must hold a rank's share of a step, at least max_num_batched_tokens / tp = "
+                f"{-(-self.max_num_batched_tokens // self.tp)}")
         require(self.ep_backend != "p2p" or self.device != "cpu", "ep_backend",
                 "p2p puts tokens through GPU peer memory and needs a CUDA device (use all_to_all on the CPU)")
         require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,

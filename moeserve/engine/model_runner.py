@@ -24,7 +24,7 @@ from moeserve.engine.block_table import BlockTable
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
 from moeserve.engine.memory import plan_num_blocks
-from moeserve.engine.plan import decode_graphs
+from moeserve.engine.plan import decode_graphs, ep_tokens_per_rank
 from moeserve.engine.sequence import Sequence
 from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
@@ -113,8 +113,10 @@ class ModelRunner:
     def load_model(self, args: EngineArgs, context: DistributedContext | None) -> CausalLM:
         parallel = None
         if context is not None:
+            tokens = ep_tokens_per_rank(args.max_num_batched_tokens, self.max_model_len, context.groups.layout.tp,
+                                        args.ep_max_tokens_per_rank)
             parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts,
-                                       args.ep_max_tokens_per_rank or args.max_num_batched_tokens)
+                                       tokens, args.dist_timeout)
         if args.load_format != "dummy":
             return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
         model = build_model(self.config, self.dtype, self.device, parallel=parallel)

@@ -125,6 +125,13 @@ def profile_batch_shape(num_tokens: int, max_model_len: int) -> tuple[int, int]:
     return batch, -(-num_tokens // batch)
 
 
+def ep_tokens_per_rank(max_num_batched_tokens: int, max_model_len: int, tp: int, given: int | None = None) -> int:
+    """Tokens one rank may dispatch in one step, which sizes the p2p buffers: its share of the largest step (a tp
+    group splits a step's tokens), the memory profile's included (its batch shape may round up), or `given` if more."""
+    batch, seq_len = profile_batch_shape(max_num_batched_tokens, max_model_len)
+    return max(given or 0, -(-max(max_num_batched_tokens, batch * seq_len) // tp))
+
+
 def largest_step_activation_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, tokens: int,
                                   logit_rows: int, max_model_len: int, dense_attention: bool) -> int:
     """An estimate of the peak above the weights while one step of `tokens` tokens runs: the residual stream,
@@ -182,7 +189,8 @@ def ep_buffer_bytes(request: "Request") -> int:
     config = request.config
     hidden, top_k = config.hidden_size, config.moe.top_k
     row = token_format(request.ep_dispatch_format, request.dtype).payload_bytes(hidden) + 8 * top_k
-    tokens = request.ep_max_tokens_per_rank or request.max_num_batched_tokens
+    tokens = ep_tokens_per_rank(request.max_num_batched_tokens, request.model_len, request.layout.tp,
+                                request.ep_max_tokens_per_rank)
     return 4 * ep * ep + ep * tokens * row + ep * tokens * hidden * request.dtype.itemsize
 
 

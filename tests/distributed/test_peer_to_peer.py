@@ -225,8 +225,8 @@ def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
     from moeserve.loader.model_loader import load_config
 
     config = load_config("deepseek-v3")
-    request = Request(config, ParallelLayout(dp=8, ep=8), ep_dispatch_format="fp8", ep_backend="p2p",
-                      ep_max_tokens_per_rank=16)
+    request = Request(config, ParallelLayout(dp=8, ep=8), max_num_batched_tokens=16, ep_dispatch_format="fp8",
+                      ep_backend="p2p")
     row = config.hidden_size + config.hidden_size // 32 + 8 * config.moe.top_k
     buffers = PeerBuffers(8, 16, row, config.hidden_size, torch.bfloat16, "meta")
     assert ep_buffer_bytes(request) == buffers.nbytes > 0
@@ -238,3 +238,47 @@ def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
 
     assert main(["bench", "ep", "--backend", "p2p", "--device", "cpu", "--ranks", "2"]) != 0
     assert "virtual-ranks" in capsys.readouterr().err
+
+
+def test_p2p_buffers_hold_a_ranks_share_of_the_largest_step_and_the_memory_profile():
+    from moeserve.engine.plan import ep_tokens_per_rank, profile_batch_shape
+
+    for tokens, model_len in ((5001, 4096), (2049, 4096), (8192, 200), (8192, 4096)):
+        batch, seq_len = profile_batch_shape(tokens, model_len)
+        assert ep_tokens_per_rank(tokens, model_len, 1) == max(tokens, batch * seq_len)  # the profile may round up
+    assert ep_tokens_per_rank(8192, 4096, 4) == 2048  # a tp group splits the step's tokens
+    assert ep_tokens_per_rank(8192, 4096, 4, given=5000) == 5000
+
+
+class FakeTransport:
+    """Hands out one virtual rank's buffers, as PeerTransport would its symmetric ones, and counts the calls."""
+
+    def __init__(self, buffers, tables):
+        self.buffers, self.tables, self.calls = buffers, tables, []
+
+    def get(self, row_bytes, hidden, dtype, device):
+        self.calls.append((row_bytes, hidden, dtype))
+        return self.buffers, self.tables, lambda: None
+
+
+def test_a_rank_without_buffers_takes_them_from_its_transport_at_the_first_exchange():
+    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, tables_of
+
+    expert_map = ExpertMap.contiguous(EXPERTS, 2)
+    row = HIDDEN * 4 + 8 * TOP_K  # fp32 rows, unquantized
+    buffers = [PeerBuffers(2, 8, row, HIDDEN, torch.float32, "cpu") for _ in range(2)]
+    tables = tables_of(buffers, "cpu")
+    transports = [FakeTransport(b, tables) for b in buffers]
+    ranks = [PeerToPeerRank(expert_map, r, "bf16", None, None, "cpu", torch.float32, transport=t)
+             for r, t in enumerate(transports)]
+    generator = torch.Generator().manual_seed(5)
+    xs = [torch.randn(t, HIDDEN, generator=generator) for t in (6, 3)]
+    routes = [routing(x.shape[0], "random", generator) for x in xs]
+    for _ in range(2):
+        for rank, x, (ids, weights) in zip(ranks, xs, routes):
+            rank.send_counts(x, ids, weights)
+        for rank in ranks:
+            rank.send_rows()
+        received = [rank.receive() for rank in ranks]
+    assert [t.calls for t in transports] == [[(row, HIDDEN, torch.float32)]] * 2  # made once, at the first exchange
+    assert sum(layout.slots.shape[0] for _, layout, _ in received) >= 6 + 3

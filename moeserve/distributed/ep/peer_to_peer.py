@@ -107,14 +107,15 @@ class PeerTransport:
     """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank and made at the first exchange
     (collective: every rank's first MoE layer reaches it in the same step), sized for `max_tokens` a rank."""
 
-    def __init__(self, group, ep: int, max_tokens: int):
-        self.group, self.ep, self.max_tokens = group, ep, max_tokens
+    def __init__(self, group, ep: int, max_tokens: int, timeout_seconds: float = 300.0):
+        self.group, self.ep, self.max_tokens, self.timeout_seconds = group, ep, max_tokens, timeout_seconds
         self.made = None
 
     def get(self, row_bytes: int, hidden: int, dtype: torch.dtype, device):
         """(PeerBuffers, PeerTables, barrier)."""
         if self.made is None:
-            self.made = symmetric_buffers(self.group, self.ep, self.max_tokens, row_bytes, hidden, dtype, device)
+            self.made = symmetric_buffers(self.group, self.ep, self.max_tokens, row_bytes, hidden, dtype, device,
+                                          int(self.timeout_seconds * 1000))
         return self.made
 
 
