@@ -9,7 +9,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"
 git log -1 --format=%h >> "$T" 2>/dev/null
-timeout 150 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider -rf \
+timeout 330 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider -rf \
   > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$T"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8 >> "$T"
 timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
