@@ -18,10 +18,10 @@ def build(fn, sig, constants, warps=4):
 c = "constexpr"
 for q in (False, True):
     build(activation._silu_and_mul_kernel,
-          dict(gate_up_ptr="*bf16", out_ptr="*fp8e4nv" if q else "*bf16", scale_ptr="*fp32", slots_ptr="*i32", intermediate="i32",
+          dict(gate_up_ptr="*bf16", out_ptr="*fp8e4nv" if q else "*bf16", scale_ptr="*fp32", slots_ptr="*i64", intermediate="i32",
                stride_in="i32", stride_out="i32", stride_scale="i32", BLOCK=c, QUANTIZE=c, ROUND_SILU=c, ROWS_IN_USE=c),
           dict(BLOCK=128, QUANTIZE=q, ROUND_SILU=False, ROWS_IN_USE=True))
-build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i32", out_ptr="*bf16", hidden="i32", TOP_K=c, BLOCK=c, ROWS_IN_USE=c),
+build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i64", out_ptr="*bf16", hidden="i32", TOP_K=c, BLOCK=c, ROWS_IN_USE=c),
       dict(TOP_K=8, BLOCK=1024, ROWS_IN_USE=True))
 build(ep_transport._route_rows_kernel,
       dict(ids_ptr="*i64", weights_ptr="*fp32", replica_slots_ptr="*i64", replica_count_ptr="*i64", local_index_ptr="*i32",

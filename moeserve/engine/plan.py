@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moeserve.config import ConfigError, ModelConfig
+from moeserve.distributed.ep.peer_to_peer import PeerBuffers, row_bytes
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ParallelLayout
 from moeserve.distributed.parallelize import ParallelOptions
@@ -186,12 +187,11 @@ def ep_buffer_bytes(request: "Request") -> int:
     ep = request.layout.ep
     if request.ep_backend != "p2p" or ep == 1:
         return 0
-    config = request.config
-    hidden, top_k = config.hidden_size, config.moe.top_k
-    row = token_format(request.ep_dispatch_format, request.dtype).payload_bytes(hidden) + 8 * top_k
+    hidden = request.config.hidden_size
+    row = row_bytes(token_format(request.ep_dispatch_format, request.dtype), hidden, request.config.moe.top_k)
     tokens = ep_tokens_per_rank(request.max_num_batched_tokens, request.model_len, request.layout.tp,
                                 request.ep_max_tokens_per_rank)
-    return 4 * ep * ep + ep * tokens * row + ep * tokens * hidden * request.dtype.itemsize
+    return PeerBuffers(ep, tokens, row, hidden, request.dtype, "meta").nbytes  # as the transport allocates them
 
 
 def kv_cache_budget(gpu_memory: int, utilization: float, in_use: int, activations: int, graph_pool: int) -> int:

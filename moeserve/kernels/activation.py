@@ -69,7 +69,7 @@ def silu_and_mul(gate_up: torch.Tensor, quantize: bool = False, round_silu: bool
                  slots: torch.Tensor | None = None):
     """gate_up [R, 2I] -> silu(gate) * up [R, I] in gate_up's dtype, or (FP8 values, scales [R, ceil(I/128)]).
     Computed in fp32 and rounded once; `round_silu` rounds silu(gate) to gate_up's dtype first, as the
-    eager torch expression does. slots (int32 [R]): rows with -1 are skipped (their outputs left unwritten)."""
+    eager torch expression does. slots (integers [R]): rows with -1 are skipped (their outputs left unwritten)."""
     rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     groups = triton.cdiv(intermediate, FP8_GROUP)
     if quantize:
@@ -102,7 +102,7 @@ def _sum_over_k_kernel(y_ptr, slots_ptr, out_ptr, hidden, TOP_K: tl.constexpr, B
 
 
 def sum_over_k(y: torch.Tensor, top_k: int, slots: torch.Tensor | None = None) -> torch.Tensor:
-    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]. slots (int32 [R * K]): entries of -1 are
+    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]. slots (integers [R * K]): entries of -1 are
     read as 0 (y there may be unwritten)."""
     rows, hidden = y.shape[0] // top_k, y.shape[1]
     out = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)

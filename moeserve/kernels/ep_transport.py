@@ -242,30 +242,20 @@ def put_rows(payload: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, 
                                        payload_words, meta_words, EP=ep, BLOCK=WORDS_PER_PROGRAM)
 
 
-def put_rows_fp8(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
-    """put_rows with the FP8 token format's payload made here from x [T, H] (H a multiple of 128): each token read and
-    quantized once, whatever the number of ranks it goes to."""
+def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor,
+                       recv_table: torch.Tensor) -> None:
+    """put_rows with the payload of token format `fmt` (fp8 or nvfp4) made here from x [T, H] (H a multiple of 128):
+    each token read and quantized once, whatever the number of ranks it goes to (NVFP4 reads it twice: its amax,
+    then its blocks)."""
     tokens, ep = position.shape
     hidden = x.shape[1]
     meta_words = meta.shape[2] // 4
     if hidden % FP8_GROUP:
-        raise ValueError(f"the fused FP8 put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
+        raise ValueError(f"the fused {fmt} put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
-        _put_rows_fp8_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
-                                        GROUP=FP8_GROUP, BLOCK=triton.next_power_of_2(max(meta_words, 1)))
-
-
-def put_rows_nvfp4(x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
-    """put_rows with the NVFP4 token format's payload made here from x [T, H] (H a multiple of 128): each token read
-    twice (its amax, then its blocks) and quantized once, whatever the number of ranks it goes to."""
-    tokens, ep = position.shape
-    hidden = x.shape[1]
-    meta_words = meta.shape[2] // 4
-    if hidden % FP8_GROUP:
-        raise ValueError(f"the fused NVFP4 put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
-    if tokens:
-        _put_rows_nvfp4_kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
-                                          CHUNK=FP8_GROUP, BLOCK=triton.next_power_of_2(max(meta_words, 1)))
+        kernel, step = {"fp8": (_put_rows_fp8_kernel, "GROUP"), "nvfp4": (_put_rows_nvfp4_kernel, "CHUNK")}[fmt]
+        kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
+                          BLOCK=triton.next_power_of_2(max(meta_words, 1)), **{step: FP8_GROUP})
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,

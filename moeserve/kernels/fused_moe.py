@@ -47,7 +47,7 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layo
     intermediate = experts.down_proj.shape[-1]
     gate_up = torch.empty(rows * top_k, 2 * intermediate, dtype=x.dtype, device=x.device)
     moe_gemm(a, a_scale, experts.gate_up_proj, block, gate_up, rows_per_a_row=top_k, config=config)
-    slots = layout.slots.reshape(-1).to(torch.int32)  # (row, k) pairs of other ranks (-1) are never computed
+    slots = layout.slots.reshape(-1)  # (row, k) pairs of other ranks (-1) are never computed; any integer dtype
     activation = silu_and_mul(gate_up, quantize=fp8, slots=slots)
     act, act_scale = activation if fp8 else (activation, None)
     down = torch.empty(rows * top_k, x.shape[1], dtype=x.dtype, device=x.device)

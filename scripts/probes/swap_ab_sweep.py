@@ -43,6 +43,15 @@ def variants(fmt: str, moe: bool = False):
             yield GemmConfig(block_m=block_m, block_n=128, block_k=128, swap_ab=True)
 
 
+def best_variant(times: dict, now: GemmConfig, label: str) -> GemmConfig | None:
+    """The fastest variant other than `now`; None (said) when `now` or every variant failed."""
+    others = {c: t for c, t in times.items() if c != now}
+    if now not in times or not others:
+        print(f"{label}: the current config or every variant failed (above)")
+        return None
+    return min(others, key=others.get)
+
+
 def short(config: GemmConfig) -> str:
     return (f"{config.block_m}x{config.block_n}x{config.block_k} split {config.split_k}"
             + (" swapped" if config.swap_ab else ""))
@@ -84,14 +93,11 @@ def dense():
                     times[config] = 1000 * per_copy_ms(lambda i: quantized_gemm(x, weights[i], config=config), copies)
                 except Exception as error:  # shared memory, etc.
                     print(f"  {name} {fmt} {rows} {config}: {type(error).__name__} {str(error)[:100]}")
-            swaps = {c: t for c, t in times.items() if c != now}
-            if now not in times or not swaps:
-                print(f"{name:14} {fmt:5} {rows:4d}: the current config or every variant failed (above)")
-                continue
-            best = min(swaps, key=swaps.get)
-            print(f"{name:14} {fmt:5} {rows:4d} {megabytes:6.1f} {cublas:8.1f} {times[now]:7.1f} "
-                  f"{megabytes / times[now]:5.2f} {swaps[best]:8.1f} {megabytes / swaps[best]:5.2f}"
-                  f"  {short(best)}", flush=True)
+            best = best_variant(times, now, f"{name:14} {fmt:5} {rows:4d}")
+            if best:
+                print(f"{name:14} {fmt:5} {rows:4d} {megabytes:6.1f} {cublas:8.1f} {times[now]:7.1f} "
+                      f"{megabytes / times[now]:5.2f} {times[best]:8.1f} {megabytes / times[best]:5.2f}"
+                      f"  {short(best)}", flush=True)
         del bf16, weights
         torch.cuda.empty_cache()
 
@@ -120,14 +126,11 @@ def moe():
                         times[candidate] = ms
                 except Exception as error:
                     print(f"  {fmt} {tokens} {candidate}: {type(error).__name__} {str(error)[:100]}")
-            swaps = {c: t for c, t in times.items() if c != now}
-            if now not in times or not swaps:
-                print(f"{fmt:5} {tokens:6d}: the current config or every variant failed (above)")
-                continue
-            best = min(swaps, key=swaps.get)
-            gb = touched * per_expert / 1e9
-            print(f"{fmt:5} {tokens:6d} {times[now]:7.3f} {gb / times[now]:5.2f} {swaps[best]:8.3f} {gb / swaps[best]:5.2f}"
-                  f"  {short(best)}; now {short(now)}", flush=True)
+            best = best_variant(times, now, f"{fmt:5} {tokens:6d}")
+            if best:
+                gb = touched * per_expert / 1e9
+                print(f"{fmt:5} {tokens:6d} {times[now]:7.3f} {gb / times[now]:5.2f} {times[best]:8.3f} "
+                      f"{gb / times[best]:5.2f}  {short(best)}; now {short(now)}", flush=True)
         del experts
         torch.cuda.empty_cache()
 

@@ -49,7 +49,7 @@ def symmetric_memory_rank(rank, world, low_latency):
     """One EP rank in its own process, its buffers in PyTorch's symmetric memory (ranks may share a GPU)."""
     import torch.distributed as dist
 
-    from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, symmetric_buffers
+    from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
@@ -61,11 +61,8 @@ def symmetric_memory_rank(rank, world, low_latency):
     x = torch.randn(tokens, HIDDEN, device=device, generator=generator).bfloat16()
     ids = torch.rand(tokens, EXPERTS, device=device, generator=generator).argsort(dim=1)[:, :TOP_K]
     weights = torch.rand(tokens, TOP_K, device=device, generator=generator)
-    probe = PeerToPeerRank(expert_map, rank, "fp8", None, None, device, torch.bfloat16)
-    buffers, tables, barrier = symmetric_buffers(dist.group.WORLD, world, 128, probe.row_bytes(HIDDEN, TOP_K), HIDDEN,
-                                                 torch.bfloat16, device)
-    me = PeerToPeerRank(expert_map, rank, "fp8", buffers, tables, device, torch.bfloat16, barrier=barrier,
-                        low_latency=low_latency)
+    me = PeerToPeerRank(expert_map, rank, "fp8", None, None, device, torch.bfloat16, low_latency=low_latency,
+                        transport=PeerTransport(dist.group.WORLD, world, 128))  # as the engine makes its buffers
     outs = []
     for _ in range(2):  # (the same tokens twice: the CPU tests vary them between exchanges)
         received, layout, handle = me.dispatch(x, ids, weights)

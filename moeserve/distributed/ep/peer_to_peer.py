@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.distributed.ep.dispatchers import ExpertParallelDispatcher
-from moeserve.distributed.ep.token_formats import as_row_bytes
+from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
 from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels import ep_transport
 from moeserve.kernels.row_layout import RowLayout
@@ -46,6 +46,11 @@ class PeerTables:
     counts: torch.Tensor
     recv: torch.Tensor
     back: torch.Tensor
+
+
+def row_bytes(token_format, hidden: int, top_k: int) -> int:
+    """Bytes of one received row: the token's payload in its format, then K int32 slots and K fp32 weights."""
+    return token_format.payload_bytes(hidden) + 8 * top_k
 
 
 class PeerBuffers:
@@ -147,7 +152,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         self.pending = None
 
     def row_bytes(self, hidden: int, top_k: int) -> int:
-        return self.format.payload_bytes(hidden) + 8 * top_k
+        return row_bytes(self.format, hidden, top_k)
 
     def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
@@ -198,9 +203,10 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         else:  # after the rows of the ranks before me
             before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)
         position = torch.where(local_index >= 0, local_index + before_me[None, :], -1).to(torch.int32)
-        put = {"fp8": ep_transport.put_rows_fp8, "nvfp4": ep_transport.put_rows_nvfp4}[self.format.name] if fused \
-            else ep_transport.put_rows
-        put(payload, meta.contiguous(), position, self.tables.recv)
+        if fused:
+            ep_transport.put_quantized_rows(self.format.name, payload, meta.contiguous(), position, self.tables.recv)
+        else:
+            ep_transport.put_rows(payload, meta.contiguous(), position, self.tables.recv)
 
     def receive(self):
         if self.low_latency:
@@ -265,9 +271,8 @@ class VirtualRanks:
                  device, dtype=torch.bfloat16, fuse_quantization: bool | None = None, low_latency: bool = False,
                  fuse_layout: bool | None = None):
         ep = expert_map.num_ranks
-        probe = PeerToPeerRank(expert_map, 0, dispatch_format, None, None, device, dtype)
-        row_bytes = probe.row_bytes(hidden, top_k)
-        self.buffers = [PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device) for _ in range(ep)]
+        row = row_bytes(token_format(dispatch_format, dtype), hidden, top_k)
+        self.buffers = [PeerBuffers(ep, max_tokens, row, hidden, dtype, device) for _ in range(ep)]
         tables = tables_of(self.buffers, device)
         self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format, self.buffers[r], tables, device, dtype,
                                      fuse_quantization=fuse_quantization, low_latency=low_latency,
