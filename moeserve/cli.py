@@ -67,7 +67,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         help="data parallel attention groups")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (divides tp * dp)")
     parser.add_argument("--ep-backend", choices=EP_BACKENDS, default=defaults.ep_backend,
-                        help="EP transport (p2p: peer-to-peer puts through symmetric memory, CUDA; new)")
+                        help="EP transport (auto: p2p, peer-to-peer puts through symmetric memory, for CUDA ranks "
+                             "within a node; all_to_all otherwise)")
     parser.add_argument("--ep-max-tokens-per-rank", type=int, default=defaults.ep_max_tokens_per_rank,
                         help="tokens a rank may dispatch in one step, which sizes the p2p buffers "
                              "(default: --max-num-batched-tokens)")

@@ -26,14 +26,21 @@ build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i64", out_p
 build(ep_transport._route_rows_kernel,
       dict(ids_ptr="*i64", weights_ptr="*fp32", replica_slots_ptr="*i64", replica_count_ptr="*i64", local_index_ptr="*i32",
            meta_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", me="i32", slots_per_rank="i32", stride_replicas="i32",
-           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=128))
+           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=512), warps=8)
 build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_ptr="*i32", me="i32", EP=c, EP_POW2=c), dict(EP=8, EP_POW2=8))
-build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
-      payload_words="i32", meta_words="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))
-build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
-      hidden="i32", meta_words="i32", EP=c, GROUP=c, BLOCK=c), dict(EP=8, GROUP=128, BLOCK=16))
-build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", position_ptr="*i32", recv_table_ptr="*i64",
-      hidden="i32", meta_words="i32", EP=c, CHUNK=c, BLOCK=c), dict(EP=8, CHUNK=128, BLOCK=16))
+for low_latency in (False, True):
+    placement = dict(EP=8, EP_POW2=8, LOW_LATENCY=low_latency)
+    build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
+          recv_table_ptr="*i64", payload_words="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
+          LOW_LATENCY=c, BLOCK=c, META_BLOCK=c), dict(**placement, BLOCK=1024, META_BLOCK=16))
+    build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
+          recv_table_ptr="*i64", hidden="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
+          LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16))
+    build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
+          recv_table_ptr="*i64", hidden="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
+          LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
+build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", hidden="i32", row_stride="i32", CHUNK=c),
+      dict(CHUNK=1024))
 build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
       me="i32", max_tokens="i32", hidden="i32", BLOCK=c), dict(BLOCK=1024))
 build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",

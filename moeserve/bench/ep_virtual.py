@@ -2,8 +2,9 @@
 (moeserve.distributed.ep.peer_to_peer.VirtualRanks): what the kernels cost without the fabric. Per point: dispatch and
 combine of every rank (all R in turn, as one device runs them), the bytes they write (all, between ranks, and what sending
 per expert would move), and a device-to-device copy of the written bytes timed in the same run, the yardstick (issue
-15's one-GPU target: within 1.5x of it). High-throughput dispatch times include each rank's host sync for its
-received count."""
+15's one-GPU target: within 1.5x of it). Wall times of eager calls: high-throughput dispatch includes each rank's host
+sync for its received count. Low-latency mode, which never waits on the host, is also timed as CUDA-graph replays
+(how a decode step runs it): the kernels alone."""
 
 import statistics
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.bench.timing import graph_of, time_ms
 from moeserve.distributed.ep.peer_to_peer import VirtualRanks
 from moeserve.distributed.layout import ExpertMap
 from moeserve.quant.fp8 import Fp8Activations
@@ -24,6 +26,8 @@ class VirtualEpPoint:
     wire_bytes: int  # of those, what crosses between ranks (what a fabric would carry)
     logical_bytes: int  # tokens x top-k payloads and results: what sending per expert instead of per rank would move
     copy_us: float  # a device-to-device copy of written_bytes
+    graph_dispatch_us: float | None = None  # low latency on CUDA: CUDA-graph replays
+    graph_combine_us: float | None = None
 
 
 def median_us(fn, device: torch.device, iterations: int) -> float:
@@ -72,18 +76,37 @@ def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: i
     source = torch.empty(rows * (row_bytes + result_bytes), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_us = median_us(lambda: target.copy_(source), device, iterations)
+    graphs = graph_times(group, xs, ids, weights, iterations) if low_latency and device.type == "cuda" else (None, None)
     return VirtualEpPoint(dispatch_us, combine_us, rows * (row_bytes + result_bytes),
                           from_others * (row_bytes + result_bytes), ranks * tokens * top_k * (payload + result_bytes),
-                          copy_us)
+                          copy_us, *graphs)
 
 
-HEADER = ("| virtual ranks | tokens/rank | format | mode | routing | dispatch us | combine us | MB written | MB between "
-          "ranks | MB per expert | copy of the written bytes us | ours / copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple[float, float]:
+    """(dispatch us, combine us) of every rank, each captured as one CUDA graph and timed by replays."""
+    state = {}
+    dispatch = graph_of(lambda: state.update(received=group.dispatch(xs, ids, weights)))
+    if dispatch is None:
+        raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")
+    ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in state["received"]]
+    handles = [handle for _, _, handle in state["received"]]
+    combine = graph_of(lambda: group.combine(ys, handles))
+    if combine is None:
+        raise RuntimeError("the low-latency combine could not be captured in a CUDA graph")
+    return time_ms(dispatch, iterations) * 1e3, time_ms(combine, iterations) * 1e3
+
+
+HEADER = ("| virtual ranks | tokens/rank | format | mode | routing | dispatch us | combine us | graph dispatch us | graph "
+          "combine us | MB written | MB between ranks | MB per expert | copy of the written bytes us | ours / copy | "
+          "graphs / copy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def report_row(ranks: int, tokens: int, fmt: str, mode: str, routing: str, point: VirtualEpPoint) -> str:
     total = point.dispatch_us + point.combine_us
+    copy = max(point.copy_us, 1e-9)
+    graphed = point.graph_dispatch_us is not None
+    graph_cells = (f"{point.graph_dispatch_us:.0f} | {point.graph_combine_us:.0f}" if graphed else "- | -")
+    graph_ratio = f"{(point.graph_dispatch_us + point.graph_combine_us) / copy:.2f}" if graphed else "-"
     return (f"| {ranks} | {tokens} | {fmt} | {mode} | {routing} | {point.dispatch_us:.0f} | {point.combine_us:.0f} | "
-            f"{point.written_bytes / 1e6:.3f} | {point.wire_bytes / 1e6:.3f} | {point.logical_bytes / 1e6:.3f} | "
-            f"{point.copy_us:.0f} | {total / max(point.copy_us, 1e-9):.2f} |")
+            f"{graph_cells} | {point.written_bytes / 1e6:.3f} | {point.wire_bytes / 1e6:.3f} | "
+            f"{point.logical_bytes / 1e6:.3f} | {point.copy_us:.0f} | {total / copy:.2f} | {graph_ratio} |")

@@ -37,7 +37,7 @@ from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
 class ParallelOptions:
     groups: ParallelGroups
     dispatch_format: str = "bf16"  # token format of EP dispatch: bf16 (unquantized), fp8, nvfp4
-    backend: str = "all_to_all"  # or allgather
+    backend: str = "auto"  # p2p for CUDA ranks within a node, else all_to_all; or any of them by name
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer over the EP ranks (EPLB)
     ep_max_tokens_per_rank: int = 8192  # the p2p backend's buffers: tokens one rank may dispatch at once
     dist_timeout: float = 300.0  # seconds the p2p backend's device barrier waits for a rank before it traps
@@ -74,15 +74,23 @@ class ExpertShard:
         return (first, first + len(self.experts)) if self.experts == tuple(range(first, first + len(self.experts))) else None
 
 
+def resolve_ep_backend(backend: str, device, ep: int) -> str:
+    """auto: the peer-to-peer transport for an EP group of CUDA ranks within one node, NCCL all-to-all otherwise."""
+    if backend != "auto":
+        return backend
+    return "p2p" if torch.device(device).type in ("cuda", "meta") and 1 < ep and ep_nodes(ep) == 1 else "all_to_all"
+
+
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
-                backend: str = "all_to_all", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
+                backend: str = "auto", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
                 ep_max_tokens_per_rank: int = 8192, dist_timeout: float = 300.0) -> None:
     layout = groups.layout
     layout.check_model(model.config)
+    backend = resolve_ep_backend(backend, device, layout.ep)
     if num_redundant_experts and layout.ep == 1:
         raise ConfigError("redundant experts need expert parallelism (--ep > 1): with one EP rank every expert is local")
     if backend not in (*DISPATCHERS, "p2p"):
-        raise ConfigError(f"unknown EP backend {backend!r} (known: {', '.join(DISPATCHERS)}, p2p)")
+        raise ConfigError(f"unknown EP backend {backend!r} (known: auto, {', '.join(DISPATCHERS)}, p2p)")
     transport = None
     if backend == "p2p" and layout.ep > 1:
         if torch.device(device).type not in ("cuda", "meta"):

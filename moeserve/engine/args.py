@@ -16,7 +16,7 @@ from moeserve.quant.formats import FORMATS
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 QUANTIZATION_FORMATS = tuple(FORMATS)  # weight formats: fp8, nvfp4
-EP_BACKENDS = ("all_to_all", "allgather", "p2p")  # DISPATCHERS, and the peer-to-peer transport (CUDA)
+EP_BACKENDS = ("auto", "all_to_all", "allgather", "p2p")  # auto: p2p on CUDA within a node, else all_to_all
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: E4M3 with a per-layer scale
 # Tokens per step, as vLLM sets them on large GPUs: a served engine keeps chunks small enough for the decodes
 # sharing their step; offline, larger chunks keep the GPU busy through the host's per-step work.
@@ -46,7 +46,7 @@ class EngineArgs:
     tp: int = 1  # tensor parallel size (attention heads, dense MLPs; experts too when ep = 1)
     dp: int = 1  # data parallel attention: groups of tp ranks with their own requests
     ep: int = 1  # expert parallel size: experts are spread over ep ranks
-    ep_backend: str = "all_to_all"  # or allgather; p2p: peer-to-peer puts through symmetric memory (CUDA; new)
+    ep_backend: str = "auto"  # p2p (peer-to-peer puts through symmetric memory) on CUDA within a node, else all_to_all
     ep_max_tokens_per_rank: int | None = None  # p2p buffers' tokens a rank; None: max_num_batched_tokens
     ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer, spread over the EP ranks (EPLB)

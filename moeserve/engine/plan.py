@@ -15,7 +15,7 @@ from moeserve.config import ConfigError, ModelConfig
 from moeserve.distributed.ep.peer_to_peer import PeerBuffers, row_bytes
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ParallelLayout
-from moeserve.distributed.parallelize import ParallelOptions
+from moeserve.distributed.parallelize import ParallelOptions, resolve_ep_backend
 from moeserve.engine.kv_cache import bytes_per_block
 from moeserve.loader.build import build_model
 from moeserve.quant.apply import QuantPlan, apply_plan, default_plan, weight_bytes_by_format
@@ -72,7 +72,7 @@ class Request:
     num_redundant_experts: int = 0
     ep_dispatch_format: str = "bf16"
     enforce_eager: bool = False
-    ep_backend: str = "all_to_all"
+    ep_backend: str = "auto"  # on a GPU within one node: p2p
     ep_max_tokens_per_rank: int | None = None  # p2p buffers; None: max_num_batched_tokens
 
     @property
@@ -185,7 +185,7 @@ def ep_buffer_bytes(request: "Request") -> int:
     sending all its tokens here, every rank's results for this rank's tokens); none for the NCCL all-to-all and
     all-gather backends, whose transfers are allocated per step (inside the activation peak)."""
     ep = request.layout.ep
-    if request.ep_backend != "p2p" or ep == 1:
+    if resolve_ep_backend(request.ep_backend, "cuda", ep) != "p2p":  # the plan is for GPUs
         return 0
     hidden = request.config.hidden_size
     row = row_bytes(token_format(request.ep_dispatch_format, request.dtype), hidden, request.config.moe.top_k)

@@ -4,6 +4,8 @@ the same device (virtual ranks); across GPUs they are the peer pointers of symme
 words (every row size is a multiple of 4 bytes).
 References: moeserve.distributed.ep.peer_to_peer (what each put means) and the all-to-all dispatcher (same results)."""
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,21 @@ WORDS_PER_PROGRAM = 1024
 @triton.jit
 def _peer(table_ptr, rank, dtype: tl.constexpr):
     return tl.load(table_ptr + rank).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+              LOW_LATENCY: tl.constexpr):
+    """Row of token t in rank d's receive area (int64; -1: t does not go to d): its index among this rank's rows to d,
+    after this rank's fixed region start (low latency) or after the rows the ranks before it send d (this rank's
+    count matrix, where every rank has put its row)."""
+    index = tl.load(local_index_ptr + token * EP + dest).to(tl.int64)
+    if LOW_LATENCY:
+        first = tl.zeros((), dtype=tl.int64) + me * region_rows
+    else:
+        sources = tl.arange(0, EP_POW2)
+        first = tl.sum(tl.load(counts_ptr + sources * EP + dest, mask=sources < me, other=0), axis=0).to(tl.int64)
+    return tl.where(index >= 0, first + index, -1)
 
 
 @triton.jit
@@ -65,34 +82,36 @@ def _route_rows_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_pt
 
 
 @triton.jit
-def _put_rows_kernel(payload_ptr, meta_ptr, position_ptr, recv_table_ptr, payload_words, meta_words,
-                     EP: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t to destination d (program (t, d)), if it goes there: its payload words, then its metadata for d,
-    as row position[t, d] of d's receive area (rows of payload_words + meta_words words)."""
+def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, payload_words, meta_words, me,
+                     region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                     BLOCK: tl.constexpr, META_BLOCK: tl.constexpr):
+    """Program (t, c): chunk c of token t's payload words, read once, into its row of every rank it goes to (rows of
+    payload_words + meta_words words); chunk 0's program also puts the token's metadata for each of them."""
     token = tl.program_id(0).to(tl.int64)
-    dest = tl.program_id(1)
-    position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
-    if position >= 0:
-        row_words = payload_words + meta_words
-        row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
-        for start in range(0, payload_words, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            ok = offs < payload_words
-            tl.store(row + offs, tl.load(payload_ptr + token * payload_words + offs, mask=ok), mask=ok)
-        offs = tl.arange(0, BLOCK)
-        ok = offs < meta_words
-        meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
-        tl.store(row + payload_words + offs, meta, mask=ok)
+    chunk = tl.program_id(1)
+    row_words = payload_words + meta_words
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < payload_words
+    words = tl.load(payload_ptr + token * payload_words + offs, mask=ok)
+    meta_offs = tl.arange(0, META_BLOCK)
+    meta_ok = (meta_offs < meta_words) & (chunk == 0)
+    for dest in range(EP):
+        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
+        if position >= 0:
+            row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
+            tl.store(row + offs, words, mask=ok)
+            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + meta_offs, mask=meta_ok)
+            tl.store(row + payload_words + meta_offs, meta, mask=meta_ok)
 
 
 @triton.jit
-def _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words,
-              EP: tl.constexpr, BLOCK: tl.constexpr):
+def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
+              region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, BLOCK: tl.constexpr):
     """Token t's metadata for each rank d it goes to, after the payload of its row there."""
     offs = tl.arange(0, BLOCK)
     ok = offs < meta_words
     for dest in range(EP):
-        position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
         if position >= 0:
             row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
             meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
@@ -100,23 +119,28 @@ def _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_
 
 
 @triton.jit
-def _put_rows_fp8_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, meta_words,
-                         EP: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), to every rank it goes to: row
-    position[t, d] of d's receive area gets [H codes | H/128 fp32 scales | its metadata for d]."""
+def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, me,
+                         region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                         GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), CHUNK values (CHUNK / 128 groups)
+    at a time, to every rank it goes to: its row there gets [H codes | H/128 fp32 scales | its metadata for d]."""
     token = tl.program_id(0).to(tl.int64)
     payload_bytes = hidden + hidden // GROUP * 4
     row_bytes = payload_bytes + meta_words * 4
-    for group in range(0, hidden // GROUP):
-        offs = group * GROUP + tl.arange(0, GROUP)
-        values, scale = quantize_e4m3_group(tl.load(x_ptr + token * hidden + offs).to(tl.float32), 0)
+    for start in range(0, hidden, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        groups = tl.reshape(tl.load(x_ptr + token * hidden + offs).to(tl.float32), (CHUNK // GROUP, GROUP))
+        values, scales = quantize_e4m3_group(groups, 1)
+        values = tl.reshape(values, (CHUNK,))
+        scale_offs = start // GROUP + tl.arange(0, CHUNK // GROUP)
         for dest in range(EP):
-            position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
             if position >= 0:
                 row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
                 tl.store(row.to(tl.pointer_type(tl.float8e4nv)) + offs, values)
-                tl.store((row + hidden).to(tl.pointer_type(tl.float32)) + group, scale)
-    _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, EP, BLOCK)
+                tl.store((row + hidden).to(tl.pointer_type(tl.float32)) + scale_offs, scales)
+    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
+              region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
@@ -138,11 +162,12 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 
 
 @triton.jit
-def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden, meta_words,
-                           EP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, me,
+                           region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Token t (program t), quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
-    token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: row position[t, d] of d's
-    receive area gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
+    token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: its row there gets
+    [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
     token = tl.program_id(0).to(tl.int64)
     payload_bytes = hidden // 2 + hidden // 16 + 4
     row_bytes = payload_bytes + meta_words * 4
@@ -166,18 +191,19 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, position_ptr, recv_table_ptr, hidden
         low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (CHUNK // 16, 8, 2)))
         packed = tl.reshape((low | (high << 4)).to(tl.uint8), (CHUNK // 2,))
         for dest in range(EP):
-            position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
             if position >= 0:
                 row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
                 tl.store(row + start // 2 + tl.arange(0, CHUNK // 2), packed)
                 tl.store((row + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
                          + tl.arange(0, CHUNK // 16), scale.to(tl.float8e4nv))
     for dest in range(EP):
-        position = tl.load(position_ptr + token * EP + dest).to(tl.int64)
+        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
         if position >= 0:
             row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
             tl.store((row + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob)
-    _put_meta(meta_ptr, position_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, EP, BLOCK)
+    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
+              region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
@@ -211,17 +237,52 @@ def _sum_results_kernel(back_ptr, local_index_ptr, out_ptr, max_tokens, hidden, 
     tl.store(out_ptr + token * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _nvfp4_tokens_kernel(rows_ptr, out_ptr, hidden, row_stride, CHUNK: tl.constexpr):
+    """Program (r, c): values c * CHUNK onwards of received row r's NVFP4 token -> out[r] (as dequantize_nvfp4:
+    value(code) * (block scale * global scale), rounded once to out's dtype)."""
+    row = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * CHUNK
+    base = rows_ptr + row * row_stride
+    packed = tl.load(base + start // 2 + tl.arange(0, CHUNK // 2)).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 15, packed >> 4), (CHUNK,))  # element 2i in the low nibble
+    exponent = (codes & 7) >> 1
+    mantissa = (codes & 1).to(tl.float32) * 0.5
+    power = tl.where(exponent == 3, 4.0, tl.where(exponent == 2, 2.0, 1.0))
+    magnitude = tl.where(exponent == 0, mantissa, (1.0 + mantissa) * power)
+    # the sign as a bit (Triton's negation is 0 - x, which loses the sign of a zero)
+    values = (magnitude.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+    block_scales = tl.load((base + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+                           + tl.arange(0, CHUNK // 16)).to(tl.float32)
+    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)))
+    out = tl.reshape(tl.reshape(values, (CHUNK // 16, 16)) * (block_scales * glob)[:, None], (CHUNK,))
+    tl.store(out_ptr + row * hidden + start + tl.arange(0, CHUNK), out.to(out_ptr.dtype.element_ty))
+
+
+def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """payload: uint8 [R, >= H/2 + H/16 + 4], NVFP4 tokens as the nvfp4 token format lays them out (rows may be
+    strided, as in a receive area) -> [R, H] in dtype."""
+    rows = payload.shape[0]
+    out = torch.empty(rows, hidden, dtype=dtype, device=payload.device)
+    if rows:
+        chunk = chunk_of(hidden)
+        _nvfp4_tokens_kernel[(rows, hidden // chunk)](payload, out, hidden, payload.stride(0), CHUNK=chunk)
+    return out
+
+
 def route_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor, replica_slots: torch.Tensor,
                replica_count: torch.Tensor, slots_per_rank: int, me: int, counts_table: torch.Tensor):
     """(local_index int32 [T, EP], meta uint8 [T, EP, 8K]) of this rank's tokens, its counts put into every peer's
     matrix: one kernel for what the torch layout of PeerToPeerRank.send_counts computes."""
     tokens, top_k = topk_ids.shape
     ep = counts_table.numel()
+    ep_pow2 = triton.next_power_of_2(ep)
     local_index = torch.empty(tokens, ep, dtype=torch.int32, device=topk_ids.device)
     meta = torch.empty(tokens, ep, 2 * top_k, dtype=torch.int32, device=topk_ids.device)
     _route_rows_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), replica_slots, replica_count,
                              local_index, meta, counts_table, tokens, me, slots_per_rank, replica_slots.stride(0),
-                             EP=ep, EP_POW2=triton.next_power_of_2(ep), TOP_K=top_k, BLOCK_T=128)
+                             EP=ep, EP_POW2=ep_pow2, TOP_K=top_k, BLOCK_T=min(512, max(16, 4096 // ep_pow2)),
+                             num_warps=8)
     return local_index, meta.view(torch.uint8)
 
 
@@ -231,31 +292,60 @@ def put_counts(counts_table: torch.Tensor, my_counts: torch.Tensor, me: int) -> 
     _put_counts_kernel[(ep,)](counts_table, my_counts, me, EP=ep, EP_POW2=triton.next_power_of_2(ep))
 
 
-def put_rows(payload: torch.Tensor, meta: torch.Tensor, position: torch.Tensor, recv_table: torch.Tensor) -> None:
-    """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; position: int32 [T, EP] (-1: not sent); P and M multiples of 4."""
-    tokens, ep = position.shape
+@dataclass
+class Placement:
+    """Where rank `me`'s rows start in each rank's receive area: in its fixed region of `region_rows` rows (low
+    latency), or (region_rows None) after the rows the ranks before it send there, read from `counts`, this rank's
+    [EP, EP] count matrix once every rank has put its row."""
+
+    counts: torch.Tensor
+    me: int
+    region_rows: int | None = None
+
+    def kernel_args(self) -> dict:
+        ep = self.counts.shape[0]
+        return dict(counts_ptr=self.counts, me=self.me, region_rows=self.region_rows or 0, EP=ep,
+                    EP_POW2=triton.next_power_of_2(ep), LOW_LATENCY=self.region_rows is not None)
+
+
+def chunk_of(hidden: int) -> int:
+    """Values a fused-quantizing put handles at once: the largest power of two up to 1024 dividing the hidden size (a
+    multiple of 128)."""
+    return min(1024, hidden & -hidden)
+
+
+def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor, recv_table: torch.Tensor,
+             placement: Placement) -> None:
+    """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; local_index: int32 [T, EP] (-1: not sent); P and M multiples
+    of 4."""
+    tokens, ep = local_index.shape
     payload_words, meta_words = payload.shape[1] // 4, meta.shape[2] // 4
     if meta_words > WORDS_PER_PROGRAM:
         raise ValueError(f"routing metadata of {meta.shape[2]} bytes a row exceeds {4 * WORDS_PER_PROGRAM}")
     if tokens:
-        _put_rows_kernel[(tokens, ep)](payload.view(torch.int32), meta.view(torch.int32), position, recv_table,
-                                       payload_words, meta_words, EP=ep, BLOCK=WORDS_PER_PROGRAM)
+        grid = (tokens, triton.cdiv(payload_words, WORDS_PER_PROGRAM))
+        _put_rows_kernel[grid](payload.view(torch.int32), meta.view(torch.int32), local_index,
+                               recv_table_ptr=recv_table, payload_words=payload_words, meta_words=meta_words,
+                               BLOCK=WORDS_PER_PROGRAM, META_BLOCK=triton.next_power_of_2(max(meta_words, 1)),
+                               **placement.kernel_args())
 
 
-def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, position: torch.Tensor,
-                       recv_table: torch.Tensor) -> None:
+def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor,
+                       recv_table: torch.Tensor, placement: Placement) -> None:
     """put_rows with the payload of token format `fmt` (fp8 or nvfp4) made here from x [T, H] (H a multiple of 128):
     each token read and quantized once, whatever the number of ranks it goes to (NVFP4 reads it twice: its amax,
     then its blocks)."""
-    tokens, ep = position.shape
+    tokens = local_index.shape[0]
     hidden = x.shape[1]
     meta_words = meta.shape[2] // 4
     if hidden % FP8_GROUP:
         raise ValueError(f"the fused {fmt} put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
-        kernel, step = {"fp8": (_put_rows_fp8_kernel, "GROUP"), "nvfp4": (_put_rows_nvfp4_kernel, "CHUNK")}[fmt]
-        kernel[(tokens,)](x, meta.view(torch.int32), position, recv_table, hidden, meta_words, EP=ep,
-                          BLOCK=triton.next_power_of_2(max(meta_words, 1)), **{step: FP8_GROUP})
+        kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
+        extra = {"GROUP": FP8_GROUP} if fmt == "fp8" else {}
+        kernel[(tokens,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, hidden=hidden,
+                          meta_words=meta_words, CHUNK=chunk_of(hidden), BLOCK=triton.next_power_of_2(max(meta_words, 1)),
+                          **extra, **placement.kernel_args())
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,

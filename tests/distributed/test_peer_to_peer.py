@@ -114,7 +114,8 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 2 * 2 * 2 * 2 * 2  # rank counts x tokens x formats x modes x routings
-    for ranks, tokens, fmt, mode, routing, _, _, written, between, per_expert, *_ in rows:
+    for ranks, tokens, fmt, mode, routing, _, _, graph_dispatch, graph_combine, written, between, per_expert, *_ in rows:
+        assert graph_dispatch.strip() == graph_combine.strip() == "-"  # CUDA graphs: low latency on CUDA only
         if int(tokens) == 0:
             assert float(written) == float(between) == float(per_expert) == 0
         else:
@@ -230,7 +231,9 @@ def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
     row = config.hidden_size + config.hidden_size // 32 + 8 * config.moe.top_k
     buffers = PeerBuffers(8, 16, row, config.hidden_size, torch.bfloat16, "meta")
     assert ep_buffer_bytes(request) == buffers.nbytes > 0
-    assert ep_buffer_bytes(Request(config, ParallelLayout(dp=8, ep=8))) == 0  # NCCL backends: per step
+    assert ep_buffer_bytes(Request(config, ParallelLayout(dp=8, ep=8), ep_backend="all_to_all")) == 0  # NCCL: per step
+    auto = Request(config, ParallelLayout(dp=8, ep=8), max_num_batched_tokens=16, ep_dispatch_format="fp8")
+    assert ep_buffer_bytes(auto) == buffers.nbytes  # auto: p2p, the GPUs of one node
 
 
 def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
@@ -282,3 +285,16 @@ def test_a_rank_without_buffers_takes_them_from_its_transport_at_the_first_excha
         received = [rank.receive() for rank in ranks]
     assert [t.calls for t in transports] == [[(row, HIDDEN, torch.float32)]] * 2  # made once, at the first exchange
     assert sum(layout.slots.shape[0] for _, layout, _ in received) >= 6 + 3
+
+
+def test_auto_takes_p2p_for_cuda_ranks_of_one_node_and_all_to_all_elsewhere(monkeypatch):
+    from moeserve.distributed.parallelize import resolve_ep_backend
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_ep_backend("auto", "cuda:0", 8) == "p2p"
+    assert resolve_ep_backend("auto", "cpu", 8) == "all_to_all"
+    assert resolve_ep_backend("auto", "cuda:0", 1) == "all_to_all"  # no exchange at all
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 8 EP ranks over two nodes of 4
+    assert resolve_ep_backend("auto", "cuda:0", 8) == "all_to_all"
+    assert resolve_ep_backend("auto", "cuda:0", 4) == "p2p"
+    assert resolve_ep_backend("allgather", "cuda:0", 4) == "allgather"  # named: as named

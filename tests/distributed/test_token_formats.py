@@ -76,3 +76,39 @@ def test_nan_in_one_token_stays_in_that_token():
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown token format 'int4' \\(known: bf16, fp8, nvfp4\\)"):
         token_format("int4")
+
+
+def received_rows(payload: torch.Tensor, extra: int) -> torch.Tensor:
+    """The payload as a receive area holds it: each row followed by `extra` bytes of metadata (rows strided)."""
+    rows = torch.randint(0, 256, (payload.shape[0], payload.shape[1] + extra), dtype=torch.uint8)
+    rows[:, : payload.shape[1]] = payload
+    return rows[:, : payload.shape[1]]
+
+
+@pytest.mark.parametrize("hidden", [128, 384, 2048])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden, dtype):
+    """nvfp4_tokens (the CUDA receive) bit for bit against Nvfp4Format.unpack, with block scales over six decades
+    (subnormal E4M3 ones too), negative zeros, and a NaN token that stays NaN."""
+    from moeserve.kernels.ep_transport import nvfp4_tokens
+
+    fmt = Nvfp4Format()
+    decades = 10.0 ** torch.linspace(-4, 2, hidden // 16).repeat_interleave(16)
+    x = torch.randn(6, hidden) * decades
+    x[1, :16] = -0.0
+    x[4, 5] = float("nan")
+    payload = received_rows(fmt.pack(x.bfloat16()), extra=24)
+    got, want = nvfp4_tokens(payload, hidden, dtype), fmt.unpack(payload, hidden, dtype)
+    assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()) and want[4].isnan().all()
+    assert torch.equal(got.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert nvfp4_tokens(payload[:0], hidden, dtype).shape == (0, hidden)
+
+
+def test_unquantized_rows_are_received_where_they_lie():
+    x = tokens(5, 256)
+    fmt = token_format("bf16")
+    payload = received_rows(fmt.pack(x), extra=16)
+    received = fmt.receive(payload, 256, torch.bfloat16)
+    assert received.data_ptr() == payload.data_ptr() and torch.equal(received, x)
+    assert torch.equal(fmt.receive(payload, 256, torch.float32), x.float())  # another dtype: a converted copy

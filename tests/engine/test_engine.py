@@ -160,7 +160,7 @@ def test_request_errors_say_what_is_wrong(llm):
     ("max_num_seqs", 0, "EngineArgs.max_num_seqs must be at least 1"),
     ("dtype", "int8", "EngineArgs.dtype must be one of auto, float32, bfloat16, float16"),
     ("quantization", "int4", "EngineArgs.quantization must be one of fp8, nvfp4, None"),
-    ("ep_backend", "nccl", "EngineArgs.ep_backend must be one of all_to_all, allgather"),
+    ("ep_backend", "nccl", "EngineArgs.ep_backend must be one of auto, all_to_all, allgather"),
     ("device", "gpu", "EngineArgs.device must be auto, cpu, cuda or cuda:N"),
     ("ep", 0, "EngineArgs.ep must be an integer >= 1"),
 ])

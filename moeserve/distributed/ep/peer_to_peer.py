@@ -197,16 +197,13 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def send_rows(self) -> None:
         payload, fused, meta, local_index, *_ = self.pending
-        if self.low_latency:  # my fixed region at every rank
-            before_me = torch.full((self.ep,), self.ep_rank * self.buffers.max_tokens, dtype=torch.int32,
-                                   device=local_index.device)
-        else:  # after the rows of the ranks before me
-            before_me = self.buffers.counts[: self.ep_rank].sum(dim=0, dtype=torch.int32)
-        position = torch.where(local_index >= 0, local_index + before_me[None, :], -1).to(torch.int32)
+        # low latency: my fixed region at every rank; else after the rows of the ranks before me
+        placement = ep_transport.Placement(self.buffers.counts, self.ep_rank,
+                                           self.buffers.max_tokens if self.low_latency else None)
         if fused:
-            ep_transport.put_quantized_rows(self.format.name, payload, meta.contiguous(), position, self.tables.recv)
+            ep_transport.put_quantized_rows(self.format.name, payload, meta, local_index, self.tables.recv, placement)
         else:
-            ep_transport.put_rows(payload, meta.contiguous(), position, self.tables.recv)
+            ep_transport.put_rows(payload, meta, local_index, self.tables.recv, placement)
 
     def receive(self):
         if self.low_latency:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 15 on one GPU: the transport's CUDA tests (with the low-latency exchange under CUDA graphs) beside the
+# no-compiles test, then on a quiet GPU `bench ep --virtual-ranks` (eager and graph-replay times beside a copy of the
+# same bytes) and the profile of each exchange (scripts/probes/ep_profile.py). Logs under $OUT; the table last.
+set -u
+OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
+T="$OUT/table.txt"; : > "$T"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"; git log -1 --format=%h >> "$T" 2>/dev/null
+for f in ${TEST_FILES:-tests/gpu/test_peer_to_peer_cuda.py tests/gpu/test_no_compiles_after_warm_up.py}; do
+  ( timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$f" -q -p no:cacheprovider -rfE > "$OUT/$(basename "$f" .py).log" 2>&1
+    echo "$f rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$(basename "$f" .py).log" | tail -1)" >> "$T" ) &
+done
+wait
+grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | head -8 >> "$T"
+timeout ${BENCH_TIMEOUT:-200} python3 -m moeserve bench ep --virtual-ranks ${RANKS:-2,4,8} --tokens-per-rank 128,4096 \
+  --iterations 10 > "$OUT/bench_ep_virtual.log" 2>&1
+echo "bench ep rc=$?" >> "$T"
+timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/ep_profile.py 2,8 128,4096 bf16,fp8,nvfp4 high-throughput \
+  > "$OUT/ep_profile.log" 2>&1
+echo "profile rc=$?" >> "$T"
+grep -E "^profile|^ +[0-9]" "$OUT/ep_profile.log" | awk '/^profile/{n=0} {if (n++ < 6) print}' | cut -c1-150 >> "$T"
+grep -E "^\|" "$OUT/bench_ep_virtual.log" | cut -d'|' -f2-16 >> "$T"
+cat "$T"
