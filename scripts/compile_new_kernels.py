@@ -31,14 +31,14 @@ build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_p
 for low_latency in (False, True):
     placement = dict(EP=8, EP_POW2=8, LOW_LATENCY=low_latency)
     build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", payload_words="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
+          recv_table_ptr="*i64", payload_words="i32", meta_words="i32", row_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
           LOW_LATENCY=c, BLOCK=c, META_BLOCK=c), dict(**placement, BLOCK=1024, META_BLOCK=16))
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", hidden="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
-          LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16))
+          recv_table_ptr="*i64", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
+          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16))
     build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", hidden="i32", meta_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
-          LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
+          recv_table_ptr="*i64", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
+          EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
 build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", hidden="i32", row_stride="i32", CHUNK=c),
       dict(CHUNK=1024))
 build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",

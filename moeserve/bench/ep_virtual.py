@@ -68,11 +68,11 @@ def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: i
     handles = [handle for _, _, handle in received]
     dispatch_us = median_us(lambda: group.dispatch(xs, ids, weights), device, iterations)
     combine_us = median_us(lambda: group.combine(ys, handles), device, iterations)
-    row_bytes, result_bytes = group.ranks[0].row_bytes(hidden, top_k), hidden * 2
+    payload = group.ranks[0].format.payload_bytes(hidden)
+    row_bytes, result_bytes = payload + 8 * top_k, hidden * 2  # what a put writes (not the rows' padding)
     real = [handle.index_at_source >= 0 for handle in handles]  # (low latency: the regions' empty rows are not sent)
     rows = sum(int(r.sum()) for r in real)
     from_others = sum(int((r & (handle.source != rank)).sum()) for rank, (r, handle) in enumerate(zip(real, handles)))
-    payload = group.ranks[0].format.payload_bytes(hidden)
     source = torch.empty(rows * (row_bytes + result_bytes), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_us = median_us(lambda: target.copy_(source), device, iterations)
@@ -88,6 +88,8 @@ def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple
     dispatch = graph_of(lambda: state.update(received=group.dispatch(xs, ids, weights)))
     if dispatch is None:
         raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")
+    dispatch()  # the captured outputs hold nothing until a replay
+    torch.cuda.synchronize()
     ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in state["received"]]
     handles = [handle for _, _, handle in state["received"]]
     combine = graph_of(lambda: group.combine(ys, handles))

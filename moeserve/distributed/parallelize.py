@@ -5,6 +5,7 @@ each MoE layer's dispatcher, and record in `model.shard_specs` which slice of ea
 tensor a parameter holds, so that every rank reads only its own part of the checkpoint.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class ParallelOptions:
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer over the EP ranks (EPLB)
     ep_max_tokens_per_rank: int = 8192  # the p2p backend's buffers: tokens one rank may dispatch at once
     dist_timeout: float = 300.0  # seconds the p2p backend's device barrier waits for a rank before it traps
+    ep_low_latency_tokens: int | None = None  # p2p: buffers for low-latency exchanges (decode graphs) of this many
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,31 @@ class ExpertShard:
         return (first, first + len(self.experts)) if self.experts == tuple(range(first, first + len(self.experts))) else None
 
 
-def resolve_ep_backend(backend: str, device, ep: int) -> str:
-    """auto: the peer-to-peer transport for an EP group of CUDA ranks within one node, NCCL all-to-all otherwise."""
+def resolve_ep_backend(backend: str, device, ep: int, ranks_per_node: int | None = None) -> str:
+    """auto: the peer-to-peer transport for an EP group of CUDA ranks within one node (ranks_per_node: torchrun's
+    LOCAL_WORLD_SIZE unless given; spawned ranks share one node) whose GPUs reach each other's memory, NCCL
+    all-to-all otherwise."""
     if backend != "auto":
         return backend
-    return "p2p" if torch.device(device).type in ("cuda", "meta") and 1 < ep and ep_nodes(ep) == 1 else "all_to_all"
+    per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", ep))
+    one_node = 1 < ep <= per_node and per_node % ep == 0  # consecutive groups of ep ranks never straddle a node
+    device = torch.device(device)
+    if not one_node or device.type not in ("cuda", "meta"):
+        return "all_to_all"
+    return "p2p" if device.type == "meta" or peers_reachable(ep) else "all_to_all"
+
+
+def peers_reachable(ep: int) -> bool:
+    """Whether the node's first `ep` GPUs (those of an EP group of spawned or torchrun ranks) can all access each
+    other's memory (NVLink or PCIe peer access), as peer-to-peer puts need."""
+    gpus = min(ep, torch.cuda.device_count())
+    return all(torch.cuda.can_device_access_peer(a, b) for a in range(gpus) for b in range(gpus) if a != b)
 
 
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
                 backend: str = "auto", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
-                ep_max_tokens_per_rank: int = 8192, dist_timeout: float = 300.0) -> None:
+                ep_max_tokens_per_rank: int = 8192, dist_timeout: float = 300.0,
+                ep_low_latency_tokens: int | None = None) -> None:
     layout = groups.layout
     layout.check_model(model.config)
     backend = resolve_ep_backend(backend, device, layout.ep)
@@ -99,7 +116,8 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
         if ep_nodes(layout.ep) > 1:
             raise ConfigError(f"the p2p EP backend maps peer memory within one node, and this EP group of {layout.ep} "
                               f"ranks spans {ep_nodes(layout.ep)}: use all_to_all, or an --ep within one node")
-        transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank, dist_timeout)
+        transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank, dist_timeout,
+                                  ep_low_latency_tokens)
     token_format(dispatch_format)  # an unknown format fails here
     specs: dict = {}
     if layout.tp > 1:
@@ -237,7 +255,7 @@ def initial_expert_map(num_experts: int, ep: int, num_redundant: int) -> ExpertM
 
 def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, expert_map: ExpertMap, dispatch_format: str,
                              backend: str, device, dtype, specs: dict, transport=None) -> None:
-    """transport: the p2p backend's buffers, shared by every layer of the rank (made at the first exchange)."""
+    """transport: the p2p backend's buffers, shared by every layer of the rank."""
     layout = groups.layout
     local = expert_map.local_experts(groups.ep_rank)
     moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)

@@ -7,8 +7,11 @@ same requests and compute the same steps.
 
 A step is: the forward (skipped on every rank when, at the last exchange, nobody had work and nothing
 was assigned), then one exchange on the gloo control group, in which every rank gives a fixed row of
-ints: its unfinished sequences, the size of its pickled outputs, whether its step failed; rank 0 adds
-the stop flag and the size of its pickled message (assignments, aborts). One all_gather carries it
+ints: its unfinished sequences, the size of its pickled outputs, whether its step failed, how many
+decodes its next step computes if it computes nothing else; rank 0 adds the stop flag and the size of its
+pickled message (assignments, aborts). From the decodes and the assignments every rank derives the
+same exchange mode for the next forward under the p2p EP backend: low latency (all ranks replay decode
+graphs) or high throughput (eager). One all_gather carries it
 all: rank 0 needs every rank's row (loads, output sizes) and every rank needs rank 0's fields and
 every load (to agree whether the next forward runs); a broadcast or a gather carries only one
 direction. Bytes follow only where the table says so: the message, broadcast from rank 0, on steps
@@ -32,7 +35,14 @@ from moeserve.engine.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams
 
 # The columns of the control table, one row per rank.
-LOAD, OUTPUT_BYTES, FAILED, STOP, MESSAGE_BYTES = range(5)  # STOP and MESSAGE_BYTES: rank 0's row only
+LOAD, OUTPUT_BYTES, FAILED, STOP, MESSAGE_BYTES, NEXT_DECODES = range(6)  # STOP, MESSAGE_BYTES: rank 0's row only
+NOT_DECODES = -1  # NEXT_DECODES of a rank whose next step is not decodes only
+
+
+def low_latency_next(table: list[list[int]], assignments: list, largest_graph: int) -> bool:
+    """Whether the next forward exchanges in low-latency mode (every rank replays a decode graph): every rank's next
+    step computes decodes only, no more than the largest graph holds, and no new request comes in (its prefill)."""
+    return not assignments and all(0 <= row[NEXT_DECODES] <= largest_graph for row in table)
 
 
 class LockstepFailure(RuntimeError):
@@ -104,6 +114,9 @@ class LockstepEngine:
             self.apply(message)
         assignments = message.assignments if message else []
         self.forward_next = any(row[LOAD] for row in table) or bool(assignments)
+        graphs = self.engine.runner.graphs
+        self.engine.runner.set_ep_low_latency(graphs is not None and low_latency_next(table, assignments,
+                                                                                    graphs.sizes[-1]))
         gathered = self.gather_outputs(outputs, mine, [row[OUTPUT_BYTES] for row in table])
         if self.is_coordinator:
             self.note_loads(table, assignments)
@@ -138,8 +151,11 @@ class LockstepEngine:
 
     def exchange(self, output_bytes: int, failed: bool, stop: bool, message_bytes: int) -> list[list[int]]:
         """The step's one collective, an all_gather of fixed rows: the table, a row per rank."""
-        load = len(self.engine.scheduler.waiting) + len(self.engine.scheduler.running)
-        row = torch.tensor([load, output_bytes, failed, stop, message_bytes], dtype=torch.int64)  # columns as named
+        scheduler = self.engine.scheduler
+        load = len(scheduler.waiting) + len(scheduler.running)
+        decodes = scheduler.next_step_decodes()
+        row = torch.tensor([load, output_bytes, failed, stop, message_bytes, NOT_DECODES if decodes is None else decodes],
+                           dtype=torch.int64)  # columns as named
         rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, row, group=self.context.control)
         return torch.stack(rows).tolist()

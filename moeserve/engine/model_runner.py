@@ -18,6 +18,7 @@ from moeserve.distributed.launch import DistributedContext, resolve_device
 from moeserve.distributed.ep.rebalance import ExpertBalancer, ep_nodes, expert_dispatcher, placement_of
 from moeserve.distributed.eplb import imbalance, rank_load
 from moeserve.distributed.layout import ParallelLayout
+from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 from moeserve.distributed.parallelize import ParallelOptions
 from moeserve.engine.args import EngineArgs
 from moeserve.engine.block_table import BlockTable
@@ -84,6 +85,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
         self.config, self.max_model_len, self.eos_token_ids = config, max_model_len, eos_token_ids
         self.model = self.load_model(args, context)
+        self.ep_transport = self.prepare_ep_transport()
         fuse_projections(self.model)
         prepare_absorbed_weights(self.model, self.dtype)
         if self.device.type == "cuda":
@@ -115,8 +117,10 @@ class ModelRunner:
         if context is not None:
             tokens = ep_tokens_per_rank(args.max_num_batched_tokens, self.max_model_len, context.groups.layout.tp,
                                         args.ep_max_tokens_per_rank)
+            graphs = (self.device.type == "cuda" and args.attention_backend != "torch"
+                      and decode_graphs(args.enforce_eager, context.groups.layout, args.ep_backend))
             parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts,
-                                       tokens, args.dist_timeout)
+                                       tokens, args.dist_timeout, max(graph_sizes(args)) if graphs else None)
         if args.load_format != "dummy":
             return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
         model = build_model(self.config, self.dtype, self.device, parallel=parallel)
@@ -125,6 +129,22 @@ class ModelRunner:
             quantize_model(model, args.quantization)
         logger.info("Random weights (load_format=dummy) on %s: %s", self.device, describe_weight_bytes(model))
         return model
+
+    def prepare_ep_transport(self) -> PeerTransport | None:
+        """The p2p EP transport the MoE layers share, its buffers made now on every rank (before the KV cache takes
+        the memory); None with another EP backend or none."""
+        for layer in self.model.model.layers:
+            dispatcher = expert_dispatcher(layer.mlp) if isinstance(layer.mlp, MoE) else None
+            if isinstance(dispatcher, PeerToPeerRank) and dispatcher.transport is not None:
+                dispatcher.prepare_transport(self.config.hidden_size, self.config.moe.top_k, self.dtype, self.device)
+                return dispatcher.transport
+        return None
+
+    def set_ep_low_latency(self, low_latency: bool) -> None:
+        """The exchange mode of the coming forwards, which every EP rank sets alike (the lockstep's agreement):
+        low latency (decode batches replayed as CUDA graphs) or high throughput (eager)."""
+        if self.ep_transport is not None and self.graphs is not None:
+            self.ep_transport.low_latency = low_latency
 
     def reset_expert_load(self) -> None:
         """Routed-token counts back to zero, in place (captured graphs add to these tensors)."""
@@ -154,7 +174,7 @@ class ModelRunner:
 
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
         layout = context.groups.layout if context is not None else ParallelLayout()
-        graphs = self.device.type == "cuda" and decode_graphs(args.enforce_eager, layout)
+        graphs = self.device.type == "cuda" and decode_graphs(args.enforce_eager, layout, args.ep_backend)
         num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, layout,
                                      max(graph_sizes(args)) if graphs else 0, self.dtype)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
@@ -171,15 +191,36 @@ class ModelRunner:
             why_not = "enforce_eager"
         elif type(self.attention).__name__ != "TritonPagedAttention":
             why_not = f"the {args.attention_backend} attention backend gathers whole contexts per step"
-        elif context is not None and context.groups.layout.ep > 1:
-            why_not = "expert-parallel dispatch sizes its all-to-all on the host"
+        elif context is not None and context.groups.layout.ep > 1 and (
+                self.ep_transport is None or self.ep_transport.low_latency_tokens is None):
+            why_not = "expert-parallel dispatch over NCCL sizes its all-to-all on the host (the p2p backend does not)"
         if why_not is not None:
             if self.device.type == "cuda":
                 logger.info("CUDA graphs off (%s): every step runs eagerly", why_not)
             return None
         graphs = DecodeGraphs(graph_sizes(args))
-        graphs.capture(self.graph_forward, self.send_padding, self.device)
+        if self.ep_transport is not None:  # graphed steps exchange in low-latency mode; eager ones in high-throughput
+            self.ep_transport.low_latency = True
+        try:
+            graphs.capture(self.graph_forward, self.send_padding, self.device)
+        finally:
+            if self.ep_transport is not None:
+                self.ep_transport.low_latency = False
         return graphs
+
+    def graph_size_for(self, scheduled: list[tuple[Sequence, int]]) -> int | None:
+        """The graph this step replays, or None (eager). Under the p2p EP backend the ranks' agreed mode decides: a
+        low-latency step must replay (every rank's exchange is fixed-size), a high-throughput one runs eagerly."""
+        if self.graphs is None:
+            return None
+        size = self.graphs.size_for(len(scheduled)) if self.decodes_only(scheduled) else None
+        if self.ep_transport is None:
+            return size
+        if self.ep_transport.low_latency and size is None:
+            raise RuntimeError(f"the EP ranks agreed on a low-latency (CUDA graph) step, but this rank's step of "
+                               f"{len(scheduled)} sequences is not a decode batch within the graphs (up to "
+                               f"{self.graphs.sizes[-1]}): the lockstep's decode prediction was wrong")
+        return size if self.ep_transport.low_latency else None
 
     # Steps
 
@@ -191,7 +232,7 @@ class ModelRunner:
         self.empty_steps += 1
         if self.balancer is not None:
             self.balancer.before_forward()
-        if self.graphs is not None:
+        if self.graphs is not None and (self.ep_transport is None or self.ep_transport.low_latency):
             size = self.graphs.sizes[0]
             self.send_padding(size)
             self.graphs.replay(size)
@@ -205,7 +246,7 @@ class ModelRunner:
         if self.balancer is not None:
             self.balancer.before_forward()
         scheduled = sorted(scheduled, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
-        graph_size = self.graphs.size_for(len(scheduled)) if self.graphs is not None and self.decodes_only(scheduled) else None
+        graph_size = self.graph_size_for(scheduled)
         if graph_size is not None:
             self.send(scheduled, pad_to=graph_size)
             logits = self.graphs.replay(graph_size)[: len(scheduled)]

@@ -28,6 +28,7 @@ GPU_MEMORY = {"H100": int(79.1 * GIB), "H200": int(139.8 * GIB), "B200": int(178
 # (0.67-0.88 GiB outside torch's allocator on an H100) and the allocator's free blocks left by loading
 # (0.45-1.45 GiB), for V2-Lite and Qwen3-30B-A3B in bf16 and FP8 (scripts/plan_vs_engine.py; docs/perf.md 2026-12-07).
 CUDA_CONTEXT_BYTES = int(1.75 * GIB)
+GPUS_PER_NODE = 8  # the nodes plans are made for (H100 / H200 / B200 boxes)
 # The engine's profiling pass runs the token budget as sequences of at most this many tokens through eager
 # attention, whose fp32 scores grow with the square of a sequence (the engine's prefill runs flash kernels, whose
 # memory is linear): short sequences keep the reservation near what serving uses (DeepSeek-V3, 128 heads, 8,192
@@ -35,10 +36,11 @@ CUDA_CONTEXT_BYTES = int(1.75 * GIB)
 PROFILE_SEQ_LEN = 256
 
 
-def decode_graphs(enforce_eager: bool, layout: ParallelLayout) -> bool:
-    """Whether a CUDA engine captures decode graphs: unless told not to or expert-parallel (its dispatch sizes on the
-    host)."""
-    return not enforce_eager and layout.ep == 1
+def decode_graphs(enforce_eager: bool, layout: ParallelLayout, ep_backend: str = "auto") -> bool:
+    """Whether a CUDA engine captures decode graphs: unless told not to, or expert-parallel over NCCL (its dispatch
+    sizes on the host; the p2p backend's low-latency mode does not)."""
+    return not enforce_eager and (layout.ep == 1 or resolve_ep_backend(ep_backend, "meta", layout.ep,
+                                                                         GPUS_PER_NODE) == "p2p")
 
 
 class PlanningGroups:
@@ -77,7 +79,7 @@ class Request:
 
     @property
     def cuda_graphs(self) -> bool:
-        return decode_graphs(self.enforce_eager, self.layout)
+        return decode_graphs(self.enforce_eager, self.layout, self.ep_backend)
 
     @property
     def kv_block_size(self) -> int:
@@ -182,16 +184,26 @@ def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.d
 
 def ep_buffer_bytes(request: "Request") -> int:
     """Persistent EP communication buffers: the p2p backend's PeerBuffers (a count matrix, receive rows for every rank
-    sending all its tokens here, every rank's results for this rank's tokens); none for the NCCL all-to-all and
-    all-gather backends, whose transfers are allocated per step (inside the activation peak)."""
+    sending all its tokens here, every rank's results for this rank's tokens), for its largest step and, with decode
+    graphs, for its largest graphed decode batch (the low-latency set); none for the NCCL all-to-all and all-gather
+    backends, whose transfers are allocated per step (inside the activation peak)."""
     ep = request.layout.ep
-    if resolve_ep_backend(request.ep_backend, "cuda", ep) != "p2p":  # the plan is for GPUs
+    if resolve_ep_backend(request.ep_backend, "meta", ep, GPUS_PER_NODE) != "p2p":  # GPUs of 8-GPU nodes
         return 0
     hidden = request.config.hidden_size
     row = row_bytes(token_format(request.ep_dispatch_format, request.dtype), hidden, request.config.moe.top_k)
     tokens = ep_tokens_per_rank(request.max_num_batched_tokens, request.model_len, request.layout.tp,
                                 request.ep_max_tokens_per_rank)
-    return PeerBuffers(ep, tokens, row, hidden, request.dtype, "meta").nbytes  # as the transport allocates them
+    sets = [tokens] + ([min(request.max_num_seqs, request.max_num_batched_tokens)] if request.cuda_graphs else [])
+    return sum(PeerBuffers(ep, n, row, hidden, request.dtype, "meta").nbytes for n in sets)  # as the transport makes them
+
+
+def ep_buffers_note(request: "Request") -> str:
+    if request.layout.ep == 1:
+        return "(no EP)"
+    if resolve_ep_backend(request.ep_backend, "meta", request.layout.ep, GPUS_PER_NODE) == "p2p":
+        return "(p2p transport: receive and combine areas, allocated at start; --ep-max-tokens-per-rank)"
+    return "(NCCL all-to-all: allocated per step, inside the activation peak)"
 
 
 def kv_cache_budget(gpu_memory: int, utilization: float, in_use: int, activations: int, graph_pool: int) -> int:
@@ -231,7 +243,7 @@ def candidate_layouts(config: ModelConfig, max_gpus: int = 256) -> list[Parallel
     layouts = []
     gpus = 1
     while gpus <= max_gpus:
-        for tp in sorted({1, min(gpus, 8)}):
+        for tp in sorted({1, min(gpus, GPUS_PER_NODE)}):
             layout = ParallelLayout(tp=tp, dp=gpus // tp, ep=gpus if config.moe_layers else 1)
             try:
                 layout.check_model(config)
@@ -270,9 +282,8 @@ def report(request: Request, memory: RankMemory, concurrency: int, gpu_name: str
         f"  CUDA-graph pool   {gib(memory.graph_pool):>12}   "
         + (f"(decode graphs up to {min(request.max_num_seqs, request.max_num_batched_tokens)} sequences; estimate)"
            if request.cuda_graphs else "(no CUDA graphs: --enforce-eager)" if request.enforce_eager
-           else "(no CUDA graphs: expert parallelism dispatches eagerly)"),
-        f"  EP buffers        {gib(memory.ep_buffers):>12}   "
-        + ("(NCCL all-to-all: allocated per step, inside the activation peak)" if layout.ep > 1 else "(no EP)"),
+           else "(no CUDA graphs: expert parallelism over NCCL dispatches eagerly)"),
+        f"  EP buffers        {gib(memory.ep_buffers):>12}   " + ep_buffers_note(request),
         f"  CUDA context      {gib(CUDA_CONTEXT_BYTES):>12}   (and the allocator's free blocks after loading; measured)",
         f"  KV cache          {gib(memory.kv_budget):>12}   -> {memory.kv_tokens:,} tokens "
         f"(blocks of {request.kv_block_size}), {memory.concurrency(request.model_len):,} sequences at max_model_len "

@@ -28,6 +28,13 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def next_step_decodes(self) -> int | None:
+        """How many sequences the next step computes if it computes one decode token each and nothing else (no
+        sequence waits and none has prompt left), else None; a step may preempt some of them, never add others."""
+        if self.waiting or any(seq.num_tokens - seq.num_computed_tokens > 1 for seq in self.running):
+            return None
+        return len(self.running)
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of its tokens to compute this step), decodes and prefill chunks mixed."""
         budget = self.max_num_batched_tokens

@@ -10,3 +10,11 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def has_fp8(device: torch.device) -> bool:
+    """Whether Triton kernels there may use float8 types: CUDA compute capability 8.9 (Ada, Hopper) and later, or the
+    CPU interpreter."""
+    device = torch.device(device)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)

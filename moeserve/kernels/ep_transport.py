@@ -82,14 +82,13 @@ def _route_rows_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_pt
 
 
 @triton.jit
-def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, payload_words, meta_words, me,
-                     region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, payload_words, meta_words,
+                     row_words, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                      BLOCK: tl.constexpr, META_BLOCK: tl.constexpr):
     """Program (t, c): chunk c of token t's payload words, read once, into its row of every rank it goes to (rows of
-    payload_words + meta_words words); chunk 0's program also puts the token's metadata for each of them."""
+    row_words words: payload, metadata, padding); chunk 0's program also puts the token's metadata for each of them."""
     token = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    row_words = payload_words + meta_words
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < payload_words
     words = tl.load(payload_ptr + token * payload_words + offs, mask=ok)
@@ -119,14 +118,13 @@ def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_
 
 
 @triton.jit
-def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, me,
-                         region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, row_bytes,
+                         me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                          GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), CHUNK values (CHUNK / 128 groups)
     at a time, to every rank it goes to: its row there gets [H codes | H/128 fp32 scales | its metadata for d]."""
     token = tl.program_id(0).to(tl.int64)
     payload_bytes = hidden + hidden // GROUP * 4
-    row_bytes = payload_bytes + meta_words * 4
     for start in range(0, hidden, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         groups = tl.reshape(tl.load(x_ptr + token * hidden + offs).to(tl.float32), (CHUNK // GROUP, GROUP))
@@ -162,15 +160,14 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 
 
 @triton.jit
-def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, me,
-                           region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words,
+                           row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                            CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Token t (program t), quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
     token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: its row there gets
     [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
     token = tl.program_id(0).to(tl.int64)
     payload_bytes = hidden // 2 + hidden // 16 + 4
-    row_bytes = payload_bytes + meta_words * 4
     amax = 0.0
     has_nan = 0
     for start in range(0, hidden, CHUNK):  # first pass: the token's amax
@@ -315,9 +312,9 @@ def chunk_of(hidden: int) -> int:
 
 
 def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor, recv_table: torch.Tensor,
-             placement: Placement) -> None:
-    """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; local_index: int32 [T, EP] (-1: not sent); P and M multiples
-    of 4."""
+             row_bytes: int, placement: Placement) -> None:
+    """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; local_index: int32 [T, EP] (-1: not sent); receive rows of
+    row_bytes >= P + M; P, M and row_bytes multiples of 4."""
     tokens, ep = local_index.shape
     payload_words, meta_words = payload.shape[1] // 4, meta.shape[2] // 4
     if meta_words > WORDS_PER_PROGRAM:
@@ -326,12 +323,12 @@ def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tenso
         grid = (tokens, triton.cdiv(payload_words, WORDS_PER_PROGRAM))
         _put_rows_kernel[grid](payload.view(torch.int32), meta.view(torch.int32), local_index,
                                recv_table_ptr=recv_table, payload_words=payload_words, meta_words=meta_words,
-                               BLOCK=WORDS_PER_PROGRAM, META_BLOCK=triton.next_power_of_2(max(meta_words, 1)),
+                               row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM, META_BLOCK=triton.next_power_of_2(max(meta_words, 1)),
                                **placement.kernel_args())
 
 
 def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor,
-                       recv_table: torch.Tensor, placement: Placement) -> None:
+                       recv_table: torch.Tensor, row_bytes: int, placement: Placement) -> None:
     """put_rows with the payload of token format `fmt` (fp8 or nvfp4) made here from x [T, H] (H a multiple of 128):
     each token read and quantized once, whatever the number of ranks it goes to (NVFP4 reads it twice: its amax,
     then its blocks)."""
@@ -344,7 +341,7 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         extra = {"GROUP": FP8_GROUP} if fmt == "fp8" else {}
         kernel[(tokens,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, hidden=hidden,
-                          meta_words=meta_words, CHUNK=chunk_of(hidden), BLOCK=triton.next_power_of_2(max(meta_words, 1)),
+                          meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden), BLOCK=triton.next_power_of_2(max(meta_words, 1)),
                           **extra, **placement.kernel_args())
 
 

@@ -24,7 +24,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device:
             apply_plan(model, plan)
         if parallel is not None:
             parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype,
-                        parallel.num_redundant_experts, parallel.ep_max_tokens_per_rank, parallel.dist_timeout)
+                        parallel.num_redundant_experts, parallel.ep_max_tokens_per_rank, parallel.dist_timeout,
+                        parallel.ep_low_latency_tokens)
     cast_float_params(model, dtype)
     model.to_empty(device=device)
     return model.requires_grad_(False).eval()

@@ -2,6 +2,8 @@
 every rank receives exactly the tokens that have an expert there, with their local slots and weights, and combine
 returns each token's sum over its experts, as the all-to-all dispatcher does."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -101,7 +103,7 @@ def test_more_tokens_than_the_buffers_hold_is_a_clear_error():
 def test_the_buffers_are_sized_for_every_rank_sending_all_its_tokens():
     expert_map = ExpertMap.contiguous(EXPERTS, 4)
     group = VirtualRanks(expert_map, "fp8", HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.bfloat16)
-    row = HIDDEN + HIDDEN // 32 + 8 * TOP_K
+    row = -(-(HIDDEN + HIDDEN // 32 + 8 * TOP_K) // 64) * 64  # padded to 64 bytes
     assert group.buffers[0].recv.shape == (4 * 16, row) and group.buffers[0].back.shape == (4, 16, HIDDEN)
     assert group.buffers[0].nbytes == 4 * 4 * 4 + 4 * 16 * row + 4 * 16 * HIDDEN * 2
 
@@ -179,10 +181,12 @@ def test_tokens_that_do_not_match_the_buffers_are_refused_before_any_put():
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     group = VirtualRanks(expert_map, "bf16", HIDDEN, TOP_K, max_tokens=4, device="cpu", dtype=torch.bfloat16)
     ids, weights = routing(3, "random", torch.Generator().manual_seed(0))
+    wide = 8 + TOP_K  # 64 bytes more metadata: past the padded rows
+    wide_ids, wide_weights = ids.repeat(1, 4)[:, :wide], weights.repeat(1, 4)[:, :wide]
     for x, k in ((torch.randn(3, HIDDEN), TOP_K), (torch.randn(3, 128).bfloat16(), TOP_K),
-                 (torch.randn(3, HIDDEN).bfloat16(), TOP_K - 1)):
+                 (torch.randn(3, HIDDEN).bfloat16(), wide)):
         with pytest.raises(ValueError, match="do not match the transport"):
-            group.ranks[0].send_counts(x, ids[:, :k], weights[:, :k])
+            group.ranks[0].send_counts(x, wide_ids[:, :k], wide_weights[:, :k])
     assert (group.buffers[1].counts == 0).all()  # nothing was written
 
 
@@ -228,12 +232,13 @@ def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
     config = load_config("deepseek-v3")
     request = Request(config, ParallelLayout(dp=8, ep=8), max_num_batched_tokens=16, ep_dispatch_format="fp8",
                       ep_backend="p2p")
-    row = config.hidden_size + config.hidden_size // 32 + 8 * config.moe.top_k
+    row = -(-(config.hidden_size + config.hidden_size // 32 + 8 * config.moe.top_k) // 64) * 64
     buffers = PeerBuffers(8, 16, row, config.hidden_size, torch.bfloat16, "meta")
-    assert ep_buffer_bytes(request) == buffers.nbytes > 0
+    assert ep_buffer_bytes(request) == 2 * buffers.nbytes > 0  # and the low-latency set (the graphs' 16 tokens)
+    assert ep_buffer_bytes(replace(request, enforce_eager=True)) == buffers.nbytes
     assert ep_buffer_bytes(Request(config, ParallelLayout(dp=8, ep=8), ep_backend="all_to_all")) == 0  # NCCL: per step
     auto = Request(config, ParallelLayout(dp=8, ep=8), max_num_batched_tokens=16, ep_dispatch_format="fp8")
-    assert ep_buffer_bytes(auto) == buffers.nbytes  # auto: p2p, the GPUs of one node
+    assert ep_buffer_bytes(auto) == 2 * buffers.nbytes  # auto: p2p, the GPUs of one node
 
 
 def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
@@ -254,37 +259,56 @@ def test_p2p_buffers_hold_a_ranks_share_of_the_largest_step_and_the_memory_profi
 
 
 class FakeTransport:
-    """Hands out one virtual rank's buffers, as PeerTransport would its symmetric ones, and counts the calls."""
+    """Hands out one virtual rank's buffers of the current mode, as PeerTransport its symmetric ones."""
 
-    def __init__(self, buffers, tables):
-        self.buffers, self.tables, self.calls = buffers, tables, []
+    def __init__(self, sets):
+        self.sets, self.low_latency, self.calls = sets, False, []  # sets: low_latency -> (buffers, tables)
 
     def get(self, row_bytes, hidden, dtype, device):
-        self.calls.append((row_bytes, hidden, dtype))
-        return self.buffers, self.tables, lambda: None
+        self.calls.append((row_bytes, hidden, dtype, self.low_latency))
+        return (*self.sets[self.low_latency], lambda: None)
 
 
-def test_a_rank_without_buffers_takes_them_from_its_transport_at_the_first_exchange():
-    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, tables_of
+class RanksOf:
+    """VirtualRanks' combine over ranks made elsewhere."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    combine = VirtualRanks.combine
+
+
+def test_ranks_take_their_buffers_from_the_transport_in_its_mode_at_each_exchange():
+    """The engine's transport switches every rank between high-throughput exchanges (eager steps) and low-latency
+    ones (graphed decode steps, their own smaller buffers); each exchange goes through the set of its mode."""
+    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, row_bytes, tables_of
 
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
-    row = HIDDEN * 4 + 8 * TOP_K  # fp32 rows, unquantized
-    buffers = [PeerBuffers(2, 8, row, HIDDEN, torch.float32, "cpu") for _ in range(2)]
-    tables = tables_of(buffers, "cpu")
-    transports = [FakeTransport(b, tables) for b in buffers]
+    row = row_bytes(token_format("bf16", torch.float32), HIDDEN, TOP_K)  # fp32 rows, unquantized
+    sets = {}
+    for low_latency, tokens in ((False, 8), (True, 4)):
+        buffers = [PeerBuffers(2, tokens, row, HIDDEN, torch.float32, "cpu") for _ in range(2)]
+        sets[low_latency] = [(b, tables_of(buffers, "cpu")) for b in buffers]
+    transports = [FakeTransport({mode: sets[mode][r] for mode in sets}) for r in range(2)]
     ranks = [PeerToPeerRank(expert_map, r, "bf16", None, None, "cpu", torch.float32, transport=t)
              for r, t in enumerate(transports)]
     generator = torch.Generator().manual_seed(5)
-    xs = [torch.randn(t, HIDDEN, generator=generator) for t in (6, 3)]
-    routes = [routing(x.shape[0], "random", generator) for x in xs]
-    for _ in range(2):
+    for low_latency, tokens_per_rank in ((False, (6, 3)), (True, (4, 1)), (False, (8, 0))):
+        for transport in transports:
+            transport.low_latency = low_latency
+        xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
+        routes = [routing(x.shape[0], "random", generator) for x in xs]
         for rank, x, (ids, weights) in zip(ranks, xs, routes):
             rank.send_counts(x, ids, weights)
         for rank in ranks:
             rank.send_rows()
         received = [rank.receive() for rank in ranks]
-    assert [t.calls for t in transports] == [[(row, HIDDEN, torch.float32)]] * 2  # made once, at the first exchange
-    assert sum(layout.slots.shape[0] for _, layout, _ in received) >= 6 + 3
+        if low_latency:  # fixed regions of the low-latency set
+            assert all(layout.slots.shape[0] == 2 * 4 for _, layout, _ in received)
+            received = [real_rows(*r) for r in received]
+        check_received(received, routes, list(tokens_per_rank), expert_map, 2)
+        combine_and_check(RanksOf(ranks), received, xs, routes, expert_map, "bf16")
+    assert [call[3] for call in transports[0].calls] == [False, True, False]
 
 
 def test_auto_takes_p2p_for_cuda_ranks_of_one_node_and_all_to_all_elsewhere(monkeypatch):

@@ -108,7 +108,10 @@ def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden
 def test_unquantized_rows_are_received_where_they_lie():
     x = tokens(5, 256)
     fmt = token_format("bf16")
-    payload = received_rows(fmt.pack(x), extra=16)
+    payload = received_rows(fmt.pack(x), extra=32)  # rows of 272 values: a stride of 16s, as the p2p rows are padded
     received = fmt.receive(payload, 256, torch.bfloat16)
     assert received.data_ptr() == payload.data_ptr() and torch.equal(received, x)
     assert torch.equal(fmt.receive(payload, 256, torch.float32), x.float())  # another dtype: a converted copy
+    unaligned = received_rows(fmt.pack(x), extra=16)  # 264 values: the GEMM would load it element by element
+    copied = fmt.receive(unaligned, 256, torch.bfloat16)
+    assert copied.is_contiguous() and copied.data_ptr() != unaligned.data_ptr() and torch.equal(copied, x)

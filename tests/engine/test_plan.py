@@ -151,4 +151,7 @@ def test_smallest_layout_with_redundant_experts_has_expert_parallelism():
     request = Request(load_config("deepseek-v2-lite"), ParallelLayout(dp=2, ep=2), num_redundant_experts=4,
                       max_model_len=4096, gpu_memory=80 * GIB)
     layout, memory = smallest_fitting_layout(request, 1)
-    assert layout.ep > 1 and 4 % layout.ep == 0 and memory.graph_pool == 0  # no graphs under EP
+    assert layout.ep > 1 and 4 % layout.ep == 0 and memory.graph_pool > 0  # graphs under EP: p2p's low latency
+    nccl = Request(load_config("deepseek-v2-lite"), ParallelLayout(dp=2, ep=2), num_redundant_experts=4,
+                   max_model_len=4096, gpu_memory=80 * GIB, ep_backend="all_to_all")
+    assert smallest_fitting_layout(nccl, 1)[1].graph_pool == 0  # NCCL all-to-all: no graphs under EP

@@ -48,12 +48,12 @@ class ExpertParallelDispatcher:
         return physical // self.slots_per_rank, physical % self.slots_per_rank
 
     def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
-        """Byte rows [token payload | K int32 | K fp32] -> (tokens [R, H] as the format hands them on (FP8:
-        Fp8Activations), int32 [R, K], fp32 [R, K])."""
+        """Byte rows [token payload | K int32 | K fp32 | any padding] -> (tokens [R, H] as the format hands them on
+        (FP8: Fp8Activations), int32 [R, K], fp32 [R, K])."""
         token_bytes = self.format.payload_bytes(hidden)
         tokens = self.format.receive(rows[:, :token_bytes], hidden, dtype)
         ints = rows[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
-        floats = rows[:, token_bytes + 4 * top_k :].contiguous().view(torch.float32)
+        floats = rows[:, token_bytes + 4 * top_k : token_bytes + 8 * top_k].contiguous().view(torch.float32)
         return tokens, ints, floats
 
 

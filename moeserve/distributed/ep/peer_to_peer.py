@@ -36,6 +36,7 @@ from moeserve.distributed.ep.dispatchers import ExpertParallelDispatcher
 from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
 from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels import ep_transport
+from moeserve.kernels.device import has_fp8
 from moeserve.kernels.row_layout import RowLayout
 
 
@@ -48,9 +49,14 @@ class PeerTables:
     back: torch.Tensor
 
 
+ROW_ALIGN = 64  # bytes: received rows start where the experts' GEMM loads them in 16-byte vectors (row strides
+# of 16 elements, which Triton specializes on, for 4-byte values too)
+
+
 def row_bytes(token_format, hidden: int, top_k: int) -> int:
-    """Bytes of one received row: the token's payload in its format, then K int32 slots and K fp32 weights."""
-    return token_format.payload_bytes(hidden) + 8 * top_k
+    """Bytes of one received row: the token's payload in its format, then K int32 slots and K fp32 weights, padded
+    to ROW_ALIGN."""
+    return -(-(token_format.payload_bytes(hidden) + 8 * top_k) // ROW_ALIGN) * ROW_ALIGN
 
 
 class PeerBuffers:
@@ -109,19 +115,35 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
 
 
 class PeerTransport:
-    """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank and made at the first exchange
-    (collective: every rank's first MoE layer reaches it in the same step), sized for `max_tokens` a rank."""
+    """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank: a set for high-throughput
+    exchanges sized for `max_tokens` a rank and, with `low_latency_tokens`, a set for low-latency ones (decode steps
+    under CUDA graphs) sized for that many. Each set is made at its first use or by `prepare` (collective: every rank
+    reaches it at the same point). `low_latency` is the mode of the exchanges to come; every rank of the group must
+    set it alike before each forward."""
 
-    def __init__(self, group, ep: int, max_tokens: int, timeout_seconds: float = 300.0):
+    def __init__(self, group, ep: int, max_tokens: int, timeout_seconds: float = 300.0,
+                 low_latency_tokens: int | None = None):
         self.group, self.ep, self.max_tokens, self.timeout_seconds = group, ep, max_tokens, timeout_seconds
-        self.made = None
+        self.low_latency_tokens = low_latency_tokens
+        self.low_latency = False
+        self.made = {}  # low_latency -> (PeerBuffers, PeerTables, barrier)
 
     def get(self, row_bytes: int, hidden: int, dtype: torch.dtype, device):
-        """(PeerBuffers, PeerTables, barrier)."""
-        if self.made is None:
-            self.made = symmetric_buffers(self.group, self.ep, self.max_tokens, row_bytes, hidden, dtype, device,
-                                          int(self.timeout_seconds * 1000))
-        return self.made
+        """(PeerBuffers, PeerTables, barrier) of the current mode."""
+        if self.low_latency and self.low_latency_tokens is None:
+            raise RuntimeError("this transport has no low-latency buffers (made without low_latency_tokens)")
+        if self.low_latency not in self.made:
+            tokens = self.low_latency_tokens if self.low_latency else self.max_tokens
+            self.made[self.low_latency] = symmetric_buffers(self.group, self.ep, tokens, row_bytes, hidden, dtype,
+                                                            device, int(self.timeout_seconds * 1000))
+        return self.made[self.low_latency]
+
+    def prepare(self, row_bytes: int, hidden: int, dtype: torch.dtype, device) -> None:
+        """Make every set now (before the KV cache takes the memory they need)."""
+        mode = self.low_latency
+        for self.low_latency in (False, True) if self.low_latency_tokens else (False,):
+            self.get(row_bytes, hidden, dtype, device)
+        self.low_latency = mode
 
 
 @dataclass
@@ -142,21 +164,30 @@ class PeerToPeerRank(ExpertParallelDispatcher):
                  low_latency: bool = False, fuse_layout: bool | None = None, transport=None):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
         self.buffers, self.tables, self.barrier = buffers, tables, barrier
-        self.transport = transport  # without buffers: they come from it at the first exchange
-        self.low_latency = low_latency
-        # FP8 / NVFP4 tokens quantized inside the put (default on CUDA; elsewhere the torch format, the spec, packs them)
+        self.transport = transport  # without buffers: they come from it at each exchange, in its mode
+        self.fixed_mode = low_latency
+        # FP8 / NVFP4 tokens quantized inside the put (default on CUDA with float8 types; elsewhere the torch format,
+        # the spec, packs them)
         on_cuda = torch.device(device).type == "cuda"
-        self.fuse_quantization = on_cuda if fuse_quantization is None else fuse_quantization
+        self.fuse_quantization = on_cuda and has_fp8(device) if fuse_quantization is None else fuse_quantization
         # the send side's layout in one kernel (default on CUDA; elsewhere the torch layout, its spec)
         self.fuse_layout = on_cuda if fuse_layout is None else fuse_layout
         self.pending = None
 
+    @property
+    def low_latency(self) -> bool:
+        return self.transport.low_latency if self.transport is not None else self.fixed_mode
+
     def row_bytes(self, hidden: int, top_k: int) -> int:
         return row_bytes(self.format, hidden, top_k)
 
+    def prepare_transport(self, hidden: int, top_k: int, dtype: torch.dtype, device) -> None:
+        """The transport's buffers for tokens of `hidden` values routed to top_k experts, made now (collective)."""
+        self.transport.prepare(self.row_bytes(hidden, top_k), hidden, dtype, device)
+
     def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         tokens, top_k = topk_ids.shape
-        if self.buffers is None:
+        if self.transport is not None:
             self.buffers, self.tables, self.barrier = self.transport.get(self.row_bytes(x.shape[1], top_k), x.shape[1],
                                                                          x.dtype, x.device)
         self.check_fits(x, top_k)
@@ -179,9 +210,10 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         if x.dtype != back.dtype or x.shape[1] != back.shape[2]:
             raise ValueError(f"tokens of {x.shape[1]} x {x.dtype} do not match the transport's buffers, made for "
                              f"{back.shape[2]} x {back.dtype}")
-        if self.row_bytes(x.shape[1], top_k) != self.buffers.recv.shape[1]:
-            raise ValueError(f"rows of {self.row_bytes(x.shape[1], top_k)} bytes (top-{top_k}) do not match the "
-                             f"transport's receive rows of {self.buffers.recv.shape[1]}")
+        needed = self.format.payload_bytes(x.shape[1]) + 8 * top_k
+        if needed > self.buffers.recv.shape[1]:
+            raise ValueError(f"rows of {needed} bytes (top-{top_k}) do not match the transport's receive rows of "
+                             f"{self.buffers.recv.shape[1]}")
 
     def layout(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """(local_index int32 [T, EP], meta uint8 [T, EP, 8K], counts int32 [EP]) in torch: the spec of route_rows."""
@@ -200,10 +232,12 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         # low latency: my fixed region at every rank; else after the rows of the ranks before me
         placement = ep_transport.Placement(self.buffers.counts, self.ep_rank,
                                            self.buffers.max_tokens if self.low_latency else None)
+        row = self.buffers.recv.shape[1]
         if fused:
-            ep_transport.put_quantized_rows(self.format.name, payload, meta, local_index, self.tables.recv, placement)
+            ep_transport.put_quantized_rows(self.format.name, payload, meta, local_index, self.tables.recv, row,
+                                            placement)
         else:
-            ep_transport.put_rows(payload, meta, local_index, self.tables.recv, placement)
+            ep_transport.put_rows(payload, meta, local_index, self.tables.recv, row, placement)
 
     def receive(self):
         if self.low_latency:

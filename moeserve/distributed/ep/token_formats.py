@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.kernels.device import has_fp8
 from moeserve.kernels.ep_transport import nvfp4_tokens
 from moeserve.quant.fp8 import Fp8Activations, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
@@ -62,8 +63,10 @@ class UnquantizedFormat:
 
     def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """A view of the received rows where they lie (rows strided by the metadata after them; the experts read
-        rows by their stride), or a converted copy in another dtype."""
-        if dtype == self.dtype and payload.stride(-1) == 1 and payload.stride(0) % self.dtype.itemsize == 0:
+        rows by their stride) when that stride is a multiple of 16 values (else the GEMM's loads lose their vector
+        width: a copy is cheaper), or a converted copy."""
+        stride_bytes = payload.stride(0)
+        if dtype == self.dtype and payload.stride(-1) == 1 and stride_bytes % (16 * self.dtype.itemsize) == 0:
             return payload.view(self.dtype)
         return self.unpack(payload, hidden, dtype)
 
@@ -124,7 +127,7 @@ class Nvfp4Format:
 
     def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """unpack; on CUDA one kernel over the received rows where they lie (the torch form takes a dozen passes)."""
-        if payload.is_cuda and payload.stride(-1) == 1:
+        if payload.is_cuda and payload.stride(-1) == 1 and has_fp8(payload.device):
             return nvfp4_tokens(payload, hidden, dtype)
         return self.unpack(payload, hidden, dtype)
 
