@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ep.add_argument("--experts", type=int, default=256, help="routed experts in all")
     ep.add_argument("--format", default="bf16,fp8,nvfp4", help="comma-separated: bf16, fp8, nvfp4")
     ep.add_argument("--backend", default="all_to_all,allgather",
-                    help="comma-separated: all_to_all, allgather, p2p (CUDA: peer-to-peer puts through symmetric memory)")
+                    help="comma-separated: all_to_all, allgather, p2p (CUDA: peer-to-peer puts through symmetric memory, "
+                         "high-throughput mode), p2p-ll (its low-latency mode, timed as CUDA-graph replays)")
     ep.add_argument("--iterations", type=int, default=20, help="timed repetitions per point")
     ep.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ep.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
@@ -564,7 +565,10 @@ def run_bench_ep(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     if args.virtual_ranks:
         return bench_ep_virtual(args)
-    if "p2p" in args.backend.split(",") and args.device == "cpu":
+    unknown = set(args.backend.split(",")) - {"all_to_all", "allgather", "p2p", "p2p-ll"}
+    if unknown:
+        raise ConfigError(f"unknown --backend {', '.join(sorted(unknown))}: use all_to_all, allgather, p2p, p2p-ll")
+    if {"p2p", "p2p-ll"} & set(args.backend.split(",")) and args.device == "cpu":
         raise ConfigError("--backend p2p puts tokens through GPU peer memory: use CUDA devices, or --virtual-ranks "
                           "with TRITON_INTERPRET=1 to run its kernels on the CPU")
     launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)

@@ -23,10 +23,13 @@ for q in (False, True):
           dict(BLOCK=128, QUANTIZE=q, ROUND_SILU=False, ROWS_IN_USE=True))
 build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i64", out_ptr="*bf16", hidden="i32", TOP_K=c, BLOCK=c, ROWS_IN_USE=c),
       dict(TOP_K=8, BLOCK=1024, ROWS_IN_USE=True))
-build(ep_transport._route_rows_kernel,
+build(ep_transport._route_block_kernel,
       dict(ids_ptr="*i64", weights_ptr="*fp32", replica_slots_ptr="*i64", replica_count_ptr="*i64", local_index_ptr="*i32",
-           meta_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", me="i32", slots_per_rank="i32", stride_replicas="i32",
-           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=512), warps=8)
+           meta_ptr="*i32", block_counts_ptr="*i32", num_tokens="i32", me="i32", slots_per_rank="i32", stride_replicas="i32",
+           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=512))
+build(ep_transport._route_offsets_kernel,
+      dict(local_index_ptr="*i32", block_counts_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", num_blocks="i32",
+           me="i32", EP=c, EP_POW2=c, BLOCK_T=c, BLOCKS_POW2=c), dict(EP=8, EP_POW2=8, BLOCK_T=512, BLOCKS_POW2=8))
 build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_ptr="*i32", me="i32", EP=c, EP_POW2=c), dict(EP=8, EP_POW2=8))
 for low_latency in (False, True):
     placement = dict(EP=8, EP_POW2=8, LOW_LATENCY=low_latency)
@@ -42,6 +45,6 @@ for low_latency in (False, True):
 build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", hidden="i32", row_stride="i32", CHUNK=c),
       dict(CHUNK=1024))
 build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
-      me="i32", max_tokens="i32", hidden="i32", BLOCK=c), dict(BLOCK=1024))
+      me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c), dict(BLOCK=1024))
 build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",
       hidden="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))

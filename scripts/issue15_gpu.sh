@@ -16,7 +16,7 @@ grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | head -8 >> "$T"
 timeout ${BENCH_TIMEOUT:-200} python3 -m moeserve bench ep --virtual-ranks ${RANKS:-2,4,8} --tokens-per-rank 128,4096 \
   --iterations 10 > "$OUT/bench_ep_virtual.log" 2>&1
 echo "bench ep rc=$?" >> "$T"
-timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/ep_profile.py 2,8 128,4096 bf16,fp8,nvfp4 high-throughput \
+timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/ep_profile.py ${PROFILE_POINTS:-2,8 128,4096 bf16,fp8,nvfp4 high-throughput} \
   > "$OUT/ep_profile.log" 2>&1
 echo "profile rc=$?" >> "$T"
 grep -E "^profile|^ +[0-9]" "$OUT/ep_profile.log" | awk '/^profile/{n=0} {if (n++ < 6) print}' | cut -c1-150 >> "$T"

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moeserve.bench.timing import graph_of
 from moeserve.distributed.ep.dispatchers import DISPATCHERS
 from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 from moeserve.distributed.layout import ExpertMap
 from moeserve.quant.fp8 import Fp8Activations
+
+
+P2P_MODES = ("p2p", "p2p-ll")  # the peer-to-peer transport, high-throughput (eager) and low-latency (CUDA graphs)
 
 
 @dataclass
@@ -48,8 +52,10 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
                   group, control, iterations: int = 20) -> EpPoint:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     expert_map = ExpertMap.contiguous(experts, world)
-    if backend == "p2p":  # buffers in symmetric memory for this point's tokens (CUDA)
-        transport = PeerTransport(group, world, max(tokens, 1))
+    if backend in P2P_MODES:  # buffers in symmetric memory for this point's tokens (CUDA)
+        low_latency = backend == "p2p-ll"
+        transport = PeerTransport(group, world, max(tokens, 1), low_latency_tokens=max(tokens, 1) if low_latency else None)
+        transport.low_latency = low_latency
         dispatcher = PeerToPeerRank(expert_map, rank, fmt, None, None, device, torch.bfloat16, transport=transport)
     else:
         dispatcher = DISPATCHERS[backend](expert_map, group, rank, fmt, device, torch.bfloat16)
@@ -71,11 +77,28 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
     state["experts_out"] = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
     for _ in range(3):
         dispatch(), combine()
+    if backend == "p2p-ll":  # as decode steps run it: CUDA graphs (captured on every rank alike)
+        dispatch, combine = graphed_exchange(dispatch, combine, state, device)
     dispatch_us = _median_us(dispatch, device, iterations, control)
     combine_us = _median_us(combine, device, iterations, control)
     dispatch_bytes, combine_bytes = sent_bytes(state["out"][2], dispatcher, hidden, top_k, rank, backend)
     yardstick_us = yardstick(dispatch_bytes + combine_bytes, world, device, group, control, iterations)
     return EpPoint(dispatch_us, combine_us, dispatch_bytes, combine_bytes, yardstick_us)
+
+
+def graphed_exchange(dispatch, combine, state: dict, device):
+    """(dispatch, combine) as replays of CUDA graphs; the combine is captured over the replayed dispatch's outputs."""
+    dispatch_graph = graph_of(dispatch)
+    if dispatch_graph is None:
+        raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")
+    dispatch_graph()  # the captured outputs hold nothing until a replay
+    _sync(device)
+    rows = state["out"][0]
+    state["experts_out"] = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    combine_graph = graph_of(combine)
+    if combine_graph is None:
+        raise RuntimeError("the low-latency combine could not be captured in a CUDA graph")
+    return dispatch_graph, combine_graph
 
 
 def sent_bytes(handle, dispatcher, hidden: int, top_k: int, rank: int, backend: str) -> tuple[int, int]:
@@ -84,7 +107,7 @@ def sent_bytes(handle, dispatcher, hidden: int, top_k: int, rank: int, backend: 
         to_others = sum(c for r, c in enumerate(handle.send_counts) if r != rank)
         back_to_others = sum(c for r, c in enumerate(handle.recv_counts) if r != rank)
         return to_others * row_bytes, back_to_others * hidden * 2
-    if backend == "p2p":
+    if backend in P2P_MODES:
         sent = handle.local_index >= 0
         to_others = int(sent.sum()) - int(sent[:, rank].sum())
         back_to_others = int(((handle.index_at_source >= 0) & (handle.source != rank)).sum())

@@ -45,40 +45,59 @@ def _put_counts_kernel(counts_table_ptr, my_counts_ptr, me, EP: tl.constexpr, EP
 
 
 @triton.jit
-def _route_rows_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_ptr, local_index_ptr, meta_ptr,
-                       counts_table_ptr, num_tokens, me, slots_per_rank, stride_replicas,
-                       EP: tl.constexpr, EP_POW2: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The send side's whole layout in one program: each (token, k)'s replica (token + me mod its count), the ranks
-    each token goes to, its index among this rank's rows to each (a running prefix sum over token chunks), the
-    metadata rows [K slots (-1: not there) | K weights] per (token, rank), and this rank's counts into row `me` of
-    every peer's count matrix."""
+def _route_block_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_ptr, local_index_ptr, meta_ptr,
+                        block_counts_ptr, num_tokens, me, slots_per_rank, stride_replicas,
+                        EP: tl.constexpr, EP_POW2: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The send side's layout of token block b (program b): each (token, k)'s replica (token + me mod its count), the
+    ranks each token goes to, its index among the block's rows to each rank, the metadata rows [K slots (-1: not
+    there) | K weights] per (token, rank), and the block's row count for each rank."""
+    block = tl.program_id(0)
     ranks = tl.arange(0, EP_POW2)
     rank_ok = ranks < EP
-    running = tl.zeros((EP_POW2,), dtype=tl.int32)
     meta_weights_ptr = meta_ptr.to(tl.pointer_type(tl.float32))
-    for first in range(0, num_tokens, BLOCK_T):
-        tokens = first + tl.arange(0, BLOCK_T)
-        token_ok = tokens < num_tokens
-        ok = token_ok[:, None] & rank_ok[None, :]
-        goes = tl.zeros((BLOCK_T, EP_POW2), dtype=tl.int32)
-        meta_row = (tokens.to(tl.int64)[:, None] * EP + ranks[None, :]) * (2 * TOP_K)
-        for k in tl.static_range(TOP_K):
-            expert = tl.load(ids_ptr + tokens * TOP_K + k, mask=token_ok, other=0).to(tl.int64)
-            replicas = tl.load(replica_count_ptr + expert, mask=token_ok, other=1)
-            physical = tl.load(replica_slots_ptr + expert * stride_replicas + (tokens + me) % replicas, mask=token_ok,
-                               other=0)
-            weight = tl.load(weights_ptr + tokens * TOP_K + k, mask=token_ok, other=0.0).to(tl.float32)
-            hit = (physical // slots_per_rank)[:, None] == ranks[None, :]
-            goes = tl.maximum(goes, hit.to(tl.int32))
-            tl.store(meta_ptr + meta_row + k, tl.where(hit, (physical % slots_per_rank)[:, None], -1).to(tl.int32),
-                     mask=ok)
-            tl.store(meta_weights_ptr + meta_row + TOP_K + k, tl.where(hit, weight[:, None], 0.0), mask=ok)
-        goes = tl.where(ok, goes, 0)
-        index = running[None, :] + tl.cumsum(goes, axis=0) - 1
-        tl.store(local_index_ptr + tokens[:, None] * EP + ranks[None, :], tl.where(goes > 0, index, -1), mask=ok)
-        running += tl.sum(goes, axis=0)
-    for peer in range(EP):
-        tl.store(_peer(counts_table_ptr, peer, tl.int32) + me * EP + ranks, running, mask=rank_ok)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < num_tokens
+    ok = token_ok[:, None] & rank_ok[None, :]
+    goes = tl.zeros((BLOCK_T, EP_POW2), dtype=tl.int32)
+    meta_row = (tokens.to(tl.int64)[:, None] * EP + ranks[None, :]) * (2 * TOP_K)
+    for k in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + tokens * TOP_K + k, mask=token_ok, other=0).to(tl.int64)
+        replicas = tl.load(replica_count_ptr + expert, mask=token_ok, other=1)
+        physical = tl.load(replica_slots_ptr + expert * stride_replicas + (tokens + me) % replicas, mask=token_ok,
+                           other=0)
+        weight = tl.load(weights_ptr + tokens * TOP_K + k, mask=token_ok, other=0.0).to(tl.float32)
+        hit = (physical // slots_per_rank)[:, None] == ranks[None, :]
+        goes = tl.maximum(goes, hit.to(tl.int32))
+        tl.store(meta_ptr + meta_row + k, tl.where(hit, (physical % slots_per_rank)[:, None], -1).to(tl.int32),
+                 mask=ok)
+        tl.store(meta_weights_ptr + meta_row + TOP_K + k, tl.where(hit, weight[:, None], 0.0), mask=ok)
+    goes = tl.where(ok, goes, 0)
+    index = tl.cumsum(goes, axis=0) - 1
+    tl.store(local_index_ptr + tokens[:, None] * EP + ranks[None, :], tl.where(goes > 0, index, -1), mask=ok)
+    tl.store(block_counts_ptr + block * EP + ranks, tl.sum(goes, axis=0), mask=rank_ok)
+
+
+@triton.jit
+def _route_offsets_kernel(local_index_ptr, block_counts_ptr, counts_table_ptr, num_tokens, num_blocks, me,
+                          EP: tl.constexpr, EP_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCKS_POW2: tl.constexpr):
+    """Block b's row indices made this rank's (program b adds the rows the blocks before it send each rank); program
+    0 puts this rank's counts (all blocks') into row `me` of every peer's count matrix."""
+    block = tl.program_id(0)
+    ranks = tl.arange(0, EP_POW2)
+    rank_ok = ranks < EP
+    blocks = tl.arange(0, BLOCKS_POW2)
+    counts = tl.load(block_counts_ptr + blocks[:, None] * EP + ranks[None, :],
+                     mask=(blocks < num_blocks)[:, None] & rank_ok[None, :], other=0)
+    before = tl.sum(tl.where((blocks < block)[:, None], counts, 0), axis=0)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = (tokens < num_tokens)[:, None] & rank_ok[None, :]
+    index_ptrs = local_index_ptr + tokens[:, None] * EP + ranks[None, :]
+    index = tl.load(index_ptrs, mask=ok, other=-1)
+    tl.store(index_ptrs, tl.where(index >= 0, index + before[None, :], -1), mask=ok)
+    if block == 0:
+        total = tl.sum(counts, axis=0)
+        for peer in range(EP):
+            tl.store(_peer(counts_table_ptr, peer, tl.int32) + me * EP + ranks, total, mask=rank_ok)
 
 
 @triton.jit
@@ -204,7 +223,7 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
 
 
 @triton.jit
-def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_tokens, hidden,
+def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_tokens, hidden, stride_y,
                         BLOCK: tl.constexpr):
     """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area; nothing
     for index -1 (a row slot that held no token)."""
@@ -215,7 +234,7 @@ def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_to
     index = tl.load(index_ptr + row).to(tl.int64)
     if index >= 0:
         back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
-        tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * hidden + offs, mask=ok),
+        tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * stride_y + offs, mask=ok),
                  mask=ok)
 
 
@@ -268,18 +287,26 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torc
 
 
 def route_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor, replica_slots: torch.Tensor,
-               replica_count: torch.Tensor, slots_per_rank: int, me: int, counts_table: torch.Tensor):
+               replica_count: torch.Tensor, slots_per_rank: int, me: int, counts_table: torch.Tensor,
+               block_tokens: int | None = None):
     """(local_index int32 [T, EP], meta uint8 [T, EP, 8K]) of this rank's tokens, its counts put into every peer's
-    matrix: one kernel for what the torch layout of PeerToPeerRank.send_counts computes."""
+    matrix: what the torch layout of PeerToPeerRank.send_counts computes, in two kernels over blocks of tokens (the
+    blocks' layouts, then their offsets)."""
     tokens, top_k = topk_ids.shape
     ep = counts_table.numel()
     ep_pow2 = triton.next_power_of_2(ep)
-    local_index = torch.empty(tokens, ep, dtype=torch.int32, device=topk_ids.device)
-    meta = torch.empty(tokens, ep, 2 * top_k, dtype=torch.int32, device=topk_ids.device)
-    _route_rows_kernel[(1,)](topk_ids.contiguous(), topk_weights.contiguous(), replica_slots, replica_count,
-                             local_index, meta, counts_table, tokens, me, slots_per_rank, replica_slots.stride(0),
-                             EP=ep, EP_POW2=ep_pow2, TOP_K=top_k, BLOCK_T=min(512, max(16, 4096 // ep_pow2)),
-                             num_warps=8)
+    block_t = block_tokens or max(64, min(1024, 4096 // ep_pow2))  # [block, ranks] tiles of 4096 at most
+    num_blocks = max(1, triton.cdiv(tokens, block_t))
+    device = topk_ids.device
+    local_index = torch.empty(tokens, ep, dtype=torch.int32, device=device)
+    meta = torch.empty(tokens, ep, 2 * top_k, dtype=torch.int32, device=device)
+    block_counts = torch.empty(num_blocks, ep, dtype=torch.int32, device=device)
+    _route_block_kernel[(num_blocks,)](topk_ids.contiguous(), topk_weights.contiguous(), replica_slots, replica_count,
+                                       local_index, meta, block_counts, tokens, me, slots_per_rank,
+                                       replica_slots.stride(0), EP=ep, EP_POW2=ep_pow2, TOP_K=top_k, BLOCK_T=block_t)
+    _route_offsets_kernel[(num_blocks,)](local_index, block_counts, counts_table, tokens, num_blocks, me, EP=ep,
+                                         EP_POW2=ep_pow2, BLOCK_T=block_t,
+                                         BLOCKS_POW2=triton.next_power_of_2(num_blocks))
     return local_index, meta.view(torch.uint8)
 
 
@@ -347,12 +374,13 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,
                 max_tokens: int) -> None:
-    """y: [R, H] in the back areas' dtype; source, index: int32 [R]."""
+    """y: [R, H] in the back areas' dtype, rows may be strided; source, index: int32 [R]."""
     rows, hidden = y.shape
     if rows:
+        y = y if y.stride(-1) == 1 else y.contiguous()
         block = min(1024, triton.next_power_of_2(hidden))
         _put_results_kernel[(rows, triton.cdiv(hidden, block))](y, source, index, back_table, me, max_tokens, hidden,
-                                                                BLOCK=block)
+                                                                y.stride(0), BLOCK=block)
 
 
 def sum_results(back: torch.Tensor, local_index: torch.Tensor, out: torch.Tensor) -> None:

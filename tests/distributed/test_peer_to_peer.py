@@ -149,8 +149,8 @@ def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt):
         assert unfused.shape[0] and torch.equal(unfused, fused)
 
 
-@pytest.mark.parametrize("ranks,tokens", [(2, 7), (3, 300), (4, 0)])  # 300: several token chunks of the kernel
-def test_the_one_kernel_layout_equals_the_torch_layout(ranks, tokens):
+@pytest.mark.parametrize("ranks,tokens,block_tokens", [(2, 7, None), (3, 300, 64), (3, 300, None), (4, 0, None)])
+def test_the_kernel_layout_equals_the_torch_layout(ranks, tokens, block_tokens):  # 300 in 64s: five blocks
     """route_rows (default on CUDA) against PeerToPeerRank.layout: row indices, metadata bytes and the counts every
     peer receives, with redundant experts (replicas chosen by token and rank) in the map."""
     from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, tables_of
@@ -170,7 +170,7 @@ def test_the_one_kernel_layout_equals_the_torch_layout(ranks, tokens):
     from moeserve.kernels.ep_transport import route_rows
 
     index, meta = route_rows(ids, weights, rank.replica_slots, rank.replica_count, rank.slots_per_rank, me,
-                             tables.counts)
+                             tables.counts, block_tokens)
     assert torch.equal(index, expected_index)
     assert torch.equal(meta, expected_meta)
     for b in buffers:
@@ -244,8 +244,11 @@ def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
 def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
     from moeserve.cli import main
 
-    assert main(["bench", "ep", "--backend", "p2p", "--device", "cpu", "--ranks", "2"]) != 0
-    assert "virtual-ranks" in capsys.readouterr().err
+    for backend in ("p2p", "all_to_all,p2p-ll"):
+        assert main(["bench", "ep", "--backend", backend, "--device", "cpu", "--ranks", "2"]) != 0
+        assert "virtual-ranks" in capsys.readouterr().err
+    assert main(["bench", "ep", "--backend", "nccl", "--device", "cpu", "--ranks", "2"]) != 0
+    assert "unknown --backend nccl" in capsys.readouterr().err
 
 
 def test_p2p_buffers_hold_a_ranks_share_of_the_largest_step_and_the_memory_profile():

@@ -270,7 +270,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         return tokens, RowLayout(slots, weights), handle
 
     def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
-        ep_transport.put_results(y.to(handle.dtype).contiguous(), handle.source, handle.index_at_source,
+        ep_transport.put_results(y.to(handle.dtype), handle.source, handle.index_at_source,
                                  self.tables.back, self.ep_rank, self.buffers.max_tokens)
 
     def sum_results(self, handle: PeerHandle) -> torch.Tensor:
