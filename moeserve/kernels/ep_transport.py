@@ -295,7 +295,8 @@ def route_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor, replica_slots
     tokens, top_k = topk_ids.shape
     ep = counts_table.numel()
     ep_pow2 = triton.next_power_of_2(ep)
-    block_t = block_tokens or max(64, min(1024, 4096 // ep_pow2))  # [block, ranks] tiles of 4096 at most
+    # small blocks, many programs (a block of 1024 took ~30 us on an H100); 256 blocks at most for the offsets' tile
+    block_t = block_tokens or max(32, triton.next_power_of_2(triton.cdiv(tokens, 256)))
     num_blocks = max(1, triton.cdiv(tokens, block_t))
     device = topk_ids.device
     local_index = torch.empty(tokens, ep, dtype=torch.int32, device=device)
