@@ -92,7 +92,8 @@ def resolve_ep_backend(backend: str, device, ep: int, ranks_per_node: int | None
 
 def peers_reachable(ep: int) -> bool:
     """Whether the node's first `ep` GPUs (those of an EP group of spawned or torchrun ranks) can all access each
-    other's memory (NVLink or PCIe peer access), as peer-to-peer puts need."""
+    other's memory (NVLink or PCIe peer access), as peer-to-peer puts need. Ranks that each see one GPU
+    (CUDA_VISIBLE_DEVICES per rank) cannot tell from here: True, and symmetric memory's rendezvous decides."""
     gpus = min(ep, torch.cuda.device_count())
     return all(torch.cuda.can_device_access_peer(a, b) for a in range(gpus) for b in range(gpus) if a != b)
 

@@ -78,6 +78,10 @@ class StepInputs:
         return list(self.on_device[: 3 * num_tokens + 3 * batch + 1].split([num_tokens] * 3 + [batch + 1, batch, batch]))
 
 
+class ModeMismatch(RuntimeError):
+    """A rank's step contradicts the EP exchange mode every rank agreed on."""
+
+
 class ModelRunner:
     def __init__(self, args: EngineArgs, config: ModelConfig, max_model_len: int, eos_token_ids: tuple[int, ...],
                  context: DistributedContext | None = None):
@@ -174,7 +178,8 @@ class ModelRunner:
 
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
         layout = context.groups.layout if context is not None else ParallelLayout()
-        graphs = self.device.type == "cuda" and decode_graphs(args.enforce_eager, layout, args.ep_backend)
+        low_latency_ep = self.ep_transport is not None and self.ep_transport.low_latency_tokens is not None
+        graphs = self.device.type == "cuda" and not args.enforce_eager and (layout.ep == 1 or low_latency_ep)
         num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, layout,
                                      max(graph_sizes(args)) if graphs else 0, self.dtype)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
@@ -217,7 +222,7 @@ class ModelRunner:
         if self.ep_transport is None:
             return size
         if self.ep_transport.low_latency and size is None:
-            raise RuntimeError(f"the EP ranks agreed on a low-latency (CUDA graph) step, but this rank's step of "
+            raise ModeMismatch(f"the EP ranks agreed on a low-latency (CUDA graph) step, but this rank's step of "
                                f"{len(scheduled)} sequences is not a decode batch within the graphs (up to "
                                f"{self.graphs.sizes[-1]}): the lockstep's decode prediction was wrong")
         return size if self.ep_transport.low_latency else None
@@ -246,7 +251,11 @@ class ModelRunner:
         if self.balancer is not None:
             self.balancer.before_forward()
         scheduled = sorted(scheduled, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
-        graph_size = self.graph_size_for(scheduled)
+        try:
+            graph_size = self.graph_size_for(scheduled)
+        except ModeMismatch:
+            self.execute_empty()  # the other ranks' exchanges still find this one; then this rank fails the step
+            raise
         if graph_size is not None:
             self.send(scheduled, pad_to=graph_size)
             logits = self.graphs.replay(graph_size)[: len(scheduled)]

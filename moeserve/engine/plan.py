@@ -136,11 +136,13 @@ def ep_tokens_per_rank(max_num_batched_tokens: int, max_model_len: int, tp: int,
 
 
 def largest_step_activation_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, tokens: int,
-                                  logit_rows: int, max_model_len: int, dense_attention: bool) -> int:
+                                  logit_rows: int, max_model_len: int, dense_attention: bool,
+                                  expert_tokens: int | None = None) -> int:
     """An estimate of the peak above the weights while one step of `tokens` tokens runs: the residual stream,
     the largest of a layer's attention, MoE and dense-MLP intermediates, or the last rows' logits in fp32 with
     their softmax. dense_attention: the profiling pass's eager attention, whose fp32 scores grow with the square
-    of its sequences (PROFILE_SEQ_LEN at most); else the paged kernels, whose scratch is small."""
+    of its sequences (PROFILE_SEQ_LEN at most); else the paged kernels, whose scratch is small. expert_tokens: the
+    rows the experts run over, if not the step's tokens."""
     act = dtype.itemsize
     heads = config.num_heads // layout.tp
     stream = 3 * tokens * config.hidden_size * act  # hidden, residual, normed
@@ -157,7 +159,7 @@ def largest_step_activation_bytes(config: ModelConfig, layout: ParallelLayout, d
     intermediates = [attention]
     if config.moe_layers:
         moe = config.moe
-        rows = tokens * moe.top_k
+        rows = (tokens if expert_tokens is None else expert_tokens) * moe.top_k
         inner = moe.intermediate_size // (layout.tp if layout.ep == 1 else 1)
         experts = rows * (3 * inner + 2 * config.hidden_size) * act
         shared = tokens * 3 * moe.shared_intermediate_size // layout.tp * act
@@ -177,9 +179,13 @@ GRAPH_POOL_EXTRA_BYTES = GIB // 4
 
 def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.dtype, max_graph_batch: int,
                      max_model_len: int) -> int:
-    """The decode graphs share one memory pool, as large as the largest captured batch's step needs."""
+    """The decode graphs share one memory pool, as large as the largest captured batch's step needs. Under EP the
+    graphs exchange in the p2p backend's low-latency mode, whose experts run over every rank's region of the largest
+    batch."""
+    expert_tokens = layout.ep * max_graph_batch if layout.ep > 1 else None
     return GRAPH_POOL_EXTRA_BYTES + largest_step_activation_bytes(config, layout, dtype, max_graph_batch,
-                                                                  max_graph_batch, max_model_len, dense_attention=False)
+                                                                  max_graph_batch, max_model_len, dense_attention=False,
+                                                                  expert_tokens=expert_tokens)
 
 
 def ep_buffer_bytes(request: "Request") -> int:

@@ -1,15 +1,16 @@
 """The p2p EP backend's exchange mode per step: every rank predicts whether its next step computes decodes only,
 the lockstep's exchange gives every rank all predictions, and all derive the same mode (low latency: every rank
-replays a decode graph; high throughput: eager). A wrong prediction is an error on that rank (the others' device
-barriers then time out after --dist-timeout), not a silent mismatch."""
+replays a decode graph; high throughput: eager). A rank whose step contradicts the agreed mode first completes the
+step's exchanges (an empty graph replay, as the others expect), then fails the step: the lockstep ends every rank."""
 
+import random
 from types import SimpleNamespace
 
 import pytest
 
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.lockstep import NEXT_DECODES, NOT_DECODES, low_latency_next
-from moeserve.engine.model_runner import ModelRunner
+from moeserve.engine.model_runner import ModeMismatch, ModelRunner
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
 from moeserve.sampling_params import SamplingParams
@@ -73,3 +74,42 @@ def test_a_low_latency_step_replays_a_graph_and_a_high_throughput_one_runs_eager
         ModelRunner.graph_size_for(runner(True), prefill)
     with pytest.raises(RuntimeError, match="within the graphs"):
         ModelRunner.graph_size_for(runner(True), decodes(9))
+
+
+def test_a_rank_that_contradicts_the_agreed_mode_completes_the_exchanges_before_it_fails():
+    calls = []
+
+    def contradicting(scheduled):
+        raise ModeMismatch("the lockstep's decode prediction was wrong")
+
+    fake = SimpleNamespace(balancer=None, graph_size_for=contradicting, execute_empty=lambda: calls.append("empty"))
+    with pytest.raises(ModeMismatch):
+        ModelRunner.execute(fake, [(sequence(5), 5)])
+    assert calls == ["empty"]  # the smallest graph replayed: every other rank's barriers find this one
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_decode_prediction_holds_over_random_traffic_with_preemption(seed):
+    """Random arrivals, prompt lengths and output lengths through a cache small enough to preempt: whenever
+    next_step_decodes predicts n decodes, the next schedule() is decodes only, at most n of them."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(BlockManager(12, 4, enable_prefix_caching=False), max_num_seqs=6, max_num_batched_tokens=16)
+    predicted_steps = 0
+    for step in range(200):
+        if rng.random() < 0.2:
+            seq = Sequence(f"r{step}", 0, [rng.randrange(1, 50) for _ in range(rng.randrange(1, 16))],
+                           SamplingParams(), max_tokens=rng.randrange(1, 24))
+            scheduler.add(seq)
+        predicted = scheduler.next_step_decodes()
+        scheduled = scheduler.schedule()
+        if predicted is not None:
+            predicted_steps += 1
+            assert len(scheduled) <= predicted
+            assert all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens for seq, n in scheduled)
+        for seq, num_new in scheduled:
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:  # its prompt is in: it samples a token
+                seq.token_ids.append(rng.randrange(1, 50))
+                if seq.num_output_tokens >= seq.max_tokens:
+                    scheduler.finish(seq)
+    assert predicted_steps > 10 and scheduler.num_preemptions > 0  # the property was exercised, preemptions too
