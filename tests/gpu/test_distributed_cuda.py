@@ -32,7 +32,7 @@ def logits_on_rank(context, preset, fmt, backend, out_dir):
 
 @pytest.mark.parametrize("layout", [ParallelLayout(dp=RANKS, ep=RANKS), ParallelLayout(tp=2, dp=RANKS // 2, ep=RANKS),
                                     ParallelLayout(tp=2, dp=RANKS // 2, ep=1)], ids=["dp-ep", "tp-attn-ep", "tp"])
-@pytest.mark.parametrize("backend", ["all_to_all", "allgather"])
+@pytest.mark.parametrize("backend", ["all_to_all", "allgather", "p2p"])
 def test_distributed_logits_equal_one_gpu(layout, backend):
     for preset in ("tiny-deepseek-v3", "tiny-qwen3-moe"):
         out_dir = tempfile.mkdtemp()
@@ -44,12 +44,17 @@ def test_distributed_logits_equal_one_gpu(layout, backend):
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_distributed_generate_equals_one_process():
+@pytest.mark.parametrize("extra", [[], ["--enforce-eager"], ["--ep-backend", "all_to_all"]],
+                         ids=["auto-p2p-decode-graphs", "p2p-eager", "nccl-all-to-all"])
+def test_distributed_generate_equals_one_process(extra):
+    """Greedy tokens of dp = ep = every GPU equal one process: with the default backend (p2p inside a node, its
+    decode steps replayed as CUDA graphs in low-latency mode), with p2p eager, and over NCCL."""
     args = ["generate", "--model", "tiny-deepseek-v3", "--prompt", "Hello", "--prompt", "The router scores",
-            "--max-tokens", "8", "--temperature", "0"]
+            "--prompt", "A third prompt: the ranks decode batches of different sizes", "--max-tokens", "8",
+            "--temperature", "0"]
     single = subprocess.run([sys.executable, "-m", "moeserve", *args, "--device", "cuda"], capture_output=True,
                             text=True, timeout=300)
     parallel = subprocess.run([sys.executable, "-m", "moeserve", *args, "--device", "cuda", "--dp", str(GPUS),
-                               "--ep", str(GPUS)], capture_output=True, text=True, timeout=300)
+                               "--ep", str(GPUS), *extra], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout == single.stdout
