@@ -565,10 +565,14 @@ def run_bench_ep(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     if args.virtual_ranks:
         return bench_ep_virtual(args)
-    unknown = set(args.backend.split(",")) - {"all_to_all", "allgather", "p2p", "p2p-ll"}
-    if unknown:
-        raise ConfigError(f"unknown --backend {', '.join(sorted(unknown))}: use all_to_all, allgather, p2p, p2p-ll")
-    if {"p2p", "p2p-ll"} & set(args.backend.split(",")) and args.device == "cpu":
+    from moeserve.bench.ep import P2P_MODES
+    from moeserve.distributed.ep.dispatchers import DISPATCHERS
+
+    backends = set(args.backend.split(","))
+    if backends - {*DISPATCHERS, *P2P_MODES}:
+        raise ConfigError(f"unknown --backend {', '.join(sorted(backends - {*DISPATCHERS, *P2P_MODES}))}: use "
+                          f"{', '.join((*DISPATCHERS, *P2P_MODES))}")
+    if backends & set(P2P_MODES) and args.device == "cpu":
         raise ConfigError("--backend p2p puts tokens through GPU peer memory: use CUDA devices, or --virtual-ranks "
                           "with TRITON_INTERPRET=1 to run its kernels on the CPU")
     launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)
@@ -605,7 +609,7 @@ def bench_ep_virtual(args: argparse.Namespace) -> int:
         raise ConfigError("bench ep --virtual-ranks runs Triton kernels: use a CUDA device, or set TRITON_INTERPRET=1 "
                           "to interpret them on the CPU (slow)")
     print(f"EP dispatch/combine, peer-to-peer transport, virtual ranks on one {args.device} device, hidden "
-          f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform random routing\n{HEADER}", flush=True)
+          f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform and skewed routing\n{HEADER}", flush=True)
     for ranks in (int(r) for r in args.virtual_ranks.split(",")):
         if args.experts % ranks:
             raise ConfigError(f"--experts {args.experts} cannot be split over {ranks} virtual ranks")

@@ -54,7 +54,8 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
     expert_map = ExpertMap.contiguous(experts, world)
     if backend in P2P_MODES:  # buffers in symmetric memory for this point's tokens (CUDA)
         low_latency = backend == "p2p-ll"
-        transport = PeerTransport(group, world, max(tokens, 1), low_latency_tokens=max(tokens, 1) if low_latency else None)
+        transport = PeerTransport(group, world, max(tokens, 1),
+                                  low_latency_tokens=max(tokens, 1) if low_latency else None)
         transport.low_latency = low_latency
         dispatcher = PeerToPeerRank(expert_map, rank, fmt, None, None, device, torch.bfloat16, transport=transport)
     else:

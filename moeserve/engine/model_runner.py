@@ -25,7 +25,7 @@ from moeserve.engine.block_table import BlockTable
 from moeserve.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from moeserve.engine.kv_cache import allocate_kv_cache, cache_dtype
 from moeserve.engine.memory import plan_num_blocks
-from moeserve.engine.plan import decode_graphs, ep_tokens_per_rank
+from moeserve.engine.plan import ep_tokens_per_rank
 from moeserve.engine.sequence import Sequence
 from moeserve.engine.staging import HostToDevice
 from moeserve.layers.attention.backend import paged_attention_backend
@@ -121,8 +121,8 @@ class ModelRunner:
         if context is not None:
             tokens = ep_tokens_per_rank(args.max_num_batched_tokens, self.max_model_len, context.groups.layout.tp,
                                         args.ep_max_tokens_per_rank)
-            graphs = (self.device.type == "cuda" and args.attention_backend != "torch"
-                      and decode_graphs(args.enforce_eager, context.groups.layout, args.ep_backend))
+            # a p2p transport (if the backend resolves to one) also gets buffers for graphed decode steps
+            graphs = self.device.type == "cuda" and not args.enforce_eager and args.attention_backend != "torch"
             parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts,
                                        tokens, args.dist_timeout, max(graph_sizes(args)) if graphs else None)
         if args.load_format != "dummy":
@@ -143,6 +143,11 @@ class ModelRunner:
                 dispatcher.prepare_transport(self.config.hidden_size, self.config.moe.top_k, self.dtype, self.device)
                 return dispatcher.transport
         return None
+
+    @property
+    def low_latency_ep(self) -> bool:
+        """Whether EP runs over a p2p transport with low-latency buffers, so decode steps can replay graphs."""
+        return self.ep_transport is not None and self.ep_transport.low_latency_tokens is not None
 
     def set_ep_low_latency(self, low_latency: bool) -> None:
         """The exchange mode of the coming forwards, which every EP rank sets alike (the lockstep's agreement):
@@ -178,8 +183,7 @@ class ModelRunner:
 
     def plan_cache(self, args: EngineArgs, context: DistributedContext | None) -> int:
         layout = context.groups.layout if context is not None else ParallelLayout()
-        low_latency_ep = self.ep_transport is not None and self.ep_transport.low_latency_tokens is not None
-        graphs = self.device.type == "cuda" and not args.enforce_eager and (layout.ep == 1 or low_latency_ep)
+        graphs = self.device.type == "cuda" and not args.enforce_eager and (layout.ep == 1 or self.low_latency_ep)
         num_blocks = plan_num_blocks(self.model, args, self.max_model_len, self.kv_cache_dtype, self.device, layout,
                                      max(graph_sizes(args)) if graphs else 0, self.dtype)
         if context is not None:  # the TP ranks of a DP group must schedule alike: every rank takes the smallest
@@ -196,8 +200,7 @@ class ModelRunner:
             why_not = "enforce_eager"
         elif type(self.attention).__name__ != "TritonPagedAttention":
             why_not = f"the {args.attention_backend} attention backend gathers whole contexts per step"
-        elif context is not None and context.groups.layout.ep > 1 and (
-                self.ep_transport is None or self.ep_transport.low_latency_tokens is None):
+        elif context is not None and context.groups.layout.ep > 1 and not self.low_latency_ep:
             why_not = "expert-parallel dispatch over NCCL sizes its all-to-all on the host (the p2p backend does not)"
         if why_not is not None:
             if self.device.type == "cuda":

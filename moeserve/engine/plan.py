@@ -36,13 +36,6 @@ GPUS_PER_NODE = 8  # the nodes plans are made for (H100 / H200 / B200 boxes)
 PROFILE_SEQ_LEN = 256
 
 
-def decode_graphs(enforce_eager: bool, layout: ParallelLayout, ep_backend: str = "auto") -> bool:
-    """Whether a CUDA engine captures decode graphs: unless told not to, or expert-parallel over NCCL (its dispatch
-    sizes on the host; the p2p backend's low-latency mode does not)."""
-    return not enforce_eager and (layout.ep == 1 or resolve_ep_backend(ep_backend, "meta", layout.ep,
-                                                                         GPUS_PER_NODE) == "p2p")
-
-
 class PlanningGroups:
     """A rank of a layout without processes: what parallelize reads of ParallelGroups (no group handles,
     which only a forward would use)."""
@@ -78,8 +71,15 @@ class Request:
     ep_max_tokens_per_rank: int | None = None  # p2p buffers; None: max_num_batched_tokens
 
     @property
+    def p2p(self) -> bool:
+        """Whether EP goes over the p2p transport, as the backend resolves on GPUs of 8-GPU nodes."""
+        return resolve_ep_backend(self.ep_backend, "meta", self.layout.ep, GPUS_PER_NODE) == "p2p"
+
+    @property
     def cuda_graphs(self) -> bool:
-        return decode_graphs(self.enforce_eager, self.layout, self.ep_backend)
+        """Whether a CUDA engine captures decode graphs: unless told not to, or expert-parallel over NCCL (its
+        dispatch sizes on the host; the p2p backend's low-latency mode does not)."""
+        return not self.enforce_eager and (self.layout.ep == 1 or self.p2p)
 
     @property
     def kv_block_size(self) -> int:
@@ -194,7 +194,7 @@ def ep_buffer_bytes(request: "Request") -> int:
     graphs, for its largest graphed decode batch (the low-latency set); none for the NCCL all-to-all and all-gather
     backends, whose transfers are allocated per step (inside the activation peak)."""
     ep = request.layout.ep
-    if resolve_ep_backend(request.ep_backend, "meta", ep, GPUS_PER_NODE) != "p2p":  # GPUs of 8-GPU nodes
+    if not request.p2p:
         return 0
     hidden = request.config.hidden_size
     row = row_bytes(token_format(request.ep_dispatch_format, request.dtype), hidden, request.config.moe.top_k)
@@ -207,7 +207,7 @@ def ep_buffer_bytes(request: "Request") -> int:
 def ep_buffers_note(request: "Request") -> str:
     if request.layout.ep == 1:
         return "(no EP)"
-    if resolve_ep_backend(request.ep_backend, "meta", request.layout.ep, GPUS_PER_NODE) == "p2p":
+    if request.p2p:
         return "(p2p transport: receive and combine areas, allocated at start; --ep-max-tokens-per-rank)"
     return "(NCCL all-to-all: allocated per step, inside the activation peak)"
 

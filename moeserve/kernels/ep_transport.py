@@ -334,8 +334,8 @@ class Placement:
 
 
 def chunk_of(hidden: int) -> int:
-    """Values a fused-quantizing put handles at once: the largest power of two up to 1024 dividing the hidden size (a
-    multiple of 128)."""
+    """Values a fused-quantizing put (or the NVFP4 receive) handles at once: the largest power of two up to 1024
+    dividing the hidden size (a multiple of 128)."""
     return min(1024, hidden & -hidden)
 
 
@@ -351,8 +351,8 @@ def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tenso
         grid = (tokens, triton.cdiv(payload_words, WORDS_PER_PROGRAM))
         _put_rows_kernel[grid](payload.view(torch.int32), meta.view(torch.int32), local_index,
                                recv_table_ptr=recv_table, payload_words=payload_words, meta_words=meta_words,
-                               row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM, META_BLOCK=triton.next_power_of_2(max(meta_words, 1)),
-                               **placement.kernel_args())
+                               row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM,
+                               META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), **placement.kernel_args())
 
 
 def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor,
@@ -369,8 +369,8 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         extra = {"GROUP": FP8_GROUP} if fmt == "fp8" else {}
         kernel[(tokens,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, hidden=hidden,
-                          meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden), BLOCK=triton.next_power_of_2(max(meta_words, 1)),
-                          **extra, **placement.kernel_args())
+                          meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
+                          BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,

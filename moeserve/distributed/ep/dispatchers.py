@@ -98,7 +98,8 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         # y: [R, H] each received row's weighted sum over the experts here -> back to [T, H]
         back = y.new_empty(sum(handle.send_counts), y.shape[1], dtype=handle.dtype)
-        dist.all_to_all_single(back, y.to(handle.dtype).contiguous(), handle.send_counts, handle.recv_counts, group=self.group)
+        dist.all_to_all_single(back, y.to(handle.dtype).contiguous(), handle.send_counts, handle.recv_counts,
+                               group=self.group)
         out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
         out.index_add_(0, handle.send_token_index, back.float())
         return out.to(handle.dtype)

@@ -1,11 +1,11 @@
-"""Expert-parallel dispatch and combine over peer memory (issue 15's transport, high-throughput mode, first part):
-every rank writes straight into its peers' buffers (moeserve.kernels.ep_transport), so there is no collective and the
+"""Expert-parallel dispatch and combine over peer memory (the p2p EP backend): every rank writes straight into its
+peers' buffers (moeserve.kernels.ep_transport), so there is no collective and the
 layout never leaves the device.
 
 One exchange, per EP rank `me` with T tokens:
-1. layout (device): the ranks each token goes to (a token goes once to each rank holding one of its experts), its
-   index among this rank's rows for each destination, the per-destination routing metadata; `put_counts` writes
-   this rank's row counts into row `me` of every peer's [EP, EP] count matrix.
+1. layout (device, `route_rows`): the ranks each token goes to (a token goes once to each rank holding one of its
+   experts), its index among this rank's rows for each destination, the per-destination routing metadata, and this
+   rank's row counts put into row `me` of every peer's [EP, EP] count matrix.
 2. (all ranks have written their counts) each rank's rows for destination d go to d's receive area after the rows
    of the ranks before it: position = sum of counts[s][d] for s < me, plus the row's index. `put_rows` writes the
    payload (in the dispatch format) and the metadata for d: [payload | K local slots (int32, -1: not here) | K
@@ -62,7 +62,8 @@ def row_bytes(token_format, hidden: int, top_k: int) -> int:
 class PeerBuffers:
     """One rank's communication memory, allocated once for `max_tokens` tokens a rank:
     counts int32 [EP, EP]; recv uint8 [EP * max_tokens, row bytes] (worst case: every rank sends me all its tokens);
-    back [EP, max_tokens, H] in the activation dtype (each rank's results for my rows)."""
+    back [EP, max_tokens, H] in the activation dtype (each rank's results for my rows). Beside them, the source rank
+    and the index there of each receive row in low-latency mode's fixed regions (constants, made once)."""
 
     def __init__(self, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device,
                  allocate=torch.empty):
@@ -70,6 +71,8 @@ class PeerBuffers:
         self.counts = allocate((ep, ep), dtype=torch.int32, device=device).zero_()
         self.recv = allocate((ep * max_tokens, row_bytes), dtype=torch.uint8, device=device).zero_()
         self.back = allocate((ep, max_tokens, hidden), dtype=dtype, device=device).zero_()
+        self.region_source = torch.arange(ep, dtype=torch.int32, device=device).repeat_interleave(max_tokens)
+        self.region_index = torch.arange(max_tokens, dtype=torch.int32, device=device).repeat(ep)
 
     @property
     def nbytes(self) -> int:
@@ -259,14 +262,14 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts and index -1."""
         *_, local_index, hidden, top_k, dtype = self.pending
         self.pending = None
-        per_rank = self.buffers.max_tokens
-        tokens, slots, weights = self.unpack_rows(self.buffers.recv, hidden, top_k, dtype)
-        index = torch.arange(per_rank, device=slots.device, dtype=torch.int32).repeat(self.ep)  # [EP * max_tokens]
-        real = index < self.buffers.counts[:, self.ep_rank].repeat_interleave(per_rank)
+        buffers = self.buffers
+        tokens, slots, weights = self.unpack_rows(buffers.recv, hidden, top_k, dtype)
+        index = buffers.region_index  # [EP * max_tokens]
+        real = index < buffers.counts[:, self.ep_rank].repeat_interleave(buffers.max_tokens)
         slots = torch.where(real[:, None], slots, -1)
         weights = torch.where(real[:, None], weights, 0.0)
-        source = torch.arange(self.ep, device=slots.device, dtype=torch.int32).repeat_interleave(per_rank)
-        handle = PeerHandle(local_index, source, torch.where(real, index, -1), local_index.shape[0], dtype)
+        handle = PeerHandle(local_index, buffers.region_source, torch.where(real, index, -1), local_index.shape[0],
+                            dtype)
         return tokens, RowLayout(slots, weights), handle
 
     def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
