@@ -72,6 +72,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--ep-max-tokens-per-rank", type=int, default=defaults.ep_max_tokens_per_rank,
                         help="tokens a rank may dispatch in one step, which sizes the p2p buffers "
                              "(default: --max-num-batched-tokens)")
+    parser.add_argument("--ep-two-batch-overlap", action="store_true",
+                        help="split each eager step's batch into two micro-batches whose MoE exchanges overlap the "
+                             "other's compute (p2p backend; two sets of p2p buffers)")
+    parser.add_argument("--ep-comm-sms", type=int, default=defaults.ep_comm_sms,
+                        help="p2p backend: its puts run on a stream of their own with at most this many SMs, "
+                             "beside the model's compute (default: the compute stream, as many as there is work)")
     parser.add_argument("--ep-dispatch-format", choices=DISPATCH_FORMATS, default=defaults.ep_dispatch_format,
                         help="tokens on the wire in EP dispatch (bf16: unquantized)")
     parser.add_argument("--num-redundant-experts", type=int, default=0,
@@ -811,7 +817,8 @@ def plan_request(args: argparse.Namespace):
                       args.gpu_memory or GPU_MEMORY[args.gpu], args.gpu_memory_utilization, args.kv_cache_memory,
                       args.num_redundant_experts, args.ep_dispatch_format,
                       enforce_eager=args.enforce_eager, ep_backend=args.ep_backend,
-                      ep_max_tokens_per_rank=args.ep_max_tokens_per_rank)
+                      ep_max_tokens_per_rank=args.ep_max_tokens_per_rank,
+                      ep_two_batch_overlap=args.ep_two_batch_overlap)
     gpu_name = args.gpu if args.gpu_memory is None else f"GPU of {args.gpu_memory / 2**30:,.1f} GiB"
     return request, gpu_name, args.num_gpus or layout.world_size
 

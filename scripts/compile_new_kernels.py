@@ -1,19 +1,29 @@
 """Compile the small kernels the interpreter tests (SiLU-and-mul and the top-k sum with skipped pairs, the peer-to-peer
-transport) for Hopper (sm_90) without a GPU: catches what the interpreter does not (pointer casts, early returns).
+transport) for Hopper (sm_90) without a GPU: catches what the interpreter does not (pointer casts, early returns), and
+prints each kernel's global stores by width (a put through a peer pointer of unknown alignment stores a byte or two at
+a time; v4.b32 is 16 bytes).
 
   PYTHONPATH=. python scripts/compile_new_kernels.py
 """
+import re
+from collections import Counter
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moeserve.kernels import activation, ep_transport
 
+# integer arguments that are multiples of 16 at run time (Triton specializes on that): sizes in bytes and elements
+DIVISIBLE = ("hidden", "row_bytes", "meta_words", "payload_words", "row_words", "stride_y", "max_tokens", "intermediate")
+
+
 def build(fn, sig, constants, warps=4):
     names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in DIVISIBLE}
     k = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    print(fn.__name__, constants, "compiled for sm_90")
+    stores = Counter(re.findall(r"st\.global(?:\.[a-z0-9]+)*", k.asm["ptx"]))  # the widths the stores got
+    print(fn.__name__, constants, "compiled for sm_90; stores:", dict(stores))
 
 c = "constexpr"
 for q in (False, True):
@@ -34,17 +44,17 @@ build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_p
 for low_latency in (False, True):
     placement = dict(EP=8, EP_POW2=8, LOW_LATENCY=low_latency)
     build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", payload_words="i32", meta_words="i32", row_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
+          recv_table_ptr="*i64", num_tokens="i32", payload_words="i32", meta_words="i32", row_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
           LOW_LATENCY=c, BLOCK=c, META_BLOCK=c), dict(**placement, BLOCK=1024, META_BLOCK=16))
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
+          recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
           EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16))
     build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
+          recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
           EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
-build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", hidden="i32", row_stride="i32", CHUNK=c),
-      dict(CHUNK=1024))
+build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", hidden="i32", row_stride="i32", CHUNK=c, SOME_ROWS=c),
+      dict(CHUNK=1024, SOME_ROWS=True))
 build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
-      me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c), dict(BLOCK=1024))
+      num_rows="i32", me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c), dict(BLOCK=1024))
 build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",
       hidden="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 on one GPU: the transport's CUDA tests (with the low-latency exchange under CUDA graphs) beside the
 # no-compiles test, then on a quiet GPU `bench ep --virtual-ranks` (eager and graph-replay times beside a copy of the
-# same bytes) and the profile of each exchange (scripts/probes/ep_profile.py). Logs under $OUT; the table last.
+# same bytes), the profile of each exchange (scripts/probes/ep_profile.py) and, for OVERLAP_POINTS, the puts beside a
+# shared expert's GEMMs (scripts/probes/ep_overlap.py). Logs under $OUT; the table last.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -19,6 +20,10 @@ echo "bench ep rc=$?" >> "$T"
 timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/ep_profile.py ${PROFILE_POINTS:-2,8 128,4096 bf16,fp8,nvfp4 high-throughput} \
   > "$OUT/ep_profile.log" 2>&1
 echo "profile rc=$?" >> "$T"
+for point in ${OVERLAP_POINTS:-}; do  # R,T,fmt: the puts beside a shared expert (scripts/probes/ep_overlap.py)
+  timeout 120 python3 scripts/probes/ep_overlap.py ${point//,/ } > "$OUT/ep_overlap_${point//,/_}.log" 2>&1
+  { echo "overlap $point rc=$?"; cat "$OUT/ep_overlap_${point//,/_}.log" | tail -7; } >> "$T"
+done
 grep -E "^profile|^ +[0-9]" "$OUT/ep_profile.log" | awk '/^profile/{n=0} {if (n++ < 6) print}' | cut -c1-150 >> "$T"
 grep -E "^\|" "$OUT/bench_ep_virtual.log" | cut -d'|' -f2-16 >> "$T"
 cat "$T"

@@ -57,7 +57,7 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
         transport = PeerTransport(group, world, max(tokens, 1),
                                   low_latency_tokens=max(tokens, 1) if low_latency else None)
         transport.low_latency = low_latency
-        dispatcher = PeerToPeerRank(expert_map, rank, fmt, None, None, device, torch.bfloat16, transport=transport)
+        dispatcher = PeerToPeerRank(expert_map, rank, fmt, transport, device, torch.bfloat16)
     else:
         dispatcher = DISPATCHERS[backend](expert_map, group, rank, fmt, device, torch.bfloat16)
     generator = torch.Generator(device=device).manual_seed(rank)

@@ -5,6 +5,7 @@ each MoE layer's dispatcher, and record in `model.shard_specs` which slice of ea
 tensor a parameter holds, so that every rank reads only its own part of the checkpoint.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -25,13 +26,15 @@ from moeserve.layers.attention.gqa import GQAttention
 from moeserve.layers.attention.mla import MLAttention
 from moeserve.layers.linear import QuantLinear
 from moeserve.layers.mlp import MLP
-from moeserve.layers.moe.dispatch import LocalDispatcher
+from moeserve.layers.moe.dispatch import Dispatcher, LocalDispatcher
 from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.moe import MoE
 from moeserve.models.base import CausalLM, replace_submodule
 from moeserve.quant.apply import give_empty_quantized_weights
 from moeserve.quant.formats import QuantizedWeight, make_quantized_weight
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ParallelOptions:
     ep_max_tokens_per_rank: int = 8192  # the p2p backend's buffers: tokens one rank may dispatch at once
     dist_timeout: float = 300.0  # seconds the p2p backend's device barrier waits for a rank before it traps
     ep_low_latency_tokens: int | None = None  # p2p: buffers for low-latency exchanges (decode graphs) of this many
+    ep_micro_batches: int = 1  # p2p: exchanges in flight at once (two-batch overlap: 2), a buffer set each
+    ep_comm_sms: int | None = None  # p2p: the puts' SMs, on a stream of their own; None: on the compute stream
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ def peers_reachable(ep: int) -> bool:
 def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = "bf16",
                 backend: str = "auto", device="cpu", dtype=torch.float32, num_redundant_experts: int = 0,
                 ep_max_tokens_per_rank: int = 8192, dist_timeout: float = 300.0,
-                ep_low_latency_tokens: int | None = None) -> None:
+                ep_low_latency_tokens: int | None = None, ep_micro_batches: int = 1,
+                ep_comm_sms: int | None = None) -> None:
     layout = groups.layout
     layout.check_model(model.config)
     backend = resolve_ep_backend(backend, device, layout.ep)
@@ -109,6 +115,12 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
         raise ConfigError("redundant experts need expert parallelism (--ep > 1): with one EP rank every expert is local")
     if backend not in (*DISPATCHERS, "p2p"):
         raise ConfigError(f"unknown EP backend {backend!r} (known: auto, {', '.join(DISPATCHERS)}, p2p)")
+    if ep_comm_sms is not None and backend != "p2p":
+        raise ConfigError(f"--ep-comm-sms sizes the p2p backend's put stream, and this EP group's backend is {backend} "
+                          f"(p2p needs CUDA ranks of one node): drop --ep-comm-sms")
+    if ep_micro_batches > 1 and backend != "p2p" and layout.ep > 1:
+        logger.warning("two-batch overlap with the %s EP backend: its exchanges happen whole in their send half, so "
+                       "nothing overlaps (the p2p backend, CUDA ranks of one node, overlaps them)", backend)
     transport = None
     if backend == "p2p" and layout.ep > 1:
         if torch.device(device).type not in ("cuda", "meta"):
@@ -118,7 +130,7 @@ def parallelize(model: CausalLM, groups: ParallelGroups, dispatch_format: str = 
             raise ConfigError(f"the p2p EP backend maps peer memory within one node, and this EP group of {layout.ep} "
                               f"ranks spans {ep_nodes(layout.ep)}: use all_to_all, or an --ep within one node")
         transport = PeerTransport(groups.ep_group, layout.ep, ep_max_tokens_per_rank, dist_timeout,
-                                  ep_low_latency_tokens)
+                                  ep_low_latency_tokens, ep_micro_batches, ep_comm_sms)
     token_format(dispatch_format)  # an unknown format fails here
     specs: dict = {}
     if layout.tp > 1:
@@ -262,8 +274,7 @@ def shard_experts_over_ranks(moe: MoE, path: str, groups: ParallelGroups, expert
     moe.experts = resized_experts(moe.experts, len(local), moe.moe.intermediate_size)
     specs[f"{path}.experts"] = ExpertShard(tuple(local), moe.moe.num_experts)
     if backend == "p2p":
-        dispatcher = PeerToPeerRank(expert_map, groups.ep_rank, dispatch_format, None, None, device, dtype,
-                                    transport=transport)
+        dispatcher = PeerToPeerRank(expert_map, groups.ep_rank, dispatch_format, transport, device, dtype)
     else:
         dispatcher = DISPATCHERS[backend](expert_map, groups.ep_group, groups.ep_rank, dispatch_format, device, dtype)
     if layout.tp > 1:
@@ -281,7 +292,7 @@ def split_experts_intermediate(moe: MoE, path: str, groups: ParallelGroups, spec
     moe.dispatcher = SummingDispatcher(moe.dispatcher, groups.tp_group)
 
 
-class SummingDispatcher:
+class SummingDispatcher(Dispatcher):
     """Experts split along their intermediate size: each rank's combine is a partial sum."""
 
     def __init__(self, inner: LocalDispatcher, group):
@@ -296,19 +307,33 @@ class SummingDispatcher:
         return out
 
 
-class TokenSplitDispatcher:
+class TokenSplitDispatcher(Dispatcher):
     """TP attention + EP MoE: the tp ranks of a group hold the same tokens; each dispatches its own
-    contiguous share, and the results are gathered back over the group."""
+    contiguous share, and the results are gathered back over the group. The inner dispatcher's halves stay halves."""
 
     def __init__(self, inner, group, tp_rank: int, tp: int):
         self.inner, self.group, self.tp_rank, self.tp = inner, group, tp_rank, tp
 
-    def dispatch(self, x, topk_ids, topk_weights):
+    def dispatch_send(self, x, topk_ids, topk_weights, micro_batch: int = 0):
         share = -(-x.shape[0] // self.tp)
         mine = slice(self.tp_rank * share, (self.tp_rank + 1) * share)
-        rows, layout, handle = self.inner.dispatch(x[mine], topk_ids[mine], topk_weights[mine])
-        return rows, layout, (handle, share, x.shape[0])
+        return self.inner.dispatch_send(x[mine], topk_ids[mine], topk_weights[mine], micro_batch), share, x.shape[0]
+
+    def dispatch_recv(self, sent):
+        inner_sent, share, num_tokens = sent
+        rows, layout, handle = self.inner.dispatch_recv(inner_sent)
+        return rows, layout, (handle, share, num_tokens)
+
+    def combine_send(self, y, handle):
+        inner_handle, share, num_tokens = handle
+        return self.inner.combine_send(y, inner_handle), share, num_tokens
+
+    def combine_recv(self, sent):
+        inner_sent, share, num_tokens = sent
+        return gather_padded(self.inner.combine_recv(inner_sent), share, self.group)[:num_tokens]
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        return self.dispatch_recv(self.dispatch_send(x, topk_ids, topk_weights))
 
     def combine(self, y, handle):
-        inner_handle, share, num_tokens = handle
-        return gather_padded(self.inner.combine(y, inner_handle), share, self.group)[:num_tokens]
+        return self.combine_recv(self.combine_send(y, handle))

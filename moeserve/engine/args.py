@@ -49,6 +49,8 @@ class EngineArgs:
     ep_backend: str = "auto"  # p2p (peer-to-peer puts through symmetric memory) on CUDA within a node, else all_to_all
     ep_max_tokens_per_rank: int | None = None  # p2p buffers' tokens a rank; None: max_num_batched_tokens
     ep_dispatch_format: str = "bf16"  # tokens on the wire: bf16 (unquantized), fp8, nvfp4
+    ep_two_batch_overlap: bool = False  # eager steps as two micro-batches, one's exchanges beside the other's compute
+    ep_comm_sms: int | None = None  # p2p: puts on a stream of their own with at most this many SMs; None: inline
     num_redundant_experts: int = 0  # extra expert replicas per MoE layer, spread over the EP ranks (EPLB)
     eplb_interval: int = 0  # forwards between rebalancings from the counted expert load; 0: the placement stays
     dist_timeout: float = 300.0  # seconds a collective may wait before the ranks give up
@@ -56,6 +58,11 @@ class EngineArgs:
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: 1, 2, 4, 8, 16, 24, ...
     async_scheduling: bool | None = None  # the host prepares step N+1 while the device runs N; None: on CUDA only
     warm_up: bool | None = None  # prefill and decode dummy requests at start (Triton compiles then); None: on CUDA
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of an eager step (two-batch overlap: 2); graphed decode steps run as one."""
+        return 2 if self.ep_two_batch_overlap else 1
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # LLM(dtype=torch.bfloat16), as vLLM takes it
@@ -94,6 +101,11 @@ class EngineArgs:
                                                                                        // self.tp),
                 "ep_max_tokens_per_rank", f"must hold a rank's share of a step, at least max_num_batched_tokens / tp = "
                 f"{-(-self.max_num_batched_tokens // self.tp)}")
+        require(not self.ep_two_batch_overlap or self.ep > 1, "ep_two_batch_overlap",
+                "overlaps expert-parallel exchanges with compute and needs ep > 1")
+        require(self.ep_comm_sms is None or isinstance(self.ep_comm_sms, int) and self.ep_comm_sms >= 1,
+                "ep_comm_sms", "must be a number of SMs, at least 1")
+        require(self.ep_comm_sms is None or self.ep > 1, "ep_comm_sms", "sizes the EP puts' stream and needs ep > 1")
         require(self.ep_backend != "p2p" or self.device != "cpu", "ep_backend",
                 "p2p puts tokens through GPU peer memory and needs a CUDA device (use all_to_all on the CPU)")
         require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,

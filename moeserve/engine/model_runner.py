@@ -89,6 +89,7 @@ class ModelRunner:
         self.dtype = getattr(torch, config.dtype if args.dtype == "auto" else args.dtype)
         self.config, self.max_model_len, self.eos_token_ids = config, max_model_len, eos_token_ids
         self.model = self.load_model(args, context)
+        self.model.model.micro_batches = args.micro_batches  # eager forwards; graphs are captured as one
         self.ep_transport = self.prepare_ep_transport()
         fuse_projections(self.model)
         prepare_absorbed_weights(self.model, self.dtype)
@@ -124,7 +125,8 @@ class ModelRunner:
             # a p2p transport (if the backend resolves to one) also gets buffers for graphed decode steps
             graphs = self.device.type == "cuda" and not args.enforce_eager and args.attention_backend != "torch"
             parallel = ParallelOptions(context.groups, args.ep_dispatch_format, args.ep_backend, args.num_redundant_experts,
-                                       tokens, args.dist_timeout, max(graph_sizes(args)) if graphs else None)
+                                       tokens, args.dist_timeout, max(graph_sizes(args)) if graphs else None,
+                                       args.micro_batches, args.ep_comm_sms)
         if args.load_format != "dummy":
             return load_model(args.model, self.dtype, self.device, quantization=args.quantization, parallel=parallel)
         model = build_model(self.config, self.dtype, self.device, parallel=parallel)
@@ -209,9 +211,11 @@ class ModelRunner:
         graphs = DecodeGraphs(graph_sizes(args))
         if self.ep_transport is not None:  # graphed steps exchange in low-latency mode; eager ones in high-throughput
             self.ep_transport.low_latency = True
+        micro_batches, self.model.model.micro_batches = self.model.model.micro_batches, 1
         try:
             graphs.capture(self.graph_forward, self.send_padding, self.device)
         finally:
+            self.model.model.micro_batches = micro_batches
             if self.ep_transport is not None:
                 self.ep_transport.low_latency = False
         return graphs

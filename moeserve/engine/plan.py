@@ -69,6 +69,7 @@ class Request:
     enforce_eager: bool = False
     ep_backend: str = "auto"  # on a GPU within one node: p2p
     ep_max_tokens_per_rank: int | None = None  # p2p buffers; None: max_num_batched_tokens
+    ep_two_batch_overlap: bool = False  # p2p: a high-throughput buffer set per micro-batch
 
     @property
     def p2p(self) -> bool:
@@ -200,7 +201,9 @@ def ep_buffer_bytes(request: "Request") -> int:
     row = row_bytes(token_format(request.ep_dispatch_format, request.dtype), hidden, request.config.moe.top_k)
     tokens = ep_tokens_per_rank(request.max_num_batched_tokens, request.model_len, request.layout.tp,
                                 request.ep_max_tokens_per_rank)
-    sets = [tokens] + ([min(request.max_num_seqs, request.max_num_batched_tokens)] if request.cuda_graphs else [])
+    micro_batches = 2 if request.ep_two_batch_overlap else 1  # either micro-batch may hold a whole step
+    sets = [tokens] * micro_batches + ([min(request.max_num_seqs, request.max_num_batched_tokens)]
+                                       if request.cuda_graphs else [])
     return sum(PeerBuffers(ep, n, row, hidden, request.dtype, "meta").nbytes for n in sets)  # as the transport makes them
 
 

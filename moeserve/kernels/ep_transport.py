@@ -17,7 +17,9 @@ WORDS_PER_PROGRAM = 1024
 
 @triton.jit
 def _peer(table_ptr, rank, dtype: tl.constexpr):
-    return tl.load(table_ptr + rank).to(tl.pointer_type(dtype))
+    """Rank's buffer: 16-byte aligned (as every allocation), which the stores through it need to know to write 16
+    bytes at a time."""
+    return tl.multiple_of(tl.load(table_ptr + rank).to(tl.pointer_type(dtype)), 16)
 
 
 @triton.jit
@@ -101,25 +103,27 @@ def _route_offsets_kernel(local_index_ptr, block_counts_ptr, counts_table_ptr, n
 
 
 @triton.jit
-def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, payload_words, meta_words,
-                     row_words, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, payload_words,
+                     meta_words, row_words, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                      BLOCK: tl.constexpr, META_BLOCK: tl.constexpr):
-    """Program (t, c): chunk c of token t's payload words, read once, into its row of every rank it goes to (rows of
-    row_words words: payload, metadata, padding); chunk 0's program also puts the token's metadata for each of them."""
-    token = tl.program_id(0).to(tl.int64)
+    """Program (p, c): chunk c of tokens p, p + P, ... (P programs along axis 0), each read once, into its row of
+    every rank it goes to (rows of row_words words: payload, metadata, padding); chunk 0's programs also put the
+    token's metadata for each of them."""
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < payload_words
-    words = tl.load(payload_ptr + token * payload_words + offs, mask=ok)
     meta_offs = tl.arange(0, META_BLOCK)
     meta_ok = (meta_offs < meta_words) & (chunk == 0)
-    for dest in range(EP):
-        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-        if position >= 0:
-            row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
-            tl.store(row + offs, words, mask=ok)
-            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + meta_offs, mask=meta_ok)
-            tl.store(row + payload_words + meta_offs, meta, mask=meta_ok)
+    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
+        token = tl.cast(t, tl.int64)
+        words = tl.load(payload_ptr + token * payload_words + offs, mask=ok)
+        for dest in range(EP):
+            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
+            if position >= 0:
+                row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
+                tl.store(row + offs, words, mask=ok)
+                meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + meta_offs, mask=meta_ok)
+                tl.store(row + payload_words + meta_offs, meta, mask=meta_ok)
 
 
 @triton.jit
@@ -137,12 +141,21 @@ def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_
 
 
 @triton.jit
-def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words, row_bytes,
-                         me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                         GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t (program t), quantized once to FP8 1x128 (as quantize_fp8_groups), CHUNK values (CHUNK / 128 groups)
-    at a time, to every rank it goes to: its row there gets [H codes | H/128 fp32 scales | its metadata for d]."""
-    token = tl.program_id(0).to(tl.int64)
+def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden, meta_words,
+                         row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                         LOW_LATENCY: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens p, p + P, ... (program p of P), each quantized once to FP8 1x128 (as quantize_fp8_groups)."""
+    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
+        _put_token_fp8(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tl.cast(t, tl.int64), hidden,
+                       meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, GROUP, CHUNK, BLOCK)
+
+
+@triton.jit
+def _put_token_fp8(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, hidden, meta_words, row_bytes,
+                   me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                   GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t, CHUNK values (CHUNK / 128 groups) at a time, to every rank it goes to: its row there gets
+    [H codes | H/128 fp32 scales | its metadata for d]."""
     payload_bytes = hidden + hidden // GROUP * 4
     for start in range(0, hidden, CHUNK):
         offs = start + tl.arange(0, CHUNK)
@@ -179,13 +192,22 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 
 
 @triton.jit
-def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, hidden, meta_words,
-                           row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t (program t), quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
+def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
+                           meta_words, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens p, p + P, ... (program p of P), each quantized once to NVFP4."""
+    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
+        _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tl.cast(t, tl.int64), hidden,
+                         meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK)
+
+
+@triton.jit
+def _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, hidden, meta_words,
+                     row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t, quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
     token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: its row there gets
     [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
-    token = tl.program_id(0).to(tl.int64)
     payload_bytes = hidden // 2 + hidden // 16 + 4
     amax = 0.0
     has_nan = 0
@@ -223,19 +245,20 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
 
 
 @triton.jit
-def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, me, max_tokens, hidden, stride_y,
+def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, num_rows, me, max_tokens, hidden, stride_y,
                         BLOCK: tl.constexpr):
     """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area; nothing
-    for index -1 (a row slot that held no token)."""
-    row = tl.program_id(0).to(tl.int64)
+    for index -1 (a row slot that held no token). Program (p, c): chunk c of rows p, p + P, ..."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
-    source = tl.load(source_ptr + row)
-    index = tl.load(index_ptr + row).to(tl.int64)
-    if index >= 0:
-        back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
-        tl.store(back + (me * max_tokens + index) * hidden + offs, tl.load(y_ptr + row * stride_y + offs, mask=ok),
-                 mask=ok)
+    for r in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        source = tl.load(source_ptr + row)
+        index = tl.load(index_ptr + row).to(tl.int64)
+        if index >= 0:
+            back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
+            tl.store(back + (me * max_tokens + index) * hidden + offs,
+                     tl.load(y_ptr + row * stride_y + offs, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -254,10 +277,15 @@ def _sum_results_kernel(back_ptr, local_index_ptr, out_ptr, max_tokens, hidden, 
 
 
 @triton.jit
-def _nvfp4_tokens_kernel(rows_ptr, out_ptr, hidden, row_stride, CHUNK: tl.constexpr):
+def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, hidden, row_stride, CHUNK: tl.constexpr,
+                         SOME_ROWS: tl.constexpr):
     """Program (r, c): values c * CHUNK onwards of received row r's NVFP4 token -> out[r] (as dequantize_nvfp4:
-    value(code) * (block scale * global scale), rounded once to out's dtype)."""
+    value(code) * (block scale * global scale), rounded once to out's dtype); with SOME_ROWS, nothing for a row
+    whose in_use flag is 0."""
     row = tl.program_id(0).to(tl.int64)
+    if SOME_ROWS:
+        if tl.load(in_use_ptr + row) == 0:
+            return
     start = tl.program_id(1) * CHUNK
     base = rows_ptr + row * row_stride
     packed = tl.load(base + start // 2 + tl.arange(0, CHUNK // 2)).to(tl.int32)
@@ -275,14 +303,18 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, hidden, row_stride, CHUNK: tl.conste
     tl.store(out_ptr + row * hidden + start + tl.arange(0, CHUNK), out.to(out_ptr.dtype.element_ty))
 
 
-def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
+                 rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
     """payload: uint8 [R, >= H/2 + H/16 + 4], NVFP4 tokens as the nvfp4 token format lays them out (rows may be
-    strided, as in a receive area) -> [R, H] in dtype."""
+    strided, as in a receive area) -> [R, H] in dtype. rows_in_use (bool [R]): only those rows are made; the others
+    are left unwritten (a low-latency receive's rows that hold no token)."""
     rows = payload.shape[0]
     out = torch.empty(rows, hidden, dtype=dtype, device=payload.device)
     if rows:
         chunk = chunk_of(hidden)
-        _nvfp4_tokens_kernel[(rows, hidden // chunk)](payload, out, hidden, payload.stride(0), CHUNK=chunk)
+        in_use = payload if rows_in_use is None else rows_in_use.view(torch.uint8)
+        _nvfp4_tokens_kernel[(rows, hidden // chunk)](payload, out, in_use, hidden, payload.stride(0), CHUNK=chunk,
+                                                      SOME_ROWS=rows_in_use is not None)
     return out
 
 
@@ -339,24 +371,35 @@ def chunk_of(hidden: int) -> int:
     return min(1024, hidden & -hidden)
 
 
+def programs_along_rows(rows: int, chunks: int, max_programs: int | None) -> int:
+    """Programs along the rows of a put whose rows split into `chunks` programs each: one a row, or as many as keep
+    the whole grid within max_programs (an SM budget: a program runs on one SM at a time), each looping over rows.
+    At least one a chunk: a budget below `chunks` (7 for a combine of 7168 values) still takes `chunks` programs."""
+    if max_programs is None:
+        return rows
+    return max(1, min(rows, max_programs // chunks))
+
+
 def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor, recv_table: torch.Tensor,
-             row_bytes: int, placement: Placement) -> None:
+             row_bytes: int, placement: Placement, max_programs: int | None = None) -> None:
     """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; local_index: int32 [T, EP] (-1: not sent); receive rows of
-    row_bytes >= P + M; P, M and row_bytes multiples of 4."""
+    row_bytes >= P + M; P, M and row_bytes multiples of 4. max_programs: the grid's cap (programs_along_rows)."""
     tokens, ep = local_index.shape
     payload_words, meta_words = payload.shape[1] // 4, meta.shape[2] // 4
     if meta_words > WORDS_PER_PROGRAM:
         raise ValueError(f"routing metadata of {meta.shape[2]} bytes a row exceeds {4 * WORDS_PER_PROGRAM}")
     if tokens:
-        grid = (tokens, triton.cdiv(payload_words, WORDS_PER_PROGRAM))
+        chunks = triton.cdiv(payload_words, WORDS_PER_PROGRAM)
+        grid = (programs_along_rows(tokens, chunks, max_programs), chunks)
         _put_rows_kernel[grid](payload.view(torch.int32), meta.view(torch.int32), local_index,
-                               recv_table_ptr=recv_table, payload_words=payload_words, meta_words=meta_words,
+                               recv_table_ptr=recv_table, num_tokens=tokens, payload_words=payload_words, meta_words=meta_words,
                                row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM,
                                META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), **placement.kernel_args())
 
 
 def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor,
-                       recv_table: torch.Tensor, row_bytes: int, placement: Placement) -> None:
+                       recv_table: torch.Tensor, row_bytes: int, placement: Placement,
+                       max_programs: int | None = None) -> None:
     """put_rows with the payload of token format `fmt` (fp8 or nvfp4) made here from x [T, H] (H a multiple of 128):
     each token read and quantized once, whatever the number of ranks it goes to (NVFP4 reads it twice: its amax,
     then its blocks)."""
@@ -368,20 +411,22 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
     if tokens:
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         extra = {"GROUP": FP8_GROUP} if fmt == "fp8" else {}
-        kernel[(tokens,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, hidden=hidden,
+        grid = (programs_along_rows(tokens, 1, max_programs),)
+        kernel[grid](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens, hidden=hidden,
                           meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
                           BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,
-                max_tokens: int) -> None:
+                max_tokens: int, max_programs: int | None = None) -> None:
     """y: [R, H] in the back areas' dtype, rows may be strided; source, index: int32 [R]."""
     rows, hidden = y.shape
     if rows:
         y = y if y.stride(-1) == 1 else y.contiguous()
         block = min(1024, triton.next_power_of_2(hidden))
-        _put_results_kernel[(rows, triton.cdiv(hidden, block))](y, source, index, back_table, me, max_tokens, hidden,
-                                                                y.stride(0), BLOCK=block)
+        chunks = triton.cdiv(hidden, block)
+        grid = (programs_along_rows(rows, chunks, max_programs), chunks)
+        _put_results_kernel[grid](y, source, index, back_table, rows, me, max_tokens, hidden, y.stride(0), BLOCK=block)
 
 
 def sum_results(back: torch.Tensor, local_index: torch.Tensor, out: torch.Tensor) -> None:

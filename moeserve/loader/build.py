@@ -25,7 +25,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device:
         if parallel is not None:
             parallelize(model, parallel.groups, parallel.dispatch_format, parallel.backend, torch.device(device), dtype,
                         parallel.num_redundant_experts, parallel.ep_max_tokens_per_rank, parallel.dist_timeout,
-                        parallel.ep_low_latency_tokens)
+                        parallel.ep_low_latency_tokens, parallel.ep_micro_batches, parallel.ep_comm_sms)
     cast_float_params(model, dtype)
     model.to_empty(device=device)
     return model.requires_grad_(False).eval()

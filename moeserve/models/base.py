@@ -7,7 +7,9 @@ from torch import nn
 
 from moeserve.config import ConfigFields, ModelConfig
 from moeserve.layers.attention.backend import AttentionBackend, DenseAttention
+from moeserve.layers.moe.moe import MoE
 from moeserve.layers.norm import RMSNorm
+from moeserve.layers.stages import Stages, run, take_turns
 
 
 class DecoderLayer(nn.Module):
@@ -22,16 +24,29 @@ class DecoderLayer(nn.Module):
                 attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (this layer's MLP output, the residual stream before it): the residual add
         of each block is fused into the norm that follows it (the next layer's, or the final norm)."""
+        return run(self.stages(x, residual, positions, attn))
+
+    def stages(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, attn: AttentionBackend,
+               micro_batch: int = 0) -> Stages:
+        """forward, yielding while a MoE's tokens travel (moeserve.layers.stages)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, attn)
         x, residual = self.post_attention_layernorm(x, residual)
+        if isinstance(self.mlp, MoE):
+            return (yield from self.mlp.stages(x, micro_batch)), residual
         return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
+    """`micro_batches` 2: two-batch overlap. The batch splits into two micro-batches by sequence (the attention
+    backend's `split_batch`; one may be empty), which take turns at every MoE exchange, so that one's tokens travel
+    while the other computes. Every expert-parallel rank must run the same number (their exchanges pair up)."""
+
+    micro_batches = 1
+
     def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -40,9 +55,18 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, H]
+        if self.micro_batches == 1:
+            return run(self.stages(input_ids, positions, attn))
+        (first, attn_first), (second, attn_second) = attn.split_batch()
+        outs = take_turns(self.stages(input_ids[first], positions[first], attn_first, 0),
+                          self.stages(input_ids[second], positions[second], attn_second, 1))
+        return torch.cat(outs)
+
+    def stages(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+               micro_batch: int = 0) -> Stages:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, attn)
+            x, residual = yield from layer.stages(x, residual, positions, attn, micro_batch)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 

@@ -21,9 +21,9 @@ def params():
     return [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
 
 
-def generate_on_ranks(rank, world, preset, tp, dp, ep):
+def generate_on_ranks(rank, world, preset, tp, dp, ep, overlap=False):
     context = make_context(ParallelLayout(tp, dp, ep), "cpu", 60)
-    llm = LLM(preset, context=context, tp=tp, dp=dp, ep=ep, max_num_batched_tokens=16)
+    llm = LLM(preset, context=context, tp=tp, dp=dp, ep=ep, max_num_batched_tokens=16, ep_two_batch_overlap=overlap)
     outputs = llm.generate(PROMPTS, params())
     engine = llm.engine
     all_free = engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -40,6 +40,15 @@ def test_dp2_ep2_greedy_equals_one_process():
     for tokens, all_free, _ in results:
         assert tokens == expected and all_free
     assert max(empty for _, _, empty in results) > 0  # one DP rank ran out of requests and kept stepping
+
+
+def test_two_batch_overlap_gives_the_same_greedy_tokens():
+    """Every eager step as two micro-batches taking turns at each exchange (one empty where a rank has one sequence
+    or none), with TP attention splitting each micro-batch's tokens over the EP group."""
+    expected = single_process("tiny-deepseek-v3")
+    for layout in ((1, 2, 2), (2, 1, 2)):
+        for tokens, all_free, _ in run_ranks(2, generate_on_ranks, "tiny-deepseek-v3", *layout, True):
+            assert tokens == expected and all_free
 
 
 def test_tp2_attention_dp2_ep4_greedy_equals_one_process():

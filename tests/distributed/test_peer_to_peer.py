@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moeserve.distributed.ep.peer_to_peer import VirtualRanks
+from moeserve.distributed.ep.peer_to_peer import Transport, VirtualRanks
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap
 from moeserve.quant.fp8 import Fp8Activations
@@ -92,6 +92,52 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt):
         torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt):
+    """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
+    the puts capped at 3 programs (the SM budget) loop over every token and row."""
+    generator = torch.Generator().manual_seed(11)
+    expert_map = ExpertMap.contiguous(EXPERTS, 2)
+    group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
+                         micro_batches=2, comm_sms=3, fuse_layout=True, fuse_quantization=True)
+    batches = []
+    for micro_batch, tokens_per_rank in enumerate(([9, 16], [13, 2])):
+        xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
+        routes = [routing(t, "random", generator) for t in tokens_per_rank]
+        received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes], micro_batch)
+        batches.append((xs, routes, tokens_per_rank, received))
+    for xs, routes, tokens_per_rank, received in batches:  # the first's rows, after the second's puts
+        check_received(received, routes, tokens_per_rank, expert_map, 2)
+        combine_and_check(group, received, xs, routes, expert_map, fmt)
+
+
+def test_the_halves_of_an_exchange_run_rank_by_rank_in_low_latency_mode():
+    """dispatch_send / dispatch_recv / combine_send / combine_recv, each for every rank in turn (the barriers between
+    are no-ops on one device): what the whole calls give."""
+    generator = torch.Generator().manual_seed(12)
+    expert_map = ExpertMap.contiguous(EXPERTS, 2)
+    group = VirtualRanks(expert_map, "bf16", HIDDEN, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
+                         low_latency=True)
+    tokens_per_rank = [7, 3]
+    xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
+    routes = [routing(t, "random", generator) for t in tokens_per_rank]
+    sent = [rank.dispatch_send(x, ids, w) for rank, x, (ids, w) in zip(group.ranks, xs, routes)]
+    received = [real_rows(*rank.dispatch_recv(s)) for rank, s in zip(group.ranks, sent)]
+    check_received(received, routes, tokens_per_rank, expert_map, 2)
+    combine_and_check(Halves(group.ranks), received, xs, routes, expert_map, "bf16")
+
+
+class Halves:
+    """A combine through each rank's halves."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def combine(self, ys, handles):
+        sent = [rank.combine_send(y, handle) for rank, y, handle in zip(self.ranks, ys, handles)]
+        return [rank.combine_recv(s) for rank, s in zip(self.ranks, sent)]
+
+
 def test_more_tokens_than_the_buffers_hold_is_a_clear_error():
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     group = VirtualRanks(expert_map, "bf16", HIDDEN, TOP_K, max_tokens=4, device="cpu", dtype=torch.float32)
@@ -153,7 +199,7 @@ def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt):
 def test_the_kernel_layout_equals_the_torch_layout(ranks, tokens, block_tokens):  # 300 in 64s: five blocks
     """route_rows (default on CUDA) against PeerToPeerRank.layout: row indices, metadata bytes and the counts every
     peer receives, with redundant experts (replicas chosen by token and rank) in the map."""
-    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, tables_of
+    from moeserve.distributed.ep.peer_to_peer import BufferSet, GivenBuffers, PeerBuffers, PeerToPeerRank, tables_of
 
     generator = torch.Generator().manual_seed(tokens + ranks)
     per_rank = EXPERTS // ranks  # each rank: its own experts and a replica of the next rank's first one
@@ -165,7 +211,7 @@ def test_the_kernel_layout_equals_the_torch_layout(ranks, tokens, block_tokens):
         b.counts.fill_(-7)  # what an earlier exchange left: every count must be written, zeros too
     tables = tables_of(buffers, "cpu")
     me = ranks - 1
-    rank = PeerToPeerRank(expert_map, me, "bf16", buffers[me], tables, "cpu", torch.float32)
+    rank = PeerToPeerRank(expert_map, me, "bf16", GivenBuffers([BufferSet(buffers[me], tables)]), "cpu", torch.float32)
     expected_index, expected_meta, expected_counts = rank.layout(ids, weights)
     from moeserve.kernels.ep_transport import route_rows
 
@@ -198,6 +244,10 @@ def test_the_p2p_backend_is_refused_on_the_cpu_with_what_to_use():
         EngineArgs(model="tiny-deepseek-v3", device="cpu", ep_backend="p2p")
     with pytest.raises(ConfigError, match="ep_max_tokens_per_rank"):
         EngineArgs(model="tiny-deepseek-v3", ep_max_tokens_per_rank=0)
+    with pytest.raises(ConfigError, match="ep_two_batch_overlap.*needs ep > 1"):
+        EngineArgs(model="tiny-deepseek-v3", ep_two_batch_overlap=True)
+    with pytest.raises(ConfigError, match="ep_comm_sms.*at least 1"):
+        EngineArgs(model="tiny-deepseek-v3", ep=2, dp=2, ep_comm_sms=0)
 
 
 def test_parallelize_gives_every_moe_layer_a_p2p_rank_sharing_one_transport():
@@ -217,7 +267,7 @@ def test_parallelize_gives_every_moe_layer_a_p2p_rank_sharing_one_transport():
     model = build_model(config, torch.bfloat16, "meta", parallel=ParallelOptions(groups, "fp8", "p2p",
                                                                                  ep_max_tokens_per_rank=64))
     ranks = [m.dispatcher for m in model.modules() if isinstance(m, MoE)]
-    assert ranks and all(isinstance(r, PeerToPeerRank) and r.buffers is None and r.ep_rank == 1 for r in ranks)
+    assert ranks and all(isinstance(r, PeerToPeerRank) and not r.transport.made and r.ep_rank == 1 for r in ranks)
     assert len({id(r.transport) for r in ranks}) == 1 and ranks[0].transport.max_tokens == 64
     with pytest.raises(ConfigError, match="needs CUDA devices"):
         build_model(config, torch.bfloat16, "cpu", parallel=ParallelOptions(groups, "fp8", "p2p"))
@@ -236,6 +286,7 @@ def test_plan_counts_the_p2p_buffers_as_the_transport_allocates_them():
     buffers = PeerBuffers(8, 16, row, config.hidden_size, torch.bfloat16, "meta")
     assert ep_buffer_bytes(request) == 2 * buffers.nbytes > 0  # and the low-latency set (the graphs' 16 tokens)
     assert ep_buffer_bytes(replace(request, enforce_eager=True)) == buffers.nbytes
+    assert ep_buffer_bytes(replace(request, ep_two_batch_overlap=True)) == 3 * buffers.nbytes  # a set per micro-batch
     assert ep_buffer_bytes(Request(config, ParallelLayout(dp=8, ep=8), ep_backend="all_to_all")) == 0  # NCCL: per step
     auto = Request(config, ParallelLayout(dp=8, ep=8), max_num_batched_tokens=16, ep_dispatch_format="fp8")
     assert ep_buffer_bytes(auto) == 2 * buffers.nbytes  # auto: p2p, the GPUs of one node
@@ -261,15 +312,15 @@ def test_p2p_buffers_hold_a_ranks_share_of_the_largest_step_and_the_memory_profi
     assert ep_tokens_per_rank(8192, 4096, 4, given=5000) == 5000
 
 
-class FakeTransport:
+class FakeTransport(Transport):
     """Hands out one virtual rank's buffers of the current mode, as PeerTransport its symmetric ones."""
 
     def __init__(self, sets):
-        self.sets, self.low_latency, self.calls = sets, False, []  # sets: low_latency -> (buffers, tables)
+        self.sets, self.low_latency, self.calls = sets, False, []  # sets: low_latency -> BufferSet
 
-    def get(self, row_bytes, hidden, dtype, device):
-        self.calls.append((row_bytes, hidden, dtype, self.low_latency))
-        return (*self.sets[self.low_latency], lambda: None)
+    def buffer_set(self, micro_batch, row_bytes, hidden, dtype, device):
+        self.calls.append((row_bytes, hidden, dtype, self.low_latency, micro_batch))
+        return self.sets[self.low_latency]
 
 
 class RanksOf:
@@ -284,28 +335,26 @@ class RanksOf:
 def test_ranks_take_their_buffers_from_the_transport_in_its_mode_at_each_exchange():
     """The engine's transport switches every rank between high-throughput exchanges (eager steps) and low-latency
     ones (graphed decode steps, their own smaller buffers); each exchange goes through the set of its mode."""
-    from moeserve.distributed.ep.peer_to_peer import PeerBuffers, PeerToPeerRank, row_bytes, tables_of
+    from moeserve.distributed.ep.peer_to_peer import BufferSet, PeerBuffers, PeerToPeerRank, row_bytes, tables_of
 
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     row = row_bytes(token_format("bf16", torch.float32), HIDDEN, TOP_K)  # fp32 rows, unquantized
     sets = {}
     for low_latency, tokens in ((False, 8), (True, 4)):
         buffers = [PeerBuffers(2, tokens, row, HIDDEN, torch.float32, "cpu") for _ in range(2)]
-        sets[low_latency] = [(b, tables_of(buffers, "cpu")) for b in buffers]
+        sets[low_latency] = [BufferSet(b, tables_of(buffers, "cpu")) for b in buffers]
     transports = [FakeTransport({mode: sets[mode][r] for mode in sets}) for r in range(2)]
-    ranks = [PeerToPeerRank(expert_map, r, "bf16", None, None, "cpu", torch.float32, transport=t)
-             for r, t in enumerate(transports)]
+    ranks = [PeerToPeerRank(expert_map, r, "bf16", t, "cpu", torch.float32) for r, t in enumerate(transports)]
     generator = torch.Generator().manual_seed(5)
     for low_latency, tokens_per_rank in ((False, (6, 3)), (True, (4, 1)), (False, (8, 0))):
         for transport in transports:
             transport.low_latency = low_latency
         xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
         routes = [routing(x.shape[0], "random", generator) for x in xs]
-        for rank, x, (ids, weights) in zip(ranks, xs, routes):
-            rank.send_counts(x, ids, weights)
-        for rank in ranks:
-            rank.send_rows()
-        received = [rank.receive() for rank in ranks]
+        sendings = [rank.send_counts(x, ids, weights) for rank, x, (ids, weights) in zip(ranks, xs, routes)]
+        for rank, sending in zip(ranks, sendings):
+            rank.send_rows(sending)
+        received = [rank.receive(sending) for rank, sending in zip(ranks, sendings)]
         if low_latency:  # fixed regions of the low-latency set
             assert all(layout.slots.shape[0] == 2 * 4 for _, layout, _ in received)
             received = [real_rows(*r) for r in received]

@@ -103,6 +103,9 @@ def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden
     assert torch.equal(got.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert nvfp4_tokens(payload[:0], hidden, dtype).shape == (0, hidden)
+    in_use = torch.tensor([True, False, True, True, False, True])  # a low-latency receive's rows that hold no token
+    some = nvfp4_tokens(payload, hidden, dtype, in_use)
+    assert torch.equal(some[in_use].view(torch.uint8), got[in_use].view(torch.uint8))  # the others: left unwritten
 
 
 def test_unquantized_rows_are_received_where_they_lie():

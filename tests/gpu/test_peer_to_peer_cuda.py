@@ -61,8 +61,9 @@ def symmetric_memory_rank(rank, world, low_latency):
     x = torch.randn(tokens, HIDDEN, device=device, generator=generator).bfloat16()
     ids = torch.rand(tokens, EXPERTS, device=device, generator=generator).argsort(dim=1)[:, :TOP_K]
     weights = torch.rand(tokens, TOP_K, device=device, generator=generator)
-    me = PeerToPeerRank(expert_map, rank, "fp8", None, None, device, torch.bfloat16, low_latency=low_latency,
-                        transport=PeerTransport(dist.group.WORLD, world, 128))  # as the engine makes its buffers
+    transport = PeerTransport(dist.group.WORLD, world, 128, low_latency_tokens=128)  # as the engine makes its buffers
+    transport.low_latency = low_latency
+    me = PeerToPeerRank(expert_map, rank, "fp8", transport, device, torch.bfloat16)
     outs = []
     for _ in range(2):  # (the same tokens twice: the CPU tests vary them between exchanges)
         received, layout, handle = me.dispatch(x, ids, weights)
@@ -141,3 +142,57 @@ def test_low_latency_exchange_captured_in_a_cuda_graph_equals_eager(fmt):
     received = eager.dispatch(new_xs, new_ids, new_weights)
     for got, want in zip(graphed, eager.combine(experts(received), [handle for _, _, handle in received])):
         assert torch.isfinite(want).all() and torch.equal(got, want)
+
+
+def toy_experts(received):
+    return [((t.dequantize() if isinstance(t, Fp8Activations) else t).float()
+             * (layout.weights * (layout.slots + 1)).sum(1, keepdim=True)).bfloat16() for t, layout, _ in received]
+
+
+def through_the_halves(group, xs, ids, weights):
+    """Each rank's dispatch_send, then each one's dispatch_recv, the experts, combine_send, combine_recv (the order
+    of one rank's step; the puts on each rank's own stream when it has comm_sms). Before the receives, the compute
+    stream waits for every rank's puts: across GPUs the barrier on each rank's put stream does that."""
+    from moeserve.distributed.ep.peer_to_peer import OnStream
+
+    sent = [rank.dispatch_send(x, i, w) for rank, x, i, w in zip(group.ranks, xs, ids, weights)]
+    for s in sent:
+        OnStream.join(s.done, "cuda")
+    received = [rank.dispatch_recv(s) for rank, s in zip(group.ranks, sent)]
+    back = [rank.combine_send(y, handle) for rank, y, (_, _, handle) in zip(group.ranks, toy_experts(received),
+                                                                              received)]
+    for _, _, done in back:
+        OnStream.join(done, "cuda")
+    return [rank.combine_recv(b) for rank, b in zip(group.ranks, back)]
+
+
+@pytest.mark.parametrize("ranks,low_latency", [(1, False), (4, True)], ids=["high-throughput", "low-latency"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_puts_on_their_own_stream_with_an_sm_budget_equal_the_inline_exchange(ranks, low_latency, fmt):
+    """--ep-comm-sms: the puts on a side stream, at most 6 programs each, joined back before the receive; eager and
+    captured in a CUDA graph (fork and join inside the capture), bit for bit the inline exchange. (High-throughput
+    halves need a barrier between ranks' counts and rows: one rank here.)"""
+    from moeserve.bench.timing import graph_of
+
+    torch.manual_seed(2)
+    expert_map = ExpertMap.contiguous(EXPERTS, ranks)
+    xs = [torch.randn(96, HIDDEN, device="cuda").bfloat16() for _ in range(ranks)]
+    ids = [torch.rand(96, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K] for _ in range(ranks)]
+    weights = [torch.rand(96, TOP_K, device="cuda") for _ in range(ranks)]
+    inline = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=96, device="cuda", low_latency=low_latency)
+    want = through_the_halves(inline, xs, ids, weights)
+    side = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=96, device="cuda", low_latency=low_latency,
+                        comm_sms=6)
+    assert side.ranks[0].transport.stream("cuda") is not None
+    got = through_the_halves(side, xs, ids, weights)
+    for g, w in zip(got, want):
+        assert torch.isfinite(w).all() and torch.equal(g, w)
+    if low_latency:
+        state = {}
+        replay = graph_of(lambda: state.update(out=through_the_halves(side, xs, ids, weights)))
+        assert replay is not None, "the side-stream exchange could not be captured"
+        for x in xs:
+            x.mul_(-1)  # new tokens in the captured inputs
+        replay()
+        for g, w in zip(state["out"], through_the_halves(inline, xs, ids, weights)):
+            assert torch.equal(g, w)

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from moeserve.distributed.ep.token_formats import as_row_bytes, token_format
 from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels.row_layout import RowLayout
+from moeserve.layers.moe.dispatch import Dispatcher
 
 
-class ExpertParallelDispatcher:
+class ExpertParallelDispatcher(Dispatcher):
     def __init__(self, expert_map: ExpertMap, group, ep_rank: int, dispatch_format: str, device, dtype):
         self.replica_slots, self.replica_count = expert_map.tensors(device)  # [E, ep], [E]
         self.slots_per_rank = expert_map.slots_per_rank
@@ -47,11 +48,12 @@ class ExpertParallelDispatcher:
         physical = self.replica_slots[topk_ids, token % self.replica_count[topk_ids]]
         return physical // self.slots_per_rank, physical % self.slots_per_rank
 
-    def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
+    def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype,
+                    rows_in_use: torch.Tensor | None = None):
         """Byte rows [token payload | K int32 | K fp32 | any padding] -> (tokens [R, H] as the format hands them on
-        (FP8: Fp8Activations), int32 [R, K], fp32 [R, K])."""
+        (FP8: Fp8Activations), int32 [R, K], fp32 [R, K]). rows_in_use: a format that converts may skip the others."""
         token_bytes = self.format.payload_bytes(hidden)
-        tokens = self.format.receive(rows[:, :token_bytes], hidden, dtype)
+        tokens = self.format.receive(rows[:, :token_bytes], hidden, dtype, rows_in_use)
         ints = rows[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)
         floats = rows[:, token_bytes + 4 * top_k : token_bytes + 8 * top_k].contiguous().view(torch.float32)
         return tokens, ints, floats

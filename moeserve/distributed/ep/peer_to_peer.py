@@ -27,6 +27,8 @@ beyond each region's count with no experts (slots -1), and puts back only real r
 waits on the host, so a decode step with it can be captured in a CUDA graph.
 """
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,20 +81,35 @@ class PeerBuffers:
         return sum(t.numel() * t.element_size() for t in (self.counts, self.recv, self.back))
 
 
+def address_table(addresses: list[int], device) -> torch.Tensor:
+    """int64 addresses for the transport's kernels, which store 16 bytes at a time through them."""
+    if any(a % 16 for a in addresses):
+        raise ValueError(f"peer buffers must start on 16-byte boundaries, got addresses {[hex(a) for a in addresses]}")
+    return torch.tensor(addresses, dtype=torch.int64, device=device)
+
+
 def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
     """Address tables of buffers that one process can reach (virtual ranks on one device)."""
     def table(name):
-        return torch.tensor([getattr(b, name).data_ptr() for b in buffers], dtype=torch.int64, device=device)
+        return address_table([getattr(b, name).data_ptr() for b in buffers], device)
     return PeerTables(table("counts"), table("recv"), table("back"))
 
 
+@dataclass
+class BufferSet:
+    """One exchange's memory: this rank's buffers, every rank's addresses, and the barrier between the steps."""
+
+    buffers: PeerBuffers
+    tables: PeerTables
+    barrier: Callable[[], None] = lambda: None
+
+
 def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device,
-                      barrier_timeout_ms: int = 60_000):
-    """(PeerBuffers, PeerTables, barrier) of one rank of `group` in PyTorch's symmetric memory (CUDA backend): every
-    rank's buffers mapped into every rank's address space, and a barrier on the device (release / acquire signals,
-    ordered on the current stream: every put must be on that stream). A rank that never arrives (it failed) makes the
-    others' barrier trap after barrier_timeout_ms instead of hanging. Collective: every rank of the group calls it.
-    Not yet run on several GPUs."""
+                      barrier_timeout_ms: int = 60_000) -> BufferSet:
+    """The buffers of one rank of `group` in PyTorch's symmetric memory (CUDA backend): every rank's buffers mapped
+    into every rank's address space, and a barrier on the device (release / acquire signals, ordered on the current
+    stream: every put must be on that stream). A rank that never arrives (it failed) makes the others' barrier trap
+    after barrier_timeout_ms instead of hanging. Collective: every rank of the group calls it."""
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -105,47 +122,85 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
     buffers = PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device, allocate)
     handles = {name: symm_mem.rendezvous(getattr(buffers, name), group) for name in ("counts", "recv", "back")}
     # buffer_ptrs are each rank's allocation base; the tensor may start `offset` bytes into it
-    tables = PeerTables(*(torch.tensor([p + getattr(handles[name], "offset", 0) for p in handles[name].buffer_ptrs],
-                                       dtype=torch.int64, device=device) for name in ("counts", "recv", "back")))
+    tables = PeerTables(*(address_table([p + getattr(handles[name], "offset", 0) for p in handles[name].buffer_ptrs],
+                                        device) for name in ("counts", "recv", "back")))
     torch.cuda.synchronize(device)  # the zeroed buffers, before any peer writes into them
 
     def barrier():
         handles["counts"].barrier(channel=0, timeout_ms=barrier_timeout_ms)
 
     barrier()
+    return BufferSet(buffers, tables, barrier)
 
-    return buffers, tables, barrier
+
+class Transport:
+    """What a PeerToPeerRank takes its memory from at each exchange. `low_latency`: the mode of the exchanges to come,
+    set alike on every rank before each forward. `comm_sms`: with a number, the puts run with at most that many
+    programs (SMs) on a stream of their own, beside the model's compute (CUDA)."""
+
+    low_latency = False
+    comm_sms: int | None = None
+    comm_stream = None
+
+    def buffer_set(self, micro_batch: int, row_bytes: int, hidden: int, dtype: torch.dtype, device) -> BufferSet:
+        raise NotImplementedError
+
+    def stream(self, device):
+        """The puts' stream: their own with comm_sms on CUDA, else the current one."""
+        if self.comm_sms is None or torch.device(device).type != "cuda":
+            return None
+        if self.comm_stream is None:
+            self.comm_stream = torch.cuda.Stream(device)
+        return self.comm_stream
 
 
-class PeerTransport:
-    """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank: a set for high-throughput
-    exchanges sized for `max_tokens` a rank and, with `low_latency_tokens`, a set for low-latency ones (decode steps
-    under CUDA graphs) sized for that many. Each set is made at its first use or by `prepare` (collective: every rank
-    reaches it at the same point). `low_latency` is the mode of the exchanges to come; every rank of the group must
-    set it alike before each forward."""
+class GivenBuffers(Transport):
+    """Buffer sets made by the caller, one per micro-batch (virtual ranks on one device: no barrier needed)."""
+
+    def __init__(self, sets: list[BufferSet], low_latency: bool = False, comm_sms: int | None = None):
+        self.sets, self.low_latency, self.comm_sms = sets, low_latency, comm_sms
+
+    def buffer_set(self, micro_batch, row_bytes, hidden, dtype, device) -> BufferSet:
+        return self.sets[micro_batch]
+
+
+class PeerTransport(Transport):
+    """One EP group's buffers in symmetric memory, shared by every MoE layer of a rank: for high-throughput exchanges
+    a set per micro-batch (two-batch overlap keeps two exchanges in flight) sized for `max_tokens` a rank and, with
+    `low_latency_tokens`, a set for low-latency ones (decode steps under CUDA graphs, one micro-batch) sized for that
+    many. Each set is made at its first use or by `prepare` (collective: every rank reaches it at the same point)."""
 
     def __init__(self, group, ep: int, max_tokens: int, timeout_seconds: float = 300.0,
-                 low_latency_tokens: int | None = None):
+                 low_latency_tokens: int | None = None, micro_batches: int = 1, comm_sms: int | None = None):
         self.group, self.ep, self.max_tokens, self.timeout_seconds = group, ep, max_tokens, timeout_seconds
-        self.low_latency_tokens = low_latency_tokens
+        self.low_latency_tokens, self.micro_batches, self.comm_sms = low_latency_tokens, micro_batches, comm_sms
         self.low_latency = False
-        self.made = {}  # low_latency -> (PeerBuffers, PeerTables, barrier)
+        self.made = {}  # (low_latency, micro_batch) -> BufferSet
 
-    def get(self, row_bytes: int, hidden: int, dtype: torch.dtype, device):
-        """(PeerBuffers, PeerTables, barrier) of the current mode."""
+    def buffer_set(self, micro_batch, row_bytes, hidden, dtype, device) -> BufferSet:
+        """The set of the current mode for this micro-batch."""
         if self.low_latency and self.low_latency_tokens is None:
             raise RuntimeError("this transport has no low-latency buffers (made without low_latency_tokens)")
-        if self.low_latency not in self.made:
+        if micro_batch >= (1 if self.low_latency else self.micro_batches):
+            mode = "low-latency" if self.low_latency else "high-throughput"
+            raise RuntimeError(f"micro-batch {micro_batch} has no {mode} buffers in this transport (made for "
+                               f"{self.micro_batches} micro-batches; low latency takes one)")
+        key = (self.low_latency, micro_batch)
+        if key not in self.made:
             tokens = self.low_latency_tokens if self.low_latency else self.max_tokens
-            self.made[self.low_latency] = symmetric_buffers(self.group, self.ep, tokens, row_bytes, hidden, dtype,
-                                                            device, int(self.timeout_seconds * 1000))
-        return self.made[self.low_latency]
+            self.made[key] = symmetric_buffers(self.group, self.ep, tokens, row_bytes, hidden, dtype, device,
+                                               int(self.timeout_seconds * 1000))
+        return self.made[key]
 
     def prepare(self, row_bytes: int, hidden: int, dtype: torch.dtype, device) -> None:
         """Make every set now (before the KV cache takes the memory they need)."""
         mode = self.low_latency
-        for self.low_latency in (False, True) if self.low_latency_tokens else (False,):
-            self.get(row_bytes, hidden, dtype, device)
+        self.low_latency = False
+        for micro_batch in range(self.micro_batches):
+            self.buffer_set(micro_batch, row_bytes, hidden, dtype, device)
+        if self.low_latency_tokens:
+            self.low_latency = True
+            self.buffer_set(0, row_bytes, hidden, dtype, device)
         self.low_latency = mode
 
 
@@ -156,30 +211,74 @@ class PeerHandle:
     index_at_source: torch.Tensor  # int32 [R]: its index among that rank's rows to this one (-1: no row, low latency)
     num_tokens: int
     dtype: torch.dtype
+    memory: BufferSet  # the exchange's buffers: its combine goes through them too
+
+
+@dataclass
+class Sending:
+    """A dispatch between its halves: what the receive needs, held (with the tensors the puts read) until then."""
+
+    memory: BufferSet
+    low_latency: bool
+    payload: torch.Tensor  # the tokens as the puts read them: x (quantized by the put) or their packed rows
+    fused: bool
+    meta: torch.Tensor
+    local_index: torch.Tensor
+    hidden: int
+    top_k: int
+    dtype: torch.dtype
+    done: torch.cuda.Event | None = None  # the end of its puts on the transport's stream (None: inline)
+
+
+class OnStream:
+    """A block of work on `stream` after the current stream's work so far, or inline (stream None); `done` then marks
+    its end, for the compute stream to wait for (`join`) where it needs the block's results."""
+
+    def __init__(self, stream):
+        self.stream, self.done, self.context = stream, None, contextlib.nullcontext()
+
+    def __enter__(self) -> "OnStream":
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            self.context = torch.cuda.stream(self.stream)
+        self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return self.context.__exit__(*exc)
+
+    @staticmethod
+    def join(done: torch.cuda.Event | None, device) -> None:
+        """The current stream waits for the block (the tensors it read are still held by the caller, so none was
+        freed and reused meanwhile)."""
+        if done is not None:
+            torch.cuda.current_stream(device).wait_event(done)
 
 
 class PeerToPeerRank(ExpertParallelDispatcher):
-    """One EP rank's side of the exchange, step by step (the module docstring); `dispatch` / `combine` run the steps
-    with `barrier` between them."""
+    """One EP rank's side of the exchange, step by step (the module docstring). The halves: `dispatch_send` (layout,
+    counts, puts) and `dispatch_recv` (the rows as the experts take them), `combine_send` (results back to their
+    sources) and `combine_recv` (each token's sum), so that other work runs while tokens travel; with the transport's
+    comm_sms the puts run on a stream of their own. `micro_batch` picks the transport's buffer set: exchanges in
+    flight at once each need their own."""
 
-    def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, buffers: PeerBuffers,
-                 tables: PeerTables, device, dtype, barrier=lambda: None, fuse_quantization: bool | None = None,
-                 low_latency: bool = False, fuse_layout: bool | None = None, transport=None):
+    def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, transport: Transport, device,
+                 dtype, fuse_quantization: bool | None = None, fuse_layout: bool | None = None):
         super().__init__(expert_map, None, ep_rank, dispatch_format, device, dtype)
-        self.buffers, self.tables, self.barrier = buffers, tables, barrier
-        self.transport = transport  # without buffers: they come from it at each exchange, in its mode
-        self.fixed_mode = low_latency
+        self.transport = transport
         # FP8 / NVFP4 tokens quantized inside the put (default on CUDA with float8 types; elsewhere the torch format,
         # the spec, packs them)
         on_cuda = torch.device(device).type == "cuda"
         self.fuse_quantization = on_cuda and has_fp8(device) if fuse_quantization is None else fuse_quantization
         # the send side's layout in one kernel (default on CUDA; elsewhere the torch layout, its spec)
         self.fuse_layout = on_cuda if fuse_layout is None else fuse_layout
-        self.pending = None
 
     @property
     def low_latency(self) -> bool:
-        return self.transport.low_latency if self.transport is not None else self.fixed_mode
+        return self.transport.low_latency
 
     def row_bytes(self, hidden: int, top_k: int) -> int:
         return row_bytes(self.format, hidden, top_k)
@@ -188,35 +287,38 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         """The transport's buffers for tokens of `hidden` values routed to top_k experts, made now (collective)."""
         self.transport.prepare(self.row_bytes(hidden, top_k), hidden, dtype, device)
 
-    def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-        tokens, top_k = topk_ids.shape
-        if self.transport is not None:
-            self.buffers, self.tables, self.barrier = self.transport.get(self.row_bytes(x.shape[1], top_k), x.shape[1],
-                                                                         x.dtype, x.device)
-        self.check_fits(x, top_k)
+    # The steps
+
+    def send_counts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    micro_batch: int = 0) -> Sending:
+        """Layout, counts put into every peer's matrix."""
+        top_k = topk_ids.shape[1]
+        memory = self.transport.buffer_set(micro_batch, self.row_bytes(x.shape[1], top_k), x.shape[1], x.dtype,
+                                           x.device)
+        self.check_fits(memory.buffers, x, top_k)
         if self.fuse_layout:  # one kernel, counts put too
             local_index, meta = ep_transport.route_rows(topk_ids, topk_weights, self.replica_slots, self.replica_count,
-                                                        self.slots_per_rank, self.ep_rank, self.tables.counts)
+                                                        self.slots_per_rank, self.ep_rank, memory.tables.counts)
         else:
             local_index, meta, counts = self.layout(topk_ids, topk_weights)
-            ep_transport.put_counts(self.tables.counts, counts, self.ep_rank)
+            ep_transport.put_counts(memory.tables.counts, counts, self.ep_rank)
         fused = self.format.name in ("fp8", "nvfp4") and self.fuse_quantization
         payload = x.contiguous() if fused else self.format.pack(x)
-        self.pending = (payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
+        return Sending(memory, self.low_latency, payload, fused, meta, local_index, x.shape[1], top_k, x.dtype)
 
-    def check_fits(self, x: torch.Tensor, top_k: int) -> None:
+    def check_fits(self, buffers: PeerBuffers, x: torch.Tensor, top_k: int) -> None:
         """The exchange must match the buffers it writes into on every rank (else a put lands out of bounds)."""
-        back = self.buffers.back
-        if x.shape[0] > self.buffers.max_tokens:
+        back = buffers.back
+        if x.shape[0] > buffers.max_tokens:
             raise ValueError(f"{x.shape[0]} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
-                             f"({self.buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
+                             f"({buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
         if x.dtype != back.dtype or x.shape[1] != back.shape[2]:
             raise ValueError(f"tokens of {x.shape[1]} x {x.dtype} do not match the transport's buffers, made for "
                              f"{back.shape[2]} x {back.dtype}")
         needed = self.format.payload_bytes(x.shape[1]) + 8 * top_k
-        if needed > self.buffers.recv.shape[1]:
+        if needed > buffers.recv.shape[1]:
             raise ValueError(f"rows of {needed} bytes (top-{top_k}) do not match the transport's receive rows of "
-                             f"{self.buffers.recv.shape[1]}")
+                             f"{buffers.recv.shape[1]}")
 
     def layout(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """(local_index int32 [T, EP], meta uint8 [T, EP, 8K], counts int32 [EP]) in torch: the spec of route_rows."""
@@ -230,95 +332,125 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         meta = torch.cat((as_row_bytes(slots), as_row_bytes(weights)), dim=1).view(tokens, self.ep, 8 * top_k)
         return local_index, meta, goes_to.sum(dim=0).to(torch.int32)
 
-    def send_rows(self) -> None:
-        payload, fused, meta, local_index, *_ = self.pending
+    def send_rows(self, sending: Sending) -> None:
+        buffers, tables = sending.memory.buffers, sending.memory.tables
         # low latency: my fixed region at every rank; else after the rows of the ranks before me
-        placement = ep_transport.Placement(self.buffers.counts, self.ep_rank,
-                                           self.buffers.max_tokens if self.low_latency else None)
-        row = self.buffers.recv.shape[1]
-        if fused:
-            ep_transport.put_quantized_rows(self.format.name, payload, meta, local_index, self.tables.recv, row,
-                                            placement)
+        placement = ep_transport.Placement(buffers.counts, self.ep_rank,
+                                           buffers.max_tokens if sending.low_latency else None)
+        row, budget = buffers.recv.shape[1], self.transport.comm_sms
+        if sending.fused:
+            ep_transport.put_quantized_rows(self.format.name, sending.payload, sending.meta, sending.local_index,
+                                            tables.recv, row, placement, budget)
         else:
-            ep_transport.put_rows(payload, meta, local_index, self.tables.recv, row, placement)
+            ep_transport.put_rows(sending.payload, sending.meta, sending.local_index, tables.recv, row, placement,
+                                  budget)
 
-    def receive(self):
-        if self.low_latency:
-            return self.receive_fixed_regions()
-        *_, local_index, hidden, top_k, dtype = self.pending
-        self.pending = None
-        from_each = self.buffers.counts[:, self.ep_rank]  # [EP]
+    def receive(self, sending: Sending):
+        if sending.low_latency:
+            return self.receive_fixed_regions(sending)
+        buffers = sending.memory.buffers
+        from_each = buffers.counts[:, self.ep_rank]  # [EP]
         total = int(from_each.sum())  # the host sync: how many rows to hand on
-        rows = self.buffers.recv[:total]
-        tokens, slots, weights = self.unpack_rows(rows, hidden, top_k, dtype)
+        rows = buffers.recv[:total]
+        tokens, slots, weights = self.unpack_rows(rows, sending.hidden, sending.top_k, sending.dtype)
         ranks = torch.arange(self.ep, device=rows.device, dtype=torch.int32)
         source = torch.repeat_interleave(ranks, from_each, output_size=total)
         first = torch.cumsum(from_each, dim=0) - from_each
         index_at_source = (torch.arange(total, device=rows.device) - first[source.long()]).to(torch.int32)
-        return tokens, RowLayout(slots, weights), PeerHandle(local_index, source, index_at_source,
-                                                             local_index.shape[0], dtype)
-
-    def receive_fixed_regions(self):
-        """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts and index -1."""
-        *_, local_index, hidden, top_k, dtype = self.pending
-        self.pending = None
-        buffers = self.buffers
-        tokens, slots, weights = self.unpack_rows(buffers.recv, hidden, top_k, dtype)
-        index = buffers.region_index  # [EP * max_tokens]
-        real = index < buffers.counts[:, self.ep_rank].repeat_interleave(buffers.max_tokens)
-        slots = torch.where(real[:, None], slots, -1)
-        weights = torch.where(real[:, None], weights, 0.0)
-        handle = PeerHandle(local_index, buffers.region_source, torch.where(real, index, -1), local_index.shape[0],
-                            dtype)
+        handle = PeerHandle(sending.local_index, source, index_at_source, sending.local_index.shape[0], sending.dtype,
+                            sending.memory)
         return tokens, RowLayout(slots, weights), handle
 
-    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
-        ep_transport.put_results(y.to(handle.dtype), handle.source, handle.index_at_source,
-                                 self.tables.back, self.ep_rank, self.buffers.max_tokens)
+    def receive_fixed_regions(self, sending: Sending):
+        """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts and index -1."""
+        buffers = sending.memory.buffers
+        index = buffers.region_index  # [EP * max_tokens]
+        real = index < buffers.counts[:, self.ep_rank].repeat_interleave(buffers.max_tokens)
+        tokens, slots, weights = self.unpack_rows(buffers.recv, sending.hidden, sending.top_k, sending.dtype, real)
+        slots = torch.where(real[:, None], slots, -1)
+        weights = torch.where(real[:, None], weights, 0.0)
+        handle = PeerHandle(sending.local_index, buffers.region_source, torch.where(real, index, -1),
+                            sending.local_index.shape[0], sending.dtype, sending.memory)
+        return tokens, RowLayout(slots, weights), handle
+
+    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> torch.Tensor:
+        """Puts each received row's result back to its source; the results as the puts read them (keep them until
+        the combine's receive)."""
+        y = y.to(handle.dtype)
+        ep_transport.put_results(y, handle.source, handle.index_at_source, handle.memory.tables.back, self.ep_rank,
+                                 handle.memory.buffers.max_tokens, self.transport.comm_sms)
+        return y
 
     def sum_results(self, handle: PeerHandle) -> torch.Tensor:
-        out = torch.empty(handle.num_tokens, self.buffers.back.shape[2], dtype=handle.dtype,
-                          device=self.buffers.back.device)
-        ep_transport.sum_results(self.buffers.back, handle.local_index, out)
+        back = handle.memory.buffers.back
+        out = torch.empty(handle.num_tokens, back.shape[2], dtype=handle.dtype, device=back.device)
+        ep_transport.sum_results(back, handle.local_index, out)
         return out
 
-    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        self.send_counts(x, topk_ids, topk_weights)
-        if not self.low_latency:  # rows wait for every rank's counts
-            self.barrier()
-        self.send_rows()
-        self.barrier()
-        return self.receive()
+    # The halves
+
+    def dispatch_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      micro_batch: int = 0) -> Sending:
+        sending = self.send_counts(x, topk_ids, topk_weights, micro_batch)  # on the compute stream: what it makes
+        # is freed there
+        with OnStream(self.transport.stream(x.device)) as puts:
+            if not sending.low_latency:  # rows wait for every rank's counts
+                sending.memory.barrier()
+            self.send_rows(sending)
+            sending.memory.barrier()
+        sending.done = puts.done
+        return sending
+
+    def dispatch_recv(self, sending: Sending):
+        OnStream.join(sending.done, sending.payload.device)
+        return self.receive(sending)
+
+    def combine_send(self, y: torch.Tensor, handle: PeerHandle):
+        y = y.to(handle.dtype)  # on the compute stream, which frees what it makes
+        with OnStream(self.transport.stream(y.device)) as puts:
+            self.send_results(y, handle)
+            handle.memory.barrier()
+        return handle, y, puts.done
+
+    def combine_recv(self, sent) -> torch.Tensor:
+        handle, results, done = sent
+        OnStream.join(done, results.device)
+        return self.sum_results(handle)
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, micro_batch: int = 0):
+        return self.dispatch_recv(self.dispatch_send(x, topk_ids, topk_weights, micro_batch))
 
     def combine(self, y: torch.Tensor, handle: PeerHandle) -> torch.Tensor:
-        self.send_results(y, handle)
-        self.barrier()
-        return self.sum_results(handle)
+        return self.combine_recv(self.combine_send(y, handle))
 
 
 class VirtualRanks:
-    """EP ranks 0..R-1 in one process on one device: R buffers, one address table, each step run for every rank
-    in turn (so a step sees every rank's previous step done). Tests and benchmarks of the transport without
-    several GPUs."""
+    """EP ranks 0..R-1 in one process on one device: R buffers (a set per micro-batch), one address table, each step
+    run for every rank in turn (so a step sees every rank's previous step done). Tests and benchmarks of the
+    transport without several GPUs."""
 
     def __init__(self, expert_map: ExpertMap, dispatch_format: str, hidden: int, top_k: int, max_tokens: int,
                  device, dtype=torch.bfloat16, fuse_quantization: bool | None = None, low_latency: bool = False,
-                 fuse_layout: bool | None = None):
+                 fuse_layout: bool | None = None, micro_batches: int = 1, comm_sms: int | None = None):
         ep = expert_map.num_ranks
         row = row_bytes(token_format(dispatch_format, dtype), hidden, top_k)
-        self.buffers = [PeerBuffers(ep, max_tokens, row, hidden, dtype, device) for _ in range(ep)]
-        tables = tables_of(self.buffers, device)
-        self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format, self.buffers[r], tables, device, dtype,
-                                     fuse_quantization=fuse_quantization, low_latency=low_latency,
-                                     fuse_layout=fuse_layout) for r in range(ep)]
+        by_micro_batch = []
+        for _ in range(micro_batches):
+            buffers = [PeerBuffers(ep, max_tokens, row, hidden, dtype, device) for _ in range(ep)]
+            by_micro_batch.append([BufferSet(b, tables_of(buffers, device)) for b in buffers])
+        self.buffers = [sets[0].buffers for sets in zip(*by_micro_batch)]  # micro-batch 0's, by rank
+        self.ranks = [PeerToPeerRank(expert_map, r, dispatch_format,
+                                     GivenBuffers([sets[r] for sets in by_micro_batch], low_latency, comm_sms),
+                                     device, dtype, fuse_quantization=fuse_quantization, fuse_layout=fuse_layout)
+                      for r in range(ep)]
 
-    def dispatch(self, xs, topk_ids, topk_weights) -> list:
+    def dispatch(self, xs, topk_ids, topk_weights, micro_batch: int = 0) -> list:
         """Per rank: (tokens, RowLayout, handle), as each rank's dispatch returns them."""
-        for rank, x, ids, weights in zip(self.ranks, xs, topk_ids, topk_weights):
-            rank.send_counts(x, ids, weights)
-        for rank in self.ranks:
-            rank.send_rows()
-        return [rank.receive() for rank in self.ranks]
+        sendings = [rank.send_counts(x, ids, weights, micro_batch)
+                    for rank, x, ids, weights in zip(self.ranks, xs, topk_ids, topk_weights)]
+        for rank, sending in zip(self.ranks, sendings):
+            rank.send_rows(sending)
+        return [rank.receive(sending) for rank, sending in zip(self.ranks, sendings)]
 
     def combine(self, ys, handles) -> list[torch.Tensor]:
         for rank, y, handle in zip(self.ranks, ys, handles):

@@ -61,7 +61,8 @@ class UnquantizedFormat:
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return payload.contiguous().view(self.dtype).to(dtype)
 
-    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
+                rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
         """A view of the received rows where they lie (rows strided by the metadata after them; the experts read
         rows by their stride) when that stride is a multiple of 16 values (else the GEMM's loads lose their vector
         width: a copy is cheaper), or a converted copy."""
@@ -91,7 +92,8 @@ class Fp8Format:
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return self.views(payload, hidden, dtype).dequantize()
 
-    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> Fp8Activations:
+    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
+                rows_in_use: torch.Tensor | None = None) -> Fp8Activations:
         return self.views(payload, hidden, dtype)
 
 
@@ -125,10 +127,12 @@ class Nvfp4Format:
         tokens = self.views(payload, hidden)
         return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
 
-    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """unpack; on CUDA one kernel over the received rows where they lie (the torch form takes a dozen passes)."""
+    def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
+                rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
+        """unpack; on CUDA one kernel over the received rows where they lie (the torch form takes a dozen passes),
+        and only over rows_in_use if given."""
         if payload.is_cuda and payload.stride(-1) == 1 and has_fp8(payload.device):
-            return nvfp4_tokens(payload, hidden, dtype)
+            return nvfp4_tokens(payload, hidden, dtype, rows_in_use)
         return self.unpack(payload, hidden, dtype)
 
 

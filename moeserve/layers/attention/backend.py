@@ -61,6 +61,14 @@ class DenseAttention:
         self.positions = torch.arange(seq_len, device=device)
         self.mla_absorbed = mla_absorbed
 
+    def split_batch(self) -> list[tuple[slice, "DenseAttention"]]:
+        """Two-batch overlap: the first half of the sequences (rounded up), and the rest (may be none)."""
+        first = -(-self.batch_size // 2)
+        device = self.positions.device
+        return [(slice(0, first * self.seq_len), DenseAttention(first, self.seq_len, device, self.mla_absorbed)),
+                (slice(first * self.seq_len, None),
+                 DenseAttention(self.batch_size - first, self.seq_len, device, self.mla_absorbed))]
+
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(self.batch_size, self.seq_len, *x.shape[1:])
 

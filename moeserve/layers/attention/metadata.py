@@ -37,6 +37,26 @@ class AttentionMetadata:
     def max_prefill_query_len(self) -> int:
         return max(self.query_lens_host[self.num_decodes :], default=0)
 
+    def split(self, sequences: int) -> tuple["AttentionMetadata", "AttentionMetadata"]:
+        """(the first `sequences` sequences, the rest), each a batch of its own (decodes still first)."""
+        b, t = sequences, sum(self.query_lens_host[:sequences])
+        first = AttentionMetadata(min(self.num_decodes, b), self.query_start_loc[: b + 1], self.seq_lens[:b],
+                                  self.block_table[:b], self.slot_mapping[:t], self.block_size,
+                                  self.query_lens_host[:b], self.seq_lens_host[:b])
+        second = AttentionMetadata(max(self.num_decodes - b, 0), self.query_start_loc[b:] - t, self.seq_lens[b:],
+                                   self.block_table[b:], self.slot_mapping[t:], self.block_size,
+                                   self.query_lens_host[b:], self.seq_lens_host[b:])
+        return first, second
+
+    def balanced_split(self) -> int:
+        """The sequence boundary that splits the batch's tokens most evenly (two-batch overlap); the first part
+        gets a sequence at least, if there is one."""
+        total, before, best = sum(self.query_lens_host), 0, None
+        for b, length in enumerate(self.query_lens_host, start=1):
+            before += length
+            best = min(best or (abs(total - 2 * before), b), (abs(total - 2 * before), b))
+        return best[1] if best else 0
+
     @staticmethod
     def empty(device: torch.device, max_blocks_per_seq: int, block_size: int) -> "AttentionMetadata":
         none = torch.zeros(0, dtype=torch.int32, device=device)

@@ -35,6 +35,14 @@ class TorchPagedAttention:
         self.step_prefix_chunks = {}
         return self
 
+    def split_batch(self) -> list[tuple[slice, "TorchPagedAttention"]]:
+        """Two-batch overlap: the bound batch as two (its tokens, a backend bound to it), split by sequence where the
+        tokens halve best (the second may be empty). They share the cache."""
+        parts = self.metadata.split(self.metadata.balanced_split())
+        tokens = parts[0].num_tokens
+        return [(where, type(self)(self.kv_caches, self.kv_scales).bind(part))
+                for where, part in zip((slice(0, tokens), slice(tokens, None)), parts)]
+
     def kv_scale(self, layer: int) -> torch.Tensor | None:
         return None if self.kv_scales is None else self.kv_scales[layer : layer + 1]
 

@@ -6,6 +6,11 @@ each row's weighted sum; `combine(y, handle) -> out` brings those back to token 
 the rows are the tokens themselves; expert-parallel dispatchers (moeserve.distributed.ep) move rows
 between ranks behind the same interface. Rows carry their format: an FP8 dispatch hands them on as
 `Fp8Activations` (quantized as they travelled), which FP8 experts multiply as they are.
+
+Each exchange also comes in halves, so that other work runs while tokens travel: `dispatch_send(x, topk_ids,
+topk_weights, micro_batch) -> sent`, `dispatch_recv(sent) -> (rows, layout, handle)`, `combine_send(y, handle) ->
+sent`, `combine_recv(sent) -> out`. `micro_batch` tells exchanges in flight at once apart (two-batch overlap). A
+dispatcher that cannot split an exchange does all of it in the send half.
 """
 
 import torch
@@ -13,7 +18,23 @@ import torch
 from moeserve.kernels.row_layout import RowLayout
 
 
-class LocalDispatcher:
+class Dispatcher:
+    """The halves of a dispatcher that has only the whole calls: everything happens in the send half."""
+
+    def dispatch_send(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, micro_batch: int = 0):
+        return self.dispatch(x, topk_ids, topk_weights)
+
+    def dispatch_recv(self, sent):
+        return sent
+
+    def combine_send(self, y: torch.Tensor, handle):
+        return self.combine(y, handle)
+
+    def combine_recv(self, sent) -> torch.Tensor:
+        return sent
+
+
+class LocalDispatcher(Dispatcher):
     """`token_format` (optional) passes each token through a wire format's quantization, as an
     expert-parallel dispatcher would: the single-rank reference for quantized dispatch."""
 

@@ -6,6 +6,7 @@ from moeserve.layers.mlp import MLP
 from moeserve.layers.moe.dispatch import LocalDispatcher
 from moeserve.layers.moe.experts import Experts
 from moeserve.layers.moe.router import Router
+from moeserve.layers.stages import Stages, run
 
 
 class MoE(nn.Module):
@@ -34,6 +35,11 @@ class MoE(nn.Module):
         return self.routed_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run(self.stages(x))
+
+    def stages(self, x: torch.Tensor, micro_batch: int = 0) -> Stages:
+        """The forward, yielding while tokens travel (moeserve.layers.stages): after the dispatch's send half, and
+        after the combine's, with the shared expert computed while the results come back."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         topk_ids, topk_weights = self.gate(x, self.routed_counter(x.device))  # [T, K]
@@ -41,11 +47,21 @@ class MoE(nn.Module):
         if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
             expert_in = x * topk_weights.to(x.dtype)
             topk_weights = torch.ones_like(topk_weights)
-        rows, layout, handle = self.dispatcher.dispatch(expert_in, topk_ids, topk_weights)
-        out = self.dispatcher.combine(self.experts(rows, layout), handle)
-        if hasattr(self, "shared_experts"):
-            shared = self.shared_experts(x)
-            if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        sent = self.dispatcher.dispatch_send(expert_in, topk_ids, topk_weights, micro_batch)
+        yield
+        rows, layout, handle = self.dispatcher.dispatch_recv(sent)
+        sent = self.dispatcher.combine_send(self.experts(rows, layout), handle)
+        shared = self.shared_output(x)
+        yield
+        out = self.dispatcher.combine_recv(sent)
+        if shared is not None:
             out = out + shared
         return out.reshape(shape)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not hasattr(self, "shared_experts"):
+            return None
+        shared = self.shared_experts(x)
+        if hasattr(self, "shared_expert_gate"):
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared
