@@ -41,20 +41,21 @@ build(ep_transport._route_offsets_kernel,
       dict(local_index_ptr="*i32", block_counts_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", num_blocks="i32",
            me="i32", EP=c, EP_POW2=c, BLOCK_T=c, BLOCKS_POW2=c), dict(EP=8, EP_POW2=8, BLOCK_T=512, BLOCKS_POW2=8))
 build(ep_transport._put_counts_kernel, dict(counts_table_ptr="*i64", my_counts_ptr="*i32", me="i32", EP=c, EP_POW2=c), dict(EP=8, EP_POW2=8))
-for low_latency in (False, True):
+for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an SM budget
     placement = dict(EP=8, EP_POW2=8, LOW_LATENCY=low_latency)
     build(ep_transport._put_rows_kernel, dict(payload_ptr="*i32", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", payload_words="i32", meta_words="i32", row_words="i32", me="i32", region_rows="i32", EP=c, EP_POW2=c,
-          LOW_LATENCY=c, BLOCK=c, META_BLOCK=c), dict(**placement, BLOCK=1024, META_BLOCK=16))
+          LOW_LATENCY=c, BLOCK=c, META_BLOCK=c, ROWS=c), dict(**placement, BLOCK=1024, META_BLOCK=16, ROWS=rows))
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16))
+          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16, ROWS=rows))
     build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
           EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
 build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", hidden="i32", row_stride="i32", CHUNK=c, SOME_ROWS=c),
       dict(CHUNK=1024, SOME_ROWS=True))
-build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
-      num_rows="i32", me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c), dict(BLOCK=1024))
+for rows in (1, 8):
+    build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
+          num_rows="i32", me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c, ROWS=c), dict(BLOCK=1024, ROWS=rows))
 build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",
       hidden="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))

@@ -24,11 +24,12 @@ def _peer(table_ptr, rank, dtype: tl.constexpr):
 
 @triton.jit
 def _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-              LOW_LATENCY: tl.constexpr):
-    """Row of token t in rank d's receive area (int64; -1: t does not go to d): its index among this rank's rows to d,
-    after this rank's fixed region start (low latency) or after the rows the ranks before it send d (this rank's
-    count matrix, where every rank has put its row)."""
-    index = tl.load(local_index_ptr + token * EP + dest).to(tl.int64)
+              LOW_LATENCY: tl.constexpr, valid=True):
+    """Row of token t (a token or a vector of them, those not `valid` going nowhere) in rank d's receive area (int64;
+    -1: t does not go to d): its index among this rank's rows to d, after this rank's fixed region start (low
+    latency) or after the rows the ranks before it send d (this rank's count matrix, where every rank has put its
+    row)."""
+    index = tl.load(local_index_ptr + token * EP + dest, mask=valid, other=-1).to(tl.int64)
     if LOW_LATENCY:
         first = tl.zeros((), dtype=tl.int64) + me * region_rows
     else:
@@ -105,72 +106,73 @@ def _route_offsets_kernel(local_index_ptr, block_counts_ptr, counts_table_ptr, n
 @triton.jit
 def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, payload_words,
                      meta_words, row_words, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                     BLOCK: tl.constexpr, META_BLOCK: tl.constexpr):
-    """Program (p, c): chunk c of tokens p, p + P, ... (P programs along axis 0), each read once, into its row of
-    every rank it goes to (rows of row_words words: payload, metadata, padding); chunk 0's programs also put the
-    token's metadata for each of them."""
+                     BLOCK: tl.constexpr, META_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Program (p, c): chunk c of tokens p * ROWS onwards, ROWS at a time, every P * ROWS (P programs along axis 0),
+    each read once, into its row of every rank it goes to (rows of row_words words: payload, metadata, padding);
+    chunk 0's programs also put the token's metadata for each of them."""
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < payload_words
     meta_offs = tl.arange(0, META_BLOCK)
     meta_ok = (meta_offs < meta_words) & (chunk == 0)
-    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
-        token = tl.cast(t, tl.int64)
-        words = tl.load(payload_ptr + token * payload_words + offs, mask=ok)
+    for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
+        tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
+        valid = tokens < num_tokens
+        words = tl.load(payload_ptr + tokens[:, None] * payload_words + offs[None, :], mask=valid[:, None] & ok[None, :])
         for dest in range(EP):
-            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-            if position >= 0:
-                row = _peer(recv_table_ptr, dest, tl.int32) + position * row_words
-                tl.store(row + offs, words, mask=ok)
-                meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + meta_offs, mask=meta_ok)
-                tl.store(row + payload_words + meta_offs, meta, mask=meta_ok)
+            position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
+                                 valid)
+            goes = (position >= 0)[:, None]
+            rows = _peer(recv_table_ptr, dest, tl.int32) + position[:, None] * row_words
+            tl.store(rows + offs[None, :], words, mask=goes & ok[None, :])
+            meta = tl.load(meta_ptr + (tokens[:, None] * EP + dest) * meta_words + meta_offs[None, :],
+                           mask=goes & meta_ok[None, :])
+            tl.store(rows + payload_words + meta_offs[None, :], meta, mask=goes & meta_ok[None, :])
 
 
 @triton.jit
-def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
-              region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t's metadata for each rank d it goes to, after the payload of its row there."""
+def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes, meta_words,
+              me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens' (a vector; those not `valid` skipped) metadata for each rank d they go to, after the payload of their
+    rows there."""
     offs = tl.arange(0, BLOCK)
     ok = offs < meta_words
     for dest in range(EP):
-        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-        if position >= 0:
-            row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-            meta = tl.load(meta_ptr + (token * EP + dest) * meta_words + offs, mask=ok)
-            tl.store((row + payload_bytes).to(tl.pointer_type(tl.int32)) + offs, meta, mask=ok)
+        position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
+        goes = (position >= 0)[:, None] & ok[None, :]
+        rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
+        meta = tl.load(meta_ptr + (tokens[:, None] * EP + dest) * meta_words + offs[None, :], mask=goes)
+        tl.store((rows + payload_bytes).to(tl.pointer_type(tl.int32)) + offs[None, :], meta, mask=goes)
 
 
 @triton.jit
 def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden, meta_words,
                          row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                         LOW_LATENCY: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Tokens p, p + P, ... (program p of P), each quantized once to FP8 1x128 (as quantize_fp8_groups)."""
-    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
-        _put_token_fp8(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tl.cast(t, tl.int64), hidden,
-                       meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, GROUP, CHUNK, BLOCK)
-
-
-@triton.jit
-def _put_token_fp8(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, hidden, meta_words, row_bytes,
-                   me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                   GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t, CHUNK values (CHUNK / 128 groups) at a time, to every rank it goes to: its row there gets
+                         LOW_LATENCY: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                         ROWS: tl.constexpr):
+    """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to FP8 1x128 (as
+    quantize_fp8_groups), CHUNK values (CHUNK / 128 groups) at a time, to every rank it goes to: its row there gets
     [H codes | H/128 fp32 scales | its metadata for d]."""
     payload_bytes = hidden + hidden // GROUP * 4
-    for start in range(0, hidden, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        groups = tl.reshape(tl.load(x_ptr + token * hidden + offs).to(tl.float32), (CHUNK // GROUP, GROUP))
-        values, scales = quantize_e4m3_group(groups, 1)
-        values = tl.reshape(values, (CHUNK,))
-        scale_offs = start // GROUP + tl.arange(0, CHUNK // GROUP)
-        for dest in range(EP):
-            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-            if position >= 0:
-                row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-                tl.store(row.to(tl.pointer_type(tl.float8e4nv)) + offs, values)
-                tl.store((row + hidden).to(tl.pointer_type(tl.float32)) + scale_offs, scales)
-    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
-              region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+    for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
+        tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
+        valid = tokens < num_tokens
+        for start in range(0, hidden, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            x = tl.load(x_ptr + tokens[:, None] * hidden + offs[None, :], mask=valid[:, None], other=0.0)
+            values, scales = quantize_e4m3_group(tl.reshape(x.to(tl.float32), (ROWS * CHUNK // GROUP, GROUP)), 1)
+            values = tl.reshape(values, (ROWS, CHUNK))
+            scales = tl.reshape(scales, (ROWS, CHUNK // GROUP))
+            scale_offs = start // GROUP + tl.arange(0, CHUNK // GROUP)
+            for dest in range(EP):
+                position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2,
+                                     LOW_LATENCY, valid)
+                goes = (position >= 0)[:, None]
+                rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
+                tl.store(rows.to(tl.pointer_type(tl.float8e4nv)) + offs[None, :], values, mask=goes)
+                tl.store((rows + hidden).to(tl.pointer_type(tl.float32)) + scale_offs[None, :], scales, mask=goes)
+        _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
+                  meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
@@ -240,25 +242,28 @@ def _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_pt
         if position >= 0:
             row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
             tl.store((row + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob)
-    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, row_bytes, payload_bytes, meta_words, me,
-              region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+    tokens = token + tl.arange(0, 1)
+    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens >= 0, row_bytes, payload_bytes,
+              meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
 def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, num_rows, me, max_tokens, hidden, stride_y,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area; nothing
-    for index -1 (a row slot that held no token). Program (p, c): chunk c of rows p, p + P, ..."""
+    for index -1 (a row slot that held no token). Program (p, c): chunk c of rows p * ROWS onwards, ROWS at a time,
+    every P * ROWS."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
-    for r in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        row = tl.cast(r, tl.int64)
-        source = tl.load(source_ptr + row)
-        index = tl.load(index_ptr + row).to(tl.int64)
-        if index >= 0:
-            back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)
-            tl.store(back + (me * max_tokens + index) * hidden + offs,
-                     tl.load(y_ptr + row * stride_y + offs, mask=ok), mask=ok)
+    for first in range(tl.program_id(0) * ROWS, num_rows, tl.num_programs(0) * ROWS):
+        rows = (first + tl.arange(0, ROWS)).to(tl.int64)
+        valid = rows < num_rows
+        source = tl.load(source_ptr + rows, mask=valid, other=0)
+        index = tl.load(index_ptr + rows, mask=valid, other=-1).to(tl.int64)
+        goes = (index >= 0)[:, None] & ok[None, :]
+        back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)  # each row's source
+        values = tl.load(y_ptr + rows[:, None] * stride_y + offs[None, :], mask=goes)
+        tl.store(back[:, None] + ((me * max_tokens + index) * hidden)[:, None] + offs[None, :], values, mask=goes)
 
 
 @triton.jit
@@ -371,13 +376,18 @@ def chunk_of(hidden: int) -> int:
     return min(1024, hidden & -hidden)
 
 
-def programs_along_rows(rows: int, chunks: int, max_programs: int | None) -> int:
-    """Programs along the rows of a put whose rows split into `chunks` programs each: one a row, or as many as keep
-    the whole grid within max_programs (an SM budget: a program runs on one SM at a time), each looping over rows.
-    At least one a chunk: a budget below `chunks` (7 for a combine of 7168 values) still takes `chunks` programs."""
+BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
+
+
+def programs_along_rows(rows: int, chunks: int, max_programs: int | None) -> tuple[int, int, int]:
+    """(programs along the rows, rows each moves at once, warps) of a put whose rows split into `chunks` programs each:
+    a program a row; or, on an SM budget (max_programs: a program runs on one SM at a time), as many as keep the grid
+    within it, each looping over rows BUDGET_ROWS at a time with BUDGET_WARPS warps (one row at a time leaves an SM
+    waiting on each load). At least one a chunk: a budget below `chunks` (7 for a combine of 7168 values) still takes
+    `chunks` programs."""
     if max_programs is None:
-        return rows
-    return max(1, min(rows, max_programs // chunks))
+        return rows, 1, 4
+    return max(1, min(triton.cdiv(rows, BUDGET_ROWS), max_programs // chunks)), BUDGET_ROWS, BUDGET_WARPS
 
 
 def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor, recv_table: torch.Tensor,
@@ -390,11 +400,12 @@ def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tenso
         raise ValueError(f"routing metadata of {meta.shape[2]} bytes a row exceeds {4 * WORDS_PER_PROGRAM}")
     if tokens:
         chunks = triton.cdiv(payload_words, WORDS_PER_PROGRAM)
-        grid = (programs_along_rows(tokens, chunks, max_programs), chunks)
-        _put_rows_kernel[grid](payload.view(torch.int32), meta.view(torch.int32), local_index,
-                               recv_table_ptr=recv_table, num_tokens=tokens, payload_words=payload_words, meta_words=meta_words,
-                               row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM,
-                               META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), **placement.kernel_args())
+        programs, rows_at_once, warps = programs_along_rows(tokens, chunks, max_programs)
+        _put_rows_kernel[(programs, chunks)](payload.view(torch.int32), meta.view(torch.int32), local_index,
+                                            recv_table_ptr=recv_table, num_tokens=tokens, payload_words=payload_words,
+                                            meta_words=meta_words, row_words=row_bytes // 4, BLOCK=WORDS_PER_PROGRAM,
+                                            META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), ROWS=rows_at_once,
+                                            num_warps=warps, **placement.kernel_args())
 
 
 def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor,
@@ -410,11 +421,12 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         raise ValueError(f"the fused {fmt} put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
-        extra = {"GROUP": FP8_GROUP} if fmt == "fp8" else {}
-        grid = (programs_along_rows(tokens, 1, max_programs),)
-        kernel[grid](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens, hidden=hidden,
-                          meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
-                          BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
+        programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
+        # NVFP4: a token at a time (its amax first)
+        extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps) if fmt == "fp8" else {}
+        kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
+                            hidden=hidden, meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
+                            BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
 
 
 def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,
@@ -425,8 +437,9 @@ def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back
         y = y if y.stride(-1) == 1 else y.contiguous()
         block = min(1024, triton.next_power_of_2(hidden))
         chunks = triton.cdiv(hidden, block)
-        grid = (programs_along_rows(rows, chunks, max_programs), chunks)
-        _put_results_kernel[grid](y, source, index, back_table, rows, me, max_tokens, hidden, y.stride(0), BLOCK=block)
+        programs, rows_at_once, warps = programs_along_rows(rows, chunks, max_programs)
+        _put_results_kernel[(programs, chunks)](y, source, index, back_table, rows, me, max_tokens, hidden,
+                                                y.stride(0), BLOCK=block, ROWS=rows_at_once, num_warps=warps)
 
 
 def sum_results(back: torch.Tensor, local_index: torch.Tensor, out: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 7168 -> 2 x 2048 -> 7168, on the compute stream) beside R virtual ranks' puts of the same T tokens a rank (dispatch
 rows and combine results, on a side stream with an SM budget): each alone, then both at once, as CUDA-graph replays.
 hidden = (gemm + puts - both) / puts: the share of the puts' time the overlap hides.
-Usage: PYTHONPATH=. python3 scripts/probes/ep_overlap.py [R] [T] [fmt] [budgets, e.g. none,8,16,32]"""
+Usage: PYTHONPATH=. python3 scripts/probes/ep_overlap.py [R] [T] [fmt] [budgets, e.g. none,16,32,64]"""
 
 import sys
 
@@ -61,7 +61,7 @@ def graphed(fn, device):
 def main():
     args = sys.argv[1:] + [None] * 4
     ranks, tokens, fmt = int(args[0] or 2), int(args[1] or 4096), args[2] or "bf16"
-    budgets = [None if b == "none" else int(b) for b in (args[3] or "none,8,16,32").split(",")]
+    budgets = [None if b == "none" else int(b) for b in (args[3] or "none,16,32,64").split(",")]
     device = torch.device("cuda")
     gemm = shared_expert(tokens, device)
     gemm_ms = graphed(gemm, device)()
