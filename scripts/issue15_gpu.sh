@@ -7,7 +7,7 @@ set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"; git log -1 --format=%h >> "$T" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"  # (the device copy's .git is not this tree's)
 for f in ${TEST_FILES:-tests/gpu/test_peer_to_peer_cuda.py tests/gpu/test_no_compiles_after_warm_up.py}; do
   ( timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$f" -q -p no:cacheprovider -rfE > "$OUT/$(basename "$f" .py).log" 2>&1
     echo "$f rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$(basename "$f" .py).log" | tail -1)" >> "$T" ) &
