@@ -242,9 +242,8 @@ def _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_pt
         if position >= 0:
             row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
             tl.store((row + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob)
-    tokens = token + tl.arange(0, 1)
-    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens >= 0, row_bytes, payload_bytes,
-              meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token + tl.arange(0, 1), True, row_bytes,
+              payload_bytes, meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
@@ -317,7 +316,9 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
     out = torch.empty(rows, hidden, dtype=dtype, device=payload.device)
     if rows:
         chunk = chunk_of(hidden)
-        in_use = payload if rows_in_use is None else rows_in_use.view(torch.uint8)
+        if rows_in_use is not None and (rows_in_use.shape != (rows,) or rows_in_use.dtype != torch.bool):
+            raise ValueError(f"rows_in_use must be bool [{rows}], got {rows_in_use.dtype} {tuple(rows_in_use.shape)}")
+        in_use = payload if rows_in_use is None else rows_in_use.contiguous().view(torch.uint8)
         _nvfp4_tokens_kernel[(rows, hidden // chunk)](payload, out, in_use, hidden, payload.stride(0), CHUNK=chunk,
                                                       SOME_ROWS=rows_in_use is not None)
     return out
@@ -421,9 +422,11 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         raise ValueError(f"the fused {fmt} put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
-        programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
-        # NVFP4: a token at a time (its amax first)
-        extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps) if fmt == "fp8" else {}
+        if fmt == "fp8":
+            programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
+            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps)
+        else:  # NVFP4: a token at a time (its amax first)
+            programs, extra = min(tokens, max_programs or tokens), {}
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
                             hidden=hidden, meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())

@@ -92,14 +92,14 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt):
         torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt):
     """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
-    the puts capped at 3 programs (the SM budget) loop over every token and row."""
+    the puts capped at one program (the SM budget) loop over every token and row, 8 at a time (NVFP4: one)."""
     generator = torch.Generator().manual_seed(11)
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
-                         micro_batches=2, comm_sms=3, fuse_layout=True, fuse_quantization=True)
+                         micro_batches=2, comm_sms=1, fuse_layout=True, fuse_quantization=True)
     batches = []
     for micro_batch, tokens_per_rank in enumerate(([9, 16], [13, 2])):
         xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]

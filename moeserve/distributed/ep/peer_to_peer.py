@@ -109,7 +109,8 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
     """The buffers of one rank of `group` in PyTorch's symmetric memory (CUDA backend): every rank's buffers mapped
     into every rank's address space, and a barrier on the device (release / acquire signals, ordered on the current
     stream: every put must be on that stream). A rank that never arrives (it failed) makes the others' barrier trap
-    after barrier_timeout_ms instead of hanging. Collective: every rank of the group calls it."""
+    after barrier_timeout_ms instead of hanging. Collective: every rank of the group calls it. Run so far by processes
+    sharing one GPU (tests/gpu/test_ep_engine_one_gpu.py), not yet across several GPUs."""
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
