@@ -41,9 +41,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """`micro_batches` 2: two-batch overlap. The batch splits into two micro-batches by sequence (the attention
-    backend's `split_batch`; one may be empty), which take turns at every MoE exchange, so that one's tokens travel
-    while the other computes. Every expert-parallel rank must run the same number (their exchanges pair up)."""
+    """`micro_batches` 2: two-batch overlap. The batch splits into two micro-batches where its tokens halve (the
+    attention backend's `split_batch`; one may be empty), which take turns at every MoE exchange, so that one's tokens
+    travel while the other computes; the first runs each layer's attention first (a prefill chunk cut in two reads its
+    first part from the cache). Every expert-parallel rank must run the same number (their exchanges pair up)."""
 
     micro_batches = 1
 

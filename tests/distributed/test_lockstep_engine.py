@@ -43,11 +43,12 @@ def test_dp2_ep2_greedy_equals_one_process():
 
 
 def test_two_batch_overlap_gives_the_same_greedy_tokens():
-    """Every eager step as two micro-batches taking turns at each exchange (one empty where a rank has one sequence
-    or none), with TP attention splitting each micro-batch's tokens over the EP group."""
-    expected = single_process("tiny-deepseek-v3")
-    for layout in ((1, 2, 2), (2, 1, 2)):
-        for tokens, all_free, _ in run_ranks(2, generate_on_ranks, "tiny-deepseek-v3", *layout, True):
+    """Every eager step as two micro-batches taking turns at each exchange (prefill chunks cut in two, one part empty
+    where a rank has one decode or none): MLA over DP ranks, and GQA with TP attention splitting each micro-batch's
+    tokens over the EP group."""
+    for preset, layout in (("tiny-deepseek-v3", (1, 2, 2)), ("tiny-qwen3-moe", (2, 1, 2))):
+        expected = single_process(preset)
+        for tokens, all_free, _ in run_ranks(2, generate_on_ranks, preset, *layout, True):
             assert tokens == expected and all_free
 
 

@@ -163,7 +163,7 @@ def through_the_halves(group, xs, ids, weights):
 
 
 @pytest.mark.parametrize("ranks,low_latency", [(1, False), (4, True)], ids=["high-throughput", "low-latency"])
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 def test_puts_on_their_own_stream_with_an_sm_budget_equal_the_inline_exchange(ranks, low_latency, fmt):
     """--ep-comm-sms: the puts on a side stream, at most 6 programs each, joined back before the receive; eager and
     captured in a CUDA graph (fork and join inside the capture), bit for bit the inline exchange. (High-throughput

@@ -43,16 +43,25 @@ def metadata(query_lens, seq_lens, num_decodes):
                              torch.arange(sum(query_lens)) + 100, 16, query_lens, seq_lens)
 
 
-def test_a_step_splits_by_sequence_where_its_tokens_halve_and_keeps_decodes_first():
-    md = metadata([1, 1, 1, 7, 4], [9, 5, 30, 7, 20], num_decodes=3)
-    assert md.balanced_split() == 4  # 10 | 4 is closer than 3 | 11
-    first, second = md.split(4)
+def test_a_step_splits_at_a_sequence_boundary_near_half_its_tokens_else_inside_a_prefill_chunk():
+    md = metadata([1, 1, 1, 7, 4], [9, 5, 30, 17, 20], num_decodes=3)
+    assert md.halving_point() == 7  # the nearest boundary (10) is 3 tokens off half of 14: more than an eighth
+    first, second = md.split(7)  # the 7-token chunk cut 4 | 3: one sequence in both parts
     assert (first.num_decodes, second.num_decodes) == (3, 0)
-    assert first.query_start_loc.tolist() == [0, 1, 2, 3, 10] and second.query_start_loc.tolist() == [0, 4]
-    assert second.slot_mapping.tolist() == [110, 111, 112, 113] and first.num_tokens == 10
-    assert second.block_table.tolist() == [[12, 13, 14]] and second.seq_lens.tolist() == [20]
+    assert first.query_lens_host == [1, 1, 1, 4] and second.query_lens_host == [3, 4]
+    assert first.query_start_loc.tolist() == [0, 1, 2, 3, 7] and second.query_start_loc.tolist() == [0, 3, 7]
+    assert first.seq_lens.tolist() == first.seq_lens_host == [9, 5, 30, 14]  # the first part's context ends earlier
+    assert second.seq_lens.tolist() == second.seq_lens_host == [17, 20]  # the second attends to it through the cache
+    assert first.block_table.tolist() == md.block_table[:4].tolist()
+    assert second.block_table.tolist() == md.block_table[3:].tolist()
+    assert first.slot_mapping.tolist() == list(range(100, 107)) and second.num_tokens == 7
+    assert md.seq_lens.tolist() == [9, 5, 30, 17, 20] and md.query_start_loc.tolist()[-1] == 14  # untouched
     first, second = md.split(2)  # through the decodes: each part keeps its own
     assert (first.num_decodes, second.num_decodes) == (2, 1)
-    assert second.query_start_loc.tolist() == [0, 1, 8, 12] and second.seq_lens_host == [30, 7, 20]
+    assert second.query_start_loc.tolist() == [0, 1, 8, 12] and second.seq_lens_host == [30, 17, 20]
+    assert metadata([1, 1, 1, 7, 6], [9, 5, 30, 17, 20], 3).halving_point() == 10  # 10 of 16: within an eighth
     one = metadata([6], [6], num_decodes=0)
-    assert one.balanced_split() == 1 and one.split(1)[1].num_tokens == 0  # one sequence: an empty second part
+    first, second = one.split(one.halving_point())
+    assert first.query_lens_host == second.query_lens_host == [3] and second.seq_lens_host == [6]
+    decode = metadata([1], [9], num_decodes=1)
+    assert decode.halving_point() == 1 and decode.split(1)[1].num_tokens == 0  # one token: an empty second part

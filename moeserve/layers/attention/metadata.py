@@ -5,6 +5,8 @@ Sequences computing one token (decodes) come first: rows 0 .. num_decodes - 1 of
 anything back from the device; the host-side lengths are what the scheduler already knows.
 """
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -37,25 +39,38 @@ class AttentionMetadata:
     def max_prefill_query_len(self) -> int:
         return max(self.query_lens_host[self.num_decodes :], default=0)
 
-    def split(self, sequences: int) -> tuple["AttentionMetadata", "AttentionMetadata"]:
-        """(the first `sequences` sequences, the rest), each a batch of its own (decodes still first)."""
-        b, t = sequences, sum(self.query_lens_host[:sequences])
-        first = AttentionMetadata(min(self.num_decodes, b), self.query_start_loc[: b + 1], self.seq_lens[:b],
-                                  self.block_table[:b], self.slot_mapping[:t], self.block_size,
-                                  self.query_lens_host[:b], self.seq_lens_host[:b])
-        second = AttentionMetadata(max(self.num_decodes - b, 0), self.query_start_loc[b:] - t, self.seq_lens[b:],
-                                   self.block_table[b:], self.slot_mapping[t:], self.block_size,
-                                   self.query_lens_host[b:], self.seq_lens_host[b:])
+    def split(self, tokens: int) -> tuple["AttentionMetadata", "AttentionMetadata"]:
+        """(the step's first `tokens` tokens, the rest), each a batch of its own (decodes still first). A prefill chunk
+        cut in two stays one sequence: its second part attends to the first through the cache, as a chunked prefill's
+        next chunk does (two-batch overlap runs the first micro-batch's attention of each layer before the second's)."""
+        starts = list(itertools.accumulate(self.query_lens_host, initial=0))
+        rows = bisect.bisect_left(starts, tokens)  # rows with tokens in the first part
+        moved = starts[rows] - tokens if rows else 0  # tokens of its last row that go to the second part
+        second_row = rows - 1 if moved else rows
+        first_lens, first_seqs = self.query_lens_host[:rows], self.seq_lens_host[:rows]
+        first_seq_lens, first_starts = self.seq_lens[:rows], self.query_start_loc[: rows + 1]
+        second_lens, second_starts = self.query_lens_host[rows:], self.query_start_loc[second_row:] - tokens
+        if moved:
+            first_lens = first_lens[:-1] + [first_lens[-1] - moved]
+            first_seqs = first_seqs[:-1] + [first_seqs[-1] - moved]
+            first_seq_lens, first_starts = first_seq_lens.clone(), first_starts.clone()
+            first_seq_lens[-1] -= moved
+            first_starts[-1] = tokens
+            second_lens = [moved] + second_lens
+            second_starts[0] = 0
+        first = AttentionMetadata(min(self.num_decodes, rows), first_starts, first_seq_lens, self.block_table[:rows],
+                                  self.slot_mapping[:tokens], self.block_size, first_lens, first_seqs)
+        second = AttentionMetadata(max(self.num_decodes - second_row, 0), second_starts, self.seq_lens[second_row:],
+                                   self.block_table[second_row:], self.slot_mapping[tokens:], self.block_size,
+                                   second_lens, self.seq_lens_host[second_row:])
         return first, second
 
-    def balanced_split(self) -> int:
-        """The sequence boundary that splits the batch's tokens most evenly (two-batch overlap); the first part
-        gets a sequence at least, if there is one."""
-        total, before, best = sum(self.query_lens_host), 0, None
-        for b, length in enumerate(self.query_lens_host, start=1):
-            before += length
-            best = min(best or (abs(total - 2 * before), b), (abs(total - 2 * before), b))
-        return best[1] if best else 0
+    def halving_point(self) -> int:
+        """Where two-batch overlap splits the step: the sequence boundary nearest half its tokens if it lies within an
+        eighth of them, else half its tokens (a prefill chunk cut in two)."""
+        total = sum(self.query_lens_host)
+        boundary = min(itertools.accumulate(self.query_lens_host, initial=0), key=lambda s: (abs(2 * s - total), s))
+        return boundary if 4 * abs(2 * boundary - total) <= total else -(-total // 2)
 
     @staticmethod
     def empty(device: torch.device, max_blocks_per_seq: int, block_size: int) -> "AttentionMetadata":

@@ -36,9 +36,9 @@ class TorchPagedAttention:
         return self
 
     def split_batch(self) -> list[tuple[slice, "TorchPagedAttention"]]:
-        """Two-batch overlap: the bound batch as two (its tokens, a backend bound to it), split by sequence where the
-        tokens halve best (the second may be empty). They share the cache."""
-        parts = self.metadata.split(self.metadata.balanced_split())
+        """Two-batch overlap: the bound batch as two (its tokens, a backend bound to it), split where its tokens halve
+        (AttentionMetadata.halving_point; the second may be empty). They share the cache."""
+        parts = self.metadata.split(self.metadata.halving_point())
         tokens = parts[0].num_tokens
         return [(where, type(self)(self.kv_caches, self.kv_scales).bind(part))
                 for where, part in zip((slice(0, tokens), slice(tokens, None)), parts)]
