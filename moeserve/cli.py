@@ -320,6 +320,7 @@ def on_ranks(args: argparse.Namespace, fn) -> int:
     if layout.world_size == 1 and not under_torchrun():
         return fn(args, None)
     args.device = resolve_device(args.device)  # once, here: every rank then sees the same choice
+    EngineArgs(model=args.model, **engine_args(args))  # a bad flag fails here, once, not in every rank's traceback
     launch(layout, args.device, args.dist_timeout, _rank_main, fn, args)
     return 0
 

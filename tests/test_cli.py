@@ -38,6 +38,11 @@ def test_bad_arguments_are_clear_errors(capsys):
     assert "neither a checkpoint folder nor a preset" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-mixtral", "--prompt", "x", "--top-p", "2"]) == 2
     assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err
+    # a flag no rank can take fails once, before any rank starts, with the message alone
+    assert main(["generate", "--model", "tiny-deepseek-v3", "--prompt", "x", "--dp", "2", "--ep", "2",
+                 "--device", "cpu", "--ep-comm-sms", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "EngineArgs.ep_comm_sms" in err and "p2p EP backend" in err and "Traceback" not in err
 
 
 def test_tokens_per_step_default_is_larger_offline_than_served():

@@ -105,7 +105,8 @@ class EngineArgs:
                 "overlaps expert-parallel exchanges with compute and needs ep > 1")
         require(self.ep_comm_sms is None or isinstance(self.ep_comm_sms, int) and self.ep_comm_sms >= 1,
                 "ep_comm_sms", "must be a number of SMs, at least 1")
-        require(self.ep_comm_sms is None or self.ep > 1, "ep_comm_sms", "sizes the EP puts' stream and needs ep > 1")
+        require(self.ep_comm_sms is None or self.ep > 1 and self.ep_backend in ("auto", "p2p") and self.device != "cpu",
+                "ep_comm_sms", "sizes the p2p EP backend's put stream and needs ep > 1 with that backend on CUDA")
         require(self.ep_backend != "p2p" or self.device != "cpu", "ep_backend",
                 "p2p puts tokens through GPU peer memory and needs a CUDA device (use all_to_all on the CPU)")
         require(self.block_size is None or self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
