@@ -374,13 +374,10 @@ class PeerToPeerRank(ExpertParallelDispatcher):
                             sending.local_index.shape[0], sending.dtype, sending.memory)
         return tokens, RowLayout(slots, weights), handle
 
-    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> torch.Tensor:
-        """Puts each received row's result back to its source; the results as the puts read them (keep them until
-        the combine's receive)."""
-        y = y.to(handle.dtype)
-        ep_transport.put_results(y, handle.source, handle.index_at_source, handle.memory.tables.back, self.ep_rank,
-                                 handle.memory.buffers.max_tokens, self.transport.comm_sms)
-        return y
+    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
+        """Puts each received row's result (in the activation dtype) back to its source."""
+        ep_transport.put_results(y.to(handle.dtype), handle.source, handle.index_at_source, handle.memory.tables.back,
+                                 self.ep_rank, handle.memory.buffers.max_tokens, self.transport.comm_sms)
 
     def sum_results(self, handle: PeerHandle) -> torch.Tensor:
         back = handle.memory.buffers.back
