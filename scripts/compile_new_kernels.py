@@ -1,7 +1,7 @@
 """Compile the small kernels the interpreter tests (SiLU-and-mul and the top-k sum with skipped pairs, the peer-to-peer
 transport) for Hopper (sm_90) without a GPU: catches what the interpreter does not (pointer casts, early returns), and
-prints each kernel's global stores by width (a put through a peer pointer of unknown alignment stores a byte or two at
-a time; v4.b32 is 16 bytes).
+prints each kernel's global stores and loads by width (a put or a get through a peer pointer of unknown alignment
+moves a byte or two at a time; v4.b32 is 16 bytes).
 
   PYTHONPATH=. python scripts/compile_new_kernels.py
 """
@@ -15,7 +15,8 @@ from triton.compiler import ASTSource
 from moeserve.kernels import activation, ep_transport
 
 # integer arguments that are multiples of 16 at run time (Triton specializes on that): sizes in bytes and elements
-DIVISIBLE = ("hidden", "row_bytes", "meta_words", "payload_words", "row_words", "stride_y", "max_tokens", "intermediate")
+DIVISIBLE = ("hidden", "row_bytes", "meta_words", "payload_words", "row_words", "stride_y", "max_tokens", "intermediate",
+             "row_stride")
 
 
 def build(fn, sig, constants, warps=4):
@@ -23,7 +24,8 @@ def build(fn, sig, constants, warps=4):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in DIVISIBLE}
     k = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     stores = Counter(re.findall(r"st\.global(?:\.[a-z0-9]+)*", k.asm["ptx"]))  # the widths the stores got
-    print(fn.__name__, constants, "compiled for sm_90; stores:", dict(stores))
+    loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", k.asm["ptx"]))
+    print(fn.__name__, constants, "compiled for sm_90; stores:", dict(stores), "loads:", dict(loads))
 
 c = "constexpr"
 for q in (False, True):
@@ -49,13 +51,14 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
           EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16, ROWS=rows))
-    build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-          recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-          EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c), dict(**placement, CHUNK=1024, BLOCK=16))
-build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", hidden="i32", row_stride="i32", CHUNK=c, SOME_ROWS=c),
-      dict(CHUNK=1024, SOME_ROWS=True))
-for rows in (1, 8):
-    build(ep_transport._put_results_kernel, dict(y_ptr="*bf16", source_ptr="*i32", index_ptr="*i32", back_table_ptr="*i64",
-          num_rows="i32", me="i32", max_tokens="i32", hidden="i32", stride_y="i32", BLOCK=c, ROWS=c), dict(BLOCK=1024, ROWS=rows))
-build(ep_transport._sum_results_kernel, dict(back_ptr="*bf16", local_index_ptr="*i32", out_ptr="*bf16", max_tokens="i32",
-      hidden="i32", EP=c, BLOCK=c), dict(EP=8, BLOCK=1024))
+    for nvfp4_rows, chunk in ((1, 1024), (4, 256), (4, 1024)):
+        build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
+              recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
+              EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c), dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows))
+for rows in (1, 4):
+    build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", num_rows="i32", hidden="i32",
+          row_stride="i32", CHUNK=c, ROWS=c, SOME_ROWS=c), dict(CHUNK=1024, ROWS=rows, SOME_ROWS=True))
+for low_latency, rows in ((False, 1), (True, 1), (False, 8)):
+    build(ep_transport._pull_results_kernel, dict(results_table_ptr="*i64", local_index_ptr="*i32", first_ptr="*i32",
+          out_ptr="*bf16", num_tokens="i32", hidden="i32", me="i32", region_rows="i32", EP=c, LOW_LATENCY=c, BLOCK=c,
+          ROWS=c), dict(EP=8, LOW_LATENCY=low_latency, BLOCK=1024, ROWS=rows))

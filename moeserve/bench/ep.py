@@ -74,8 +74,10 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
         dispatcher.combine(state["experts_out"], handle)  # experts that return their input
 
     dispatch()  # the same routing every time: the received rows keep their number
-    rows = state["out"][0]  # FP8 rows arrive quantized: the experts' output is in the activation dtype
-    state["experts_out"] = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    rows, _, handle = state["out"]  # FP8 rows arrive quantized: the experts' output is in the activation dtype
+    rows = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    results = dispatcher.results_buffer(handle)  # p2p: where the experts write (as the engine's do)
+    state["experts_out"] = rows if results is None else results.copy_(rows)
     for _ in range(3):
         dispatch(), combine()
     if backend == "p2p-ll":  # as decode steps run it: CUDA graphs (captured on every rank alike)
@@ -109,10 +111,9 @@ def sent_bytes(handle, dispatcher, hidden: int, top_k: int, rank: int, backend: 
         back_to_others = sum(c for r, c in enumerate(handle.recv_counts) if r != rank)
         return to_others * row_bytes, back_to_others * hidden * 2
     if backend in P2P_MODES:
-        sent = handle.local_index >= 0
+        sent = handle.local_index >= 0  # each row sent to another rank, and its result read back from there
         to_others = int(sent.sum()) - int(sent[:, rank].sum())
-        back_to_others = int(((handle.index_at_source >= 0) & (handle.source != rank)).sum())
-        return to_others * row_bytes, back_to_others * hidden * 2
+        return to_others * row_bytes, to_others * hidden * 2
     others = dispatcher.ep - 1  # allgather: every padded row goes to every other rank, and comes back reduced
     return others * handle.padded_tokens * row_bytes, others * handle.padded_tokens * hidden * 2
 

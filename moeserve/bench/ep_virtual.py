@@ -1,8 +1,9 @@
 """`moeserve bench ep --virtual-ranks R`: the peer-to-peer transport with R EP ranks in one process on one device
 (moeserve.distributed.ep.peer_to_peer.VirtualRanks): what the kernels cost without the fabric. Per point: dispatch and
-combine of every rank (all R in turn, as one device runs them), the bytes they write (all, between ranks, and what sending
-per expert would move), and a device-to-device copy of the written bytes timed in the same run, the yardstick (issue
-15's one-GPU target: within 1.5x of it). Wall times of eager calls: high-throughput dispatch includes each rank's host
+combine of every rank (all R in turn, as one device runs them), the bytes they move (rows put and results read back:
+all, between ranks, and what sending per expert would move), and a device-to-device copy of the moved bytes timed in
+the same run, the yardstick (issue 15's one-GPU target: within 1.5x of it). The experts return their input, written
+into each rank's results area as the engine's experts write it (not timed). Wall times of eager calls: high-throughput dispatch includes each rank's host
 sync for its received count. Low-latency mode, which never waits on the host, is also timed as CUDA-graph replays
 (how a decode step runs it): the kernels alone."""
 
@@ -22,10 +23,10 @@ from moeserve.quant.fp8 import Fp8Activations
 class VirtualEpPoint:
     dispatch_us: float  # all ranks' dispatch, one after another
     combine_us: float
-    written_bytes: int  # rows put into receive areas and results put back, to other ranks and to itself
+    moved_bytes: int  # rows put into receive areas and results read back, between ranks and within one
     wire_bytes: int  # of those, what crosses between ranks (what a fabric would carry)
     logical_bytes: int  # tokens x top-k payloads and results: what sending per expert instead of per rank would move
-    copy_us: float  # a device-to-device copy of written_bytes
+    copy_us: float  # a device-to-device copy of moved_bytes
     graph_dispatch_us: float | None = None  # low latency on CUDA: CUDA-graph replays
     graph_combine_us: float | None = None
 
@@ -64,15 +65,15 @@ def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: i
     ids = routes(ranks, tokens, experts, top_k, skewed, generator, device)
     weights = [torch.rand(tokens, top_k, device=device, generator=generator) for _ in range(ranks)]
     received = group.dispatch(xs, ids, weights)
-    ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in received]  # experts return input
+    ys = experts_output(group, received)
     handles = [handle for _, _, handle in received]
     dispatch_us = median_us(lambda: group.dispatch(xs, ids, weights), device, iterations)
     combine_us = median_us(lambda: group.combine(ys, handles), device, iterations)
     payload = group.ranks[0].format.payload_bytes(hidden)
     row_bytes, result_bytes = payload + 8 * top_k, hidden * 2  # what a put writes (not the rows' padding)
-    real = [handle.index_at_source >= 0 for handle in handles]  # (low latency: the regions' empty rows are not sent)
-    rows = sum(int(r.sum()) for r in real)
-    from_others = sum(int((r & (handle.source != rank)).sum()) for rank, (r, handle) in enumerate(zip(real, handles)))
+    sent = [handle.local_index >= 0 for handle in handles]  # each row sent, and its result read back
+    rows = sum(int(s.sum()) for s in sent)
+    from_others = rows - sum(int(s[:, rank].sum()) for rank, s in enumerate(sent))
     source = torch.empty(rows * (row_bytes + result_bytes), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_us = median_us(lambda: target.copy_(source), device, iterations)
@@ -80,6 +81,13 @@ def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: i
     return VirtualEpPoint(dispatch_us, combine_us, rows * (row_bytes + result_bytes),
                           from_others * (row_bytes + result_bytes), ranks * tokens * top_k * (payload + result_bytes),
                           copy_us, *graphs)
+
+
+def experts_output(group: VirtualRanks, received) -> list[torch.Tensor]:
+    """Experts that return their input, their output written where the engine's experts write it: each rank's results
+    area."""
+    return [rank.results_buffer(handle).copy_(t.dequantize() if isinstance(t, Fp8Activations) else t)
+            for rank, (t, _, handle) in zip(group.ranks, received)]
 
 
 def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple[float, float]:
@@ -90,7 +98,7 @@ def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple
         raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")
     dispatch()  # the captured outputs hold nothing until a replay
     torch.cuda.synchronize()
-    ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in state["received"]]
+    ys = experts_output(group, state["received"])
     handles = [handle for _, _, handle in state["received"]]
     combine = graph_of(lambda: group.combine(ys, handles))
     if combine is None:
@@ -99,7 +107,7 @@ def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple
 
 
 HEADER = ("| virtual ranks | tokens/rank | format | mode | routing | dispatch us | combine us | graph dispatch us | graph "
-          "combine us | MB written | MB between ranks | MB per expert | copy of the written bytes us | ours / copy | "
+          "combine us | MB moved | MB between ranks | MB per expert | copy of the moved bytes us | ours / copy | "
           "graphs / copy |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -110,5 +118,5 @@ def report_row(ranks: int, tokens: int, fmt: str, mode: str, routing: str, point
     graph_cells = (f"{point.graph_dispatch_us:.0f} | {point.graph_combine_us:.0f}" if graphed else "- | -")
     graph_ratio = f"{(point.graph_dispatch_us + point.graph_combine_us) / copy:.2f}" if graphed else "-"
     return (f"| {ranks} | {tokens} | {fmt} | {mode} | {routing} | {point.dispatch_us:.0f} | {point.combine_us:.0f} | "
-            f"{graph_cells} | {point.written_bytes / 1e6:.3f} | {point.wire_bytes / 1e6:.3f} | "
+            f"{graph_cells} | {point.moved_bytes / 1e6:.3f} | {point.wire_bytes / 1e6:.3f} | "
             f"{point.logical_bytes / 1e6:.3f} | {point.copy_us:.0f} | {total / copy:.2f} | {graph_ratio} |")

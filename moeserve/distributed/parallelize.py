@@ -332,6 +332,9 @@ class TokenSplitDispatcher(Dispatcher):
         inner_sent, share, num_tokens = sent
         return gather_padded(self.inner.combine_recv(inner_sent), share, self.group)[:num_tokens]
 
+    def results_buffer(self, handle):
+        return self.inner.results_buffer(handle[0])
+
     def dispatch(self, x, topk_ids, topk_weights):
         return self.dispatch_recv(self.dispatch_send(x, topk_ids, topk_weights))
 

@@ -191,7 +191,7 @@ def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.d
 
 def ep_buffer_bytes(request: "Request") -> int:
     """Persistent EP communication buffers: the p2p backend's PeerBuffers (a count matrix, receive rows for every rank
-    sending all its tokens here, every rank's results for this rank's tokens), for its largest step and, with decode
+    sending all its tokens here, this rank's experts' results for each of those rows), for its largest step and, with decode
     graphs, for its largest graphed decode batch (the low-latency set); none for the NCCL all-to-all and all-gather
     backends, whose transfers are allocated per step (inside the activation peak)."""
     ep = request.layout.ep
@@ -211,7 +211,7 @@ def ep_buffers_note(request: "Request") -> str:
     if request.layout.ep == 1:
         return "(no EP)"
     if request.p2p:
-        return "(p2p transport: receive and combine areas, allocated at start; --ep-max-tokens-per-rank)"
+        return "(p2p transport: receive and results areas, allocated at start; --ep-max-tokens-per-rank)"
     return "(NCCL all-to-all: allocated per step, inside the activation peak)"
 
 

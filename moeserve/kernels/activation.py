@@ -101,11 +101,16 @@ def _sum_over_k_kernel(y_ptr, slots_ptr, out_ptr, hidden, TOP_K: tl.constexpr, B
     tl.store(out_ptr + row * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_over_k(y: torch.Tensor, top_k: int, slots: torch.Tensor | None = None) -> torch.Tensor:
-    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H]. slots (integers [R * K]): entries of -1 are
-    read as 0 (y there may be unwritten)."""
+def sum_over_k(y: torch.Tensor, top_k: int, slots: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [R * K, H] (the K expert outputs of each row, weighted) -> [R, H] (into out if given: contiguous, any float
+    dtype). slots (integers [R * K]): entries of -1 are read as 0 (y there may be unwritten)."""
     rows, hidden = y.shape[0] // top_k, y.shape[1]
-    out = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
+    if out is None:
+        out = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
+    elif out.shape != (rows, hidden) or not out.is_contiguous():
+        raise ValueError(f"sum_over_k writes a contiguous [{rows}, {hidden}], got {tuple(out.shape)} "
+                         f"{'' if out.is_contiguous() else 'non-contiguous'}")
     if rows:
         _sum_over_k_kernel[(rows, triton.cdiv(hidden, 1024))](y, slots if slots is not None else y, out, hidden,
                                                               TOP_K=top_k, BLOCK=1024, ROWS_IN_USE=slots is not None)

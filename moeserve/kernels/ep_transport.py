@@ -1,8 +1,9 @@
 """Expert-parallel transport kernels over peer memory: each takes a table of addresses (int64), one per EP rank, of
-that rank's buffer, and writes into peers' buffers directly (one-sided puts). On one GPU the addresses are R buffers of
-the same device (virtual ranks); across GPUs they are the peer pointers of symmetric memory. Rows move as 32-bit
-words (every row size is a multiple of 4 bytes).
-References: moeserve.distributed.ep.peer_to_peer (what each put means) and the all-to-all dispatcher (same results)."""
+that rank's buffer: the dispatch writes into peers' receive areas directly (one-sided puts), the combine reads each
+token's results where the experts of its ranks wrote them (one-sided gets, summed as they arrive). On one GPU the
+addresses are R buffers of the same device (virtual ranks); across GPUs they are the peer pointers of symmetric memory.
+Rows move as 32-bit words (every row size is a multiple of 4 bytes).
+References: moeserve.distributed.ep.peer_to_peer (what each step means) and the all-to-all dispatcher (same results)."""
 
 from dataclasses import dataclass
 
@@ -196,122 +197,125 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 @triton.jit
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
                            meta_words, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Tokens p, p + P, ... (program p of P), each quantized once to NVFP4."""
-    for t in range(tl.program_id(0), num_tokens, tl.num_programs(0)):
-        _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tl.cast(t, tl.int64), hidden,
-                         meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK)
+                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4."""
+    for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
+        tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
+        _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
+                          hidden, meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK, ROWS)
 
 
 @triton.jit
-def _put_token_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token, hidden, meta_words,
-                     row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t, quantized once to NVFP4 (as the nvfp4 token format packs it: a global scale amax / 2688 per
-    token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank it goes to: its row there gets
-    [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
+def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
+                      row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
+    packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
+    it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
-    amax = 0.0
-    has_nan = 0
-    for start in range(0, hidden, CHUNK):  # first pass: the token's amax
-        v = tl.load(x_ptr + token * hidden + start + tl.arange(0, CHUNK)).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
-        has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=0))
+    amax = tl.zeros((ROWS,), dtype=tl.float32)
+    has_nan = tl.zeros((ROWS,), dtype=tl.int32)
+    for start in range(0, hidden, CHUNK):  # first pass: each token's amax
+        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+        has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=1))
     glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))  # 6 * 448
     glob = tl.where(has_nan > 0, float("nan"), glob)
     six_glob = glob * 6.0
     for start in range(0, hidden, CHUNK):
-        v = tl.reshape(tl.load(x_ptr + token * hidden + start + tl.arange(0, CHUNK)).to(tl.float32), (CHUNK // 16, 16))
-        block_amax = tl.max(tl.abs(v), axis=1)
-        block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=1) > 0, float("nan"), block_amax)
-        raw = _without_nan_rule(tl.math.div_rn(block_amax, six_glob), 0.001953125, False)  # at least 2^-9
+        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :], mask=valid[:, None],
+                    other=0.0)
+        v = tl.reshape(v.to(tl.float32), (ROWS, CHUNK // 16, 16))
+        block_amax = tl.max(tl.abs(v), axis=2)
+        block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=2) > 0, float("nan"), block_amax)
+        raw = _without_nan_rule(tl.math.div_rn(block_amax, six_glob[:, None]), 0.001953125, False)  # at least 2^-9
         scale = tl.where(block_amax == 0, 1.0, raw)
-        scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))
-        scaled = tl.math.div_rn(v, (scale * glob)[:, None])
-        low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (CHUNK // 16, 8, 2)))
-        packed = tl.reshape((low | (high << 4)).to(tl.uint8), (CHUNK // 2,))
+        scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))  # [ROWS, CHUNK / 16]
+        scaled = tl.math.div_rn(v, (scale * glob[:, None])[:, :, None])
+        low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (ROWS, CHUNK // 16, 8, 2)))
+        packed = tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2))
         for dest in range(EP):
-            position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-            if position >= 0:
-                row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-                tl.store(row + start // 2 + tl.arange(0, CHUNK // 2), packed)
-                tl.store((row + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
-                         + tl.arange(0, CHUNK // 16), scale.to(tl.float8e4nv))
+            position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
+                                 valid)
+            goes = (position >= 0)[:, None]
+            rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
+            tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed, mask=goes)
+            tl.store((rows + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+                     + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv), mask=goes)
     for dest in range(EP):
-        position = _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY)
-        if position >= 0:
-            row = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-            tl.store((row + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob)
-    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, token + tl.arange(0, 1), True, row_bytes,
-              payload_bytes, meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+        position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
+                             valid)
+        rows = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
+        tl.store((rows + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob, mask=position >= 0)
+    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
+              meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
 
 
 @triton.jit
-def _put_results_kernel(y_ptr, source_ptr, index_ptr, back_table_ptr, num_rows, me, max_tokens, hidden, stride_y,
-                        BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """Received row i's result y[i] -> slot (me, index[i]) of its source rank's [EP, max_tokens, H] area; nothing
-    for index -1 (a row slot that held no token). Program (p, c): chunk c of rows p * ROWS onwards, ROWS at a time,
-    every P * ROWS."""
+def _pull_results_kernel(results_table_ptr, local_index_ptr, first_ptr, out_ptr, num_tokens, hidden, me, region_rows,
+                         EP: tl.constexpr, LOW_LATENCY: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """out[t] = sum, in fp32 and in rank order, over the ranks d that token t went to of its result in d's results
+    area: the row its dispatch put it in there, first[d] (low latency: me * region_rows) + local_index[t, d].
+    Program (p, c): chunk c of tokens p * ROWS onwards, ROWS at a time, every P * ROWS."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
-    for first in range(tl.program_id(0) * ROWS, num_rows, tl.num_programs(0) * ROWS):
-        rows = (first + tl.arange(0, ROWS)).to(tl.int64)
-        valid = rows < num_rows
-        source = tl.load(source_ptr + rows, mask=valid, other=0)
-        index = tl.load(index_ptr + rows, mask=valid, other=-1).to(tl.int64)
-        goes = (index >= 0)[:, None] & ok[None, :]
-        back = _peer(back_table_ptr, source, y_ptr.dtype.element_ty)  # each row's source
-        values = tl.load(y_ptr + rows[:, None] * stride_y + offs[None, :], mask=goes)
-        tl.store(back[:, None] + ((me * max_tokens + index) * hidden)[:, None] + offs[None, :], values, mask=goes)
+    for start in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
+        tokens = (start + tl.arange(0, ROWS)).to(tl.int64)
+        valid = tokens < num_tokens
+        acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+        for dest in tl.static_range(EP):
+            index = tl.load(local_index_ptr + tokens * EP + dest, mask=valid, other=-1).to(tl.int64)
+            if LOW_LATENCY:
+                first = tl.zeros((), dtype=tl.int64) + me * region_rows
+            else:
+                first = tl.load(first_ptr + dest).to(tl.int64)
+            results = _peer(results_table_ptr, dest, out_ptr.dtype.element_ty)
+            part = tl.load(results + ((first + index) * hidden)[:, None] + offs[None, :],
+                           mask=(index >= 0)[:, None] & ok[None, :], other=0.0)
+            acc += part.to(tl.float32)
+        tl.store(out_ptr + tokens[:, None] * hidden + offs[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & ok[None, :])
 
 
 @triton.jit
-def _sum_results_kernel(back_ptr, local_index_ptr, out_ptr, max_tokens, hidden, EP: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """out[t] = sum over the ranks d that token t went to of back[d, local_index[t, d]], in fp32."""
-    token = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < hidden
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for dest in tl.static_range(EP):
-        index = tl.load(local_index_ptr + token * EP + dest).to(tl.int64)
-        part = tl.load(back_ptr + (dest * max_tokens + index) * hidden + offs, mask=ok & (index >= 0), other=0.0)
-        acc += part.to(tl.float32)
-    tl.store(out_ptr + token * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, hidden, row_stride, CHUNK: tl.constexpr,
-                         SOME_ROWS: tl.constexpr):
-    """Program (r, c): values c * CHUNK onwards of received row r's NVFP4 token -> out[r] (as dequantize_nvfp4:
-    value(code) * (block scale * global scale), rounded once to out's dtype); with SOME_ROWS, nothing for a row
-    whose in_use flag is 0."""
-    row = tl.program_id(0).to(tl.int64)
+def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_stride, CHUNK: tl.constexpr,
+                         ROWS: tl.constexpr, SOME_ROWS: tl.constexpr):
+    """Program (p, c): values c * CHUNK onwards of received rows p * ROWS onwards (NVFP4 tokens) -> out (as
+    dequantize_nvfp4: value(code) * (block scale * global scale), rounded once to out's dtype); with SOME_ROWS, nothing
+    for a row whose in_use flag is 0."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < num_rows
     if SOME_ROWS:
-        if tl.load(in_use_ptr + row) == 0:
-            return
+        ok = ok & (tl.load(in_use_ptr + rows, mask=ok, other=0) != 0)
     start = tl.program_id(1) * CHUNK
-    base = rows_ptr + row * row_stride
-    packed = tl.load(base + start // 2 + tl.arange(0, CHUNK // 2)).to(tl.int32)
-    codes = tl.reshape(tl.join(packed & 15, packed >> 4), (CHUNK,))  # element 2i in the low nibble
+    base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
+    packed = tl.load(base[:, None] + start // 2 + tl.arange(0, CHUNK // 2)[None, :], mask=ok[:, None]).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 15, packed >> 4), (ROWS, CHUNK))  # element 2i in the low nibble
     exponent = (codes & 7) >> 1
     mantissa = (codes & 1).to(tl.float32) * 0.5
     power = tl.where(exponent == 3, 4.0, tl.where(exponent == 2, 2.0, 1.0))
     magnitude = tl.where(exponent == 0, mantissa, (1.0 + mantissa) * power)
     # the sign as a bit (Triton's negation is 0 - x, which loses the sign of a zero)
     values = (magnitude.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
-    block_scales = tl.load((base + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
-                           + tl.arange(0, CHUNK // 16)).to(tl.float32)
-    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)))
-    out = tl.reshape(tl.reshape(values, (CHUNK // 16, 16)) * (block_scales * glob)[:, None], (CHUNK,))
-    tl.store(out_ptr + row * hidden + start + tl.arange(0, CHUNK), out.to(out_ptr.dtype.element_ty))
+    block_scales = tl.load((base[:, None] + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+                           + tl.arange(0, CHUNK // 16)[None, :], mask=ok[:, None]).to(tl.float32)
+    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
+    scales = block_scales * glob[:, None]  # [ROWS, CHUNK / 16]
+    out = tl.reshape(tl.reshape(values, (ROWS, CHUNK // 16, 16)) * scales[:, :, None], (ROWS, CHUNK))
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
-                 rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
+NVFP4_RECEIVE_ROWS = 1  # rows a program of the NVFP4 receive converts at once
+
+
+def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in_use: torch.Tensor | None = None,
+                 rows_at_once: int | None = None) -> torch.Tensor:
     """payload: uint8 [R, >= H/2 + H/16 + 4], NVFP4 tokens as the nvfp4 token format lays them out (rows may be
     strided, as in a receive area) -> [R, H] in dtype. rows_in_use (bool [R]): only those rows are made; the others
-    are left unwritten (a low-latency receive's rows that hold no token)."""
+    are left unwritten (a low-latency receive's rows that hold no token). rows_at_once: rows a program converts (a
+    power of two; default NVFP4_RECEIVE_ROWS)."""
     rows = payload.shape[0]
     out = torch.empty(rows, hidden, dtype=dtype, device=payload.device)
     if rows:
@@ -319,8 +323,10 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype,
         if rows_in_use is not None and (rows_in_use.shape != (rows,) or rows_in_use.dtype != torch.bool):
             raise ValueError(f"rows_in_use must be bool [{rows}], got {rows_in_use.dtype} {tuple(rows_in_use.shape)}")
         in_use = payload if rows_in_use is None else rows_in_use.contiguous().view(torch.uint8)
-        _nvfp4_tokens_kernel[(rows, hidden // chunk)](payload, out, in_use, hidden, payload.stride(0), CHUNK=chunk,
-                                                      SOME_ROWS=rows_in_use is not None)
+        at_once = rows_at_once or NVFP4_RECEIVE_ROWS
+        _nvfp4_tokens_kernel[(triton.cdiv(rows, at_once), hidden // chunk)](
+            payload, out, in_use, rows, hidden, payload.stride(0), CHUNK=chunk, ROWS=at_once,
+            SOME_ROWS=rows_in_use is not None)
     return out
 
 
@@ -377,6 +383,7 @@ def chunk_of(hidden: int) -> int:
     return min(1024, hidden & -hidden)
 
 
+NVFP4_PUT = (1, 1024, 4)  # the NVFP4 put's (tokens a program quantizes at once, values per step, warps)
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -424,32 +431,31 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         if fmt == "fp8":
             programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
-            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps)
-        else:  # NVFP4: a token at a time (its amax first)
-            programs, extra = min(tokens, max_programs or tokens), {}
+            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, CHUNK=chunk_of(hidden), num_warps=warps)
+        else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
+            rows_at_once, chunk, warps = NVFP4_PUT
+            programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)
+            extra = dict(ROWS=rows_at_once, CHUNK=min(chunk, chunk_of(hidden)), num_warps=warps)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
-                            hidden=hidden, meta_words=meta_words, row_bytes=row_bytes, CHUNK=chunk_of(hidden),
+                            hidden=hidden, meta_words=meta_words, row_bytes=row_bytes,
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
 
 
-def put_results(y: torch.Tensor, source: torch.Tensor, index: torch.Tensor, back_table: torch.Tensor, me: int,
-                max_tokens: int, max_programs: int | None = None) -> None:
-    """y: [R, H] in the back areas' dtype, rows may be strided; source, index: int32 [R]."""
-    rows, hidden = y.shape
-    if rows:
-        y = y if y.stride(-1) == 1 else y.contiguous()
-        block = min(1024, triton.next_power_of_2(hidden))
-        chunks = triton.cdiv(hidden, block)
-        programs, rows_at_once, warps = programs_along_rows(rows, chunks, max_programs)
-        _put_results_kernel[(programs, chunks)](y, source, index, back_table, rows, me, max_tokens, hidden,
-                                                y.stride(0), BLOCK=block, ROWS=rows_at_once, num_warps=warps)
-
-
-def sum_results(back: torch.Tensor, local_index: torch.Tensor, out: torch.Tensor) -> None:
-    """back: [EP, max_tokens, H]; local_index: int32 [T, EP] (-1: not sent there); out: [T, H]."""
+def pull_results(results_table: torch.Tensor, local_index: torch.Tensor, first: torch.Tensor | None, out: torch.Tensor,
+                 me: int, region_rows: int | None = None, max_programs: int | None = None) -> None:
+    """out [T, H] <- each token's results, summed over the ranks it went to. results_table: int64 [EP], addresses of
+    [rows, H] areas in out's dtype; local_index: int32 [T, EP] (-1: not sent there); first: int32 [EP], where this
+    rank's rows start in each rank's area (high throughput), or None with region_rows (low latency: this rank's fixed
+    region). max_programs: the grid's cap (programs_along_rows)."""
     tokens, ep = local_index.shape
     hidden = out.shape[1]
+    if (first is None) == (region_rows is None):
+        raise ValueError("pull_results takes either first (high throughput) or region_rows (low latency)")
     if tokens:
         block = min(1024, triton.next_power_of_2(hidden))
-        _sum_results_kernel[(tokens, triton.cdiv(hidden, block))](back, local_index, out, back.shape[1], hidden,
-                                                                  EP=ep, BLOCK=block)
+        chunks = triton.cdiv(hidden, block)
+        programs, rows_at_once, warps = programs_along_rows(tokens, chunks, max_programs)
+        _pull_results_kernel[(programs, chunks)](results_table, local_index, first if first is not None else local_index,
+                                                 out, tokens, hidden, me, region_rows or 0, EP=ep,
+                                                 LOW_LATENCY=first is None, BLOCK=block, ROWS=rows_at_once,
+                                                 num_warps=warps)

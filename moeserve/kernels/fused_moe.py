@@ -30,8 +30,9 @@ def nvfp4_format(dtype: torch.dtype) -> str:
 
 
 def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layout: RowLayout,
-                  config: GemmConfig | None = None) -> torch.Tensor:
-    """x: [R, H], or rows already quantized 1x128 (an FP8 dispatch's): FP8 experts multiply them as they are."""
+                  config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [R, H], or rows already quantized 1x128 (an FP8 dispatch's): FP8 experts multiply them as they are. out
+    ([R, H], contiguous): where the result goes (a transport's results area)."""
     rows, top_k = layout.slots.shape
     weights = weight_format(experts.gate_up_proj)
     if isinstance(x, Fp8Activations) and weights != FP8:
@@ -53,4 +54,4 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layo
     down = torch.empty(rows * top_k, x.shape[1], dtype=x.dtype, device=x.device)
     moe_gemm(act, act_scale, experts.down_proj, block, down, rows_per_a_row=1,
              row_weights=layout.weights.reshape(-1).float().contiguous(), config=config)
-    return sum_over_k(down, top_k, slots)
+    return sum_over_k(down, top_k, slots, out)

@@ -22,11 +22,13 @@ def moe_route(router, logits: torch.Tensor, counts: torch.Tensor | None = None) 
     return topk_ids, topk_weights
 
 
-def moe_experts(experts, x: torch.Tensor | Fp8Activations, layout: RowLayout) -> torch.Tensor:
+def moe_experts(experts, x: torch.Tensor | Fp8Activations, layout: RowLayout,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x [R, H] (or already FP8-quantized rows, as an FP8 dispatch receives them) -> [R, H], each row's weighted sum
     over its experts: the fused Triton kernels on CUDA (every weight format), else `experts.reference(x, layout)`."""
     if x.device.type == "cuda":
         from moeserve.kernels.fused_moe import fused_experts
 
-        return fused_experts(experts, x, layout)
-    return experts.reference(x.dequantize() if isinstance(x, Fp8Activations) else x, layout)
+        return fused_experts(experts, x, layout, out=out)
+    y = experts.reference(x.dequantize() if isinstance(x, Fp8Activations) else x, layout)
+    return y if out is None else out.copy_(y)

@@ -1,6 +1,6 @@
 """Do the p2p transport's puts overlap compute on one GPU? A DeepSeek-V3 shared expert over T tokens (bf16 GEMMs
 7168 -> 2 x 2048 -> 7168, on the compute stream) beside R virtual ranks' puts of the same T tokens a rank (dispatch
-rows and combine results, on a side stream with an SM budget): each alone, then both at once, as CUDA-graph replays.
+rows and the combine's gets of results, on a side stream with an SM budget): each alone, then both at once, as CUDA-graph replays.
 hidden = (gemm + puts - both) / puts: the share of the puts' time the overlap hides.
 Usage: PYTHONPATH=. python3 scripts/probes/ep_overlap.py [R] [T] [fmt] [budgets, e.g. none,16,32,64]"""
 
@@ -39,13 +39,14 @@ def puts(ranks: int, tokens: int, fmt: str, budget, device):
     for rank, sending in zip(group.ranks, sendings):
         rank.send_rows(sending)
     received = [rank.receive(sending) for rank, sending in zip(group.ranks, sendings)]
-    ys = [(t.dequantize() if isinstance(t, Fp8Activations) else t) for t, _, _ in received]
+    for rank, (t, _, handle) in zip(group.ranks, received):  # experts that return their input, into the results area
+        rank.store_results(t.dequantize() if isinstance(t, Fp8Activations) else t, handle)
 
     def run():
         for rank, sending in zip(group.ranks, sendings):
             rank.send_rows(sending)
-        for rank, y, (_, _, handle) in zip(group.ranks, ys, received):
-            rank.send_results(y, handle)
+        for rank, (_, _, handle) in zip(group.ranks, received):
+            rank.pull_results(handle)
     return run
 
 

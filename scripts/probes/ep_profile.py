@@ -6,11 +6,10 @@ import sys
 
 import torch
 
-from moeserve.bench.ep_virtual import routes
+from moeserve.bench.ep_virtual import experts_output, routes
 from moeserve.bench.profile import profile_steps
 from moeserve.distributed.ep.peer_to_peer import VirtualRanks
 from moeserve.distributed.layout import ExpertMap
-from moeserve.quant.fp8 import Fp8Activations
 
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
 
@@ -25,7 +24,7 @@ def exchange(ranks: int, tokens: int, fmt: str, low_latency: bool):
     weights = [torch.rand(tokens, TOP_K, device=device, generator=generator) for _ in range(ranks)]
 
     received = group.dispatch(xs, ids, weights)  # the same routing each time: the same rows come back
-    ys = [t.dequantize() if isinstance(t, Fp8Activations) else t for t, _, _ in received]  # experts return input
+    ys = experts_output(group, received)  # experts that return their input, written into the results areas
 
     def step():
         received = group.dispatch(xs, ids, weights)

@@ -47,14 +47,27 @@ def test_virtual_ranks_dispatch_and_combine_like_the_reference(ranks, case, fmt,
         received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
         if low_latency:  # every region's rows, fixed shapes: those with no token carry no experts
             assert all(layout.slots.shape == (ranks * 16, TOP_K) for _, layout, _ in received)
-            received = [real_rows(tokens, layout, handle) for tokens, layout, handle in received]
+            received = [real_rows(*r, rank) for rank, r in enumerate(received)]
         check_received(received, routes, tokens_per_rank, expert_map, ranks)
-        combine_and_check(group, received, xs, routes, expert_map, fmt)
+        combine_and_check(group, received, xs, routes, expert_map, fmt, overwrite_counts=True)
 
 
-def real_rows(tokens, layout, handle):
-    """The rows of a low-latency receive that hold tokens (index at the source >= 0), in order."""
-    real = handle.index_at_source >= 0
+def sources(handle, rank: int):
+    """(the source rank of each received row, which rows hold a token: None in high-throughput mode, where all do), as
+    the receiver's count matrix says after the exchange."""
+    buffers = handle.memory.buffers
+    ranks = buffers.counts.shape[0]
+    counts = buffers.counts[:, rank].long()
+    if handle.first is not None:  # rows grouped by source, counts[s] from s
+        return torch.repeat_interleave(torch.arange(ranks), counts), None
+    region = torch.arange(ranks).repeat_interleave(buffers.max_tokens)  # low latency: region s holds counts[s] rows
+    real = torch.arange(buffers.max_tokens).repeat(ranks) < counts[region]
+    return region[real], real
+
+
+def real_rows(tokens, layout, handle, rank: int):
+    """The rows of a low-latency receive that hold tokens, in order."""
+    real = sources(handle, rank)[1]
     assert (layout.slots[~real] == -1).all() and (layout.weights[~real] == 0).all()
     tokens = Fp8Activations(tokens.values[real], tokens.scales[real], tokens.dtype) if isinstance(
         tokens, Fp8Activations) else tokens[real]
@@ -63,7 +76,7 @@ def real_rows(tokens, layout, handle):
 
 def check_received(received, routes, tokens_per_rank, expert_map, ranks):
     for rank, (tokens, layout, handle, *real) in enumerate(received):
-        source = handle.source[real[0]] if real else handle.source
+        source = sources(handle, rank)[0]
         sent_here = [(s, t) for s in range(ranks) for t in range(tokens_per_rank[s])
                      if (routes[s][0][t] // expert_map.slots_per_rank == rank).any()]
         assert layout.slots.shape[0] == len(sent_here)  # each token once per rank it has experts on
@@ -76,13 +89,19 @@ def check_received(received, routes, tokens_per_rank, expert_map, ranks):
 
 
 
-def combine_and_check(group, received, xs, routes, expert_map, fmt):
+def combine_and_check(group, received, xs, routes, expert_map, fmt, overwrite_counts: bool = False):
+    """The combine of the toy experts' results: odd ranks write them into their results area, as the engine's experts
+    do, even ranks hand them over (copied there). overwrite_counts: every count matrix is garbage by then, as when a
+    peer's next exchange puts its counts before this rank's gets."""
     ys = []
     for rank, (tokens, layout, handle, *real) in enumerate(received):
         y = toy_experts(tokens, layout, rank, expert_map.slots_per_rank)
         if real:  # results of every row slot, as the experts give them for the whole receive area
             y = torch.zeros(real[0].shape[0], y.shape[1]).index_copy_(0, real[0].nonzero().flatten(), y)
-        ys.append(y)
+        ys.append(group.ranks[rank].results_buffer(handle).copy_(y) if rank % 2 else y)
+    if overwrite_counts:
+        for _, _, handle, *_ in received:
+            handle.memory.buffers.counts.fill_(1000)
     outs = group.combine(ys, [handle for _, _, handle, *_ in received])
     round_trip = token_format(fmt, torch.float32)
     for s, (x, (ids, weights)) in enumerate(zip(xs, routes)):
@@ -95,7 +114,8 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt):
     """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
-    the puts capped at one program (the SM budget) loop over every token and row, 8 at a time (NVFP4: one)."""
+    the puts capped at one program (the SM budget) loop over every token and row, 8 at a time (NVFP4: as many as it
+    quantizes at once)."""
     generator = torch.Generator().manual_seed(11)
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,
@@ -122,18 +142,21 @@ def test_the_halves_of_an_exchange_run_rank_by_rank_in_low_latency_mode():
     xs = [torch.randn(t, HIDDEN, generator=generator) for t in tokens_per_rank]
     routes = [routing(t, "random", generator) for t in tokens_per_rank]
     sent = [rank.dispatch_send(x, ids, w) for rank, x, (ids, w) in zip(group.ranks, xs, routes)]
-    received = [real_rows(*rank.dispatch_recv(s)) for rank, s in zip(group.ranks, sent)]
+    received = [real_rows(*rank.dispatch_recv(s), r) for r, (rank, s) in enumerate(zip(group.ranks, sent))]
     check_received(received, routes, tokens_per_rank, expert_map, 2)
     combine_and_check(Halves(group.ranks), received, xs, routes, expert_map, "bf16")
 
 
 class Halves:
-    """A combine through each rank's halves."""
+    """A combine through each rank's halves, every rank's experts having written their results into its results area
+    first, as the engine's experts do (a rank's combine_send reads the others' results at once: across processes its
+    barrier waits for them, on one device nothing would)."""
 
     def __init__(self, ranks):
         self.ranks = ranks
 
     def combine(self, ys, handles):
+        ys = [rank.results_buffer(handle).copy_(y) for rank, y, handle in zip(self.ranks, ys, handles)]
         sent = [rank.combine_send(y, handle) for rank, y, handle in zip(self.ranks, ys, handles)]
         return [rank.combine_recv(s) for rank, s in zip(self.ranks, sent)]
 
@@ -150,7 +173,7 @@ def test_the_buffers_are_sized_for_every_rank_sending_all_its_tokens():
     expert_map = ExpertMap.contiguous(EXPERTS, 4)
     group = VirtualRanks(expert_map, "fp8", HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.bfloat16)
     row = -(-(HIDDEN + HIDDEN // 32 + 8 * TOP_K) // 64) * 64  # padded to 64 bytes
-    assert group.buffers[0].recv.shape == (4 * 16, row) and group.buffers[0].back.shape == (4, 16, HIDDEN)
+    assert group.buffers[0].recv.shape == (4 * 16, row) and group.buffers[0].results.shape == (4 * 16, HIDDEN)
     assert group.buffers[0].nbytes == 4 * 4 * 4 + 4 * 16 * row + 4 * 16 * HIDDEN * 2
 
 
@@ -171,10 +194,16 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
             assert float(written) > 0
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("fmt,nvfp4_put", [("fp8", None), ("nvfp4", (1, 1024, 4)), ("nvfp4", (4, 128, 4))],
+                         ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt):
-    """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does."""
+def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, nvfp4_put, monkeypatch):
+    """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does
+    (NVFP4: a token at a time, or 4 at once in steps of 128 values, the last block partial)."""
+    from moeserve.kernels import ep_transport
+
+    if nvfp4_put:
+        monkeypatch.setattr(ep_transport, "NVFP4_PUT", nvfp4_put)
     generator = torch.Generator().manual_seed(ranks)
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
     xs = [torch.randn(t, HIDDEN, generator=generator) * torch.logspace(-3, 2, HIDDEN) for t in (6, 4, 0)[:ranks]]
@@ -357,7 +386,7 @@ def test_ranks_take_their_buffers_from_the_transport_in_its_mode_at_each_exchang
         received = [rank.receive(sending) for rank, sending in zip(ranks, sendings)]
         if low_latency:  # fixed regions of the low-latency set
             assert all(layout.slots.shape[0] == 2 * 4 for _, layout, _ in received)
-            received = [real_rows(*r) for r in received]
+            received = [real_rows(*r, rank) for rank, r in enumerate(received)]
         check_received(received, routes, list(tokens_per_rank), expert_map, 2)
         combine_and_check(RanksOf(ranks), received, xs, routes, expert_map, "bf16")
     assert [call[3] for call in transports[0].calls] == [False, True, False]

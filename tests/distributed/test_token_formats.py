@@ -85,11 +85,12 @@ def received_rows(payload: torch.Tensor, extra: int) -> torch.Tensor:
     return rows[:, : payload.shape[1]]
 
 
-@pytest.mark.parametrize("hidden", [128, 384, 2048])
+@pytest.mark.parametrize("hidden,rows_at_once", [(128, 1), (384, 4), (2048, 1), (2048, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden, dtype):
+def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden, rows_at_once, dtype):
     """nvfp4_tokens (the CUDA receive) bit for bit against Nvfp4Format.unpack, with block scales over six decades
-    (subnormal E4M3 ones too), negative zeros, and a NaN token that stays NaN."""
+    (subnormal E4M3 ones too), negative zeros, and a NaN token that stays NaN; a row or several a program (the last
+    block partial)."""
     from moeserve.kernels.ep_transport import nvfp4_tokens
 
     fmt = Nvfp4Format()
@@ -98,13 +99,13 @@ def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden
     x[1, :16] = -0.0
     x[4, 5] = float("nan")
     payload = received_rows(fmt.pack(x.bfloat16()), extra=24)
-    got, want = nvfp4_tokens(payload, hidden, dtype), fmt.unpack(payload, hidden, dtype)
+    got, want = nvfp4_tokens(payload, hidden, dtype, rows_at_once=rows_at_once), fmt.unpack(payload, hidden, dtype)
     assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()) and want[4].isnan().all()
     assert torch.equal(got.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        want.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert nvfp4_tokens(payload[:0], hidden, dtype).shape == (0, hidden)
     in_use = torch.tensor([True, False, True, True, False, True])  # a low-latency receive's rows that hold no token
-    some = nvfp4_tokens(payload, hidden, dtype, in_use)
+    some = nvfp4_tokens(payload, hidden, dtype, in_use, rows_at_once)
     assert torch.equal(some[in_use].view(torch.uint8), got[in_use].view(torch.uint8))  # the others: left unwritten
 
 

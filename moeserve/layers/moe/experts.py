@@ -13,10 +13,10 @@ class Experts(nn.Module):
     Quantized, they are QuantizedWeights of shape [E, 2, I, H] (gate and up scaled separately, as
     checkpoints store them) and [E, H, I].
 
-    forward(x [R, H], layout) -> [R, H]: each row's weighted sum over its experts, computed by the
-    implementation moeserve.ops.moe chooses (on CUDA the fused Triton kernels); `reference` is the torch
-    specification (fan out by expert, loop over experts) that runs elsewhere and that the kernels are
-    tested against.
+    forward(x [R, H], layout, out=None) -> [R, H] (into out if given): each row's weighted sum over its experts,
+    computed by the implementation moeserve.ops.moe chooses (on CUDA the fused Triton kernels); `reference` is the
+    torch specification (fan out by expert, loop over experts) that runs elsewhere and that the kernels are tested
+    against.
     FP8 block weights take FP8 activations (1x128 groups, W8A8) on every device, as the fused kernel
     does; NVFP4 weights take 16-bit activations (W4A16).
     """
@@ -27,8 +27,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-        return moe_experts(self, x, layout)
+    def forward(self, x: torch.Tensor, layout: RowLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+        return moe_experts(self, x, layout, out)
 
     def reference(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         row, k = (layout.slots >= 0).nonzero(as_tuple=True)

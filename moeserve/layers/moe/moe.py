@@ -50,7 +50,8 @@ class MoE(nn.Module):
         sent = self.dispatcher.dispatch_send(expert_in, topk_ids, topk_weights, micro_batch)
         yield
         rows, layout, handle = self.dispatcher.dispatch_recv(sent)
-        sent = self.dispatcher.combine_send(self.experts(rows, layout), handle)
+        y = self.experts(rows, layout, out=self.dispatcher.results_buffer(handle))
+        sent = self.dispatcher.combine_send(y, handle)
         shared = self.shared_output(x)
         yield
         out = self.dispatcher.combine_recv(sent)

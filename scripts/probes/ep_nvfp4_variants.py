@@ -1,0 +1,41 @@
+"""Variant timings of the NVFP4 dispatch's two kernels on one GPU (issue 15): the put (tokens a program quantizes at
+once, values per step, warps: ep_transport.NVFP4_PUT) and the receive (rows a program turns into bf16:
+NVFP4_RECEIVE_ROWS), each as the graph-replayed low-latency dispatch of R virtual ranks x T tokens a rank
+(DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved bytes beside it.
+Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T]"""
+
+import sys
+
+import torch
+
+from moeserve.bench.ep_virtual import measure_virtual
+from moeserve.kernels import ep_transport
+
+HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
+PUTS = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (4, 512, 4), (8, 512, 4), (8, 1024, 8)]
+RECEIVES = [1, 2, 4, 8]
+
+
+def dispatch_us(ranks: int, tokens: int) -> tuple[float, float, float]:
+    point = measure_virtual(ranks, tokens, HIDDEN, TOP_K, EXPERTS, "nvfp4", "cuda", iterations=10, low_latency=True)
+    return point.graph_dispatch_us, point.graph_combine_us, point.copy_us
+
+
+def main():
+    args = sys.argv[1:] + [None] * 2
+    tokens = int(args[1] or 4096)
+    default_put, default_receive = ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS
+    print(f"{'R':>2} {'put (rows, chunk, warps)':>26} {'receive rows':>12} {'dispatch us':>11} {'combine us':>10} "
+          f"{'copy us':>8} {'ratio':>6}")
+    for ranks in (int(r) for r in (args[0] or "2,8").split(",")):
+        variants = [(put, default_receive) for put in PUTS] + [(default_put, rows) for rows in RECEIVES]
+        for put, receive in variants:
+            ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS = put, receive
+            dispatch, combine, copy = dispatch_us(ranks, tokens)
+            print(f"{ranks:>2} {str(put):>26} {receive:>12} {dispatch:>11.0f} {combine:>10.0f} {copy:>8.0f} "
+                  f"{(dispatch + combine) / copy:>6.2f}", flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
