@@ -74,10 +74,7 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
         dispatcher.combine(state["experts_out"], handle)  # experts that return their input
 
     dispatch()  # the same routing every time: the received rows keep their number
-    rows, _, handle = state["out"]  # FP8 rows arrive quantized: the experts' output is in the activation dtype
-    rows = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
-    results = dispatcher.results_buffer(handle)  # p2p: where the experts write (as the engine's do)
-    state["experts_out"] = rows if results is None else results.copy_(rows)
+    state["experts_out"] = experts_output(dispatcher, state["out"])
     for _ in range(3):
         dispatch(), combine()
     if backend == "p2p-ll":  # as decode steps run it: CUDA graphs (captured on every rank alike)
@@ -89,6 +86,15 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
     return EpPoint(dispatch_us, combine_us, dispatch_bytes, combine_bytes, yardstick_us)
 
 
+def experts_output(dispatcher, received) -> torch.Tensor:
+    """Experts that return their input (FP8 rows arrive quantized: the output is in the activation dtype), written
+    where the dispatcher wants the experts' output (p2p: its results area, as the engine's experts write it)."""
+    rows, _, handle = received
+    rows = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    results = dispatcher.results_buffer(handle)
+    return rows if results is None else results.copy_(rows)
+
+
 def graphed_exchange(dispatch, combine, state: dict, device):
     """(dispatch, combine) as replays of CUDA graphs; the combine is captured over the replayed dispatch's outputs."""
     dispatch_graph = graph_of(dispatch)
@@ -96,8 +102,7 @@ def graphed_exchange(dispatch, combine, state: dict, device):
         raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")
     dispatch_graph()  # the captured outputs hold nothing until a replay
     _sync(device)
-    rows = state["out"][0]
-    state["experts_out"] = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    state["experts_out"] = experts_output(dispatcher, state["out"])
     combine_graph = graph_of(combine)
     if combine_graph is None:
         raise RuntimeError("the low-latency combine could not be captured in a CUDA graph")

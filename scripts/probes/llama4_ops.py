@@ -32,7 +32,8 @@ def no_rope_table(llm):
 
 run("all cuda ops")
 run("rope reference", no_rope_table)
-moeserve.layers.moe.experts.moe_experts = lambda experts, x, layout: experts.reference(x, layout)
+moeserve.layers.moe.experts.moe_experts = lambda experts, x, layout, out=None: (
+    experts.reference(x, layout) if out is None else out.copy_(experts.reference(x, layout)))
 run("+ experts reference", no_rope_table)
 moeserve.layers.norm.rms_norm = lambda x, w, eps: ops_norm.rms_norm_reference(x, w, eps)
 moeserve.layers.norm.add_rms_norm = lambda x, r, w, eps: ops_norm.add_rms_norm_reference(x, r, w, eps)

@@ -111,11 +111,16 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt, overwrite_co
         torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
-def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt):
+@pytest.mark.parametrize("fmt,nvfp4_put", [("bf16", None), ("fp8", None), ("nvfp4", None), ("nvfp4", (4, 128, 4))],
+                         ids=["bf16", "fp8", "nvfp4", "nvfp4-4-tokens-at-once"])
+def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt, nvfp4_put, monkeypatch):
     """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
     the puts capped at one program (the SM budget) loop over every token and row, 8 at a time (NVFP4: as many as it
     quantizes at once)."""
+    from moeserve.kernels import ep_transport
+
+    if nvfp4_put:
+        monkeypatch.setattr(ep_transport, "NVFP4_PUT", nvfp4_put)
     generator = torch.Generator().manual_seed(11)
     expert_map = ExpertMap.contiguous(EXPERTS, 2)
     group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=16, device="cpu", dtype=torch.float32,

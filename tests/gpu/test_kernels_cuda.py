@@ -87,7 +87,7 @@ def test_fused_experts_at_deepseek_widths(fmt, tokens, config):
     error = ((actual - expected).norm() / expected.norm()).item()
     # FP8: the intermediate is quantized again, so an fp32 sum in another order that rounds gate_up to the next bf16
     # can move an activation a whole FP8 step (6-12%); one token's row does not average those out (1.016% seen once)
-    assert error < (2e-2 if fmt == "fp8" else 1e-2), error
+    assert error < (2e-2 if fmt == "fp8" and tokens == 1 else 1e-2), error
 
 
 def test_routing_kernels_match_at_deepseek_v3_shape():
