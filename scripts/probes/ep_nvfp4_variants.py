@@ -1,19 +1,35 @@
 """Variant timings of the NVFP4 dispatch's two kernels on one GPU (issue 15): the put (tokens a program quantizes at
 once, values per step, warps: ep_transport.NVFP4_PUT) and the receive (rows a program turns into bf16:
 NVFP4_RECEIVE_ROWS), each as the graph-replayed low-latency dispatch of R virtual ranks x T tokens a rank
-(DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved bytes beside it.
+(DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved bytes beside it. Each
+variant's received tokens are first checked bit for bit against the default's (300 tokens a rank).
 Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T]"""
 
 import sys
 
 import torch
 
-from moeserve.bench.ep_virtual import measure_virtual
+from moeserve.bench.ep_virtual import measure_virtual, routes
+from moeserve.distributed.ep.peer_to_peer import VirtualRanks
+from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels import ep_transport
 
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
-PUTS = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (4, 512, 4), (8, 512, 4), (8, 1024, 8)]
+PUTS = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 4)]
 RECEIVES = [1, 2, 4, 8]
+
+
+def received_tokens(ranks: int, tokens: int = 300) -> list[torch.Tensor]:
+    group = VirtualRanks(ExpertMap.contiguous(EXPERTS, ranks), "nvfp4", HIDDEN, TOP_K, tokens, "cuda", low_latency=True)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    xs = [torch.randn(tokens, HIDDEN, device="cuda", generator=generator).bfloat16() for _ in range(ranks)]
+    ids = routes(ranks, tokens, EXPERTS, TOP_K, False, generator, "cuda")
+    weights = [torch.rand(tokens, TOP_K, device="cuda", generator=generator) for _ in range(ranks)]
+    out = []
+    for (rows, layout, _), buffers in zip(group.dispatch(xs, ids, weights), group.buffers):
+        real = (layout.slots >= 0).any(dim=1)  # rows that hold a token (the others are left unwritten)
+        out.append(torch.cat((rows[real].view(torch.int16), buffers.recv[real].view(torch.int16)), dim=1))
+    return out
 
 
 def dispatch_us(ranks: int, tokens: int) -> tuple[float, float, float]:
@@ -28,12 +44,16 @@ def main():
     print(f"{'R':>2} {'put (rows, chunk, warps)':>26} {'receive rows':>12} {'dispatch us':>11} {'combine us':>10} "
           f"{'copy us':>8} {'ratio':>6}")
     for ranks in (int(r) for r in (args[0] or "2,8").split(",")):
-        variants = [(put, default_receive) for put in PUTS] + [(default_put, rows) for rows in RECEIVES]
+        variants = [(put, default_receive) for put in PUTS] + [(default_put, rows) for rows in RECEIVES[1:]]
+        ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS = default_put, default_receive
+        expected = received_tokens(ranks)
         for put, receive in variants:
             ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS = put, receive
+            same = all(torch.equal(a, b) for a, b in zip(received_tokens(ranks), expected))
             dispatch, combine, copy = dispatch_us(ranks, tokens)
             print(f"{ranks:>2} {str(put):>26} {receive:>12} {dispatch:>11.0f} {combine:>10.0f} {copy:>8.0f} "
-                  f"{(dispatch + combine) / copy:>6.2f}", flush=True)
+                  f"{(dispatch + combine) / copy:>6.2f} {'' if same else 'WRONG: differs from the default'}",
+                  flush=True)
             torch.cuda.empty_cache()
 
 

@@ -153,15 +153,12 @@ def test_the_halves_of_an_exchange_run_rank_by_rank_in_low_latency_mode():
 
 
 class Halves:
-    """A combine through each rank's halves, every rank's experts having written their results into its results area
-    first, as the engine's experts do (a rank's combine_send reads the others' results at once: across processes its
-    barrier waits for them, on one device nothing would)."""
+    """A combine through each rank's halves (inline: combine_send stores the results, combine_recv reads the sums)."""
 
     def __init__(self, ranks):
         self.ranks = ranks
 
     def combine(self, ys, handles):
-        ys = [rank.results_buffer(handle).copy_(y) for rank, y, handle in zip(self.ranks, ys, handles)]
         sent = [rank.combine_send(y, handle) for rank, y, handle in zip(self.ranks, ys, handles)]
         return [rank.combine_recv(s) for rank, s in zip(self.ranks, sent)]
 
@@ -408,3 +405,48 @@ def test_auto_takes_p2p_for_cuda_ranks_of_one_node_and_all_to_all_elsewhere(monk
     assert resolve_ep_backend("auto", "cuda:0", 8) == "all_to_all"
     assert resolve_ep_backend("auto", "cuda:0", 4) == "p2p"
     assert resolve_ep_backend("allgather", "cuda:0", 4) == "allgather"  # named: as named
+
+
+def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(monkeypatch):
+    """Two EP ranks' MoE layers (half the experts each, a virtual rank as dispatcher) run their stages in turn, as two
+    processes would: their experts write straight into the results areas, and each rank's output (shared expert
+    included) equals one device's MoE over its tokens."""
+    from torch import nn
+
+    from moeserve.config import MoEConfig
+    from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank
+    from moeserve.layers.moe.moe import MoE
+    from moeserve.layers.stages import take_turns
+
+    torch.manual_seed(3)
+    config = MoEConfig(num_experts=8, top_k=3, intermediate_size=32, scoring="softmax", renormalize=True,
+                       shared_intermediate_size=48)
+    whole = MoE(64, config)
+    for p in whole.parameters():
+        nn.init.normal_(p, std=0.1)
+    group = VirtualRanks(ExpertMap.contiguous(8, 2), "bf16", 64, 3, max_tokens=16, device="cpu", dtype=torch.float32)
+    layers = []
+    for rank in range(2):
+        layer = MoE(64, config)
+        layer.load_state_dict(whole.state_dict())
+        local = slice(4 * rank, 4 * rank + 4)
+        layer.experts.gate_up_proj = nn.Parameter(whole.experts.gate_up_proj[local].clone())
+        layer.experts.down_proj = nn.Parameter(whole.experts.down_proj[local].clone())
+        layer.experts.num_experts = 4
+        layer.dispatcher = group.ranks[rank]
+        layers.append(layer)
+    stored = []
+
+    def store_results(self, y, handle):  # the experts wrote there: nothing is copied
+        stored.append(y.data_ptr() == self.results_buffer(handle).data_ptr())
+        return original(self, y, handle)
+
+    original = PeerToPeerRank.store_results
+    monkeypatch.setattr(PeerToPeerRank, "store_results", store_results)
+    xs = [torch.randn(5, 64), torch.randn(11, 64)]
+    with torch.no_grad():
+        outs = take_turns(layers[0].stages(xs[0]), layers[1].stages(xs[1]))
+        for x, out in zip(xs, outs):
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, whole(x), rtol=1e-5, atol=1e-5)
+    assert stored == [True, True]

@@ -264,10 +264,10 @@ class OnStream:
 
 class PeerToPeerRank(ExpertParallelDispatcher):
     """One EP rank's side of the exchange, step by step (the module docstring). The halves: `dispatch_send` (layout,
-    counts, puts) and `dispatch_recv` (the rows as the experts take them), `combine_send` (results stored, each token's
-    sum read from its ranks) and `combine_recv` (the sums), so that other work runs while tokens travel; with the
-    transport's comm_sms the puts and gets run on a stream of their own. `micro_batch` picks the transport's buffer set: exchanges in
-    flight at once each need their own."""
+    counts, puts) and `dispatch_recv` (the rows as the experts take them), `combine_send` (results stored) and
+    `combine_recv` (each token's sum read from its ranks), so that other work runs while tokens travel; with the
+    transport's comm_sms the puts and gets run on a stream of their own (the gets in combine_send). `micro_batch` picks
+    the transport's buffer set: exchanges in flight at once each need their own."""
 
     def __init__(self, expert_map: ExpertMap, ep_rank: int, dispatch_format: str, transport: Transport, device,
                  dtype, fuse_quantization: bool | None = None, fuse_layout: bool | None = None):
@@ -415,17 +415,26 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         return self.receive(sending)
 
     def combine_send(self, y: torch.Tensor, handle: PeerHandle):
+        """Stores the results; with a stream of its own, waits there for every rank's and reads this rank's sums
+        beside the compute. Inline, the wait and the reads are combine_recv's: what runs between the halves (the
+        shared expert) then fills the time the other ranks take to finish their experts."""
         self.store_results(y, handle)
         results = handle.memory.buffers.results
+        stream = self.transport.stream(results.device)
+        if stream is None:
+            return handle, None, None
         # made on the compute stream, which frees it after the join
         out = torch.empty(handle.num_tokens, results.shape[1], dtype=handle.dtype, device=results.device)
-        with OnStream(self.transport.stream(results.device)) as gets:
+        with OnStream(stream) as gets:
             handle.memory.barrier()  # every rank's results stored
             self.pull_results(handle, out)
         return handle, out, gets.done
 
     def combine_recv(self, sent) -> torch.Tensor:
         handle, out, done = sent  # the handle held until the join: the gets read its tensors
+        if out is None:
+            handle.memory.barrier()
+            return self.pull_results(handle)
         OnStream.join(done, out.device)
         return out
 
