@@ -16,7 +16,7 @@ done
 wait
 grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | head -8 >> "$T"
 if [ -n "${NVFP4_VARIANTS:-}" ]; then  # R,...: the NVFP4 put and receive variants (scripts/probes/ep_nvfp4_variants.py)
-  timeout ${VARIANTS_TIMEOUT:-150} python3 scripts/probes/ep_nvfp4_variants.py "$NVFP4_VARIANTS" 4096 > "$OUT/ep_nvfp4_variants.log" 2>&1
+  timeout ${VARIANTS_TIMEOUT:-150} python3 scripts/probes/ep_nvfp4_variants.py "$NVFP4_VARIANTS" 4096 ${VARIANTS_WHICH:-} > "$OUT/ep_nvfp4_variants.log" 2>&1
   { echo "nvfp4 variants rc=$?"; cat "$OUT/ep_nvfp4_variants.log" | tail -25; } >> "$T"
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then

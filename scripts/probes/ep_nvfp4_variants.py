@@ -3,7 +3,7 @@ once, values per step, warps: ep_transport.NVFP4_PUT) and the receive (rows a pr
 NVFP4_RECEIVE_ROWS), each as the graph-replayed low-latency dispatch of R virtual ranks x T tokens a rank
 (DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved bytes beside it. Each
 variant's received tokens are first checked bit for bit against the default's (300 tokens a rank).
-Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T]"""
+Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T] [receive: only the receive's variants]"""
 
 import sys
 
@@ -38,13 +38,15 @@ def dispatch_us(ranks: int, tokens: int) -> tuple[float, float, float]:
 
 
 def main():
-    args = sys.argv[1:] + [None] * 2
+    args = sys.argv[1:] + [None] * 3
     tokens = int(args[1] or 4096)
     default_put, default_receive = ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS
     print(f"{'R':>2} {'put (rows, chunk, warps)':>26} {'receive rows':>12} {'dispatch us':>11} {'combine us':>10} "
           f"{'copy us':>8} {'ratio':>6}")
     for ranks in (int(r) for r in (args[0] or "2,8").split(",")):
-        variants = [(put, default_receive) for put in PUTS] + [(default_put, rows) for rows in RECEIVES[1:]]
+        puts = [default_put] if args[2] == "receive" else PUTS
+        variants = [(put, default_receive) for put in puts] + [(default_put, rows) for rows in RECEIVES
+                                                                 if rows != default_receive]
         ep_transport.NVFP4_PUT, ep_transport.NVFP4_RECEIVE_ROWS = default_put, default_receive
         expected = received_tokens(ranks)
         for put, receive in variants:

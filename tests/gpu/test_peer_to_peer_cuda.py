@@ -194,3 +194,27 @@ def test_puts_on_their_own_stream_with_an_sm_budget_equal_the_inline_exchange(ra
         replay()
         for g, w in zip(state["out"], through_the_halves(inline, xs, ids, weights)):
             assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("rows_at_once", [1, 4])
+def test_the_nvfp4_receive_equals_the_torch_unpack_bit_for_bit(rows_at_once):
+    """The receive's conversion of NVFP4 rows (strided, as in a receive area; some not in use) at DeepSeek-V3's hidden
+    size, against the token format's torch unpack."""
+    from moeserve.distributed.ep.token_formats import Nvfp4Format
+    from moeserve.kernels.ep_transport import nvfp4_tokens
+
+    torch.manual_seed(rows_at_once)
+    fmt = Nvfp4Format()
+    x = (torch.randn(67, HIDDEN, device="cuda") * 10.0 ** torch.linspace(-4, 2, HIDDEN // 16, device="cuda")
+         .repeat_interleave(16)).bfloat16()
+    x[3, :16] = -0.0
+    x[5, 7] = float("nan")
+    packed = fmt.pack(x)
+    area = torch.zeros(67, packed.shape[1] + 60, dtype=torch.uint8, device="cuda")
+    area[:, :packed.shape[1]] = packed
+    payload = area[:, :packed.shape[1]]  # rows strided as the receive area's
+    want = fmt.unpack(payload, HIDDEN, torch.bfloat16)
+    in_use = torch.rand(67, device="cuda") < 0.7
+    got = nvfp4_tokens(payload, HIDDEN, torch.bfloat16, in_use, rows_at_once)
+    assert want[5].isnan().all() and torch.equal(got[in_use].isnan(), want[in_use].isnan())  # the NaN token
+    assert torch.equal(got[in_use].nan_to_num().view(torch.int16), want[in_use].nan_to_num().view(torch.int16))
