@@ -450,3 +450,32 @@ def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(monkey
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out, whole(x), rtol=1e-5, atol=1e-5)
     assert stored == [True, True]
+
+
+@pytest.mark.parametrize("hidden", [384, 1536])  # one partial chunk of values; a whole one and a partial one
+@pytest.mark.parametrize("low_latency", [False, True], ids=["high-throughput", "low-latency"])
+@pytest.mark.parametrize("budget", [None, 2])
+def test_pull_results_sums_each_tokens_rows_where_its_ranks_hold_them(hidden, low_latency, budget):
+    """The combine's get: token t's result at rank d lies at row first[d] (low latency: this rank's region) +
+    local_index[t, d] of d's results area; the sum over the ranks it went to, in rank order (a token sent nowhere: 0);
+    on an SM budget the programs loop over the tokens."""
+    from moeserve.distributed.ep.peer_to_peer import address_table
+    from moeserve.kernels.ep_transport import pull_results
+
+    generator = torch.Generator().manual_seed(hidden + low_latency)
+    ranks, tokens, region, me = 3, 9, 16, 1
+    areas = [torch.randn(ranks * region, hidden, generator=generator) for _ in range(ranks)]
+    table = address_table([a.data_ptr() for a in areas], "cpu")
+    sent = torch.rand(tokens, ranks, generator=generator) < 0.6
+    sent[0] = False  # a token with no expert anywhere
+    local_index = torch.where(sent, sent.int().cumsum(dim=0) - 1, -1).to(torch.int32)
+    first = None if low_latency else torch.tensor([5, 0, 7], dtype=torch.int32)
+    out = torch.full((tokens, hidden), float("nan"))
+    pull_results(table, local_index, first, out, me, region if low_latency else None, budget)
+    expected = torch.zeros(tokens, hidden)
+    for t, d in sent.nonzero().tolist():
+        start = me * region if low_latency else int(first[d])
+        expected[t] += areas[d][start + int(local_index[t, d])]
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="either first"):
+        pull_results(table, local_index, torch.zeros(ranks, dtype=torch.int32), out, me, region)
