@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: all_to_all, allgather, p2p (CUDA: peer-to-peer puts through symmetric memory, "
                          "high-throughput mode), p2p-ll (its low-latency mode, timed as CUDA-graph replays)")
     ep.add_argument("--iterations", type=int, default=20, help="timed repetitions per point")
+    ep.add_argument("--comm-sms", default="none",
+                    help="comma-separated SM budgets for the p2p backends' puts and gets, each point timed at each: "
+                         "none (on the compute stream, every SM) or N (a stream of their own, at most N programs)")
     ep.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ep.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait")
     ep.add_argument("--virtual-ranks", default=None,
@@ -582,15 +585,31 @@ def run_bench_ep(args: argparse.Namespace) -> int:
     if backends & set(P2P_MODES) and args.device == "cpu":
         raise ConfigError("--backend p2p puts tokens through GPU peer memory: use CUDA devices, or --virtual-ranks "
                           "with TRITON_INTERPRET=1 to run its kernels on the CPU")
+    args.comm_sms_budgets = comm_sms_budgets(args.comm_sms)
     launch(ParallelLayout(dp=args.ranks, ep=args.ranks), args.device, args.dist_timeout, bench_ep_on_rank, args)
     return 0
+
+
+def comm_sms_budgets(text: str) -> list[int | None]:
+    """--comm-sms of bench ep: "none" or positive integers, comma-separated."""
+    from moeserve.config import ConfigError
+
+    budgets = []
+    for item in text.split(","):
+        if item.strip() == "none":
+            budgets.append(None)
+        elif item.strip().isdigit() and int(item) > 0:
+            budgets.append(int(item))
+        else:
+            raise ConfigError(f"--comm-sms takes none or positive SM counts, comma-separated; got {item!r} in {text!r}")
+    return budgets
 
 
 def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
 
     import torch
 
-    from moeserve.bench.ep import HEADER, measure_point, report_row
+    from moeserve.bench.ep import HEADER, P2P_MODES, measure_point, report_row
     from moeserve.distributed.launch import device_for_rank
 
     device = torch.device(device_for_rank(args.device, int(os.environ["LOCAL_RANK"])))
@@ -600,10 +619,12 @@ def bench_ep_on_rank(context, args: argparse.Namespace) -> None:
     for tokens in (int(t) for t in args.tokens_per_rank.split(",")):
         for fmt in args.format.split(","):
             for backend in args.backend.split(","):
-                point = measure_point(tokens, args.hidden, args.topk, args.experts, fmt, backend, device,
-                                      context.groups.ep_group, context.control, args.iterations)
-                if context.rank == 0:
-                    print(report_row(tokens, fmt, backend, point), flush=True)
+                for budget in args.comm_sms_budgets if backend in P2P_MODES else [None]:
+                    point = measure_point(tokens, args.hidden, args.topk, args.experts, fmt, backend, device,
+                                          context.groups.ep_group, context.control, args.iterations, budget)
+                    label = backend if budget is None else f"{backend}, {budget} SMs"
+                    if context.rank == 0:
+                        print(report_row(tokens, fmt, label, point), flush=True)
 
 
 def bench_ep_virtual(args: argparse.Namespace) -> int:

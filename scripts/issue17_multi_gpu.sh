@@ -4,6 +4,8 @@
 #   STAGE=tests  tests/gpu (the distributed tests over NCCL and p2p, then every other file, as in one-GPU sessions)
 #   STAGE=ep     bench ep at DeepSeek-V3 shapes, 128 and 4096 tokens a rank, bf16/FP8/NVFP4, every backend and mode,
 #                beside NCCL all_to_all_single of the same bytes
+#   STAGE=ep-sms the p2p backends with their puts and gets on an SM budget (--ep-comm-sms): how many SMs fill the
+#                fabric, bf16 and FP8, 128 and 4096 tokens a rank
 #   STAGE=e2e    bench throughput / latency of V2-Lite and Qwen3-30B-A3B (random bf16): --dp N --ep N against one GPU
 #   STAGE=v3     DeepSeek-V3's shape with random FP8 weights on every GPU: plan, throughput at 128 prompts a rank,
 #                batch-1 latency (bench serve needs the server wheels: scripts/serve_gpu.sh shows how)
@@ -35,6 +37,11 @@ ep)
   timeout 540 python3 -m moeserve bench ep --ranks "$N" --tokens-per-rank 128,4096 --format bf16,fp8,nvfp4 \
     --backend all_to_all,allgather,p2p,p2p-ll --iterations 20 > "$OUT/bench_ep.log" 2>&1
   echo "bench ep rc=$?" >> "$T"; grep -E "^\|" "$OUT/bench_ep.log" >> "$T"
+  ;;
+ep-sms)
+  timeout 540 python3 -m moeserve bench ep --ranks "$N" --tokens-per-rank 128,4096 --format bf16,fp8 \
+    --backend p2p,p2p-ll --comm-sms none,8,16,32,64 --iterations 20 > "$OUT/bench_ep_sms.log" 2>&1
+  echo "bench ep (SM budgets) rc=$?" >> "$T"; grep -E "^\|" "$OUT/bench_ep_sms.log" >> "$T"
   ;;
 e2e)
   common="--load-format dummy --dtype bfloat16 --device cuda --max-model-len 4096 --input-len 256 --output-len 64"

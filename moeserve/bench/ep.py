@@ -49,13 +49,14 @@ def _median_us(fn, device, iterations: int, group) -> float:
 
 
 def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, backend: str, device,
-                  group, control, iterations: int = 20) -> EpPoint:
+                  group, control, iterations: int = 20, comm_sms: int | None = None) -> EpPoint:
+    """comm_sms (p2p backends): the puts and gets on a stream of their own with at most that many programs."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     expert_map = ExpertMap.contiguous(experts, world)
     if backend in P2P_MODES:  # buffers in symmetric memory for this point's tokens (CUDA)
         low_latency = backend == "p2p-ll"
         transport = PeerTransport(group, world, max(tokens, 1),
-                                  low_latency_tokens=max(tokens, 1) if low_latency else None)
+                                  low_latency_tokens=max(tokens, 1) if low_latency else None, comm_sms=comm_sms)
         transport.low_latency = low_latency
         dispatcher = PeerToPeerRank(expert_map, rank, fmt, transport, device, torch.bfloat16)
     else:

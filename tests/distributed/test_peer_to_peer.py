@@ -331,6 +331,15 @@ def test_bench_ep_refuses_the_p2p_backend_on_the_cpu(capsys):
         assert "virtual-ranks" in capsys.readouterr().err
     assert main(["bench", "ep", "--backend", "nccl", "--device", "cpu", "--ranks", "2"]) != 0
     assert "unknown --backend nccl" in capsys.readouterr().err
+    for budgets in ("0", "none,sixteen"):  # SM budgets of the p2p puts and gets: none or positive counts
+        assert main(["bench", "ep", "--backend", "all_to_all", "--comm-sms", budgets, "--device", "cpu"]) != 0
+        assert "--comm-sms takes none or positive SM counts" in capsys.readouterr().err
+
+
+def test_bench_ep_reads_sm_budgets():
+    from moeserve.cli import comm_sms_budgets
+
+    assert comm_sms_budgets("none,16, 32") == [None, 16, 32]
 
 
 def test_p2p_buffers_hold_a_ranks_share_of_the_largest_step_and_the_memory_profile():
