@@ -574,6 +574,9 @@ def run_bench_ep(args: argparse.Namespace) -> int:
 
     args.device = resolve_device(args.device)
     if args.virtual_ranks:
+        if args.comm_sms != "none":
+            raise ConfigError("--comm-sms times multi-rank p2p exchanges; with --virtual-ranks every rank runs on one "
+                              "device in turn (the puts beside compute on a budget: scripts/probes/ep_overlap.py)")
         return bench_ep_virtual(args)
     from moeserve.bench.ep import P2P_MODES
     from moeserve.distributed.ep.dispatchers import DISPATCHERS
@@ -598,7 +601,7 @@ def comm_sms_budgets(text: str) -> list[int | None]:
     for item in text.split(","):
         if item.strip() == "none":
             budgets.append(None)
-        elif item.strip().isdigit() and int(item) > 0:
+        elif item.strip().isdecimal() and item.strip().isascii() and int(item) > 0:
             budgets.append(int(item))
         else:
             raise ConfigError(f"--comm-sms takes none or positive SM counts, comma-separated; got {item!r} in {text!r}")

@@ -4,7 +4,8 @@
 #   STAGE=tests  tests/gpu (the distributed tests over NCCL and p2p, then every other file, as in one-GPU sessions)
 #   STAGE=ep     bench ep at DeepSeek-V3 shapes, 128 and 4096 tokens a rank, bf16/FP8/NVFP4, every backend and mode,
 #                beside NCCL all_to_all_single of the same bytes
-#   STAGE=ep-sms the p2p backends with their puts and gets on an SM budget (--ep-comm-sms): how many SMs fill the
+#   STAGE=ep-sms the p2p backends with their puts and gets on an SM budget (bench ep --comm-sms, the engine's
+#                --ep-comm-sms): how many SMs fill the
 #                fabric, bf16 and FP8, 128 and 4096 tokens a rank
 #   STAGE=e2e    bench throughput / latency of V2-Lite and Qwen3-30B-A3B (random bf16): --dp N --ep N against one GPU
 #   STAGE=v3     DeepSeek-V3's shape with random FP8 weights on every GPU: plan, throughput at 128 prompts a rank,

@@ -79,7 +79,7 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
     for _ in range(3):
         dispatch(), combine()
     if backend == "p2p-ll":  # as decode steps run it: CUDA graphs (captured on every rank alike)
-        dispatch, combine = graphed_exchange(dispatch, combine, state, device)
+        dispatch, combine = graphed_exchange(dispatcher, dispatch, combine, state, device)
     dispatch_us = _median_us(dispatch, device, iterations, control)
     combine_us = _median_us(combine, device, iterations, control)
     dispatch_bytes, combine_bytes = sent_bytes(state["out"][2], dispatcher, hidden, top_k, rank, backend)
@@ -96,8 +96,9 @@ def experts_output(dispatcher, received) -> torch.Tensor:
     return rows if results is None else results.copy_(rows)
 
 
-def graphed_exchange(dispatch, combine, state: dict, device):
-    """(dispatch, combine) as replays of CUDA graphs; the combine is captured over the replayed dispatch's outputs."""
+def graphed_exchange(dispatcher, dispatch, combine, state: dict, device):
+    """(dispatch, combine) as replays of CUDA graphs; the combine is captured over the replayed dispatch's outputs,
+    the experts' output written where the dispatcher wants it."""
     dispatch_graph = graph_of(dispatch)
     if dispatch_graph is None:
         raise RuntimeError("the low-latency dispatch could not be captured in a CUDA graph")

@@ -288,6 +288,8 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
     ok = rows < num_rows
     if SOME_ROWS:
         ok = ok & (tl.load(in_use_ptr + rows, mask=ok, other=0) != 0)
+        if tl.max(ok.to(tl.int32), axis=0) == 0:  # none of them holds a token (a low-latency region's unused end)
+            return
     start = tl.program_id(1) * CHUNK
     base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
     packed = tl.load(base[:, None] + start // 2 + tl.arange(0, CHUNK // 2)[None, :], mask=ok[:, None]).to(tl.int32)

@@ -17,10 +17,10 @@ def run(stages: Stages):
             return done.value
 
 
-def take_turns(first: Stages, second: Stages) -> tuple:
-    """Two micro-batches: a stage of the first, then one of the second, until both end (each rank runs them in the
-    same order, so their exchanges pair up across ranks); both return values."""
-    results, running = [None, None], [first, second]
+def take_turns(*stages: Stages) -> tuple:
+    """Micro-batches (the engine runs two): a stage of each in turn, until all end (each rank runs them in the same
+    order, so their exchanges pair up across ranks); their return values."""
+    results, running = [None] * len(stages), list(stages)
     while any(s is not None for s in running):
         for i, stages in enumerate(running):
             if stages is None:

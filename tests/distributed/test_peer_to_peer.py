@@ -416,10 +416,12 @@ def test_auto_takes_p2p_for_cuda_ranks_of_one_node_and_all_to_all_elsewhere(monk
     assert resolve_ep_backend("allgather", "cuda:0", 4) == "allgather"  # named: as named
 
 
-def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(monkeypatch):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(micro_batches, monkeypatch):
     """Two EP ranks' MoE layers (half the experts each, a virtual rank as dispatcher) run their stages in turn, as two
-    processes would: their experts write straight into the results areas, and each rank's output (shared expert
-    included) equals one device's MoE over its tokens."""
+    processes would (with two-batch overlap: each rank's two micro-batches in turn, each through its own buffers):
+    their experts write straight into the results areas, and each rank's output (shared expert included) equals one
+    device's MoE over its tokens."""
     from torch import nn
 
     from moeserve.config import MoEConfig
@@ -433,7 +435,8 @@ def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(monkey
     whole = MoE(64, config)
     for p in whole.parameters():
         nn.init.normal_(p, std=0.1)
-    group = VirtualRanks(ExpertMap.contiguous(8, 2), "bf16", 64, 3, max_tokens=16, device="cpu", dtype=torch.float32)
+    group = VirtualRanks(ExpertMap.contiguous(8, 2), "bf16", 64, 3, max_tokens=16, device="cpu", dtype=torch.float32,
+                         micro_batches=micro_batches)
     layers = []
     for rank in range(2):
         layer = MoE(64, config)
@@ -453,12 +456,14 @@ def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(monkey
     original = PeerToPeerRank.store_results
     monkeypatch.setattr(PeerToPeerRank, "store_results", store_results)
     xs = [torch.randn(5, 64), torch.randn(11, 64)]
+    parts = [x.tensor_split(micro_batches) for x in xs]  # by rank, then micro-batch
     with torch.no_grad():
-        outs = take_turns(layers[0].stages(xs[0]), layers[1].stages(xs[1]))
-        for x, out in zip(xs, outs):
+        outs = take_turns(*(layer.stages(part[m], m) for m in range(micro_batches) for layer, part in zip(layers, parts)))
+        for rank, x in enumerate(xs):
+            out = torch.cat(outs[rank::2])
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out, whole(x), rtol=1e-5, atol=1e-5)
-    assert stored == [True, True]
+    assert stored == [True] * 2 * micro_batches
 
 
 @pytest.mark.parametrize("hidden", [384, 1536])  # one partial chunk of values; a whole one and a partial one

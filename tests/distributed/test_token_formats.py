@@ -107,6 +107,9 @@ def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden
     in_use = torch.tensor([True, False, True, True, False, True])  # a low-latency receive's rows that hold no token
     some = nvfp4_tokens(payload, hidden, dtype, in_use, rows_at_once)
     assert torch.equal(some[in_use].view(torch.uint8), got[in_use].view(torch.uint8))  # the others: left unwritten
+    tail = torch.tensor([False, False, False, False, True, True])  # a program whose rows are all unused stops early
+    some = nvfp4_tokens(payload, hidden, dtype, tail, rows_at_once)
+    assert torch.equal(some[tail].view(torch.uint8), got[tail].view(torch.uint8))
 
 
 def test_unquantized_rows_are_received_where_they_lie():

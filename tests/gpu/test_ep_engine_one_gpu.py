@@ -42,8 +42,10 @@ def generate_on_rank(rank, world, extra, tp_attention):
 
 @pytest.mark.parametrize("extra,tp_attention", [({}, False), ({"enforce_eager": True}, False),
                                                 ({"ep_two_batch_overlap": True, "ep_comm_sms": 8}, False),
+                                                ({"ep_two_batch_overlap": True}, False),
                                                 ({"enforce_eager": True}, True)],
-                         ids=["decode-graphs", "eager", "two-batch-overlap-side-stream", "tp-attention-eager"])
+                         ids=["decode-graphs", "eager", "two-batch-overlap-side-stream", "two-batch-overlap-inline",
+                              "tp-attention-eager"])
 def test_p2p_engine_on_two_ranks_of_one_gpu_equals_one_process(extra, tp_attention):
     """DP attention + EP, and TP attention + EP (each TP rank dispatches its share of the tokens; eager: the TP
     all-reduce goes over gloo here, which a CUDA graph cannot capture)."""
