@@ -1,6 +1,7 @@
 """Do the p2p transport's puts overlap compute on one GPU? A DeepSeek-V3 shared expert over T tokens (bf16 GEMMs
 7168 -> 2 x 2048 -> 7168, on the compute stream) beside R virtual ranks' puts of the same T tokens a rank (dispatch
-rows and the combine's gets of results, on a side stream with an SM budget): each alone, then both at once, as CUDA-graph replays.
+rows and the combine's gets of results, on a side stream with an SM budget): each alone, then both at once, as CUDA
+graph replays.
 hidden = (gemm + puts - both) / puts: the share of the puts' time the overlap hides.
 Usage: PYTHONPATH=. python3 scripts/probes/ep_overlap.py [R] [T] [fmt] [budgets, e.g. none,16,32,64]"""
 

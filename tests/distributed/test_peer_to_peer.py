@@ -458,7 +458,8 @@ def test_the_moe_layers_of_two_ranks_take_turns_through_the_p2p_transport(micro_
     xs = [torch.randn(5, 64), torch.randn(11, 64)]
     parts = [x.tensor_split(micro_batches) for x in xs]  # by rank, then micro-batch
     with torch.no_grad():
-        outs = take_turns(*(layer.stages(part[m], m) for m in range(micro_batches) for layer, part in zip(layers, parts)))
+        outs = take_turns(*(layer.stages(part[m], m) for m in range(micro_batches)
+                            for layer, part in zip(layers, parts)))
         for rank, x in enumerate(xs):
             out = torch.cat(outs[rank::2])
             assert torch.isfinite(out).all()
