@@ -494,3 +494,41 @@ def test_pull_results_sums_each_tokens_rows_where_its_ranks_hold_them(hidden, lo
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="either first"):
         pull_results(table, local_index, torch.zeros(ranks, dtype=torch.int32), out, me, region)
+
+
+def measure_p2p_on_one_cpu_rank(rank, world):
+    """bench ep's measure_point for the p2p backends on one CPU rank: a transport of plain buffers in place of symmetric
+    memory, "graphs" that run eagerly."""
+    import torch.distributed as dist
+
+    from moeserve.bench import ep as bench_ep
+    from moeserve.distributed.ep.peer_to_peer import BufferSet, PeerBuffers, tables_of
+
+    class OneRankTransport(Transport):
+        def __init__(self, group, ep, max_tokens, low_latency_tokens=None, comm_sms=None):
+            self.max_tokens, self.comm_sms, self.sets = max(max_tokens, low_latency_tokens or 0), comm_sms, {}
+
+        def buffer_set(self, micro_batch, row_bytes, hidden, dtype, device):
+            if self.low_latency not in self.sets:
+                buffers = PeerBuffers(1, self.max_tokens, row_bytes, hidden, dtype, device)
+                self.sets[self.low_latency] = BufferSet(buffers, tables_of([buffers], device))
+            return self.sets[self.low_latency]
+
+    bench_ep.PeerTransport = OneRankTransport
+    bench_ep.graph_of = lambda fn: fn
+    group = dist.group.WORLD
+    return {(backend, fmt, budget): bench_ep.measure_point(7, HIDDEN, TOP_K, EXPERTS, fmt, backend, torch.device("cpu"),
+                                                           group, group, iterations=2, comm_sms=budget)
+            for backend in ("p2p", "p2p-ll") for fmt in ("bf16", "fp8") for budget in (None, 2)}
+
+
+def test_bench_ep_measures_the_p2p_backends_end_to_end_on_one_rank():
+    """What a multi-GPU bench ep runs for p2p and p2p-ll (buffers, the experts' output written into the results area,
+    the graphed exchange, the bytes, the yardstick), every format and SM budget, on one CPU rank."""
+    from tests.distributed.harness import run_ranks
+
+    points = run_ranks(1, measure_p2p_on_one_cpu_rank)[0]
+    assert len(points) == 8
+    for point in points.values():
+        assert point.dispatch_us > 0 and point.combine_us > 0 and point.yardstick_us > 0
+        assert point.dispatch_bytes == point.combine_bytes == 0  # one rank: nothing crosses
