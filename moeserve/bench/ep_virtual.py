@@ -4,8 +4,8 @@ combine of every rank (all R in turn, as one device runs them), the bytes they m
 all, between ranks, and what sending per expert would move), and a device-to-device copy of the moved bytes timed in
 the same run, the yardstick (issue 15's one-GPU target: within 1.5x of it). The experts return their input, written
 into each rank's results area as the engine's experts write it (not timed). Wall times of eager calls:
-high-throughput dispatch includes each rank's host sync for its received count. Low-latency mode, which never waits on the host, is also timed as CUDA-graph replays
-(how a decode step runs it): the kernels alone."""
+high-throughput dispatch includes each rank's host sync for its received count. Low-latency mode, which never waits on
+the host, is also timed as CUDA-graph replays (how a decode step runs it): the kernels alone."""
 
 import statistics
 import time

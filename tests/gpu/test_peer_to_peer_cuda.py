@@ -215,6 +215,7 @@ def test_the_nvfp4_receive_equals_the_torch_unpack_bit_for_bit(rows_at_once):
     payload = area[:, :packed.shape[1]]  # rows strided as the receive area's
     want = fmt.unpack(payload, HIDDEN, torch.bfloat16)
     in_use = torch.rand(67, device="cuda") < 0.7
+    in_use[40:52] = False  # whole programs of unused rows (they stop early)
     got = nvfp4_tokens(payload, HIDDEN, torch.bfloat16, in_use, rows_at_once)
     assert want[5].isnan().all() and torch.equal(got[in_use].isnan(), want[in_use].isnan())  # the NaN token
     assert torch.equal(got[in_use].nan_to_num().view(torch.int16), want[in_use].nan_to_num().view(torch.int16))
