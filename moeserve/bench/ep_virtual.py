@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.bench import ep
 from moeserve.bench.timing import graph_of, time_ms
 from moeserve.distributed.ep.peer_to_peer import VirtualRanks
 from moeserve.distributed.layout import ExpertMap
-from moeserve.quant.fp8 import Fp8Activations
 
 
 @dataclass
@@ -84,10 +84,8 @@ def measure_virtual(ranks: int, tokens: int, hidden: int, top_k: int, experts: i
 
 
 def experts_output(group: VirtualRanks, received) -> list[torch.Tensor]:
-    """Experts that return their input, their output written where the engine's experts write it: each rank's results
-    area."""
-    return [rank.results_buffer(handle).copy_(t.dequantize() if isinstance(t, Fp8Activations) else t)
-            for rank, (t, _, handle) in zip(group.ranks, received)]
+    """Each rank's experts_output (moeserve.bench.ep): in its results area."""
+    return [ep.experts_output(rank, r) for rank, r in zip(group.ranks, received)]
 
 
 def graph_times(group: VirtualRanks, xs, ids, weights, iterations: int) -> tuple[float, float]:

@@ -386,12 +386,14 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         if y.data_ptr() != results.data_ptr():
             results.copy_(y)
 
+    def empty_sums(self, handle: PeerHandle) -> torch.Tensor:
+        results = handle.memory.buffers.results
+        return torch.empty(handle.num_tokens, results.shape[1], dtype=handle.dtype, device=results.device)
+
     def pull_results(self, handle: PeerHandle, out: torch.Tensor | None = None) -> torch.Tensor:
         """Each token's results, read from the ranks it went to and summed (every rank's results stored)."""
         buffers = handle.memory.buffers
-        if out is None:
-            out = torch.empty(handle.num_tokens, buffers.results.shape[1], dtype=handle.dtype,
-                              device=buffers.results.device)
+        out = self.empty_sums(handle) if out is None else out
         ep_transport.pull_results(handle.memory.tables.results, handle.local_index, handle.first, out, self.ep_rank,
                                   buffers.max_tokens if handle.first is None else None, self.transport.comm_sms)
         return out
@@ -419,12 +421,10 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         beside the compute. Inline, the wait and the reads are combine_recv's: what runs between the halves (the
         shared expert) then fills the time the other ranks take to finish their experts."""
         self.store_results(y, handle)
-        results = handle.memory.buffers.results
-        stream = self.transport.stream(results.device)
+        stream = self.transport.stream(y.device)
         if stream is None:
             return handle, None, None
-        # made on the compute stream, which frees it after the join
-        out = torch.empty(handle.num_tokens, results.shape[1], dtype=handle.dtype, device=results.device)
+        out = self.empty_sums(handle)  # made on the compute stream, which frees it after the join
         with OnStream(stream) as gets:
             handle.memory.barrier()  # every rank's results stored
             self.pull_results(handle, out)
