@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.activation import FP8_GROUP, quantize_e4m3_group, round_to_e4m3_grid
+from moeserve.kernels.moe_gemm import e2m1_to_float
 
 WORDS_PER_PROGRAM = 1024
 
@@ -197,35 +198,39 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 @triton.jit
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
                            meta_words, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                           UNROLL_DESTS: tl.constexpr = False):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4."""
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
-                          hidden, meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK, ROWS)
+                          hidden, meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK, ROWS,
+                          UNROLL_DESTS)
 
 
 @triton.jit
 def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
                       row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
     packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
     it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
     amax = tl.zeros((ROWS,), dtype=tl.float32)
     has_nan = tl.zeros((ROWS,), dtype=tl.int32)
-    for start in range(0, hidden, CHUNK):  # first pass: each token's amax
-        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)
+    for start in range(0, hidden, CHUNK):  # first pass: each token's amax (CHUNK > hidden: the whole row at once)
+        in_row = (start + tl.arange(0, CHUNK) < hidden)[None, :]
+        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
+                    mask=valid[:, None] & in_row, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
         has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=1))
     glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))  # 6 * 448
     glob = tl.where(has_nan > 0, float("nan"), glob)
     six_glob = glob * 6.0
     for start in range(0, hidden, CHUNK):
-        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :], mask=valid[:, None],
-                    other=0.0)
+        in_row = (start + tl.arange(0, CHUNK) < hidden)[None, :]
+        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
+                    mask=valid[:, None] & in_row, other=0.0)
         v = tl.reshape(v.to(tl.float32), (ROWS, CHUNK // 16, 16))
         block_amax = tl.max(tl.abs(v), axis=2)
         block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=2) > 0, float("nan"), block_amax)
@@ -235,14 +240,14 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
         scaled = tl.math.div_rn(v, (scale * glob[:, None])[:, :, None])
         low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (ROWS, CHUNK // 16, 8, 2)))
         packed = tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2))
-        for dest in range(EP):
-            position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
-                                 valid)
-            goes = (position >= 0)[:, None]
-            rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
-            tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed, mask=goes)
-            tl.store((rows + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
-                     + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv), mask=goes)
+        if UNROLL_DESTS:  # every rank's row address known at once (their loads overlap)
+            for dest in tl.static_range(EP):
+                _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
+                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK)
+        else:
+            for dest in range(EP):
+                _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
+                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK)
     for dest in range(EP):
         position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
                              valid)
@@ -250,6 +255,21 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
         tl.store((rows + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob, mask=position >= 0)
     _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
               meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+
+
+@triton.jit
+def _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale, hidden,
+                       row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """The codes and block scales of values start onwards of the tokens that go to rank dest, into their rows there."""
+    position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
+    goes = (position >= 0)[:, None]
+    rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
+    tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed,
+             mask=goes & (start // 2 + tl.arange(0, CHUNK // 2) < hidden // 2)[None, :])
+    tl.store((rows + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+             + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv),
+             mask=goes & (start // 16 + tl.arange(0, CHUNK // 16) < hidden // 16)[None, :])
 
 
 @triton.jit
@@ -280,7 +300,8 @@ def _pull_results_kernel(results_table_ptr, local_index_ptr, first_ptr, out_ptr,
 
 @triton.jit
 def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_stride, CHUNK: tl.constexpr,
-                         ROWS: tl.constexpr, SOME_ROWS: tl.constexpr):
+                         ROWS: tl.constexpr, SOME_ROWS: tl.constexpr, PAIRWISE: tl.constexpr = False,
+                         USE_ASM: tl.constexpr = False):
     """Program (p, c): values c * CHUNK onwards of received rows p * ROWS onwards (NVFP4 tokens) -> out (as
     dequantize_nvfp4: value(code) * (block scale * global scale), rounded once to out's dtype); with SOME_ROWS, nothing
     for a row whose in_use flag is 0."""
@@ -290,6 +311,9 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
         ok = ok & (tl.load(in_use_ptr + rows, mask=ok, other=0) != 0)
         if tl.max(ok.to(tl.int32), axis=0) == 0:  # none of them holds a token (a low-latency region's unused end)
             return
+    if PAIRWISE:
+        _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK, USE_ASM)
+        return
     start = tl.program_id(1) * CHUNK
     base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
     packed = tl.load(base[:, None] + start // 2 + tl.arange(0, CHUNK // 2)[None, :], mask=ok[:, None]).to(tl.int32)
@@ -309,8 +333,111 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK: tl.constexpr,
+                           USE_ASM: tl.constexpr):
+    """_nvfp4_tokens_kernel's conversion pair by pair: byte j of the codes holds values 2j (low nibble) and 2j + 1;
+    each is turned into its two values in place (a 16-bit out gets them as one 32-bit word), so no value moves
+    between threads. USE_ASM (bf16 out, a GPU): the bit operations of _code_pairs_times_scale_ptx."""
+    pairs = tl.program_id(1) * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
+    base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
+    packed = tl.load(base[:, None] + pairs[None, :], mask=ok[:, None])
+    block_scales = tl.load((base[:, None] + hidden // 2).to(tl.pointer_type(tl.float8e4nv)) + (pairs // 8)[None, :],
+                           mask=ok[:, None]).to(tl.float32)  # each pair's block of 16 values (the same 8 bytes)
+    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
+    scales = block_scales * glob[:, None]
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * hidden
+    if USE_ASM:
+        tl.store(out_rows.to(tl.pointer_type(tl.int32)) + pairs[None, :], _code_pairs_times_scale_ptx(packed, scales),
+                 mask=ok[:, None])
+        return
+    packed = packed.to(tl.int32)
+    low = (e2m1_to_float(packed & 15) * scales).to(out_ptr.dtype.element_ty)
+    high = (e2m1_to_float(packed >> 4) * scales).to(out_ptr.dtype.element_ty)
+    if out_ptr.dtype.element_ty == tl.float32:
+        tl.store(out_rows + 2 * pairs[None, :], low, mask=ok[:, None])
+        tl.store(out_rows + 2 * pairs[None, :] + 1, high, mask=ok[:, None])
+    else:  # 16-bit values: the pair as one word, the low value at the lower address
+        word = ((low.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+                | (high.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        tl.store(out_rows.to(tl.pointer_type(tl.int32)) + pairs[None, :], word, mask=ok[:, None])
+
+
+@triton.jit
+def _code_pairs_times_scale_ptx(packed, scale):
+    """Bytes of two E2M1 codes (uint8) and each byte's fp32 scale -> one int32 a byte: bf16(low code * scale) in its
+    low half, bf16(high code * scale) in its high half, each product rounded in fp32 first (as the torch unpack does).
+    Four bytes at a time. PRMT takes byte k alone; a copy of it 12 bits up puts the two codes 16 bits apart; shifts, a
+    mask and a LOP3 put each code's sign at bit 15 and its magnitude bits at bits 8-6 of its half: the bf16 number
+    code * 2^-126 (subnormal for 0 and 0.5). Widened to fp32, it is multiplied by 2^126 (exact) and by the scale."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 b, t, m, x, lo, hi;
+        .reg .f32 flo, fhi;
+        prmt.b32 b, $4, 0, 0x4440;
+        shl.b32 t, b, 12;
+        or.b32 t, t, b;
+        shl.b32 m, t, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 x, t, 12;
+        lop3.b32 x, x, 0x80008000, m, 0xEA;
+        shl.b32 lo, x, 16;
+        and.b32 hi, x, 0xFFFF0000;
+        mul.rn.f32 flo, lo, 0f7E800000;
+        mul.rn.f32 fhi, hi, 0f7E800000;
+        mul.rn.f32 flo, flo, $5;
+        mul.rn.f32 fhi, fhi, $5;
+        cvt.rn.bf16x2.f32 $0, fhi, flo;
+        prmt.b32 b, $4, 0, 0x4441;
+        shl.b32 t, b, 12;
+        or.b32 t, t, b;
+        shl.b32 m, t, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 x, t, 12;
+        lop3.b32 x, x, 0x80008000, m, 0xEA;
+        shl.b32 lo, x, 16;
+        and.b32 hi, x, 0xFFFF0000;
+        mul.rn.f32 flo, lo, 0f7E800000;
+        mul.rn.f32 fhi, hi, 0f7E800000;
+        mul.rn.f32 flo, flo, $6;
+        mul.rn.f32 fhi, fhi, $6;
+        cvt.rn.bf16x2.f32 $1, fhi, flo;
+        prmt.b32 b, $4, 0, 0x4442;
+        shl.b32 t, b, 12;
+        or.b32 t, t, b;
+        shl.b32 m, t, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 x, t, 12;
+        lop3.b32 x, x, 0x80008000, m, 0xEA;
+        shl.b32 lo, x, 16;
+        and.b32 hi, x, 0xFFFF0000;
+        mul.rn.f32 flo, lo, 0f7E800000;
+        mul.rn.f32 fhi, hi, 0f7E800000;
+        mul.rn.f32 flo, flo, $7;
+        mul.rn.f32 fhi, fhi, $7;
+        cvt.rn.bf16x2.f32 $2, fhi, flo;
+        prmt.b32 b, $4, 0, 0x4443;
+        shl.b32 t, b, 12;
+        or.b32 t, t, b;
+        shl.b32 m, t, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 x, t, 12;
+        lop3.b32 x, x, 0x80008000, m, 0xEA;
+        shl.b32 lo, x, 16;
+        and.b32 hi, x, 0xFFFF0000;
+        mul.rn.f32 flo, lo, 0f7E800000;
+        mul.rn.f32 fhi, hi, 0f7E800000;
+        mul.rn.f32 flo, flo, $8;
+        mul.rn.f32 fhi, fhi, $8;
+        cvt.rn.bf16x2.f32 $3, fhi, flo;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, scale], dtype=tl.int32, is_pure=True, pack=4)
+
 NVFP4_RECEIVE_ROWS = 4  # rows a program of the NVFP4 receive converts at once (on an H200, 8 ranks x 4096 tokens: the
 # dispatch 3655 -> 3255 us against one row; scripts/probes/ep_nvfp4_variants.py)
+NVFP4_RECEIVE_PAIRWISE = "off"  # "on" / "asm": each code byte turned into its two values in place (variants under test)
 
 
 def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in_use: torch.Tensor | None = None,
@@ -329,7 +456,8 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in
         at_once = rows_at_once or NVFP4_RECEIVE_ROWS
         _nvfp4_tokens_kernel[(triton.cdiv(rows, at_once), hidden // chunk)](
             payload, out, in_use, rows, hidden, payload.stride(0), CHUNK=chunk, ROWS=at_once,
-            SOME_ROWS=rows_in_use is not None)
+            SOME_ROWS=rows_in_use is not None, PAIRWISE=NVFP4_RECEIVE_PAIRWISE != "off",
+            USE_ASM=NVFP4_RECEIVE_PAIRWISE == "asm" and dtype == torch.bfloat16 and payload.device.type == "cuda")
     return out
 
 
@@ -386,7 +514,8 @@ def chunk_of(hidden: int) -> int:
     return min(1024, hidden & -hidden)
 
 
-NVFP4_PUT = (1, 1024, 4)  # the NVFP4 put's (tokens a program quantizes at once, values per step, warps)
+NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (>= hidden:
+# the whole row at once, one load per pass), warps, whether its loop over the ranks is unrolled)
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -436,9 +565,10 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
             programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
             extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, CHUNK=chunk_of(hidden), num_warps=warps)
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
-            rows_at_once, chunk, warps = NVFP4_PUT
+            rows_at_once, chunk, warps, unroll = NVFP4_PUT
             programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)
-            extra = dict(ROWS=rows_at_once, CHUNK=min(chunk, chunk_of(hidden)), num_warps=warps)
+            chunk = triton.next_power_of_2(hidden) if chunk >= hidden else min(chunk, chunk_of(hidden))
+            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
                             hidden=hidden, meta_words=meta_words, row_bytes=row_bytes,
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())

@@ -111,7 +111,7 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt, overwrite_co
         torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt,nvfp4_put", [("bf16", None), ("fp8", None), ("nvfp4", None), ("nvfp4", (4, 128, 4))],
+@pytest.mark.parametrize("fmt,nvfp4_put", [("bf16", None), ("fp8", None), ("nvfp4", None), ("nvfp4", (4, 128, 4, True))],
                          ids=["bf16", "fp8", "nvfp4", "nvfp4-4-tokens-at-once"])
 def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt, nvfp4_put, monkeypatch):
     """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
@@ -196,12 +196,14 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
             assert float(written) > 0
 
 
-@pytest.mark.parametrize("fmt,nvfp4_put", [("fp8", None), ("nvfp4", (1, 1024, 4)), ("nvfp4", (4, 128, 4))],
-                         ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once"])
+@pytest.mark.parametrize("fmt,nvfp4_put", [("fp8", None), ("nvfp4", (1, 1024, 4, False)), ("nvfp4", (4, 128, 4, True)),
+                                            ("nvfp4", (2, 8192, 4, True))],
+                         ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once", "nvfp4-whole-rows"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, nvfp4_put, monkeypatch):
     """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does
-    (NVFP4: a token at a time, or 4 at once in steps of 128 values, the last block partial)."""
+    (NVFP4: a token at a time, or 4 at once in steps of 128 values, the last block partial, or two whole rows at once in
+    one masked step)."""
     from moeserve.kernels import ep_transport
 
     if nvfp4_put:
