@@ -312,7 +312,7 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
         if tl.max(ok.to(tl.int32), axis=0) == 0:  # none of them holds a token (a low-latency region's unused end)
             return
     if PAIRWISE:
-        _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK, USE_ASM)
+        _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK, ROWS, USE_ASM)
         return
     start = tl.program_id(1) * CHUNK
     base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
@@ -334,23 +334,30 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
 
 
 @triton.jit
-def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK: tl.constexpr,
+def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK: tl.constexpr, ROWS: tl.constexpr,
                            USE_ASM: tl.constexpr):
     """_nvfp4_tokens_kernel's conversion pair by pair: byte j of the codes holds values 2j (low nibble) and 2j + 1;
     each is turned into its two values in place (a 16-bit out gets them as one 32-bit word), so no value moves
     between threads. USE_ASM (bf16 out, a GPU): the bit operations of _code_pairs_times_scale_ptx."""
-    pairs = tl.program_id(1) * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
     base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
+    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
+    if USE_ASM:  # [ROWS, blocks of 16 values, their 8 pairs]: a block's scale loaded once
+        blocks = tl.program_id(1) * (CHUNK // 16) + tl.arange(0, CHUNK // 16)
+        pairs3 = blocks[:, None] * 8 + tl.arange(0, 8)[None, :]
+        packed = tl.load(base[:, None, None] + pairs3[None, :, :], mask=ok[:, None, None])
+        block_scales = tl.load((base[:, None] + hidden // 2).to(tl.pointer_type(tl.float8e4nv)) + blocks[None, :],
+                               mask=ok[:, None]).to(tl.float32)
+        words = _code_pairs_times_scale_ptx(packed, tl.broadcast_to((block_scales * glob[:, None])[:, :, None],
+                                                                     (ROWS, CHUNK // 16, 8)))
+        out_words = (out_ptr + rows.to(tl.int64)[:, None, None] * hidden).to(tl.pointer_type(tl.int32))
+        tl.store(out_words + pairs3[None, :, :], words, mask=ok[:, None, None])
+        return
+    pairs = tl.program_id(1) * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
     packed = tl.load(base[:, None] + pairs[None, :], mask=ok[:, None])
     block_scales = tl.load((base[:, None] + hidden // 2).to(tl.pointer_type(tl.float8e4nv)) + (pairs // 8)[None, :],
                            mask=ok[:, None]).to(tl.float32)  # each pair's block of 16 values (the same 8 bytes)
-    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
     scales = block_scales * glob[:, None]
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * hidden
-    if USE_ASM:
-        tl.store(out_rows.to(tl.pointer_type(tl.int32)) + pairs[None, :], _code_pairs_times_scale_ptx(packed, scales),
-                 mask=ok[:, None])
-        return
     packed = packed.to(tl.int32)
     low = (e2m1_to_float(packed & 15) * scales).to(out_ptr.dtype.element_ty)
     high = (e2m1_to_float(packed >> 4) * scales).to(out_ptr.dtype.element_ty)
@@ -367,17 +374,16 @@ def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUN
 def _code_pairs_times_scale_ptx(packed, scale):
     """Bytes of two E2M1 codes (uint8) and each byte's fp32 scale -> one int32 a byte: bf16(low code * scale) in its
     low half, bf16(high code * scale) in its high half, each product rounded in fp32 first (as the torch unpack does).
-    Four bytes at a time. PRMT takes byte k alone; a copy of it 12 bits up puts the two codes 16 bits apart; shifts, a
-    mask and a LOP3 put each code's sign at bit 15 and its magnitude bits at bits 8-6 of its half: the bf16 number
-    code * 2^-126 (subnormal for 0 and 0.5). Widened to fp32, it is multiplied by 2^126 (exact) and by the scale."""
+    Four bytes at a time. PRMT takes byte k alone; adding a copy of it 12 bits up (b * 4097) puts the two codes 16
+    bits apart; shifts, a mask and a LOP3 put each code's sign at bit 15 and its magnitude bits at bits 8-6 of its
+    half: the bf16 number code * 2^-126 (subnormal for 0 and 0.5). Widened to fp32, it is multiplied by 2^126 (exact) and by the scale."""
     return tl.inline_asm_elementwise(
         asm="""
         {
         .reg .b32 b, t, m, x, lo, hi;
         .reg .f32 flo, fhi;
         prmt.b32 b, $4, 0, 0x4440;
-        shl.b32 t, b, 12;
-        or.b32 t, t, b;
+        mul.lo.u32 t, b, 4097;
         shl.b32 m, t, 6;
         and.b32 m, m, 0x01C001C0;
         shl.b32 x, t, 12;
@@ -390,8 +396,7 @@ def _code_pairs_times_scale_ptx(packed, scale):
         mul.rn.f32 fhi, fhi, $5;
         cvt.rn.bf16x2.f32 $0, fhi, flo;
         prmt.b32 b, $4, 0, 0x4441;
-        shl.b32 t, b, 12;
-        or.b32 t, t, b;
+        mul.lo.u32 t, b, 4097;
         shl.b32 m, t, 6;
         and.b32 m, m, 0x01C001C0;
         shl.b32 x, t, 12;
@@ -404,8 +409,7 @@ def _code_pairs_times_scale_ptx(packed, scale):
         mul.rn.f32 fhi, fhi, $6;
         cvt.rn.bf16x2.f32 $1, fhi, flo;
         prmt.b32 b, $4, 0, 0x4442;
-        shl.b32 t, b, 12;
-        or.b32 t, t, b;
+        mul.lo.u32 t, b, 4097;
         shl.b32 m, t, 6;
         and.b32 m, m, 0x01C001C0;
         shl.b32 x, t, 12;
@@ -418,8 +422,7 @@ def _code_pairs_times_scale_ptx(packed, scale):
         mul.rn.f32 fhi, fhi, $7;
         cvt.rn.bf16x2.f32 $2, fhi, flo;
         prmt.b32 b, $4, 0, 0x4443;
-        shl.b32 t, b, 12;
-        or.b32 t, t, b;
+        mul.lo.u32 t, b, 4097;
         shl.b32 m, t, 6;
         and.b32 m, m, 0x01C001C0;
         shl.b32 x, t, 12;
