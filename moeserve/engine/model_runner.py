@@ -53,20 +53,25 @@ class StepResult:
 
 
 class StepInputs:
-    """A step's [ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B | table rows B]
-    (int32), written in pinned memory and sent in one non-blocking copy into a persistent device buffer: a
-    captured graph reads its batch size's fields at the same addresses every replay. Behind them, for the
-    pending tokens among the ids: [their places in ids P | their rows in the previous step's sampled ids P]."""
+    """A step's [real tokens 1 | ids T | positions T | batch row of each token T | query_start_loc B+1 | seq_lens B |
+    table rows B] (int32), written in pinned memory and sent in one non-blocking copy into a persistent device buffer:
+    a captured graph reads its batch size's fields at the same addresses every replay. Behind them, for the
+    pending tokens among the ids: [their places in ids P | their rows in the previous step's sampled ids P].
+    real_tokens: how many of the ids are a sequence's (a captured batch's padding rows follow them)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, device: torch.device):
-        size = 3 * max_tokens + 5 * max_seqs + 1
+        size = 1 + 3 * max_tokens + 5 * max_seqs + 1
         self.staging = HostToDevice((size,), torch.int32, device)
         self.on_device = torch.zeros(size, dtype=torch.int32, device=device)
+        self.real_tokens = self.on_device[:1]
 
-    def send(self, ids, positions, token_rows, query_start_loc, seq_lens, rows, pending=(), previous_ids=None) -> None:
-        """pending: (place in ids, row in previous_ids) of each id whose value only the device has."""
-        places, sources = [place for place, _ in pending], [source for _, source in pending]
-        packed = ids + positions + token_rows + query_start_loc + seq_lens + rows + places + sources
+    def send(self, ids, positions, token_rows, query_start_loc, seq_lens, rows, pending=(), previous_ids=None,
+             real_tokens: int | None = None) -> None:
+        """pending: (place in ids, row in previous_ids) of each id whose value only the device has; real_tokens:
+        the ids that are not padding (default: all)."""
+        places, sources = [1 + place for place, _ in pending], [source for _, source in pending]  # on_device's
+        real = len(ids) if real_tokens is None else real_tokens
+        packed = [real] + ids + positions + token_rows + query_start_loc + seq_lens + rows + places + sources
         self.staging.writable()[: len(packed)] = packed
         self.staging.send(len(packed), into=self.on_device)
         if pending:
@@ -75,7 +80,7 @@ class StepInputs:
             self.on_device.index_copy_(0, places_d, previous_ids[sources_d].to(torch.int32))
 
     def fields(self, num_tokens: int, batch: int) -> list[torch.Tensor]:
-        return list(self.on_device[: 3 * num_tokens + 3 * batch + 1].split([num_tokens] * 3 + [batch + 1, batch, batch]))
+        return list(self.on_device[1 : 2 + 3 * num_tokens + 3 * batch].split([num_tokens] * 3 + [batch + 1, batch, batch]))
 
 
 class ModeMismatch(RuntimeError):
@@ -107,6 +112,8 @@ class ModelRunner:
         self.attention = paged_attention_backend(args.attention_backend, self.device, kv_caches, kv_scales)
         self.sampler = Sampler(config.vocab_size, self.device, args.seed, max_rows=args.max_num_seqs)
         self.inputs = StepInputs(args.max_num_batched_tokens, args.max_num_seqs, self.device)
+        for _, moe in self.moe_layers():  # the expert-load metric counts a step's real tokens, not its padding
+            moe.real_tokens = self.inputs.real_tokens
         self.empty_steps = 0  # forwards over no tokens, run to keep other ranks' collectives going
         self.previous_rows: dict[Sequence, int] = {}  # the last step's sampled sequences -> their rows in:
         self.previous_ids: torch.Tensor | None = None  # its sampled ids [S], on the device
@@ -139,8 +146,8 @@ class ModelRunner:
     def prepare_ep_transport(self) -> PeerTransport | None:
         """The p2p EP transport the MoE layers share, its buffers made now on every rank (before the KV cache takes
         the memory); None with another EP backend or none."""
-        for layer in self.model.model.layers:
-            dispatcher = expert_dispatcher(layer.mlp) if isinstance(layer.mlp, MoE) else None
+        for _, moe in self.moe_layers():
+            dispatcher = expert_dispatcher(moe)
             if isinstance(dispatcher, PeerToPeerRank) and dispatcher.transport is not None:
                 dispatcher.prepare_transport(self.config.hidden_size, self.config.moe.top_k, self.dtype, self.device)
                 return dispatcher.transport
@@ -157,29 +164,30 @@ class ModelRunner:
         if self.ep_transport is not None and self.graphs is not None:
             self.ep_transport.low_latency = low_latency
 
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(layer index, its MoE) of each MoE layer."""
+        return [(index, layer.mlp) for index, layer in enumerate(self.model.model.layers) if isinstance(layer.mlp, MoE)]
+
     def reset_expert_load(self) -> None:
         """Routed-token counts back to zero, in place (captured graphs add to these tensors)."""
-        for layer in self.model.model.layers:
-            if isinstance(layer.mlp, MoE) and layer.mlp.routed_tokens is not None:
-                layer.mlp.routed_tokens.zero_()
+        for _, moe in self.moe_layers():
+            if moe.routed_tokens is not None:
+                moe.routed_tokens.zero_()
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer: layer index -> counts [E] (reads the device)."""
-        return {index: layer.mlp.expert_tokens.tolist() for index, layer in enumerate(self.model.model.layers)
-                if isinstance(layer.mlp, MoE)}
+        return {index: moe.expert_tokens.tolist() for index, moe in self.moe_layers()}
 
     def expert_imbalance(self) -> dict[int, float]:
         """Per MoE layer: max over mean of the tokens its EP ranks computed so far (tokens of an expert with
         replicas split evenly over them); 1.0 without expert parallelism."""
         result = {}
-        for index, layer in enumerate(self.model.model.layers):
-            if not isinstance(layer.mlp, MoE):
-                continue
-            dispatcher = expert_dispatcher(layer.mlp)
+        for index, moe in self.moe_layers():
+            dispatcher = expert_dispatcher(moe)
             if dispatcher is None:
                 result[index] = 1.0
                 continue
-            load = layer.mlp.expert_tokens.cpu().double()[None]
+            load = moe.expert_tokens.cpu().double()[None]
             result[index] = float(imbalance(rank_load(load, placement_of([dispatcher.expert_map])))[0])
         return result
 
@@ -316,6 +324,7 @@ class ModelRunner:
             query_start.append(query_start[-1] + num_new)
             seq_lens.append(end)
             rows.append(seq.block_row)
+        real_tokens = len(ids)
         padding = (pad_to or 0) - len(scheduled)
         if padding > 0:
             ids += [0] * padding
@@ -325,7 +334,8 @@ class ModelRunner:
             seq_lens += [1] * padding
             rows += [self.block_table.padding_row] * padding
         self.block_table.sync()
-        self.inputs.send(ids, positions, token_rows, query_start, seq_lens, rows, pending, self.previous_ids)
+        self.inputs.send(ids, positions, token_rows, query_start, seq_lens, rows, pending, self.previous_ids,
+                         real_tokens)
 
     def send_padding(self, size: int) -> None:
         self.send([], pad_to=size)

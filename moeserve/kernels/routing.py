@@ -14,9 +14,9 @@ from moeserve.config import MoEConfig
 
 
 @triton.jit
-def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, num_experts, stride_t,
+def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, real_tokens_ptr, num_experts, stride_t,
                          TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr,
-                         BLOCK_E: tl.constexpr, COUNT: tl.constexpr):
+                         BLOCK_E: tl.constexpr, COUNT: tl.constexpr, LIMITED: tl.constexpr):
     token = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + token * stride_t + experts, mask=experts < num_experts, other=-float("inf")).to(tl.float32)
@@ -31,15 +31,18 @@ def _softmax_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, num_exper
         tl.store(weights_ptr + token * TOP_K + k, value)
         total += value
         remaining = tl.where(experts == best, -2.0, remaining)
-    _count(counts_ptr, experts, remaining == -2.0, COUNT)
+    _count(counts_ptr, real_tokens_ptr, token, experts, remaining == -2.0, COUNT, LIMITED)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 
 @triton.jit
-def _count(counts_ptr, experts, chosen, COUNT: tl.constexpr):
+def _count(counts_ptr, real_tokens_ptr, token, experts, chosen, COUNT: tl.constexpr, LIMITED: tl.constexpr):
     """One more token routed to each chosen expert (the MoE layer's running expert-load metric): one
-    relaxed atomic per expert, all at once (acq_rel atomics one after another cost ~5 us per token)."""
+    relaxed atomic per expert, all at once (acq_rel atomics one after another cost ~5 us per token). LIMITED: only
+    the first real_tokens tokens count (the others pad a captured batch)."""
     if COUNT:
+        if LIMITED:
+            chosen = chosen & (token < tl.load(real_tokens_ptr))
         tl.atomic_add(counts_ptr + experts, chosen.to(tl.int64), mask=chosen, sem="relaxed")
 
 
@@ -52,9 +55,10 @@ def _rescale(weights_ptr, total, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
 
 
 @triton.jit
-def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr, stride_t,
+def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr, real_tokens_ptr, stride_t,
                          NUM_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr, COUNT: tl.constexpr):
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, SCALE: tl.constexpr, COUNT: tl.constexpr,
+                         LIMITED: tl.constexpr):
     token = tl.program_id(0)
     groups = tl.arange(0, NUM_GROUPS)[:, None]
     members = tl.arange(0, GROUP_SIZE)[None, :]
@@ -89,41 +93,51 @@ def _grouped_topk_kernel(logits_ptr, bias_ptr, ids_ptr, weights_ptr, counts_ptr,
         total += weight
         remaining = tl.where(picked, -float("inf"), remaining)
         chosen = chosen | picked
-    _count(counts_ptr, experts, chosen, COUNT)
+    _count(counts_ptr, real_tokens_ptr, token, experts, chosen, COUNT, LIMITED)
     _rescale(weights_ptr + token * TOP_K, total, TOP_K, RENORMALIZE, SCALE)
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool, scaling_factor: float = 1.0,
-                 counts: torch.Tensor | None = None):
-    """counts [E] int64, if given: each chosen expert's entry goes up by one (in the same kernel)."""
+                 counts: torch.Tensor | None = None, real_tokens: torch.Tensor | None = None):
+    """counts [E] int64, if given: each chosen expert's entry goes up by one (in the same kernel); real_tokens
+    (int32 [1] on the device), if given: only the first real_tokens tokens count."""
     num_tokens, num_experts = logits.shape
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     if num_tokens:
-        _softmax_topk_kernel[(num_tokens,)](logits, ids, weights, ids if counts is None else counts, num_experts,
+        _softmax_topk_kernel[(num_tokens,)](logits, ids, weights, *_counting(ids, counts, real_tokens), num_experts,
                                             logits.stride(0), top_k, renormalize, float(scaling_factor),
-                                            triton.next_power_of_2(num_experts), counts is not None)
+                                            triton.next_power_of_2(num_experts), counts is not None,
+                                            real_tokens is not None)
     return ids, weights
 
 
 def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor, moe: MoEConfig,
-                 counts: torch.Tensor | None = None):
+                 counts: torch.Tensor | None = None, real_tokens: torch.Tensor | None = None):
     num_tokens, num_experts = logits.shape
     group_size = num_experts // moe.num_groups
     ids = torch.empty(num_tokens, moe.top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(num_tokens, moe.top_k, dtype=torch.float32, device=logits.device)
     if num_tokens:
-        _grouped_topk_kernel[(num_tokens,)](logits, correction_bias, ids, weights, ids if counts is None else counts,
-                                            logits.stride(0), moe.num_groups, group_size, moe.topk_groups, moe.top_k,
-                                            moe.renormalize, float(moe.scaling_factor), counts is not None)
+        _grouped_topk_kernel[(num_tokens,)](logits, correction_bias, ids, weights,
+                                            *_counting(ids, counts, real_tokens), logits.stride(0), moe.num_groups,
+                                            group_size, moe.topk_groups, moe.top_k, moe.renormalize,
+                                            float(moe.scaling_factor), counts is not None, real_tokens is not None)
     return ids, weights
 
 
+def _counting(ids: torch.Tensor, counts: torch.Tensor | None, real_tokens: torch.Tensor | None):
+    """The kernels' counts and real_tokens pointers (ids stands in for one not given: it is not read)."""
+    if real_tokens is not None and (real_tokens.dtype != torch.int32 or real_tokens.numel() != 1):
+        raise ValueError(f"real_tokens must be one int32, got {real_tokens.dtype} {tuple(real_tokens.shape)}")
+    return (ids if counts is None else counts), (ids if real_tokens is None else real_tokens)
+
+
 def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None,
-          counts: torch.Tensor | None = None):
+          counts: torch.Tensor | None = None, real_tokens: torch.Tensor | None = None):
     if moe.scoring == "softmax":
-        return softmax_topk(logits, moe.top_k, moe.renormalize, moe.scaling_factor, counts)
-    return grouped_topk(logits, correction_bias, moe, counts)
+        return softmax_topk(logits, moe.top_k, moe.renormalize, moe.scaling_factor, counts, real_tokens)
+    return grouped_topk(logits, correction_bias, moe, counts, real_tokens)
 
 
 def supports(moe: MoEConfig) -> bool:

@@ -1,5 +1,6 @@
 """The runner's decode-graph body on the CPU: a batch padded to a graph's size computes the same logits for
-its real rows as the eager step, and the padding rows write only the padding block."""
+its real rows as the eager step, the padding rows write only the padding block, and only the real rows count in
+the expert load."""
 
 import pytest
 import torch
@@ -40,8 +41,11 @@ def test_padded_decode_batch_matches_the_eager_step(preset):
     scheduled = sorted(engine.scheduler.schedule(), key=lambda item: item[0].block_row)
     assert [n for _, n in scheduled] == [1, 1, 1] and runner.decodes_only(scheduled)
     caches = [cache.clone() for cache in runner.attention.kv_caches]
+    load = runner.expert_load()
     runner.send(scheduled, pad_to=8)
     padded = runner.graph_forward(8)[:3]
+    top_k = engine.config.moe.top_k
+    assert {i: sum(c) - sum(load[i]) for i, c in runner.expert_load().items()} == dict.fromkeys(load, 3 * top_k)
     padded_caches = [cache.clone() for cache in runner.attention.kv_caches]
     for cache, before in zip(runner.attention.kv_caches, caches):
         cache.copy_(before)
@@ -50,6 +54,11 @@ def test_padded_decode_batch_matches_the_eager_step(preset):
     eager = runner.model.compute_logits(runner.model.model(ids, positions, runner.attention.bind(metadata)))
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(padded).all()
+    assert {i: sum(c) - sum(load[i]) for i, c in runner.expert_load().items()} == dict.fromkeys(load, 6 * top_k)
+    load = runner.expert_load()
+    runner.send_padding(4)  # a rank with no work replays a graph over padding rows only: nothing is counted
+    runner.graph_forward(4)
+    assert runner.expert_load() == load
     real_slots = sorted(seq.block_table[seq.num_computed_tokens // 16] * 16 + seq.num_computed_tokens % 16
                         for seq, _ in scheduled)
     for padded_cache, eager_cache, before in zip(padded_caches, runner.attention.kv_caches, caches):

@@ -65,3 +65,29 @@ def test_both_kernels_count_the_chosen_experts_onto_running_totals():
         counts = earlier.clone()
         ids, _ = route(counts)
         assert torch.equal(counts, earlier + torch.bincount(ids.flatten(), minlength=64))
+
+
+@pytest.mark.parametrize("real", [0, 17, 41])
+def test_only_the_real_tokens_of_a_padded_batch_are_counted(real):
+    """real_tokens (int32 [1], on the device): the first `real` tokens count, the padding rows after them do not
+    (a captured decode batch); the kernels and the reference route alike."""
+    from moeserve.layers.moe.router import Router
+    from moeserve.ops.moe import moe_route
+
+    logits = torch.randn(41, 64) * 2
+    grouped = MoEConfig(num_experts=64, top_k=8, intermediate_size=1, scoring="sigmoid", renormalize=True,
+                        num_groups=8, topk_groups=4, group_score="top2_sum", correction_bias=True)
+    bias = torch.randn(64) * 0.1
+    real_tokens = torch.tensor([real], dtype=torch.int32)
+    earlier = torch.randint(0, 100, (64,))
+    router = Router(16, grouped)
+    router.e_score_correction_bias.data = bias
+    for route in (lambda counts: softmax_topk(logits, 6, False, 1.0, counts, real_tokens),
+                  lambda counts: grouped_topk(logits, bias, grouped, counts, real_tokens),
+                  lambda counts: moe_route(router, logits, counts, real_tokens)):  # the torch reference on the CPU
+        counts = earlier.clone()
+        ids, _ = route(counts)
+        assert torch.equal(counts, earlier + torch.bincount(ids[:real].flatten(), minlength=64))
+    with pytest.raises(ValueError, match="real_tokens must be one int32"):
+        softmax_topk(logits, 6, False, 1.0, earlier.clone(), real_tokens.long())
+

@@ -23,6 +23,8 @@ class MoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert so far (metrics)
+        self.real_tokens: torch.Tensor | None = None  # int32 [1] on the device, if set: the rows of a batch that count
+        # in routed_tokens (the engine's step inputs hold it; a captured decode batch's padding rows follow them)
 
     @property
     def expert_tokens(self) -> torch.Tensor:
@@ -42,7 +44,7 @@ class MoE(nn.Module):
         after the combine's, with the shared expert computed while the results come back."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        topk_ids, topk_weights = self.gate(x, self.routed_counter(x.device))  # [T, K]
+        topk_ids, topk_weights = self.gate(x, self.routed_counter(x.device), self.real_tokens)  # [T, K]
         expert_in = x
         if self.moe.weights_on_input:  # top-1 only (checked at config time): scale, then combine with 1
             expert_in = x * topk_weights.to(x.dtype)

@@ -21,13 +21,14 @@ class Router(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
             self.fp32_params += ("e_score_correction_bias",)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """counts [E] int64, if given, counts the chosen experts (see moe_route)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None,
+                real_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """counts [E] int64, if given, counts the chosen experts of the first real_tokens tokens (see moe_route)."""
         if self.moe.logits_fp32:
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight)
-        return moe_route(self, logits, counts)
+        return moe_route(self, logits, counts, real_tokens)
 
     @property
     def correction_bias(self) -> torch.Tensor | None:
