@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 14 on one GPU, 2026-12-07 (later): the decode variants (the product transposed, 64-row decode blocks at 16+
-# rows per expert, NVFP4 codes built as bf16 from their bits). The CUDA kernel and quantization tests, the MoE layer
-# sweep (bf16 / FP8 / NVFP4, DeepSeek-V3, 32 local experts) with the card's copy and read yardsticks, V2-Lite batch 1
-# with bf16 / FP8 / NVFP4 weights, and the no-compiles-after-warm-up test. Logs under $OUT; the table last.
+# Issue 14 on one GPU: the decode variants (the product transposed, 64-row decode blocks at 16+ rows per expert, NVFP4
+# codes built as bf16 from their bits). The CUDA kernel and quantization tests, the MoE layer sweep (bf16 / FP8 / NVFP4,
+# DeepSeek-V3, 32 local experts) with the card's copy and read yardsticks, V2-Lite batch 1 with bf16 / FP8 / NVFP4
+# weights (the quantized ones with dense split-K summed by atomics, then in the kernel: MOESERVE_SPLIT_K), and the
+# no-compiles-after-warm-up test. Logs under $OUT; the table last.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -14,11 +15,12 @@ timeout 330 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernel
 echo "gpu tests rc=$?" >> "$T"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8 >> "$T"
 timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
 grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
-for q in "" fp8 nvfp4; do
-  echo "== latency v2-lite b1 ${q:-bf16}" >> "$T"
-  timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy --dtype bfloat16 --device cuda \
-    --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 --output-len 64 \
-    --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} >> "$OUT/latency.log" 2>&1
+for run in bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel; do  # weights:dense split-K's sum
+  q=${run%:*}; [ "$q" = bf16 ] && q=""
+  echo "== latency v2-lite b1 $run" >> "$T"
+  MOESERVE_SPLIT_K=${run#*:} timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy \
+    --dtype bfloat16 --device cuda --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 \
+    --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} >> "$OUT/latency.log" 2>&1
   grep -E "^\| moeserve|Error" "$OUT/latency.log" | tail -1 >> "$T"
 done
 timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \

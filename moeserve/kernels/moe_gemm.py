@@ -11,6 +11,7 @@ fill the SMs; prefill shapes can run a persistent grid over grouped tiles (L2 re
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 1  # tiles run in groups of group_m M blocks x all N tiles, so L2 reuses both operands
-    split_k: int = 1  # > 1: K is cut in split_k slices added atomically in fp32 (more CTAs at decode)
+    split_k: int = 1  # > 1: K is cut in split_k slices, their partial sums added up (more CTAs at decode)
     persistent: bool = False  # one CTA per SM looping over the tiles in use (no CTAs for unused blocks)
     swap_ab: bool = False  # the product computed as W @ a^T: few rows on the wgmma's narrow side (decode)
 
@@ -245,10 +246,13 @@ def _moe_gemm_kernel(
     FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
     TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False, EVEN_K: tl.constexpr = False,
+    partials_ptr=None, arrivals_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
     num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
-    and the rows in order (a dense linear layer): no layout is read."""
+    and the rows in order (a dense linear layer): no layout is read. SPLIT_K > 1: each K slice's partial sum is added
+    atomically into out (fp32 zeros), or with REDUCE_IN_KERNEL written to partials, the last slice of a tile to
+    arrive adding them up (_add_up_partials)."""
     if DENSE:
         num_m = tl.cdiv(num_rows, BLOCK_M)
     else:
@@ -277,10 +281,43 @@ def _moe_gemm_kernel(
         if WEIGHTED:
             acc = acc * tl.load(row_weight_ptr + rows, mask=valid, other=0.0)[:, None]
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        if SPLIT_K > 1:  # out is an fp32 buffer of zeros
+        if SPLIT_K > 1 and REDUCE_IN_KERNEL:
+            acc, last = _add_up_partials(acc, partials_ptr, arrivals_ptr, pid_m, pid_n, pid_k, num_m, num_n,
+                                         BLOCK_M, BLOCK_N, SPLIT_K)
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :] & last)
+        elif SPLIT_K > 1:  # out is an fp32 buffer of zeros
             tl.atomic_add(out, acc, mask=valid[:, None] & n_ok[None, :])
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _add_up_partials(acc, partials_ptr, arrivals_ptr, pid_m, pid_n, pid_k, num_m, num_n, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """K slice pid_k's partial sum of tile (pid_m, pid_n) -> (the tile's sum over its slices in slice order, whether
+    this program holds it: the last slice to arrive). Each slice stores its partial in partials (fp32 [SPLIT_K,
+    num_m * BLOCK_M, num_n * BLOCK_N]), then counts itself in arrivals[tile] (int32, zero before; released and acquired
+    at GPU scope, after a barrier: CUTLASS's semaphore pattern); the last reads the others' through L2 and sets the
+    count back to zero for the next launch. Nothing waits, so any grid order is safe."""
+    width = num_n * BLOCK_N
+    offs = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None] * width
+            + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
+    slice_size = (num_m * BLOCK_M).to(tl.int64) * width
+    tl.store(partials_ptr + pid_k * slice_size + offs, acc)
+    tl.debug_barrier()  # every thread's part stored before the count goes up
+    tile = pid_m * num_n + pid_n
+    last = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    for k in tl.static_range(SPLIT_K):
+        part = tl.load(partials_ptr + k * slice_size + offs, mask=last & (k != pid_k), other=0.0, cache_modifier=".cg")
+        total += tl.where(k == pid_k, acc, part)
+    tl.store(arrivals_ptr + tile, 0, mask=last)
+    return total, last
+
+
+# Dense split-K: the slices' sum made by the last slice to arrive (one kernel) instead of fp32 atomics into zeros and
+# a copy (three kernels). Off until timed on a GPU; MOESERVE_SPLIT_K=in-kernel turns it on (bench latency A/B).
+SPLIT_K_IN_KERNEL = os.environ.get("MOESERVE_SPLIT_K", "atomic") == "in-kernel"
 
 
 def weight_format(weight) -> int:
@@ -349,8 +386,13 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
     dummy = a.new_empty(1, dtype=torch.float32)
     w, w_scale, w_global = _weight_operands(weight, fmt, num_experts, n, k, config, dummy)
     a_scale = a_scale if a_scale is not None else dummy.view(1, 1)
-    target = out if config.split_k == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    max_tiles = row_slots // config.block_m * triton.cdiv(n, config.block_n) * config.split_k
+    in_kernel = config.split_k > 1 and dense and SPLIT_K_IN_KERNEL
+    target = out if config.split_k == 1 or in_kernel else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    num_m, num_n = row_slots // config.block_m, triton.cdiv(n, config.block_n)
+    partials = (a.new_empty(config.split_k * row_slots * num_n * config.block_n, dtype=torch.float32) if in_kernel
+                else dummy)
+    arrivals = tile_arrivals(a.device, num_m * num_n) if in_kernel else dummy
+    max_tiles = num_m * num_n * config.split_k
     grid = (min(max_tiles, persistent_programs(a.device)) if config.persistent else max_tiles,)
     _moe_gemm_kernel[grid](
         a, a_scale, w, w_scale, w_global, target, row_weights if row_weights is not None else dummy,
@@ -365,10 +407,25 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
         SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and a.dtype == torch.bfloat16 and config.block_k >= 32,
         USE_ASM=bf16x2_multiply(a.device), EVEN_K=k % config.block_k == 0,
+        partials_ptr=partials, arrivals_ptr=arrivals, REDUCE_IN_KERNEL=in_kernel,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:
         out.copy_(target)
+
+
+_arrivals: dict[tuple, torch.Tensor] = {}
+
+
+def tile_arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters, at least `tiles`, of the current stream on `device` (kernels of one stream run one after
+    another, and each leaves its counters zero; another stream gets its own). A graph's capture stream makes its own
+    during the capture (their zero fill then replays with the graph: harmless)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _arrivals.get((device, stream))
+    if counters is None or counters.numel() < tiles:
+        counters = _arrivals[(device, stream)] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 @functools.cache

@@ -61,6 +61,31 @@ def test_dense_quantized_kernel_variants_at_deepseek_v3_shapes(fmt, config):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_split_k_added_up_in_the_kernel_equals_the_atomic_sum_at_decode_shapes(fmt, rows, monkeypatch):
+    """The last slice of each tile adds up the slices' partials (one kernel instead of zeros, atomics and a copy): the
+    reference's result, the same bits launch after launch (slice order, whoever arrives last), counters left at 0;
+    V2-Lite's and V3's decode shapes at dense_config's split (8 slices for most)."""
+    from moeserve.kernels import moe_gemm
+    from moeserve.kernels.quant_linear import quantized_gemm
+    from moeserve.ops.linear import quantized_linear_reference
+    from moeserve.quant.formats import quantized
+
+    for n, k in [(3072, 2048), (576, 2048), (2048, 2816), (2048, 7168), (7168, 16384)]:
+        weight = quantized(fmt, torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", False)
+        atomic = quantized_gemm(x, weight).float()
+        monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", True)
+        runs = [quantized_gemm(x, weight) for _ in range(20)]
+        expected = quantized_linear_reference(x, weight).float()
+        assert torch.isfinite(runs[0]).all() and all(torch.equal(r, runs[0]) for r in runs), (n, k)
+        assert (runs[0].float() - expected).norm() <= 1e-2 * expected.norm(), (n, k)
+        assert (runs[0].float() - atomic).norm() <= 1e-2 * atomic.norm(), (n, k)
+        assert not moe_gemm.tile_arrivals(x.device, 1).any()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("rows", [1, 7, 64, 256])
 def test_dense_quantized_kernel_at_deepseek_v3_shapes(fmt, rows):
     from moeserve.kernels.quant_linear import quantized_gemm

@@ -46,6 +46,30 @@ def test_the_swapped_product_matches_the_reference(fmt, n, k, rows, split_k):
     torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 640), ("nvfp4", 130, 352)])
+@pytest.mark.parametrize("rows,split_k,swap_ab", [(1, 2, True), (5, 3, True), (17, 4, False)])
+def test_split_k_added_up_by_the_last_slice_matches_the_reference(fmt, n, k, rows, split_k, swap_ab, monkeypatch):
+    """The in-kernel split-K sum: each slice's partial goes to a workspace and the last slice of a tile to arrive
+    adds them up in slice order (the same bits whichever arrives last); the tile counters end at zero for the next
+    launch, and rows and columns outside the product stay as they were (NaN here)."""
+    from moeserve.kernels import moe_gemm
+    from moeserve.kernels.activation import quantize_fp8_activations
+    from moeserve.kernels.moe_gemm import GemmConfig, dense_gemm, tile_arrivals
+
+    monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", True)
+    weight = random_quantized(fmt, n, k, seed=rows + split_k)
+    x = torch.randn(rows, k)
+    config = GemmConfig(block_m=16, block_n=64, block_k=128 if fmt == "fp8" else 32, split_k=split_k, swap_ab=swap_ab)
+    actual = quantized_gemm(x, weight, config=config)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
+    assert not tile_arrivals(x.device, 1).any()
+    wide = torch.full((rows + 3, n + 5), float("nan"))  # out as a strided view: its neighbours must stay NaN
+    a, a_scale = (x, None) if fmt == "nvfp4" or rows <= 16 else quantize_fp8_activations(x)
+    dense_gemm(a, a_scale, weight, wide[:rows, :n], config)
+    assert torch.equal(wide[:rows, :n], actual) and wide[rows:].isnan().all() and wide[:, n:].isnan().all()
+
+
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("rows", [1, 17])
 def test_nvfp4_with_bf16_activations(rows, swap_ab):
