@@ -54,8 +54,9 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
     for nvfp4_rows, chunk, unroll in ((1, 1024, False), (4, 256, False), (4, 1024, False), (1, 8192, True)):
         build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
               recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-              EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, UNROLL_DESTS=c),
-              dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, UNROLL_DESTS=unroll), warps=8 if chunk > 1024 else 4)
+              EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, UNROLL_DESTS=c, WHOLE_ROW=c),
+              dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, UNROLL_DESTS=unroll, WHOLE_ROW=chunk > 1024),
+              warps=8 if chunk > 1024 else 4)
 for rows in (1, 4):
     for pairwise, use_asm in ((False, False), (True, False), (True, True)):
         build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", num_rows="i32",

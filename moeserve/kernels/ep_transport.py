@@ -199,27 +199,29 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
                            meta_words, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
                            LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                           UNROLL_DESTS: tl.constexpr = False):
-    """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4."""
+                           UNROLL_DESTS: tl.constexpr = False, WHOLE_ROW: tl.constexpr = False):
+    """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4: CHUNK
+    values a step (a divisor of hidden), or WHOLE_ROW: the row in one step of CHUNK >= hidden, masked."""
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
                           hidden, meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK, ROWS,
-                          UNROLL_DESTS)
+                          UNROLL_DESTS, WHOLE_ROW)
 
 
 @triton.jit
 def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
                       row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr,
+                      WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
     packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
     it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
     amax = tl.zeros((ROWS,), dtype=tl.float32)
     has_nan = tl.zeros((ROWS,), dtype=tl.int32)
-    for start in range(0, hidden, CHUNK):  # first pass: each token's amax (CHUNK > hidden: the whole row at once)
-        in_row = (start + tl.arange(0, CHUNK) < hidden)[None, :]
+    for start in range(0, hidden, CHUNK):  # first pass: each token's amax
+        in_row = _in_row(start, hidden, 1, CHUNK, WHOLE_ROW)
         v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
                     mask=valid[:, None] & in_row, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
@@ -228,7 +230,7 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
     glob = tl.where(has_nan > 0, float("nan"), glob)
     six_glob = glob * 6.0
     for start in range(0, hidden, CHUNK):
-        in_row = (start + tl.arange(0, CHUNK) < hidden)[None, :]
+        in_row = _in_row(start, hidden, 1, CHUNK, WHOLE_ROW)
         v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
                     mask=valid[:, None] & in_row, other=0.0)
         v = tl.reshape(v.to(tl.float32), (ROWS, CHUNK // 16, 16))
@@ -243,11 +245,13 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
         if UNROLL_DESTS:  # every rank's row address known at once (their loads overlap)
             for dest in tl.static_range(EP):
                 _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
-                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK)
+                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                                   WHOLE_ROW)
         else:
             for dest in range(EP):
                 _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
-                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK)
+                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                                   WHOLE_ROW)
     for dest in range(EP):
         position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
                              valid)
@@ -260,16 +264,25 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
 @triton.jit
 def _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale, hidden,
                        row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                       CHUNK: tl.constexpr):
+                       CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """The codes and block scales of values start onwards of the tokens that go to rank dest, into their rows there."""
     position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
     goes = (position >= 0)[:, None]
     rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
     tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed,
-             mask=goes & (start // 2 + tl.arange(0, CHUNK // 2) < hidden // 2)[None, :])
+             mask=goes & _in_row(start, hidden, 2, CHUNK, WHOLE_ROW))
     tl.store((rows + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
              + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv),
-             mask=goes & (start // 16 + tl.arange(0, CHUNK // 16) < hidden // 16)[None, :])
+             mask=goes & _in_row(start, hidden, 16, CHUNK, WHOLE_ROW))
+
+
+@triton.jit
+def _in_row(start, hidden, per, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """[1, CHUNK / per] mask of a step's items (values, code bytes: per = 2, block scales: per = 16) inside the row:
+    all of them unless the step is a whole row padded to a power of two (no mask: the stores stay wide)."""
+    if WHOLE_ROW:
+        return (start // per + tl.arange(0, CHUNK // per) < hidden // per)[None, :]
+    return tl.full((1, CHUNK // per), 1, tl.int1)
 
 
 @triton.jit
@@ -303,8 +316,8 @@ def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_st
                          ROWS: tl.constexpr, SOME_ROWS: tl.constexpr, PAIRWISE: tl.constexpr = False,
                          USE_ASM: tl.constexpr = False):
     """Program (p, c): values c * CHUNK onwards of received rows p * ROWS onwards (NVFP4 tokens) -> out (as
-    dequantize_nvfp4: value(code) * (block scale * global scale), rounded once to out's dtype); with SOME_ROWS, nothing
-    for a row whose in_use flag is 0."""
+    dequantize_nvfp4: value(code) * (block scale * global scale) in fp32, then rounded to out's dtype); with SOME_ROWS,
+    nothing for a row whose in_use flag is 0."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < num_rows
     if SOME_ROWS:
@@ -457,6 +470,8 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in
             raise ValueError(f"rows_in_use must be bool [{rows}], got {rows_in_use.dtype} {tuple(rows_in_use.shape)}")
         in_use = payload if rows_in_use is None else rows_in_use.contiguous().view(torch.uint8)
         at_once = rows_at_once or NVFP4_RECEIVE_ROWS
+        if NVFP4_RECEIVE_PAIRWISE not in ("off", "on", "asm"):
+            raise ValueError(f"NVFP4_RECEIVE_PAIRWISE must be off, on or asm, got {NVFP4_RECEIVE_PAIRWISE!r}")
         _nvfp4_tokens_kernel[(triton.cdiv(rows, at_once), hidden // chunk)](
             payload, out, in_use, rows, hidden, payload.stride(0), CHUNK=chunk, ROWS=at_once,
             SOME_ROWS=rows_in_use is not None, PAIRWISE=NVFP4_RECEIVE_PAIRWISE != "off",
@@ -511,14 +526,17 @@ class Placement:
                     EP_POW2=triton.next_power_of_2(ep), LOW_LATENCY=self.region_rows is not None)
 
 
+MAX_CHUNK = 1024
+
+
 def chunk_of(hidden: int) -> int:
     """Values a fused-quantizing put (or the NVFP4 receive) handles at once: the largest power of two up to 1024
-    dividing the hidden size (a multiple of 128)."""
-    return min(1024, hidden & -hidden)
+    dividing the hidden size (a multiple of 128). (An NVFP4_PUT step above 1024 takes the whole row at once.)"""
+    return min(MAX_CHUNK, hidden & -hidden)
 
 
-NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (>= hidden:
-# the whole row at once, one load per pass), warps, whether its loop over the ranks is unrolled)
+NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (above 1024
+# and >= hidden: the whole row at once, one load per pass), warps, whether its loop over the ranks is unrolled)
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -570,8 +588,9 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
             rows_at_once, chunk, warps, unroll = NVFP4_PUT
             programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)
-            chunk = triton.next_power_of_2(hidden) if chunk >= hidden else min(chunk, chunk_of(hidden))
-            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll)
+            whole_row = chunk > MAX_CHUNK and chunk >= hidden
+            chunk = triton.next_power_of_2(hidden) if whole_row else min(chunk, chunk_of(hidden))
+            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll, WHOLE_ROW=whole_row)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
                             hidden=hidden, meta_words=meta_words, row_bytes=row_bytes,
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())

@@ -196,21 +196,22 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
             assert float(written) > 0
 
 
-@pytest.mark.parametrize("fmt,nvfp4_put", [("fp8", None), ("nvfp4", (1, 1024, 4, False)), ("nvfp4", (4, 128, 4, True)),
-                                            ("nvfp4", (2, 8192, 4, True))],
-                         ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once", "nvfp4-whole-rows"])
+@pytest.mark.parametrize("fmt,nvfp4_put,hidden", [
+    ("fp8", None, HIDDEN), ("nvfp4", (1, 1024, 4, False), HIDDEN), ("nvfp4", (4, 128, 4, True), HIDDEN),
+    ("nvfp4", (2, 8192, 4, True), 640), ("nvfp4", (1, 1024, 4, False), 640)],
+    ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once", "nvfp4-whole-rows-masked", "nvfp4-hidden-640"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, nvfp4_put, monkeypatch):
+def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, nvfp4_put, hidden, monkeypatch):
     """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does
-    (NVFP4: a token at a time, or 4 at once in steps of 128 values, the last block partial, or two whole rows at once in
-    one masked step)."""
+    (NVFP4: a token at a time, or 4 at once in steps of 128 values, or two whole rows of 640 values at once in one
+    masked step of 1024)."""
     from moeserve.kernels import ep_transport
 
     if nvfp4_put:
         monkeypatch.setattr(ep_transport, "NVFP4_PUT", nvfp4_put)
     generator = torch.Generator().manual_seed(ranks)
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
-    xs = [torch.randn(t, HIDDEN, generator=generator) * torch.logspace(-3, 2, HIDDEN) for t in (6, 4, 0)[:ranks]]
+    xs = [torch.randn(t, hidden, generator=generator) * torch.logspace(-3, 2, hidden) for t in (6, 4, 0)[:ranks]]
     xs[0][1, :128] = 0  # an all-zero group
     xs[0][2, 5] = -1e-30  # a negative that rounds to zero
     xs[1][0] *= 1e-30  # tiny values: block scales near E4M3's subnormals
@@ -220,7 +221,7 @@ def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, 
     routes = [routing(x.shape[0], "random", generator) for x in xs]
     areas = []
     for fused in (False, True):
-        group = VirtualRanks(expert_map, fmt, HIDDEN, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
+        group = VirtualRanks(expert_map, fmt, hidden, TOP_K, max_tokens=8, device="cpu", dtype=torch.float32,
                              fuse_quantization=fused)
         received = group.dispatch(xs, [ids for ids, _ in routes], [w for _, w in routes])
         areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])

@@ -24,7 +24,9 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert so far (metrics)
         self.real_tokens: torch.Tensor | None = None  # int32 [1] on the device, if set: the rows of a batch that count
-        # in routed_tokens (the engine's step inputs hold it; a captured decode batch's padding rows follow them)
+        # in routed_tokens (the engine's step inputs hold it; a captured decode batch's padding rows follow them). Rows
+        # are taken in step order: a micro-batch's own row numbers stay below it only because micro-batches run eager
+        # (unpadded) steps; a forward that bypasses the engine's send counts as many rows as the last step had.
 
     @property
     def expert_tokens(self) -> torch.Tensor:
