@@ -58,10 +58,10 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
               dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, UNROLL_DESTS=unroll, WHOLE_ROW=chunk > 1024),
               warps=8 if chunk > 1024 else 4)
 for rows in (1, 4):
-    for pairwise, use_asm in ((False, False), (True, False), (True, True)):
+    for use_asm in (False, True):
         build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", num_rows="i32",
-              hidden="i32", row_stride="i32", CHUNK=c, ROWS=c, SOME_ROWS=c, PAIRWISE=c, USE_ASM=c),
-              dict(CHUNK=1024, ROWS=rows, SOME_ROWS=True, PAIRWISE=pairwise, USE_ASM=use_asm))
+              hidden="i32", row_stride="i32", CHUNK=c, ROWS=c, SOME_ROWS=c, USE_ASM=c),
+              dict(CHUNK=1024, ROWS=rows, SOME_ROWS=True, USE_ASM=use_asm))
 for low_latency, rows in ((False, 1), (True, 1), (False, 8)):
     build(ep_transport._pull_results_kernel, dict(results_table_ptr="*i64", local_index_ptr="*i32", first_ptr="*i32",
           out_ptr="*bf16", num_tokens="i32", hidden="i32", me="i32", region_rows="i32", EP=c, LOW_LATENCY=c, BLOCK=c,

@@ -313,67 +313,39 @@ def _pull_results_kernel(results_table_ptr, local_index_ptr, first_ptr, out_ptr,
 
 @triton.jit
 def _nvfp4_tokens_kernel(rows_ptr, out_ptr, in_use_ptr, num_rows, hidden, row_stride, CHUNK: tl.constexpr,
-                         ROWS: tl.constexpr, SOME_ROWS: tl.constexpr, PAIRWISE: tl.constexpr = False,
-                         USE_ASM: tl.constexpr = False):
+                         ROWS: tl.constexpr, SOME_ROWS: tl.constexpr, USE_ASM: tl.constexpr = False):
     """Program (p, c): values c * CHUNK onwards of received rows p * ROWS onwards (NVFP4 tokens) -> out (as
     dequantize_nvfp4: value(code) * (block scale * global scale) in fp32, then rounded to out's dtype); with SOME_ROWS,
-    nothing for a row whose in_use flag is 0."""
+    nothing for a row whose in_use flag is 0. Byte j of a row's codes holds values 2j (low nibble) and 2j + 1: each
+    byte becomes its two values in place (a 16-bit out gets them as one 32-bit word), so no value moves between
+    threads. USE_ASM (bf16 out, a GPU): the bit operations of _code_pairs_times_scale_ptx."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < num_rows
     if SOME_ROWS:
         ok = ok & (tl.load(in_use_ptr + rows, mask=ok, other=0) != 0)
         if tl.max(ok.to(tl.int32), axis=0) == 0:  # none of them holds a token (a low-latency region's unused end)
             return
-    if PAIRWISE:
-        _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK, ROWS, USE_ASM)
-        return
-    start = tl.program_id(1) * CHUNK
-    base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
-    packed = tl.load(base[:, None] + start // 2 + tl.arange(0, CHUNK // 2)[None, :], mask=ok[:, None]).to(tl.int32)
-    codes = tl.reshape(tl.join(packed & 15, packed >> 4), (ROWS, CHUNK))  # element 2i in the low nibble
-    exponent = (codes & 7) >> 1
-    mantissa = (codes & 1).to(tl.float32) * 0.5
-    power = tl.where(exponent == 3, 4.0, tl.where(exponent == 2, 2.0, 1.0))
-    magnitude = tl.where(exponent == 0, mantissa, (1.0 + mantissa) * power)
-    # the sign as a bit (Triton's negation is 0 - x, which loses the sign of a zero)
-    values = (magnitude.to(tl.int32, bitcast=True) | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
-    block_scales = tl.load((base[:, None] + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
-                           + tl.arange(0, CHUNK // 16)[None, :], mask=ok[:, None]).to(tl.float32)
-    glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
-    scales = block_scales * glob[:, None]  # [ROWS, CHUNK / 16]
-    out = tl.reshape(tl.reshape(values, (ROWS, CHUNK // 16, 16)) * scales[:, :, None], (ROWS, CHUNK))
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
-def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUNK: tl.constexpr, ROWS: tl.constexpr,
-                           USE_ASM: tl.constexpr):
-    """_nvfp4_tokens_kernel's conversion pair by pair: byte j of the codes holds values 2j (low nibble) and 2j + 1;
-    each is turned into its two values in place (a 16-bit out gets them as one 32-bit word), so no value moves
-    between threads. USE_ASM (bf16 out, a GPU): the bit operations of _code_pairs_times_scale_ptx."""
     base = rows_ptr + rows.to(tl.int64) * row_stride  # [ROWS]
     glob = tl.load((base + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), mask=ok)
-    if USE_ASM:  # [ROWS, blocks of 16 values, their 8 pairs]: a block's scale loaded once
+    if USE_ASM:  # [ROWS, blocks of 16 values, their 8 bytes]: a block's scale loaded once
         blocks = tl.program_id(1) * (CHUNK // 16) + tl.arange(0, CHUNK // 16)
-        pairs3 = blocks[:, None] * 8 + tl.arange(0, 8)[None, :]
-        packed = tl.load(base[:, None, None] + pairs3[None, :, :], mask=ok[:, None, None])
+        pairs = blocks[:, None] * 8 + tl.arange(0, 8)[None, :]
+        packed = tl.load(base[:, None, None] + pairs[None, :, :], mask=ok[:, None, None])
         block_scales = tl.load((base[:, None] + hidden // 2).to(tl.pointer_type(tl.float8e4nv)) + blocks[None, :],
                                mask=ok[:, None]).to(tl.float32)
         words = _code_pairs_times_scale_ptx(packed, tl.broadcast_to((block_scales * glob[:, None])[:, :, None],
                                                                      (ROWS, CHUNK // 16, 8)))
         out_words = (out_ptr + rows.to(tl.int64)[:, None, None] * hidden).to(tl.pointer_type(tl.int32))
-        tl.store(out_words + pairs3[None, :, :], words, mask=ok[:, None, None])
+        tl.store(out_words + pairs[None, :, :], words, mask=ok[:, None, None])
         return
     pairs = tl.program_id(1) * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
-    packed = tl.load(base[:, None] + pairs[None, :], mask=ok[:, None])
+    packed = tl.load(base[:, None] + pairs[None, :], mask=ok[:, None]).to(tl.int32)
     block_scales = tl.load((base[:, None] + hidden // 2).to(tl.pointer_type(tl.float8e4nv)) + (pairs // 8)[None, :],
-                           mask=ok[:, None]).to(tl.float32)  # each pair's block of 16 values (the same 8 bytes)
+                           mask=ok[:, None]).to(tl.float32)  # each byte's block of 16 values (the same 8 bytes)
     scales = block_scales * glob[:, None]
-    out_rows = out_ptr + rows.to(tl.int64)[:, None] * hidden
-    packed = packed.to(tl.int32)
     low = (e2m1_to_float(packed & 15) * scales).to(out_ptr.dtype.element_ty)
     high = (e2m1_to_float(packed >> 4) * scales).to(out_ptr.dtype.element_ty)
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * hidden
     if out_ptr.dtype.element_ty == tl.float32:
         tl.store(out_rows + 2 * pairs[None, :], low, mask=ok[:, None])
         tl.store(out_rows + 2 * pairs[None, :] + 1, high, mask=ok[:, None])
@@ -383,77 +355,39 @@ def _nvfp4_tokens_pairwise(rows_ptr, out_ptr, rows, ok, hidden, row_stride, CHUN
         tl.store(out_rows.to(tl.pointer_type(tl.int32)) + pairs[None, :], word, mask=ok[:, None])
 
 
+_BYTE_TO_BF16_PAIR = """
+        prmt.b32 b, $4, 0, 0x444{k};
+        mul.lo.u32 t, b, 4097;
+        shl.b32 m, t, 6;
+        and.b32 m, m, 0x01C001C0;
+        shl.b32 x, t, 12;
+        lop3.b32 x, x, 0x80008000, m, 0xEA;
+        shl.b32 lo, x, 16;
+        and.b32 hi, x, 0xFFFF0000;
+        mul.rn.f32 flo, lo, 0f7E800000;
+        mul.rn.f32 fhi, hi, 0f7E800000;
+        mul.rn.f32 flo, flo, ${scale};
+        mul.rn.f32 fhi, fhi, ${scale};
+        cvt.rn.bf16x2.f32 ${k}, fhi, flo;"""
+_CODE_PAIRS_PTX = tl.constexpr("{ .reg .b32 b, t, m, x, lo, hi; .reg .f32 flo, fhi;" + "".join(
+    _BYTE_TO_BF16_PAIR.format(k=k, scale=5 + k) for k in range(4)) + " }")  # bytes k = 0-3 of $4, scales $5-$8
+
+
 @triton.jit
 def _code_pairs_times_scale_ptx(packed, scale):
     """Bytes of two E2M1 codes (uint8) and each byte's fp32 scale -> one int32 a byte: bf16(low code * scale) in its
     low half, bf16(high code * scale) in its high half, each product rounded in fp32 first (as the torch unpack does).
     Four bytes at a time. PRMT takes byte k alone; adding a copy of it 12 bits up (b * 4097) puts the two codes 16
     bits apart; shifts, a mask and a LOP3 put each code's sign at bit 15 and its magnitude bits at bits 8-6 of its
-    half: the bf16 number code * 2^-126 (subnormal for 0 and 0.5). Widened to fp32, it is multiplied by 2^126 (exact) and by the scale."""
-    return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 b, t, m, x, lo, hi;
-        .reg .f32 flo, fhi;
-        prmt.b32 b, $4, 0, 0x4440;
-        mul.lo.u32 t, b, 4097;
-        shl.b32 m, t, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 x, t, 12;
-        lop3.b32 x, x, 0x80008000, m, 0xEA;
-        shl.b32 lo, x, 16;
-        and.b32 hi, x, 0xFFFF0000;
-        mul.rn.f32 flo, lo, 0f7E800000;
-        mul.rn.f32 fhi, hi, 0f7E800000;
-        mul.rn.f32 flo, flo, $5;
-        mul.rn.f32 fhi, fhi, $5;
-        cvt.rn.bf16x2.f32 $0, fhi, flo;
-        prmt.b32 b, $4, 0, 0x4441;
-        mul.lo.u32 t, b, 4097;
-        shl.b32 m, t, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 x, t, 12;
-        lop3.b32 x, x, 0x80008000, m, 0xEA;
-        shl.b32 lo, x, 16;
-        and.b32 hi, x, 0xFFFF0000;
-        mul.rn.f32 flo, lo, 0f7E800000;
-        mul.rn.f32 fhi, hi, 0f7E800000;
-        mul.rn.f32 flo, flo, $6;
-        mul.rn.f32 fhi, fhi, $6;
-        cvt.rn.bf16x2.f32 $1, fhi, flo;
-        prmt.b32 b, $4, 0, 0x4442;
-        mul.lo.u32 t, b, 4097;
-        shl.b32 m, t, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 x, t, 12;
-        lop3.b32 x, x, 0x80008000, m, 0xEA;
-        shl.b32 lo, x, 16;
-        and.b32 hi, x, 0xFFFF0000;
-        mul.rn.f32 flo, lo, 0f7E800000;
-        mul.rn.f32 fhi, hi, 0f7E800000;
-        mul.rn.f32 flo, flo, $7;
-        mul.rn.f32 fhi, fhi, $7;
-        cvt.rn.bf16x2.f32 $2, fhi, flo;
-        prmt.b32 b, $4, 0, 0x4443;
-        mul.lo.u32 t, b, 4097;
-        shl.b32 m, t, 6;
-        and.b32 m, m, 0x01C001C0;
-        shl.b32 x, t, 12;
-        lop3.b32 x, x, 0x80008000, m, 0xEA;
-        shl.b32 lo, x, 16;
-        and.b32 hi, x, 0xFFFF0000;
-        mul.rn.f32 flo, lo, 0f7E800000;
-        mul.rn.f32 fhi, hi, 0f7E800000;
-        mul.rn.f32 flo, flo, $8;
-        mul.rn.f32 fhi, fhi, $8;
-        cvt.rn.bf16x2.f32 $3, fhi, flo;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, scale], dtype=tl.int32, is_pure=True, pack=4)
+    half: the bf16 number code * 2^-126 (subnormal for 0 and 0.5). Widened to fp32, it is multiplied by 2^126 (exact)
+    and by the scale."""
+    return tl.inline_asm_elementwise(asm=_CODE_PAIRS_PTX, constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, scale],
+                                     dtype=tl.int32, is_pure=True, pack=4)
 
-NVFP4_RECEIVE_ROWS = 4  # rows a program of the NVFP4 receive converts at once (on an H200, 8 ranks x 4096 tokens: the
-# dispatch 3655 -> 3255 us against one row; scripts/probes/ep_nvfp4_variants.py)
-NVFP4_RECEIVE_PAIRWISE = "off"  # "on" / "asm": each code byte turned into its two values in place (variants under test)
+
+NVFP4_RECEIVE_ROWS = 4  # rows a program of the NVFP4 receive converts at once (on an H200, 8 ranks x 4096 tokens, each
+# byte to its pair in place: the dispatch 2764 -> 2443 us against one row; scripts/probes/ep_nvfp4_variants.py)
+NVFP4_RECEIVE_PTX = False  # the receive's bf16 conversion in PTX (_code_pairs_times_scale_ptx): a variant under test
 
 
 def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in_use: torch.Tensor | None = None,
@@ -470,12 +404,10 @@ def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in
             raise ValueError(f"rows_in_use must be bool [{rows}], got {rows_in_use.dtype} {tuple(rows_in_use.shape)}")
         in_use = payload if rows_in_use is None else rows_in_use.contiguous().view(torch.uint8)
         at_once = rows_at_once or NVFP4_RECEIVE_ROWS
-        if NVFP4_RECEIVE_PAIRWISE not in ("off", "on", "asm"):
-            raise ValueError(f"NVFP4_RECEIVE_PAIRWISE must be off, on or asm, got {NVFP4_RECEIVE_PAIRWISE!r}")
         _nvfp4_tokens_kernel[(triton.cdiv(rows, at_once), hidden // chunk)](
             payload, out, in_use, rows, hidden, payload.stride(0), CHUNK=chunk, ROWS=at_once,
-            SOME_ROWS=rows_in_use is not None, PAIRWISE=NVFP4_RECEIVE_PAIRWISE != "off",
-            USE_ASM=NVFP4_RECEIVE_PAIRWISE == "asm" and dtype == torch.bfloat16 and payload.device.type == "cuda")
+            SOME_ROWS=rows_in_use is not None,
+            USE_ASM=NVFP4_RECEIVE_PTX and dtype == torch.bfloat16 and payload.device.type == "cuda")
     return out
 
 

@@ -1,9 +1,10 @@
 """Variant timings of the NVFP4 dispatch's two kernels on one GPU (issue 15): the put (tokens a program quantizes at
 once, values per step, warps, unrolled: ep_transport.NVFP4_PUT) and the receive (rows a program turns into bf16, and
-whether pair by pair: NVFP4_RECEIVE_ROWS, NVFP4_RECEIVE_PAIRWISE), each as the graph-replayed low-latency dispatch of
-R virtual ranks x T tokens a rank (DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved bytes beside it. Each
-variant's received tokens are first checked bit for bit against the default's (300 tokens a rank).
-Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T] [receive|put: only the receive's or the put's variants]"""
+whether in PTX: NVFP4_RECEIVE_ROWS, NVFP4_RECEIVE_PTX), each as the graph-replayed low-latency dispatch of R virtual
+ranks x T tokens a rank (DeepSeek-V3 shape, uniform routing), the other kernel at its default. The copy of the moved
+bytes beside it. Each variant's received tokens are first checked bit for bit against the default's (300 tokens a
+rank).
+Usage: PYTHONPATH=. python3 scripts/probes/ep_nvfp4_variants.py [R,...] [T] [receive|put: only those variants]"""
 
 import sys
 
@@ -17,7 +18,7 @@ from moeserve.kernels import ep_transport
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
 PUTS = [(1, 1024, 4, False), (1, 1024, 4, True), (1, 8192, 4, False), (1, 8192, 8, False), (1, 8192, 8, True),
         (1, 8192, 16, True), (2, 8192, 16, True)]
-RECEIVES = [(4, "off"), (4, "on"), (2, "asm"), (4, "asm"), (8, "asm")]  # (rows, pairwise: NVFP4_RECEIVE_PAIRWISE)
+RECEIVES = [(4, False), (2, True), (4, True), (8, True)]  # (rows, in PTX: NVFP4_RECEIVE_PTX)
 
 
 def received_tokens(ranks: int, tokens: int = 300) -> list[torch.Tensor]:
@@ -40,15 +41,15 @@ def dispatch_us(ranks: int, tokens: int) -> tuple[float, float, float]:
 
 def set_variant(put, receive):
     ep_transport.NVFP4_PUT = put
-    ep_transport.NVFP4_RECEIVE_ROWS, ep_transport.NVFP4_RECEIVE_PAIRWISE = receive
+    ep_transport.NVFP4_RECEIVE_ROWS, ep_transport.NVFP4_RECEIVE_PTX = receive
 
 
 def main():
     args = sys.argv[1:] + [None] * 3
     tokens = int(args[1] or 4096)
     default_put = ep_transport.NVFP4_PUT
-    default_receive = ep_transport.NVFP4_RECEIVE_ROWS, ep_transport.NVFP4_RECEIVE_PAIRWISE
-    print(f"{'R':>2} {'put (rows, chunk, warps, unroll)':>33} {'receive (rows, pairwise)':>24} {'dispatch us':>11} "
+    default_receive = ep_transport.NVFP4_RECEIVE_ROWS, ep_transport.NVFP4_RECEIVE_PTX
+    print(f"{'R':>2} {'put (rows, chunk, warps, unroll)':>33} {'receive (rows, PTX)':>20} {'dispatch us':>11} "
           f"{'combine us':>10} {'copy us':>8} {'ratio':>6}")
     for ranks in (int(r) for r in (args[0] or "2,8").split(",")):
         puts = [default_put] if args[2] == "receive" else PUTS
@@ -60,7 +61,7 @@ def main():
             set_variant(put, receive)
             same = all(torch.equal(a, b) for a, b in zip(received_tokens(ranks), expected))
             dispatch, combine, copy = dispatch_us(ranks, tokens)
-            print(f"{ranks:>2} {str(put):>33} {str(receive):>24} {dispatch:>11.0f} {combine:>10.0f} {copy:>8.0f} "
+            print(f"{ranks:>2} {str(put):>33} {str(receive):>20} {dispatch:>11.0f} {combine:>10.0f} {copy:>8.0f} "
                   f"{(dispatch + combine) / copy:>6.2f} {'' if same else 'WRONG: differs from the default'}",
                   flush=True)
             torch.cuda.empty_cache()

@@ -87,16 +87,11 @@ def received_rows(payload: torch.Tensor, extra: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("hidden,rows_at_once", [(128, 1), (384, 4), (2048, 1), (2048, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("pairwise", ["off", "on"])
-def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden, rows_at_once, dtype, pairwise,
-                                                                          monkeypatch):
+def test_the_nvfp4_receive_kernel_equals_the_torch_unpack_on_strided_rows(hidden, rows_at_once, dtype):
     """nvfp4_tokens (the CUDA receive) bit for bit against Nvfp4Format.unpack, with block scales over six decades
     (subnormal E4M3 ones too), negative zeros, and a NaN token that stays NaN; a row or several a program (the last
-    block partial); both conversions (all codes at once, or pair by pair)."""
-    from moeserve.kernels import ep_transport
+    block partial)."""
     from moeserve.kernels.ep_transport import nvfp4_tokens
-
-    monkeypatch.setattr(ep_transport, "NVFP4_RECEIVE_PAIRWISE", pairwise)
 
     fmt = Nvfp4Format()
     decades = 10.0 ** torch.linspace(-4, 2, hidden // 16).repeat_interleave(16)

@@ -197,15 +197,15 @@ def test_puts_on_their_own_stream_with_an_sm_budget_equal_the_inline_exchange(ra
 
 
 @pytest.mark.parametrize("rows_at_once", [1, 4])
-@pytest.mark.parametrize("pairwise", ["off", "on", "asm"])
-def test_the_nvfp4_receive_equals_the_torch_unpack_bit_for_bit(rows_at_once, pairwise, monkeypatch):
+@pytest.mark.parametrize("ptx", [False, True])
+def test_the_nvfp4_receive_equals_the_torch_unpack_bit_for_bit(rows_at_once, ptx, monkeypatch):
     """The receive's conversion of NVFP4 rows (strided, as in a receive area; some not in use) at DeepSeek-V3's hidden
-    size, against the token format's torch unpack; both conversions (all codes at once, or pair by pair)."""
+    size, against the token format's torch unpack; the conversion in Triton and in PTX."""
     from moeserve.distributed.ep.token_formats import Nvfp4Format
     from moeserve.kernels import ep_transport
     from moeserve.kernels.ep_transport import nvfp4_tokens
 
-    monkeypatch.setattr(ep_transport, "NVFP4_RECEIVE_PAIRWISE", pairwise)
+    monkeypatch.setattr(ep_transport, "NVFP4_RECEIVE_PTX", ptx)
 
     torch.manual_seed(rows_at_once)
     fmt = Nvfp4Format()
