@@ -216,42 +216,29 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
                       WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
     packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
-    it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d]."""
+    it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d].
+    Steps of CHUNK values: a first pass for the amax, a second to quantize; WHOLE_ROW: one load serves both."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
-    amax = tl.zeros((ROWS,), dtype=tl.float32)
-    has_nan = tl.zeros((ROWS,), dtype=tl.int32)
-    for start in range(0, hidden, CHUNK):  # first pass: each token's amax
-        in_row = _in_row(start, hidden, 1, CHUNK, WHOLE_ROW)
-        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
-                    mask=valid[:, None] & in_row, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-        has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=1))
-    glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))  # 6 * 448
-    glob = tl.where(has_nan > 0, float("nan"), glob)
-    six_glob = glob * 6.0
-    for start in range(0, hidden, CHUNK):
-        in_row = _in_row(start, hidden, 1, CHUNK, WHOLE_ROW)
-        v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
-                    mask=valid[:, None] & in_row, other=0.0)
-        v = tl.reshape(v.to(tl.float32), (ROWS, CHUNK // 16, 16))
-        block_amax = tl.max(tl.abs(v), axis=2)
-        block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=2) > 0, float("nan"), block_amax)
-        raw = _without_nan_rule(tl.math.div_rn(block_amax, six_glob[:, None]), 0.001953125, False)  # at least 2^-9
-        scale = tl.where(block_amax == 0, 1.0, raw)
-        scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))  # [ROWS, CHUNK / 16]
-        scaled = tl.math.div_rn(v, (scale * glob[:, None])[:, :, None])
-        low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (ROWS, CHUNK // 16, 8, 2)))
-        packed = tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2))
-        if UNROLL_DESTS:  # every rank's row address known at once (their loads overlap)
-            for dest in tl.static_range(EP):
-                _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
-                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                                   WHOLE_ROW)
-        else:
-            for dest in range(EP):
-                _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed,
-                                   scale, hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                                   WHOLE_ROW)
+    if WHOLE_ROW:
+        v = _load_values(x_ptr, tokens, valid, 0, hidden, CHUNK, WHOLE_ROW)
+        glob = _global_scale(tl.max(tl.abs(v), axis=1), tl.max((v != v).to(tl.int32), axis=1))
+        packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
+        _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, 0, packed, scale, hidden,
+                              row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS, WHOLE_ROW)
+    else:
+        amax = tl.zeros((ROWS,), dtype=tl.float32)
+        has_nan = tl.zeros((ROWS,), dtype=tl.int32)
+        for start in range(0, hidden, CHUNK):  # first pass: each token's amax
+            v = _load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW)
+            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+            has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=1))
+        glob = _global_scale(amax, has_nan)
+        for start in range(0, hidden, CHUNK):
+            v = _load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW)
+            packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
+            _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale,
+                                  hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS,
+                                  WHOLE_ROW)
     for dest in range(EP):
         position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
                              valid)
@@ -259,6 +246,53 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
         tl.store((rows + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob, mask=position >= 0)
     _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
               meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+
+
+@triton.jit
+def _load_values(x_ptr, tokens, valid, start, hidden, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """Values start onwards of the tokens' rows, [ROWS, CHUNK] in fp32 (0 where not valid or past the row)."""
+    v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
+                mask=valid[:, None] & _in_row(start, hidden, 1, CHUNK, WHOLE_ROW), other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _global_scale(amax, has_nan):
+    """Each token's global scale: amax / (6 * 448) (1 for a token of zeros, NaN for one with a NaN)."""
+    glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))
+    return tl.where(has_nan > 0, float("nan"), glob)
+
+
+@triton.jit
+def _quantize_nvfp4_values(v, glob, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """v [ROWS, CHUNK] fp32 under the tokens' global scales glob [ROWS] -> (codes two a byte [ROWS, CHUNK / 2] uint8,
+    E4M3-valued block scales [ROWS, CHUNK / 16] fp32), as moeserve.quant.nvfp4.quantize_nvfp4."""
+    v = tl.reshape(v, (ROWS, CHUNK // 16, 16))
+    block_amax = tl.max(tl.abs(v), axis=2)
+    block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=2) > 0, float("nan"), block_amax)
+    raw = _without_nan_rule(tl.math.div_rn(block_amax, (glob * 6.0)[:, None]), 0.001953125, False)  # at least 2^-9
+    scale = tl.where(block_amax == 0, 1.0, raw)
+    scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))
+    scaled = tl.math.div_rn(v, (scale * glob[:, None])[:, :, None])
+    low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (ROWS, CHUNK // 16, 8, 2)))
+    return tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2)), scale
+
+
+@triton.jit
+def _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale, hidden,
+                          row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                          LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, UNROLL_DESTS: tl.constexpr,
+                          WHOLE_ROW: tl.constexpr):
+    """A step's codes and block scales into the tokens' rows at every rank they go to (UNROLL_DESTS: the loop over the
+    ranks unrolled, so their row addresses load together)."""
+    if UNROLL_DESTS:
+        for dest in tl.static_range(EP):
+            _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
+                               hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, WHOLE_ROW)
+    else:
+        for dest in range(EP):
+            _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
+                               hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, WHOLE_ROW)
 
 
 @triton.jit
