@@ -1,7 +1,7 @@
 """Compile the small kernels the interpreter tests (SiLU-and-mul and the top-k sum with skipped pairs, the peer-to-peer
 transport) for Hopper (sm_90) without a GPU: catches what the interpreter does not (pointer casts, early returns), and
-prints each kernel's global stores and loads by width (a put or a get through a peer pointer of unknown alignment
-moves a byte or two at a time; v4.b32 is 16 bytes).
+prints each kernel's SASS instruction count (loops counted once) and its global stores and loads by width (a put or
+a get through a peer pointer of unknown alignment moves a byte or two at a time; v4.b32 is 16 bytes).
 
   PYTHONPATH=. python scripts/compile_new_kernels.py
 """
@@ -25,7 +25,9 @@ def build(fn, sig, constants, warps=4):
     k = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     stores = Counter(re.findall(r"st\.global(?:\.[a-z0-9]+)*", k.asm["ptx"]))  # the widths the stores got
     loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", k.asm["ptx"]))
-    print(fn.__name__, constants, "compiled for sm_90; stores:", dict(stores), "loads:", dict(loads))
+    sass = re.findall(r"^[-0-9a-f]{2}:[-0-9]:[-0-9]:[-Y]:\d+\s", k.asm["sass"], re.M)  # nvdisasm's control column
+    print(fn.__name__, constants, f"compiled for sm_90; {len(sass)} SASS instructions; stores:", dict(stores), "loads:",
+          dict(loads))
 
 c = "constexpr"
 for q in (False, True):

@@ -17,11 +17,11 @@ timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_
 grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
 for run in bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel; do  # weights:dense split-K's sum
   q=${run%:*}; [ "$q" = bf16 ] && q=""
-  echo "== latency v2-lite b1 $run" >> "$T"
+  log="$OUT/latency_${run/:/_}.log"  # one log a run: a run that prints nothing shows as nothing
   MOESERVE_SPLIT_K=${run#*:} timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy \
     --dtype bfloat16 --device cuda --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 \
-    --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} >> "$OUT/latency.log" 2>&1
-  grep -E "^\| moeserve|Error" "$OUT/latency.log" | tail -1 >> "$T"
+    --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} > "$log" 2>&1
+  echo "== latency v2-lite b1 $run rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
 done
 timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \
   > "$OUT/no_compiles.log" 2>&1

@@ -41,7 +41,8 @@ def signature(fmt: int) -> dict:
     integers.update(stride_we="i64", **dict.fromkeys(["stride_wn", "stride_wse", "stride_wsn", "stride_ge", "stride_om"], "i32"))
     constants = dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "FORMAT", "WEIGHTED", "PRECISION", "DENSE", "TILE_IN_ONE_SCALE_BLOCK", "SWAP_AB", "NIBBLES_TO_BF16", "USE_ASM", "EVEN_K"],
                               "constexpr")
-    return {**pointers, **integers, **constants}
+    split_k_sum = dict(partials_ptr="*fp32", arrivals_ptr="*i32", REDUCE_IN_KERNEL="constexpr")
+    return {**pointers, **integers, **constants, **split_k_sum}
 
 
 def compile_for_hopper(fmt: int, block_m: int, block_n: int, block_k: int, warps: int, stages: int):
@@ -52,7 +53,7 @@ def compile_for_hopper(fmt: int, block_m: int, block_n: int, block_k: int, warps
     constants = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, FORMAT=fmt,
                      WEIGHTED=False, PRECISION="tf32", DENSE=False, TILE_IN_ONE_SCALE_BLOCK=ONE_SCALE, SWAP_AB=SWAP_AB,
                      NIBBLES_TO_BF16=fmt == 2 and NIBBLES, USE_ASM=True,
-                     EVEN_K=os.environ.get("EVEN_K", "1") == "1")
+                     EVEN_K=os.environ.get("EVEN_K", "1") == "1", REDUCE_IN_KERNEL=False)
     return triton.compile(ASTSource(_moe_gemm_kernel, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 

@@ -497,12 +497,12 @@ MAX_CHUNK = 1024
 
 def chunk_of(hidden: int) -> int:
     """Values a fused-quantizing put (or the NVFP4 receive) handles at once: the largest power of two up to 1024
-    dividing the hidden size (a multiple of 128). (An NVFP4_PUT step above 1024 takes the whole row at once.)"""
+    dividing the hidden size (a multiple of 128). (An NVFP4_PUT step above 1024 takes the whole row instead.)"""
     return min(MAX_CHUNK, hidden & -hidden)
 
 
-NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (above 1024
-# and >= hidden: the whole row at once, one load per pass), warps, whether its loop over the ranks is unrolled)
+NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (above 1024:
+# the whole row at once, one load for the amax and the codes), warps, whether its loop over the ranks is unrolled)
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -554,7 +554,10 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
             rows_at_once, chunk, warps, unroll = NVFP4_PUT
             programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)
-            whole_row = chunk > MAX_CHUNK and chunk >= hidden
+            whole_row = chunk > MAX_CHUNK
+            if whole_row and chunk < hidden:
+                raise ValueError(f"NVFP4_PUT's step of {chunk} values: at most {MAX_CHUNK}, or at least the hidden "
+                                 f"size ({hidden}, the whole row in one step)")
             chunk = triton.next_power_of_2(hidden) if whole_row else min(chunk, chunk_of(hidden))
             extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll, WHOLE_ROW=whole_row)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,

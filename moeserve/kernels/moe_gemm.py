@@ -317,7 +317,10 @@ def _add_up_partials(acc, partials_ptr, arrivals_ptr, pid_m, pid_n, pid_k, num_m
 
 # Dense split-K: the slices' sum made by the last slice to arrive (one kernel) instead of fp32 atomics into zeros and
 # a copy (three kernels). Off until timed on a GPU; MOESERVE_SPLIT_K=in-kernel turns it on (bench latency A/B).
-SPLIT_K_IN_KERNEL = os.environ.get("MOESERVE_SPLIT_K", "atomic") == "in-kernel"
+_SPLIT_K_SUMS = ("atomic", "in-kernel")
+if os.environ.get("MOESERVE_SPLIT_K", "atomic") not in _SPLIT_K_SUMS:
+    raise ValueError(f"MOESERVE_SPLIT_K must be atomic or in-kernel, got {os.environ['MOESERVE_SPLIT_K']!r}")
+SPLIT_K_IN_KERNEL = os.environ.get("MOESERVE_SPLIT_K") == "in-kernel"
 
 
 def weight_format(weight) -> int:
@@ -386,12 +389,13 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
     dummy = a.new_empty(1, dtype=torch.float32)
     w, w_scale, w_global = _weight_operands(weight, fmt, num_experts, n, k, config, dummy)
     a_scale = a_scale if a_scale is not None else dummy.view(1, 1)
-    in_kernel = config.split_k > 1 and dense and SPLIT_K_IN_KERNEL
-    target = out if config.split_k == 1 or in_kernel else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     num_m, num_n = row_slots // config.block_m, triton.cdiv(n, config.block_n)
+    arrivals = tile_arrivals(a.device, num_m * num_n) if config.split_k > 1 and dense and SPLIT_K_IN_KERNEL else None
+    in_kernel = arrivals is not None
+    target = out if config.split_k == 1 or in_kernel else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     partials = (a.new_empty(config.split_k * row_slots * num_n * config.block_n, dtype=torch.float32) if in_kernel
                 else dummy)
-    arrivals = tile_arrivals(a.device, num_m * num_n) if in_kernel else dummy
+    arrivals = arrivals if in_kernel else dummy
     max_tiles = num_m * num_n * config.split_k
     grid = (min(max_tiles, persistent_programs(a.device)) if config.persistent else max_tiles,)
     _moe_gemm_kernel[grid](
@@ -414,18 +418,21 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         out.copy_(target)
 
 
-_arrivals: dict[tuple, torch.Tensor] = {}
+_arrivals: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def tile_arrivals(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, at least `tiles`, of the current stream on `device` (kernels of one stream run one after
-    another, and each leaves its counters zero; another stream gets its own). A graph's capture stream makes its own
-    during the capture (their zero fill then replays with the graph: harmless)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counters = _arrivals.get((device, stream))
-    if counters is None or counters.numel() < tiles:
-        counters = _arrivals[(device, stream)] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return counters
+def tile_arrivals(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, at least `tiles`, for the in-kernel split-K sum on `device`; each launch leaves them zero
+    again, so launches in one stream (the engine's compute stream, its graph replays) share them. Made and zeroed only
+    outside graph capture (a capture records a fill without running it): while capturing with none big enough, None
+    (the caller sums with atomics). Outgrown counters stay alive for the graphs captured with them."""
+    made = _arrivals.setdefault(device, [])
+    if made and made[-1].numel() >= tiles:
+        return made[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    made.append(torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device))
+    return made[-1]
 
 
 @functools.cache

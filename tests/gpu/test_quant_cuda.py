@@ -64,25 +64,49 @@ def test_dense_quantized_kernel_variants_at_deepseek_v3_shapes(fmt, config):
 @pytest.mark.parametrize("rows", [1, 5, 16])
 def test_split_k_added_up_in_the_kernel_equals_the_atomic_sum_at_decode_shapes(fmt, rows, monkeypatch):
     """The last slice of each tile adds up the slices' partials (one kernel instead of zeros, atomics and a copy): the
-    reference's result, the same bits launch after launch (slice order, whoever arrives last), counters left at 0;
-    V2-Lite's and V3's decode shapes at dense_config's split (8 slices for most)."""
+    reference's result into an output of NaNs, the same bits launch after launch (slice order, whoever arrives last),
+    counters left at 0; V2-Lite's and V3's decode shapes at dense_config's split (8 slices for most); under a CUDA
+    graph, captured with the counters made before it, replayed; a capture before any counters exist sums by atomics."""
     from moeserve.kernels import moe_gemm
-    from moeserve.kernels.quant_linear import quantized_gemm
+    from moeserve.kernels.device import multiprocessors
+    from moeserve.kernels.quant_linear import dense_config, quantized_gemm
     from moeserve.ops.linear import quantized_linear_reference
     from moeserve.quant.formats import quantized
 
     for n, k in [(3072, 2048), (576, 2048), (2048, 2816), (2048, 7168), (7168, 16384)]:
         weight = quantized(fmt, torch.randn(n, k, device="cuda") * 0.02)
         x = torch.randn(rows, k, device="cuda").bfloat16()
+        config = dense_config(rows, n, k, multiprocessors(x.device), moe_gemm.weight_format(weight))
         monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", False)
         atomic = quantized_gemm(x, weight).float()
         monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", True)
-        runs = [quantized_gemm(x, weight) for _ in range(20)]
+
+        def launch(out):
+            moe_gemm.dense_gemm(x, None, weight, out.fill_(float("nan")), config)
+            return out
+
+        runs = [launch(torch.empty(rows, n, dtype=x.dtype, device="cuda")).clone() for _ in range(20)]
         expected = quantized_linear_reference(x, weight).float()
-        assert torch.isfinite(runs[0]).all() and all(torch.equal(r, runs[0]) for r in runs), (n, k)
+        assert torch.isfinite(runs[0]).all() and all(torch.equal(r, runs[0]) for r in runs), (n, k, config)
         assert (runs[0].float() - expected).norm() <= 1e-2 * expected.norm(), (n, k)
         assert (runs[0].float() - atomic).norm() <= 1e-2 * atomic.norm(), (n, k)
         assert not moe_gemm.tile_arrivals(x.device, 1).any()
+        out = torch.empty(rows, n, dtype=x.dtype, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe_gemm.dense_gemm(x, None, weight, out, config)
+        for _ in range(3):
+            out.fill_(float("nan"))
+            graph.replay()
+            assert torch.equal(out, runs[0]), (n, k)
+    monkeypatch.setattr(moe_gemm, "_arrivals", {})  # a capture with no counters made before it sums with atomics
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_gemm.dense_gemm(x, None, weight, out, config)
+    assert not moe_gemm._arrivals[x.device]
+    out.fill_(float("nan"))
+    graph.replay()
+    assert (out.float() - atomic).norm() <= 1e-3 * atomic.norm()
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])

@@ -47,11 +47,14 @@ def test_the_swapped_product_matches_the_reference(fmt, n, k, rows, split_k):
 
 
 @pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 640), ("nvfp4", 130, 352)])
-@pytest.mark.parametrize("rows,split_k,swap_ab", [(1, 2, True), (5, 3, True), (17, 4, False)])
-def test_split_k_added_up_by_the_last_slice_matches_the_reference(fmt, n, k, rows, split_k, swap_ab, monkeypatch):
+@pytest.mark.parametrize("rows,split_k,swap_ab,persistent", [(1, 2, True, False), (5, 3, True, True),
+                                                             (17, 4, False, False)])
+def test_split_k_added_up_by_the_last_slice_matches_the_reference(fmt, n, k, rows, split_k, swap_ab, persistent,
+                                                                  monkeypatch):
     """The in-kernel split-K sum: each slice's partial goes to a workspace and the last slice of a tile to arrive
-    adds them up in slice order (the same bits whichever arrives last); the tile counters end at zero for the next
-    launch, and rows and columns outside the product stay as they were (NaN here)."""
+    adds them up in slice order (the interpreter runs the programs in order: the GPU test meets other orders); a
+    persistent grid's programs each take several tiles; the tile counters end at zero for the next launch, and rows
+    and columns outside the product stay as they were (NaN here)."""
     from moeserve.kernels import moe_gemm
     from moeserve.kernels.activation import quantize_fp8_activations
     from moeserve.kernels.moe_gemm import GemmConfig, dense_gemm, tile_arrivals
@@ -59,7 +62,8 @@ def test_split_k_added_up_by_the_last_slice_matches_the_reference(fmt, n, k, row
     monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", True)
     weight = random_quantized(fmt, n, k, seed=rows + split_k)
     x = torch.randn(rows, k)
-    config = GemmConfig(block_m=16, block_n=64, block_k=128 if fmt == "fp8" else 32, split_k=split_k, swap_ab=swap_ab)
+    config = GemmConfig(block_m=16, block_n=64, block_k=128 if fmt == "fp8" else 32, split_k=split_k, swap_ab=swap_ab,
+                        persistent=persistent)
     actual = quantized_gemm(x, weight, config=config)
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual, quantized_linear_reference(x, weight), rtol=1e-4, atol=1e-4)
