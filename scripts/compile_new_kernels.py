@@ -16,7 +16,7 @@ from moeserve.kernels import activation, ep_transport
 
 # integer arguments that are multiples of 16 at run time (Triton specializes on that): sizes in bytes and elements
 DIVISIBLE = ("hidden", "row_bytes", "meta_words", "payload_words", "row_words", "stride_y", "max_tokens", "intermediate",
-             "row_stride")
+             "row_stride", "code_bytes")
 
 
 def build(fn, sig, constants, warps=4):
@@ -55,8 +55,8 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
           EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16, ROWS=rows))
     for nvfp4_rows, chunk, unroll in ((1, 1024, False), (4, 256, False), (4, 1024, False), (1, 8192, True)):
         build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
-              recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-              EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, UNROLL_DESTS=c, WHOLE_ROW=c),
+              recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32",
+              code_bytes="i32", EP=c, EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, UNROLL_DESTS=c, WHOLE_ROW=c),
               dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, UNROLL_DESTS=unroll, WHOLE_ROW=chunk > 1024),
               warps=8 if chunk > 1024 else 4)
 for rows in (1, 4):

@@ -197,21 +197,22 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 
 @triton.jit
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
-                           meta_words, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                           UNROLL_DESTS: tl.constexpr = False, WHOLE_ROW: tl.constexpr = False):
+                           meta_words, row_bytes, me, region_rows, code_bytes, EP: tl.constexpr,
+                           EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                           ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr = False, WHOLE_ROW: tl.constexpr = False):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4: CHUNK
-    values a step (a divisor of hidden), or WHOLE_ROW: the row in one step of CHUNK >= hidden, masked."""
+    values a step (a divisor of hidden), or WHOLE_ROW: the row in one step of CHUNK >= hidden, masked. code_bytes:
+    hidden / 2, an argument so that Triton sees it is a multiple of 16 (the masked stores of codes stay 16 bytes wide)."""
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
-                          hidden, meta_words, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, BLOCK, ROWS,
-                          UNROLL_DESTS, WHOLE_ROW)
+                          hidden, meta_words, row_bytes, me, region_rows, code_bytes, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                          BLOCK, ROWS, UNROLL_DESTS, WHOLE_ROW)
 
 
 @triton.jit
 def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
-                      row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                      row_bytes, me, region_rows, code_bytes, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr,
                       WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
@@ -224,7 +225,8 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
         glob = _global_scale(tl.max(tl.abs(v), axis=1), tl.max((v != v).to(tl.int32), axis=1))
         packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
         _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, 0, packed, scale, hidden,
-                              row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS, WHOLE_ROW)
+                              code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS,
+                              WHOLE_ROW)
     else:
         amax = tl.zeros((ROWS,), dtype=tl.float32)
         has_nan = tl.zeros((ROWS,), dtype=tl.int32)
@@ -237,8 +239,8 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
             v = _load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW)
             packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
             _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale,
-                                  hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS,
-                                  WHOLE_ROW)
+                                  hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                                  UNROLL_DESTS, WHOLE_ROW)
     for dest in range(EP):
         position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
                              valid)
@@ -252,7 +254,7 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
 def _load_values(x_ptr, tokens, valid, start, hidden, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """Values start onwards of the tokens' rows, [ROWS, CHUNK] in fp32 (0 where not valid or past the row)."""
     v = tl.load(x_ptr + tokens[:, None] * hidden + start + tl.arange(0, CHUNK)[None, :],
-                mask=valid[:, None] & _in_row(start, hidden, 1, CHUNK, WHOLE_ROW), other=0.0)
+                mask=valid[:, None] & _in_row(start, hidden, CHUNK, WHOLE_ROW), other=0.0)
     return v.to(tl.float32)
 
 
@@ -280,7 +282,7 @@ def _quantize_nvfp4_values(v, glob, ROWS: tl.constexpr, CHUNK: tl.constexpr):
 
 @triton.jit
 def _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale, hidden,
-                          row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                          code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
                           LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, UNROLL_DESTS: tl.constexpr,
                           WHOLE_ROW: tl.constexpr):
     """A step's codes and block scales into the tokens' rows at every rank they go to (UNROLL_DESTS: the loop over the
@@ -288,35 +290,37 @@ def _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, v
     if UNROLL_DESTS:
         for dest in tl.static_range(EP):
             _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
-                               hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, WHOLE_ROW)
+                               hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                               WHOLE_ROW)
     else:
         for dest in range(EP):
             _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
-                               hidden, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, WHOLE_ROW)
+                               hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
+                               WHOLE_ROW)
 
 
 @triton.jit
 def _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale, hidden,
-                       row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
+                       code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
                        CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """The codes and block scales of values start onwards of the tokens that go to rank dest, into their rows there."""
     position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
     goes = (position >= 0)[:, None]
     rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
     tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed,
-             mask=goes & _in_row(start, hidden, 2, CHUNK, WHOLE_ROW))
-    tl.store((rows + hidden // 2 + start // 16).to(tl.pointer_type(tl.float8e4nv))
+             mask=goes & _in_row(start // 2, code_bytes, CHUNK // 2, WHOLE_ROW))
+    tl.store((rows + code_bytes + start // 16).to(tl.pointer_type(tl.float8e4nv))
              + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv),
-             mask=goes & _in_row(start, hidden, 16, CHUNK, WHOLE_ROW))
+             mask=goes & _in_row(start // 16, hidden // 16, CHUNK // 16, WHOLE_ROW))
 
 
 @triton.jit
-def _in_row(start, hidden, per, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
-    """[1, CHUNK / per] mask of a step's items (values, code bytes: per = 2, block scales: per = 16) inside the row:
+def _in_row(first, row_items, ITEMS: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """[1, ITEMS] mask of a step's items (values, code bytes or block scales) first onwards inside a row of row_items:
     all of them unless the step is a whole row padded to a power of two (no mask: the stores stay wide)."""
     if WHOLE_ROW:
-        return (start // per + tl.arange(0, CHUNK // per) < hidden // per)[None, :]
-    return tl.full((1, CHUNK // per), 1, tl.int1)
+        return (first + tl.arange(0, ITEMS) < row_items)[None, :]
+    return tl.full((1, ITEMS), 1, tl.int1)
 
 
 @triton.jit
@@ -559,7 +563,8 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
                 raise ValueError(f"NVFP4_PUT's step of {chunk} values: at most {MAX_CHUNK}, or at least the hidden "
                                  f"size ({hidden}, the whole row in one step)")
             chunk = triton.next_power_of_2(hidden) if whole_row else min(chunk, chunk_of(hidden))
-            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll, WHOLE_ROW=whole_row)
+            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll, WHOLE_ROW=whole_row,
+                         code_bytes=hidden // 2)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
                             hidden=hidden, meta_words=meta_words, row_bytes=row_bytes,
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())
