@@ -598,10 +598,10 @@ def comm_sms_budgets(text: str) -> list[int | None]:
     from moeserve.config import ConfigError
 
     budgets = []
-    for item in text.split(","):
-        if item.strip() == "none":
+    for item in (part.strip() for part in text.split(",")):
+        if item == "none":
             budgets.append(None)
-        elif item.strip().isdecimal() and item.strip().isascii() and int(item) > 0:
+        elif item.isdecimal() and item.isascii() and int(item) > 0:
             budgets.append(int(item))
         else:
             raise ConfigError(f"--comm-sms takes none or positive SM counts, comma-separated; got {item!r} in {text!r}")

@@ -80,7 +80,8 @@ class StepInputs:
             self.on_device.index_copy_(0, places_d, previous_ids[sources_d].to(torch.int32))
 
     def fields(self, num_tokens: int, batch: int) -> list[torch.Tensor]:
-        return list(self.on_device[1 : 2 + 3 * num_tokens + 3 * batch].split([num_tokens] * 3 + [batch + 1, batch, batch]))
+        fields = self.on_device[1 : 2 + 3 * num_tokens + 3 * batch]  # after the real-token count
+        return list(fields.split([num_tokens] * 3 + [batch + 1, batch, batch]))
 
 
 class ModeMismatch(RuntimeError):

@@ -191,9 +191,9 @@ def graph_pool_bytes(config: ModelConfig, layout: ParallelLayout, dtype: torch.d
 
 def ep_buffer_bytes(request: "Request") -> int:
     """Persistent EP communication buffers: the p2p backend's PeerBuffers (a count matrix, receive rows for every rank
-    sending all its tokens here, this rank's experts' results for each of those rows), for its largest step and, with decode
-    graphs, for its largest graphed decode batch (the low-latency set); none for the NCCL all-to-all and all-gather
-    backends, whose transfers are allocated per step (inside the activation peak)."""
+    sending all its tokens here, this rank's experts' results for each of those rows), for its largest step and, with
+    decode graphs, for its largest graphed decode batch (the low-latency set); none for the NCCL all-to-all and
+    all-gather backends, whose transfers are allocated per step (inside the activation peak)."""
     ep = request.layout.ep
     if not request.p2p:
         return 0

@@ -202,7 +202,7 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
                            ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr = False, WHOLE_ROW: tl.constexpr = False):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4: CHUNK
     values a step (a divisor of hidden), or WHOLE_ROW: the row in one step of CHUNK >= hidden, masked. code_bytes:
-    hidden / 2, an argument so that Triton sees it is a multiple of 16 (the masked stores of codes stay 16 bytes wide)."""
+    hidden / 2, an argument so that Triton sees it is a multiple of 16 (the masked code stores stay 16 bytes wide)."""
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
@@ -212,9 +212,9 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
 
 @triton.jit
 def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
-                      row_bytes, me, region_rows, code_bytes, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr,
-                      WHOLE_ROW: tl.constexpr):
+                      row_bytes, me, region_rows, code_bytes, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                      LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                      UNROLL_DESTS: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
     packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
     it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d].
@@ -301,8 +301,8 @@ def _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, v
 
 @triton.jit
 def _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale, hidden,
-                       code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr,
-                       CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                       code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
+                       LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     """The codes and block scales of values start onwards of the tokens that go to rank dest, into their rows there."""
     position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
     goes = (position >= 0)[:, None]
@@ -584,7 +584,8 @@ def pull_results(results_table: torch.Tensor, local_index: torch.Tensor, first: 
         block = min(1024, triton.next_power_of_2(hidden))
         chunks = triton.cdiv(hidden, block)
         programs, rows_at_once, warps = programs_along_rows(tokens, chunks, max_programs)
-        _pull_results_kernel[(programs, chunks)](results_table, local_index, first if first is not None else local_index,
+        _pull_results_kernel[(programs, chunks)](results_table, local_index,
+                                                 first if first is not None else local_index,
                                                  out, tokens, hidden, me, region_rows or 0, EP=ep,
                                                  LOW_LATENCY=first is None, BLOCK=block, ROWS=rows_at_once,
                                                  num_warps=warps)

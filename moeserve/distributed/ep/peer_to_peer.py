@@ -363,7 +363,7 @@ class PeerToPeerRank(ExpertParallelDispatcher):
         return tokens, RowLayout(slots, weights), handle
 
     def receive_fixed_regions(self, sending: Sending):
-        """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts and index -1."""
+        """Low-latency mode: all EP * max_tokens rows; those beyond a region's count get no experts (slots -1)."""
         buffers = sending.memory.buffers
         index = buffers.region_index  # [EP * max_tokens]
         real = index < buffers.counts[:, self.ep_rank].repeat_interleave(buffers.max_tokens)
