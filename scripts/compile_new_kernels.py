@@ -40,7 +40,7 @@ build(activation._sum_over_k_kernel, dict(y_ptr="*bf16", slots_ptr="*i64", out_p
 build(ep_transport._route_block_kernel,
       dict(ids_ptr="*i64", weights_ptr="*fp32", replica_slots_ptr="*i64", replica_count_ptr="*i64", local_index_ptr="*i32",
            meta_ptr="*i32", block_counts_ptr="*i32", num_tokens="i32", me="i32", slots_per_rank="i32", stride_replicas="i32",
-           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=512))
+           EP=c, EP_POW2=c, TOP_K=c, BLOCK_T=c, K_POW2=c), dict(EP=8, EP_POW2=8, TOP_K=8, BLOCK_T=32, K_POW2=8))
 build(ep_transport._route_offsets_kernel,
       dict(local_index_ptr="*i32", block_counts_ptr="*i32", counts_table_ptr="*i64", num_tokens="i32", num_blocks="i32",
            me="i32", EP=c, EP_POW2=c, BLOCK_T=c, BLOCKS_POW2=c), dict(EP=8, EP_POW2=8, BLOCK_T=512, BLOCKS_POW2=8))
@@ -52,14 +52,15 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
           LOW_LATENCY=c, BLOCK=c, META_BLOCK=c, ROWS=c), dict(**placement, BLOCK=1024, META_BLOCK=16, ROWS=rows))
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c), dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16, ROWS=rows))
-    for nvfp4_rows, chunk, unroll in ((1, 1024, False), (4, 256, False), (4, 1024, False), (1, 8192, True)):
+          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c, WHOLE_ROW=c),
+          dict(**placement, GROUP=128, CHUNK=1024 if rows > 1 else 8192, BLOCK=16, ROWS=rows, WHOLE_ROW=rows == 1))
+    for nvfp4_rows, chunk in ((1, 1024), (4, 256), (1, 8192)):
         build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
               recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32",
-              code_bytes="i32", EP=c, EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, UNROLL_DESTS=c, WHOLE_ROW=c),
-              dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, UNROLL_DESTS=unroll, WHOLE_ROW=chunk > 1024),
-              warps=8 if chunk > 1024 else 4)
-for rows in (1, 4):
+              code_bytes="i32", EP=c, EP_POW2=c, LOW_LATENCY=c, CHUNK=c, BLOCK=c, ROWS=c, WHOLE_ROW=c),
+              dict(**placement, CHUNK=chunk, BLOCK=16, ROWS=nvfp4_rows, WHOLE_ROW=chunk > 1024),
+              warps=4)
+for rows in (4, 8):
     for use_asm in (False, True):
         build(ep_transport._nvfp4_tokens_kernel, dict(rows_ptr="*u8", out_ptr="*bf16", in_use_ptr="*u8", num_rows="i32",
               hidden="i32", row_stride="i32", CHUNK=c, ROWS=c, SOME_ROWS=c, USE_ASM=c),

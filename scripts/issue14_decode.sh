@@ -3,19 +3,22 @@
 # codes built as bf16 from their bits). The CUDA kernel and quantization tests, the MoE layer sweep (bf16 / FP8 / NVFP4,
 # DeepSeek-V3, 32 local experts) with the card's copy and read yardsticks, V2-Lite batch 1 with bf16 / FP8 / NVFP4
 # weights (the quantized ones with dense split-K summed by atomics, then in the kernel: MOESERVE_SPLIT_K), and the
-# no-compiles-after-warm-up test. Logs under $OUT; the table last.
+# no-compiles-after-warm-up test. Logs under $OUT; the table last. TESTS, RUNS (weights:sum ...), SKIP_SWEEP=1 and
+# SKIP_NO_COMPILES=1 narrow it.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
 T="$OUT/table.txt"; : > "$T"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"
 git log -1 --format=%h >> "$T" 2>/dev/null
-timeout 330 python3 -m pytest tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py -q -p no:cacheprovider -rf \
+timeout 330 python3 -m pytest ${TESTS:-tests/gpu/test_quant_cuda.py tests/gpu/test_kernels_cuda.py} -q -p no:cacheprovider -rf \
   > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$T"; grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8 >> "$T"
-timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
-grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
-for run in bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel; do  # weights:dense split-K's sum
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
+  grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
+fi
+for run in ${RUNS:-bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel}; do  # weights:dense split-K's sum
   q=${run%:*}; [ "$q" = bf16 ] && q=""
   log="$OUT/latency_${run/:/_}.log"  # one log a run: a run that prints nothing shows as nothing
   MOESERVE_SPLIT_K=${run#*:} timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy \
@@ -23,7 +26,7 @@ for run in bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel; do
     --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} > "$log" 2>&1
   echo "== latency v2-lite b1 $run rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
 done
-timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \
+[ -z "${SKIP_NO_COMPILES:-}" ] && timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf \
   > "$OUT/no_compiles.log" 2>&1
 echo "no-compiles rc=$?" >> "$T"; grep -E "passed|failed|FAILED" "$OUT/no_compiles.log" | tail -4 >> "$T"
 cat "$T"

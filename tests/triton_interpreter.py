@@ -1,6 +1,7 @@
 """Running Triton kernels on the CPU in tests: TRITON_INTERPRET=1 (set before any @triton.jit runs),
 and fixes for the interpreter's bf16: tl.dot multiplies raw bf16 bit patterns (triton issue 11584), and
-casts from fp32 to bf16 truncate where the GPU rounds to nearest even."""
+casts from fp32 to bf16 truncate where the GPU rounds to nearest even; casts from fp32 to E4M3 round ties up and
+turn NaN into 384 (the GPU's conversion rounds ties to even, saturates at 448 and keeps NaN as 0x7F)."""
 
 import os
 
@@ -42,3 +43,13 @@ def enable() -> None:
         return original_cast(self, src, dst_type)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+    original_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:  # as the GPU's cvt.rn.satfinite
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            x = torch.where(x.isnan(), x.abs(), x.clamp(-448.0, 448.0))  # NaN -> 0x7F, whatever its sign
+            return interpreter.TensorHandle(x.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), tl.float8e4nv)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp

@@ -24,14 +24,19 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
+def max_keeping_nan(a, b):
+    """max(a, b), NaN if either is (the GPU's plain max drops a NaN); a combine function for tl.reduce."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def quantize_e4m3_group(y, axis: tl.constexpr):
     """A group of fp32 values along `axis` -> (E4M3 values, the group's scale amax / 448), as
     moeserve.quant.fp8.quantize_fp8_groups computes them: correctly rounded divisions (a plain `/` is
     approximate on the GPU), a NaN anywhere in a group makes its scale and values NaN, zero-padded
     elements of a partial group count as 0."""
-    has_nan = tl.max((y != y).to(tl.int32), axis=axis) > 0
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=axis), 1e-12), 448.0)
-    scale = tl.where(has_nan, float("nan"), scale)
+    amax = tl.reduce(tl.abs(y), axis, max_keeping_nan)
+    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, 1e-12)), 448.0)  # NaN as the GPU makes it
     divisor = scale if axis == 0 else tl.expand_dims(scale, axis)
     # A zero dividend sends the GPU's correctly rounded division down its slow path (the padded rows of every
     # decode tile are zeros): divide something else there and keep the zero, with its sign.

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.activation import FP8_GROUP, quantize_e4m3_group, round_to_e4m3_grid
+from moeserve.kernels.activation import FP8_GROUP, max_keeping_nan, quantize_e4m3_group, round_to_e4m3_grid
 from moeserve.kernels.moe_gemm import e2m1_to_float
 
 WORDS_PER_PROGRAM = 1024
@@ -25,19 +25,33 @@ def _peer(table_ptr, rank, dtype: tl.constexpr):
 
 
 @triton.jit
-def _position(local_index_ptr, counts_ptr, token, dest, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-              LOW_LATENCY: tl.constexpr, valid=True):
-    """Row of token t (a token or a vector of them, those not `valid` going nowhere) in rank d's receive area (int64;
-    -1: t does not go to d): its index among this rank's rows to d, after this rank's fixed region start (low
-    latency) or after the rows the ranks before it send d (this rank's count matrix, where every rank has put its
-    row)."""
-    index = tl.load(local_index_ptr + token * EP + dest, mask=valid, other=-1).to(tl.int64)
+def _rows_at_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, me, region_rows,
+                   EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr):
+    """Addresses (int64 [ROWS, EP_POW2]) of the tokens' rows (those not `valid` going nowhere) in every rank d's
+    receive area, 0 where a token does not go there: its index among this rank's rows to d, after this rank's fixed
+    region start (low latency) or after the rows the ranks before it send d (this rank's count matrix, where every
+    rank has put its row). A put loads them all before its first store: a load placed after a store issues after it,
+    so loading each rank's row just before storing to it would put a load's latency between every two ranks."""
+    dests = tl.arange(0, EP_POW2)
+    in_ep = dests < EP
+    index = tl.load(local_index_ptr + tokens[:, None] * EP + dests[None, :], mask=valid[:, None] & in_ep[None, :],
+                    other=-1).to(tl.int64)
     if LOW_LATENCY:
-        first = tl.zeros((), dtype=tl.int64) + me * region_rows
+        first = tl.zeros((EP_POW2,), dtype=tl.int64) + me * region_rows
     else:
-        sources = tl.arange(0, EP_POW2)
-        first = tl.sum(tl.load(counts_ptr + sources * EP + dest, mask=sources < me, other=0), axis=0).to(tl.int64)
-    return tl.where(index >= 0, first + index, -1)
+        sources = tl.arange(0, EP_POW2)[:, None]
+        counts = tl.load(counts_ptr + sources * EP + dests[None, :], mask=(sources < me) & in_ep[None, :], other=0)
+        first = tl.sum(counts, axis=0).to(tl.int64)
+    bases = tl.load(recv_table_ptr + dests, mask=in_ep, other=0)
+    return tl.where(index >= 0, bases[None, :] + (first[None, :] + index) * row_bytes, 0)
+
+
+@triton.jit
+def _row_at(addresses, dest, EP_POW2: tl.constexpr, dtype: tl.constexpr):
+    """Column dest of _rows_at_ranks: the tokens' rows at rank dest as [ROWS, 1] pointers to dtype (16-byte aligned:
+    the areas are, and rows are a multiple of 16 bytes long), and [ROWS, 1]: whether each token goes there."""
+    address = tl.sum(tl.where(tl.arange(0, EP_POW2)[None, :] == dest, addresses, 0), axis=1)
+    return tl.multiple_of(address.to(tl.pointer_type(dtype)), 16)[:, None], (address != 0)[:, None]
 
 
 @triton.jit
@@ -52,30 +66,32 @@ def _put_counts_kernel(counts_table_ptr, my_counts_ptr, me, EP: tl.constexpr, EP
 @triton.jit
 def _route_block_kernel(ids_ptr, weights_ptr, replica_slots_ptr, replica_count_ptr, local_index_ptr, meta_ptr,
                         block_counts_ptr, num_tokens, me, slots_per_rank, stride_replicas,
-                        EP: tl.constexpr, EP_POW2: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr):
+                        EP: tl.constexpr, EP_POW2: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                        K_POW2: tl.constexpr):
     """The send side's layout of token block b (program b): each (token, k)'s replica (token + me mod its count), the
     ranks each token goes to, its index among the block's rows to each rank, the metadata rows [K slots (-1: not
     there) | K weights] per (token, rank), and the block's row count for each rank."""
     block = tl.program_id(0)
     ranks = tl.arange(0, EP_POW2)
     rank_ok = ranks < EP
-    meta_weights_ptr = meta_ptr.to(tl.pointer_type(tl.float32))
     tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < num_tokens
     ok = token_ok[:, None] & rank_ok[None, :]
-    goes = tl.zeros((BLOCK_T, EP_POW2), dtype=tl.int32)
-    meta_row = (tokens.to(tl.int64)[:, None] * EP + ranks[None, :]) * (2 * TOP_K)
-    for k in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + tokens * TOP_K + k, mask=token_ok, other=0).to(tl.int64)
-        replicas = tl.load(replica_count_ptr + expert, mask=token_ok, other=1)
-        physical = tl.load(replica_slots_ptr + expert * stride_replicas + (tokens + me) % replicas, mask=token_ok,
-                           other=0)
-        weight = tl.load(weights_ptr + tokens * TOP_K + k, mask=token_ok, other=0.0).to(tl.float32)
-        hit = (physical // slots_per_rank)[:, None] == ranks[None, :]
-        goes = tl.maximum(goes, hit.to(tl.int32))
-        tl.store(meta_ptr + meta_row + k, tl.where(hit, (physical % slots_per_rank)[:, None], -1).to(tl.int32),
-                 mask=ok)
-        tl.store(meta_weights_ptr + meta_row + TOP_K + k, tl.where(hit, weight[:, None], 0.0), mask=ok)
+    ks = tl.arange(0, K_POW2)
+    pair_ok = token_ok[:, None] & (ks < TOP_K)[None, :]  # [BLOCK_T, K_POW2]: every (token, k) loaded at once
+    expert = tl.load(ids_ptr + tokens[:, None] * TOP_K + ks[None, :], mask=pair_ok, other=0).to(tl.int64)
+    replicas = tl.load(replica_count_ptr + expert, mask=pair_ok, other=1)
+    physical = tl.load(replica_slots_ptr + expert * stride_replicas + (tokens[:, None] + me) % replicas, mask=pair_ok,
+                       other=0)
+    weight = tl.load(weights_ptr + tokens[:, None] * TOP_K + ks[None, :], mask=pair_ok, other=0.0).to(tl.float32)
+    hit = ((physical // slots_per_rank)[:, None, :] == ranks[None, :, None]) & pair_ok[:, None, :]  # [T, EP, K]
+    goes = tl.max(hit.to(tl.int32), axis=2)
+    meta_rows = meta_ptr + ((tokens.to(tl.int64)[:, None] * EP + ranks[None, :]) * (2 * TOP_K))[:, :, None]
+    store_ok = ok[:, :, None] & (ks < TOP_K)[None, None, :]
+    tl.store(meta_rows + ks[None, None, :], tl.where(hit, (physical % slots_per_rank)[:, None, :], -1).to(tl.int32),
+             mask=store_ok)
+    tl.store(meta_rows.to(tl.pointer_type(tl.float32)) + TOP_K + ks[None, None, :],
+             tl.where(hit, weight[:, None, :], 0.0), mask=store_ok)
     goes = tl.where(ok, goes, 0)
     index = tl.cumsum(goes, axis=0) - 1
     tl.store(local_index_ptr + tokens[:, None] * EP + ranks[None, :], tl.where(goes > 0, index, -1), mask=ok)
@@ -115,77 +131,75 @@ def _put_rows_kernel(payload_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < payload_words
-    meta_offs = tl.arange(0, META_BLOCK)
-    meta_ok = (meta_offs < meta_words) & (chunk == 0)
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         valid = tokens < num_tokens
+        addresses = _rows_at_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_words * 4, me,
+                                   region_rows, EP, EP_POW2, LOW_LATENCY)
         words = tl.load(payload_ptr + tokens[:, None] * payload_words + offs[None, :], mask=valid[:, None] & ok[None, :])
         for dest in range(EP):
-            position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
-                                 valid)
-            goes = (position >= 0)[:, None]
-            rows = _peer(recv_table_ptr, dest, tl.int32) + position[:, None] * row_words
+            rows, goes = _row_at(addresses, dest, EP_POW2, tl.int32)
             tl.store(rows + offs[None, :], words, mask=goes & ok[None, :])
-            meta = tl.load(meta_ptr + (tokens[:, None] * EP + dest) * meta_words + meta_offs[None, :],
-                           mask=goes & meta_ok[None, :])
-            tl.store(rows + payload_words + meta_offs[None, :], meta, mask=goes & meta_ok[None, :])
+        if chunk == 0:
+            _put_meta(meta_ptr, addresses, tokens, payload_words * 4, meta_words, EP, EP_POW2, META_BLOCK)
 
 
 @triton.jit
-def _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes, meta_words,
-              me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, BLOCK: tl.constexpr):
-    """Tokens' (a vector; those not `valid` skipped) metadata for each rank d they go to, after the payload of their
-    rows there."""
-    offs = tl.arange(0, BLOCK)
-    ok = offs < meta_words
-    for dest in range(EP):
-        position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
-        goes = (position >= 0)[:, None] & ok[None, :]
-        rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
-        meta = tl.load(meta_ptr + (tokens[:, None] * EP + dest) * meta_words + offs[None, :], mask=goes)
-        tl.store((rows + payload_bytes).to(tl.pointer_type(tl.int32)) + offs[None, :], meta, mask=goes)
+def _put_meta(meta_ptr, addresses, tokens, payload_bytes, meta_words, EP: tl.constexpr, EP_POW2: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """Tokens' metadata for each rank d they go to (addresses: _rows_at_ranks), after the payload of their rows
+    there, for all the ranks at once."""
+    offs = tl.arange(0, BLOCK)[None, None, :]
+    dests = tl.arange(0, EP_POW2)[None, :, None]
+    goes = (addresses != 0)[:, :, None] & (offs < meta_words)
+    meta = tl.load(meta_ptr + (tokens[:, None, None] * EP + dests) * meta_words + offs, mask=goes)
+    tl.store((addresses[:, :, None] + payload_bytes).to(tl.pointer_type(tl.int32)) + offs, meta, mask=goes)
 
 
 @triton.jit
 def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden, meta_words,
                          row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
                          LOW_LATENCY: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                         ROWS: tl.constexpr):
+                         ROWS: tl.constexpr, WHOLE_ROW: tl.constexpr = False):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to FP8 1x128 (as
-    quantize_fp8_groups), CHUNK values (CHUNK / 128 groups) at a time, to every rank it goes to: its row there gets
-    [H codes | H/128 fp32 scales | its metadata for d]."""
+    quantize_fp8_groups), CHUNK values (CHUNK / 128 groups, a divisor of hidden) at a time, or WHOLE_ROW: the row in
+    one masked step of CHUNK >= hidden, to every rank it goes to: its row there gets [H codes | H/128 fp32 scales |
+    its metadata for d]."""
     payload_bytes = hidden + hidden // GROUP * 4
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         valid = tokens < num_tokens
+        addresses = _rows_at_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, me,
+                                   region_rows, EP, EP_POW2, LOW_LATENCY)
         for start in range(0, hidden, CHUNK):
             offs = start + tl.arange(0, CHUNK)
-            x = tl.load(x_ptr + tokens[:, None] * hidden + offs[None, :], mask=valid[:, None], other=0.0)
+            in_row = _in_row(start, hidden, CHUNK, WHOLE_ROW)
+            x = tl.load(x_ptr + tokens[:, None] * hidden + offs[None, :], mask=valid[:, None] & in_row, other=0.0)
             values, scales = quantize_e4m3_group(tl.reshape(x.to(tl.float32), (ROWS * CHUNK // GROUP, GROUP)), 1)
             values = tl.reshape(values, (ROWS, CHUNK))
             scales = tl.reshape(scales, (ROWS, CHUNK // GROUP))
             scale_offs = start // GROUP + tl.arange(0, CHUNK // GROUP)
+            scales_in_row = _in_row(start // GROUP, hidden // GROUP, CHUNK // GROUP, WHOLE_ROW)
             for dest in range(EP):
-                position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2,
-                                     LOW_LATENCY, valid)
-                goes = (position >= 0)[:, None]
-                rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
-                tl.store(rows.to(tl.pointer_type(tl.float8e4nv)) + offs[None, :], values, mask=goes)
-                tl.store((rows + hidden).to(tl.pointer_type(tl.float32)) + scale_offs[None, :], scales, mask=goes)
-        _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
-                  meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+                rows, goes = _row_at(addresses, dest, EP_POW2, tl.uint8)
+                tl.store(rows.to(tl.pointer_type(tl.float8e4nv)) + offs[None, :], values, mask=goes & in_row)
+                tl.store((rows + hidden).to(tl.pointer_type(tl.float32)) + scale_offs[None, :], scales,
+                         mask=goes & scales_in_row)
+        _put_meta(meta_ptr, addresses, tokens, payload_bytes, meta_words, EP, EP_POW2, BLOCK)
 
 
 @triton.jit
 def _e2m1_codes(scaled):
     """Scaled values -> E2M1 codes (sign bit 8), to the nearest magnitude, ties to the even code, saturating at 6, NaN to
-    0: moeserve.quant.nvfp4.e2m1_codes."""
+    0: moeserve.quant.nvfp4.e2m1_codes. Below 2 the magnitudes step by 0.5: the index is 2m rounded to an integer
+    (adding 1.5 * 2^23 leaves it in the low mantissa bits). From 2 on they are m rounded to one mantissa bit, ties to
+    even (add 2^21 - 1 and the kept bit), and the index counts from 2.0's exponent (252 = 2 * 126)."""
     magnitude = tl.abs(scaled)
-    index = ((magnitude > 0.25).to(tl.int32) + (magnitude >= 0.75).to(tl.int32) + (magnitude > 1.25).to(tl.int32)
-             + (magnitude >= 1.75).to(tl.int32) + (magnitude > 2.5).to(tl.int32) + (magnitude >= 3.5).to(tl.int32)
-             + (magnitude > 5.0).to(tl.int32))
-    return index | ((scaled < 0).to(tl.int32) * 8)
+    below_two = (magnitude * 2.0 + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    bits = magnitude.to(tl.int32, bitcast=True)
+    from_two = tl.minimum(((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252, 7)
+    index = tl.where(magnitude < 2.0, below_two, from_two) | ((scaled < 0).to(tl.int32) * 8)
+    return tl.where(magnitude == magnitude, index, 0)
 
 
 @triton.jit
@@ -199,7 +213,7 @@ def _without_nan_rule(value, bound, take_min: tl.constexpr):
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
                            meta_words, row_bytes, me, region_rows, code_bytes, EP: tl.constexpr,
                            EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                           ROWS: tl.constexpr, UNROLL_DESTS: tl.constexpr = False, WHOLE_ROW: tl.constexpr = False):
+                           ROWS: tl.constexpr, WHOLE_ROW: tl.constexpr = False):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to NVFP4: CHUNK
     values a step (a divisor of hidden), or WHOLE_ROW: the row in one step of CHUNK >= hidden, masked. code_bytes:
     hidden / 2, an argument so that Triton sees it is a multiple of 16 (the masked code stores stay 16 bytes wide)."""
@@ -207,47 +221,40 @@ def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_ta
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
         _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, tokens < num_tokens,
                           hidden, meta_words, row_bytes, me, region_rows, code_bytes, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                          BLOCK, ROWS, UNROLL_DESTS, WHOLE_ROW)
+                          BLOCK, ROWS, WHOLE_ROW)
 
 
 @triton.jit
 def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, hidden, meta_words,
                       row_bytes, me, region_rows, code_bytes, EP: tl.constexpr, EP_POW2: tl.constexpr,
                       LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                      UNROLL_DESTS: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                      WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
     packs it: a global scale amax / 2688 per token, an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
     it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d].
     Steps of CHUNK values: a first pass for the amax, a second to quantize; WHOLE_ROW: one load serves both."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
+    addresses = _rows_at_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, me, region_rows,
+                               EP, EP_POW2, LOW_LATENCY)
     if WHOLE_ROW:
-        v = _load_values(x_ptr, tokens, valid, 0, hidden, CHUNK, WHOLE_ROW)
-        glob = _global_scale(tl.max(tl.abs(v), axis=1), tl.max((v != v).to(tl.int32), axis=1))
-        packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
-        _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, 0, packed, scale, hidden,
-                              code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK, UNROLL_DESTS,
-                              WHOLE_ROW)
+        blocks, block_amax = _block_amax(_load_values(x_ptr, tokens, valid, 0, hidden, CHUNK, WHOLE_ROW), ROWS, CHUNK)
+        glob = _global_scale(tl.reduce(block_amax, 1, max_keeping_nan))
+        packed, scale = _quantize_nvfp4_values(blocks, block_amax, glob, ROWS, CHUNK)
+        _store_nvfp4_to_ranks(addresses, 0, packed, scale, hidden, code_bytes, EP, EP_POW2, CHUNK, WHOLE_ROW)
     else:
         amax = tl.zeros((ROWS,), dtype=tl.float32)
-        has_nan = tl.zeros((ROWS,), dtype=tl.int32)
         for start in range(0, hidden, CHUNK):  # first pass: each token's amax
-            v = _load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW)
-            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-            has_nan = tl.maximum(has_nan, tl.max((v != v).to(tl.int32), axis=1))
-        glob = _global_scale(amax, has_nan)
+            v = tl.abs(_load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW))
+            amax = max_keeping_nan(amax, tl.reduce(v, 1, max_keeping_nan))
+        glob = _global_scale(amax)
         for start in range(0, hidden, CHUNK):
-            v = _load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW)
-            packed, scale = _quantize_nvfp4_values(v, glob, ROWS, CHUNK)
-            _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale,
-                                  hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                                  UNROLL_DESTS, WHOLE_ROW)
-    for dest in range(EP):
-        position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY,
-                             valid)
-        rows = _peer(recv_table_ptr, dest, tl.uint8) + position * row_bytes
-        tl.store((rows + hidden // 2 + hidden // 16).to(tl.pointer_type(tl.float32)), glob, mask=position >= 0)
-    _put_meta(meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, payload_bytes,
-              meta_words, me, region_rows, EP, EP_POW2, LOW_LATENCY, BLOCK)
+            blocks, block_amax = _block_amax(_load_values(x_ptr, tokens, valid, start, hidden, CHUNK, WHOLE_ROW),
+                                             ROWS, CHUNK)
+            packed, scale = _quantize_nvfp4_values(blocks, block_amax, glob, ROWS, CHUNK)
+            _store_nvfp4_to_ranks(addresses, start, packed, scale, hidden, code_bytes, EP, EP_POW2, CHUNK, WHOLE_ROW)
+    tl.store((addresses + code_bytes + hidden // 16).to(tl.pointer_type(tl.float32)),
+             tl.broadcast_to(glob[:, None], (ROWS, EP_POW2)), mask=addresses != 0)
+    _put_meta(meta_ptr, addresses, tokens, payload_bytes, meta_words, EP, EP_POW2, BLOCK)
 
 
 @triton.jit
@@ -259,59 +266,44 @@ def _load_values(x_ptr, tokens, valid, start, hidden, CHUNK: tl.constexpr, WHOLE
 
 
 @triton.jit
-def _global_scale(amax, has_nan):
-    """Each token's global scale: amax / (6 * 448) (1 for a token of zeros, NaN for one with a NaN)."""
-    glob = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))
-    return tl.where(has_nan > 0, float("nan"), glob)
+def _global_scale(amax):
+    """Each token's global scale: amax / (6 * 448) (1 for a token of zeros, NaN for one with a NaN: amax is NaN)."""
+    return tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))
 
 
 @triton.jit
-def _quantize_nvfp4_values(v, glob, ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """v [ROWS, CHUNK] fp32 under the tokens' global scales glob [ROWS] -> (codes two a byte [ROWS, CHUNK / 2] uint8,
-    E4M3-valued block scales [ROWS, CHUNK / 16] fp32), as moeserve.quant.nvfp4.quantize_nvfp4."""
-    v = tl.reshape(v, (ROWS, CHUNK // 16, 16))
-    block_amax = tl.max(tl.abs(v), axis=2)
-    block_amax = tl.where(tl.max((v != v).to(tl.int32), axis=2) > 0, float("nan"), block_amax)
+def _block_amax(v, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """v [ROWS, CHUNK] -> (v as [ROWS, CHUNK / 16, 16] blocks, each block's amax [ROWS, CHUNK / 16], NaN if it has
+    one)."""
+    blocks = tl.reshape(v, (ROWS, CHUNK // 16, 16))
+    return blocks, tl.reduce(tl.abs(blocks), 2, max_keeping_nan)
+
+
+@triton.jit
+def _quantize_nvfp4_values(blocks, block_amax, glob, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Blocks of 16 values [ROWS, CHUNK / 16, 16] fp32 with their amax, under the tokens' global scales glob [ROWS] ->
+    (codes two a byte [ROWS, CHUNK / 2] uint8, E4M3-valued block scales [ROWS, CHUNK / 16] fp32), as
+    moeserve.quant.nvfp4.quantize_nvfp4: one division a block, then a multiplication a value."""
     raw = _without_nan_rule(tl.math.div_rn(block_amax, (glob * 6.0)[:, None]), 0.001953125, False)  # at least 2^-9
     scale = tl.where(block_amax == 0, 1.0, raw)
     scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))
-    scaled = tl.math.div_rn(v, (scale * glob[:, None])[:, :, None])
-    low, high = tl.split(tl.reshape(_e2m1_codes(scaled), (ROWS, CHUNK // 16, 8, 2)))
+    reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * glob[:, None])
+    low, high = tl.split(tl.reshape(_e2m1_codes(blocks * reciprocal[:, :, None]), (ROWS, CHUNK // 16, 8, 2)))
     return tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2)), scale
 
 
 @triton.jit
-def _store_nvfp4_to_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, start, packed, scale, hidden,
-                          code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                          LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, UNROLL_DESTS: tl.constexpr,
-                          WHOLE_ROW: tl.constexpr):
-    """A step's codes and block scales into the tokens' rows at every rank they go to (UNROLL_DESTS: the loop over the
-    ranks unrolled, so their row addresses load together)."""
-    if UNROLL_DESTS:
-        for dest in tl.static_range(EP):
-            _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
-                               hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                               WHOLE_ROW)
-    else:
-        for dest in range(EP):
-            _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale,
-                               hidden, code_bytes, row_bytes, me, region_rows, EP, EP_POW2, LOW_LATENCY, CHUNK,
-                               WHOLE_ROW)
-
-
-@triton.jit
-def _store_nvfp4_chunk(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, dest, start, packed, scale, hidden,
-                       code_bytes, row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
-                       LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
-    """The codes and block scales of values start onwards of the tokens that go to rank dest, into their rows there."""
-    position = _position(local_index_ptr, counts_ptr, tokens, dest, me, region_rows, EP, EP_POW2, LOW_LATENCY, valid)
-    goes = (position >= 0)[:, None]
-    rows = _peer(recv_table_ptr, dest, tl.uint8) + position[:, None] * row_bytes
-    tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed,
-             mask=goes & _in_row(start // 2, code_bytes, CHUNK // 2, WHOLE_ROW))
-    tl.store((rows + code_bytes + start // 16).to(tl.pointer_type(tl.float8e4nv))
-             + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv),
-             mask=goes & _in_row(start // 16, hidden // 16, CHUNK // 16, WHOLE_ROW))
+def _store_nvfp4_to_ranks(addresses, start, packed, scale, hidden, code_bytes, EP: tl.constexpr,
+                          EP_POW2: tl.constexpr, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """A step's codes and block scales (values start onwards) into the tokens' rows at every rank they go to
+    (addresses: _rows_at_ranks)."""
+    for dest in range(EP):
+        rows, goes = _row_at(addresses, dest, EP_POW2, tl.uint8)
+        tl.store(rows + start // 2 + tl.arange(0, CHUNK // 2)[None, :], packed,
+                 mask=goes & _in_row(start // 2, code_bytes, CHUNK // 2, WHOLE_ROW))
+        tl.store((rows + code_bytes + start // 16).to(tl.pointer_type(tl.float8e4nv))
+                 + tl.arange(0, CHUNK // 16)[None, :], scale.to(tl.float8e4nv),
+                 mask=goes & _in_row(start // 16, hidden // 16, CHUNK // 16, WHOLE_ROW))
 
 
 @triton.jit
@@ -423,9 +415,10 @@ def _code_pairs_times_scale_ptx(packed, scale):
                                      dtype=tl.int32, is_pure=True, pack=4)
 
 
-NVFP4_RECEIVE_ROWS = 4  # rows a program of the NVFP4 receive converts at once (on an H200, 8 ranks x 4096 tokens, each
-# byte to its pair in place: the dispatch 2764 -> 2443 us against one row; scripts/probes/ep_nvfp4_variants.py)
-NVFP4_RECEIVE_PTX = False  # the receive's bf16 conversion in PTX (_code_pairs_times_scale_ptx): a variant under test
+NVFP4_RECEIVE_ROWS = 8  # rows a program of the NVFP4 receive converts at once
+NVFP4_RECEIVE_PTX = True  # bf16 out on a GPU: the conversion in PTX (_code_pairs_times_scale_ptx). On an H100, 8 ranks
+# x 4096 tokens: dispatch 2489 us with Triton's conversion 4 rows at once, 2401 / 2375 / 2366 in PTX 2 / 4 / 8 rows at
+# once (on an H200 Triton's 4 rows had beaten 1 row, 2764 -> 2443; scripts/probes/ep_nvfp4_variants.py)
 
 
 def nvfp4_tokens(payload: torch.Tensor, hidden: int, dtype: torch.dtype, rows_in_use: torch.Tensor | None = None,
@@ -467,7 +460,8 @@ def route_rows(topk_ids: torch.Tensor, topk_weights: torch.Tensor, replica_slots
     block_counts = torch.empty(num_blocks, ep, dtype=torch.int32, device=device)
     _route_block_kernel[(num_blocks,)](topk_ids.contiguous(), topk_weights.contiguous(), replica_slots, replica_count,
                                        local_index, meta, block_counts, tokens, me, slots_per_rank,
-                                       replica_slots.stride(0), EP=ep, EP_POW2=ep_pow2, TOP_K=top_k, BLOCK_T=block_t)
+                                       replica_slots.stride(0), EP=ep, EP_POW2=ep_pow2, TOP_K=top_k, BLOCK_T=block_t,
+                                       K_POW2=triton.next_power_of_2(top_k))
     _route_offsets_kernel[(num_blocks,)](local_index, block_counts, counts_table, tokens, num_blocks, me, EP=ep,
                                          EP_POW2=ep_pow2, BLOCK_T=block_t,
                                          BLOCKS_POW2=triton.next_power_of_2(num_blocks))
@@ -505,8 +499,13 @@ def chunk_of(hidden: int) -> int:
     return min(MAX_CHUNK, hidden & -hidden)
 
 
-NVFP4_PUT = (1, 1024, 4, False)  # the NVFP4 put's (tokens a program quantizes at once, values per step (above 1024:
-# the whole row at once, one load for the amax and the codes), warps, whether its loop over the ranks is unrolled)
+NVFP4_PUT = (1, 8192, 4)  # the NVFP4 put's (tokens a program quantizes at once, values a step, warps). A step above
+# 1024 takes a row of up to that many values whole (one load for the amax and the codes); longer rows go in steps of
+# 1024. On an H100, 8 ranks x 4096 tokens, whole rows against steps of 1024: dispatch 2489 -> 2427 us
+# (scripts/probes/ep_nvfp4_variants.py; docs/perf.md)
+FP8_WHOLE_ROW_MAX = 0  # the FP8 put (a token a program) takes rows of up to this many values in one step (0: never).
+# A variant not yet timed on a GPU (8192 to try: the NVFP4 put's whole rows took it 118 -> 93 us a rank on an H100);
+# steps of 1024 measured 123 us there (docs/perf.md, 2026-12-07 late night)
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -521,12 +520,18 @@ def programs_along_rows(rows: int, chunks: int, max_programs: int | None) -> tup
     return max(1, min(triton.cdiv(rows, BUDGET_ROWS), max_programs // chunks)), BUDGET_ROWS, BUDGET_WARPS
 
 
+def _check_row_bytes(row_bytes: int) -> None:
+    if row_bytes % 16:  # the puts store 16 bytes at a time from each row's start
+        raise ValueError(f"receive rows must be a multiple of 16 bytes long, got {row_bytes}")
+
+
 def put_rows(payload: torch.Tensor, meta: torch.Tensor, local_index: torch.Tensor, recv_table: torch.Tensor,
              row_bytes: int, placement: Placement, max_programs: int | None = None) -> None:
     """payload: uint8 [T, P]; meta: uint8 [T, EP, M]; local_index: int32 [T, EP] (-1: not sent); receive rows of
-    row_bytes >= P + M; P, M and row_bytes multiples of 4. max_programs: the grid's cap (programs_along_rows)."""
+    row_bytes >= P + M; P and M multiples of 4, row_bytes of 16. max_programs: the grid's cap (programs_along_rows)."""
     tokens, ep = local_index.shape
     payload_words, meta_words = payload.shape[1] // 4, meta.shape[2] // 4
+    _check_row_bytes(row_bytes)
     if meta_words > WORDS_PER_PROGRAM:
         raise ValueError(f"routing metadata of {meta.shape[2]} bytes a row exceeds {4 * WORDS_PER_PROGRAM}")
     if tokens:
@@ -548,23 +553,22 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
     tokens = local_index.shape[0]
     hidden = x.shape[1]
     meta_words = meta.shape[2] // 4
+    _check_row_bytes(row_bytes)
     if hidden % FP8_GROUP:
         raise ValueError(f"the fused {fmt} put needs a hidden size divisible by {FP8_GROUP}, got {hidden}")
     if tokens:
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         if fmt == "fp8":
             programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
-            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, CHUNK=chunk_of(hidden), num_warps=warps)
+            whole_row = rows_at_once == 1 and hidden <= FP8_WHOLE_ROW_MAX
+            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps, WHOLE_ROW=whole_row,
+                         CHUNK=triton.next_power_of_2(hidden) if whole_row else chunk_of(hidden))
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
-            rows_at_once, chunk, warps, unroll = NVFP4_PUT
+            rows_at_once, chunk, warps = NVFP4_PUT
             programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)
-            whole_row = chunk > MAX_CHUNK
-            if whole_row and chunk < hidden:
-                raise ValueError(f"NVFP4_PUT's step of {chunk} values: at most {MAX_CHUNK}, or at least the hidden "
-                                 f"size ({hidden}, the whole row in one step)")
+            whole_row = MAX_CHUNK < chunk and hidden <= chunk
             chunk = triton.next_power_of_2(hidden) if whole_row else min(chunk, chunk_of(hidden))
-            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, UNROLL_DESTS=unroll, WHOLE_ROW=whole_row,
-                         code_bytes=hidden // 2)
+            extra = dict(ROWS=rows_at_once, CHUNK=chunk, num_warps=warps, WHOLE_ROW=whole_row, code_bytes=hidden // 2)
         kernel[(programs,)](x, meta.view(torch.int32), local_index, recv_table_ptr=recv_table, num_tokens=tokens,
                             hidden=hidden, meta_words=meta_words, row_bytes=row_bytes,
                             BLOCK=triton.next_power_of_2(max(meta_words, 1)), **extra, **placement.kernel_args())

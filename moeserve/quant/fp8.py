@@ -16,8 +16,10 @@ _TINY = 1e-12  # amax floor: an all-zero block gets a tiny scale and exact zeros
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E4M3 value (ties to even), saturating at +-448 (torch's cast would give NaN)."""
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    """Round to the nearest E4M3 value (ties to even), saturating at +-448 (torch's cast would give NaN); NaN -> 0x7F
+    whatever its sign, as the GPU's conversion gives it (a CPU's division leaves NaNs negative at times)."""
+    clamped = x.clamp(-E4M3_MAX, E4M3_MAX)
+    return torch.where(clamped.isnan(), clamped.abs(), clamped).to(torch.float8_e4m3fn)
 
 
 def exact_div(x: torch.Tensor, divisor: float) -> torch.Tensor:

@@ -5,8 +5,9 @@ Bit layout (NVIDIA's NVFP4, ModelOpt checkpoints):
 - Two codes per byte: element 2i in the low nibble, element 2i + 1 in the high nibble.
 - One E4M3 block scale per 16 consecutive elements along K; one fp32 global scale per tensor.
 - global = amax(W) / (6 * 448); block scale = e4m3(amax(block) / (6 * global)), at least 2^-9 (the
-  smallest E4M3 subnormal), 1.0 for an all-zero block; codes = round_to_e2m1(w / (block * global)),
-  round to nearest with ties to the even code, saturating at 6.
+  smallest E4M3 subnormal), 1.0 for an all-zero block; codes = round_to_e2m1(w * r), r = 1 / (block * global)
+  correctly rounded once per block (as NVIDIA's quantizers multiply by the reciprocal; a division per value costs a
+  GPU kernel ten times the instructions), round to nearest with ties to the even code, saturating at 6.
 - Dequantize: w = value(code) * float(block scale) * global.
 """
 
@@ -77,7 +78,8 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor):
     amax = blocks.abs().amax(dim=-1)
     raw = (amax / (E2M1_MAX * global_scale)).clamp(min=E4M3_MIN_SUBNORMAL)
     block_scale = to_e4m3(torch.where(amax == 0, torch.ones_like(raw), raw))
-    scaled = blocks / (block_scale.float() * global_scale)[..., None]
+    divisor = block_scale.float() * global_scale
+    scaled = blocks * (torch.ones((), device=x.device) / divisor)[..., None]  # tensor / tensor: correctly rounded
     return pack_nibbles(e2m1_codes(scaled).flatten(-2)), block_scale
 
 

@@ -111,7 +111,7 @@ def combine_and_check(group, received, xs, routes, expert_map, fmt, overwrite_co
         torch.testing.assert_close(outs[s], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt,nvfp4_put", [("bf16", None), ("fp8", None), ("nvfp4", None), ("nvfp4", (4, 128, 4, True))],
+@pytest.mark.parametrize("fmt,nvfp4_put", [("bf16", None), ("fp8", None), ("nvfp4", None), ("nvfp4", (4, 128, 4))],
                          ids=["bf16", "fp8", "nvfp4", "nvfp4-4-tokens-at-once"])
 def test_two_micro_batches_in_flight_keep_their_own_rows_with_the_puts_on_few_programs(fmt, nvfp4_put, monkeypatch):
     """Two-batch overlap: the second micro-batch dispatches before the first's combine, through its own buffer set;
@@ -196,19 +196,21 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
             assert float(written) > 0
 
 
-@pytest.mark.parametrize("fmt,nvfp4_put,hidden", [
-    ("fp8", None, HIDDEN), ("nvfp4", (1, 1024, 4, False), HIDDEN), ("nvfp4", (4, 128, 4, True), HIDDEN),
-    ("nvfp4", (2, 8192, 4, True), 640), ("nvfp4", (1, 1024, 4, False), 640)],
-    ids=["fp8", "nvfp4", "nvfp4-4-tokens-at-once", "nvfp4-whole-rows-masked", "nvfp4-hidden-640"])
+@pytest.mark.parametrize("fmt,variant,hidden", [
+    ("fp8", {}, HIDDEN), ("fp8", {}, 640), ("fp8", {"FP8_WHOLE_ROW_MAX": 8192}, 640),
+    ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)}, HIDDEN), ("nvfp4", {"NVFP4_PUT": (4, 128, 4)}, HIDDEN),
+    ("nvfp4", {"NVFP4_PUT": (2, 8192, 4)}, 640), ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)}, 640)],
+    ids=["fp8", "fp8-in-steps-hidden-640", "fp8-whole-rows-masked", "nvfp4", "nvfp4-4-tokens-at-once",
+         "nvfp4-whole-rows-masked", "nvfp4-hidden-640"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, nvfp4_put, hidden, monkeypatch):
+def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, variant, hidden, monkeypatch):
     """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does
-    (NVFP4: a token at a time, or 4 at once in steps of 128 values, or two whole rows of 640 values at once in one
-    masked step of 1024)."""
+    (FP8: a whole row in one masked step, or steps of 128 values; NVFP4: a token at a time, or 4 at once in steps of
+    128 values, or two whole rows of 640 values at once in one masked step of 1024)."""
     from moeserve.kernels import ep_transport
 
-    if nvfp4_put:
-        monkeypatch.setattr(ep_transport, "NVFP4_PUT", nvfp4_put)
+    for name, value in variant.items():
+        monkeypatch.setattr(ep_transport, name, value)
     generator = torch.Generator().manual_seed(ranks)
     expert_map = ExpertMap.contiguous(EXPERTS, ranks)
     xs = [torch.randn(t, hidden, generator=generator) * torch.logspace(-3, 2, hidden) for t in (6, 4, 0)[:ranks]]
@@ -218,6 +220,8 @@ def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, 
     ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, 0.5, 3.0, 4.0, -6.0, 1.0, 0.0])
     xs[0][3] = 0.0
     xs[0][3, :16], xs[0][3, 16] = ties, 2688.0  # NVFP4: global scale 1, block scale 1: codes at every tie
+    xs[0][4, 40] = float("nan")  # a NaN token: NaN scales, codes 0
+    xs[0][5, 200] = float("inf")  # an inf: NVFP4's global scale inf, the inf's code 0 (inf * 0), the others +-0
     routes = [routing(x.shape[0], "random", generator) for x in xs]
     areas = []
     for fused in (False, True):

@@ -87,13 +87,27 @@ def test_two_processes_exchange_through_symmetric_memory(low_latency):
             assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
-def test_quantized_inside_the_put_on_cuda_writes_the_rows_the_format_writes(fmt):
-    """The fused put (the CUDA default) against the torch format's packing, byte for byte."""
+@pytest.mark.parametrize("fmt,variant", [("fp8", {}), ("fp8", {"FP8_WHOLE_ROW_MAX": 8192}), ("nvfp4", {}),
+                                         ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)})],
+                         ids=["fp8", "fp8-whole-rows", "nvfp4", "nvfp4-in-steps"])
+def test_quantized_inside_the_put_on_cuda_writes_the_rows_the_format_writes(fmt, variant, monkeypatch):
+    """The fused put (the CUDA default) against the torch format's packing, byte for byte, with ties, zeros, a NaN and
+    an inf among the values: FP8 in steps of 1024 or whole rows, NVFP4 whole rows or in steps."""
+    from moeserve.kernels import ep_transport
+
+    for name, value in variant.items():
+        monkeypatch.setattr(ep_transport, name, value)
     torch.manual_seed(0)
     expert_map = ExpertMap.contiguous(EXPERTS, 4)
     xs = [(torch.randn(t, HIDDEN, device="cuda") * torch.logspace(-4, 3, HIDDEN, device="cuda")).bfloat16()
           for t in (40, 7, 0, 100)]
+    xs[0][1, :128] = 0  # an all-zero group
+    xs[0][2, 5] = -1e-30  # a negative that rounds to zero
+    xs[0][3] = 0
+    xs[0][3, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, 0.5, 3.0, 4.0, -6.0, 1.0, 0.0])
+    xs[0][3, 16] = 2688.0  # NVFP4: global scale 1, block scale 1: codes at every tie
+    xs[0][4, 40] = float("nan")  # NaN scales, codes 0
+    xs[0][5, 200] = float("inf")
     ids = [torch.rand(x.shape[0], EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K] for x in xs]
     weights = [torch.rand(x.shape[0], TOP_K, device="cuda") for x in xs]
     areas = []
@@ -102,7 +116,8 @@ def test_quantized_inside_the_put_on_cuda_writes_the_rows_the_format_writes(fmt)
         received = group.dispatch(xs, ids, weights)
         areas.append([b.recv[: layout.slots.shape[0]].clone() for b, (_, layout, _) in zip(group.buffers, received)])
     for unfused, fused in zip(*areas):
-        assert torch.equal(unfused, fused)
+        wrong = (unfused != fused).nonzero()[:8].tolist()
+        assert not wrong, [(row, byte, int(unfused[row, byte]), int(fused[row, byte])) for row, byte in wrong]
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])

@@ -34,9 +34,13 @@ def test_dense_kernel_matches_the_reference(fmt, n, k, rows, monkeypatch):
 @pytest.mark.parametrize("fmt,n,k", [("fp8", 200, 320), ("nvfp4", 130, 160)])
 @pytest.mark.parametrize("rows", [1, 5, 17])
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_the_swapped_product_matches_the_reference(fmt, n, k, rows, split_k):
-    """W @ x^T, the decode form: FP8 quantizing its rows in the GEMM (1 and 5 rows) or first (17), NVFP4."""
+def test_the_swapped_product_matches_the_reference(fmt, n, k, rows, split_k, monkeypatch):
+    """W @ x^T, the decode form: FP8 quantizing its rows in the GEMM (1 and 5 rows) or first (17), NVFP4; split-K's
+    slices summed by atomics (MOESERVE_SPLIT_K=atomic)."""
+    from moeserve.kernels import moe_gemm
     from moeserve.kernels.moe_gemm import GemmConfig
+
+    monkeypatch.setattr(moe_gemm, "SPLIT_K_IN_KERNEL", False)
 
     weight = random_quantized(fmt, n, k, seed=rows + split_k)
     x = torch.randn(rows, k)
