@@ -3,7 +3,8 @@
 # no-compiles test, then on a quiet GPU `bench ep --virtual-ranks` (eager and graph-replay times beside a copy of the
 # same bytes), the profile of each exchange (scripts/probes/ep_profile.py) and, for OVERLAP_POINTS, the puts beside a
 # shared expert's GEMMs (scripts/probes/ep_overlap.py); with NVFP4_VARIANTS=R,... the NVFP4 kernels' variants;
-# SKIP_BENCH=1 leaves the bench out. Logs under $OUT; the table last.
+# SKIP_BENCH=1 leaves the bench out; PROFILE_KNOBS="module.NAME=value ..." profiles a second time with those set.
+# Logs under $OUT; the table last.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -27,10 +28,18 @@ fi
 timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/ep_profile.py ${PROFILE_POINTS:-2,8 128,4096 bf16,fp8,nvfp4 high-throughput} \
   > "$OUT/ep_profile.log" 2>&1
 echo "profile rc=$?" >> "$T"
+if [ -n "${PROFILE_KNOBS:-}" ]; then  # the same profile again with knobs set (scripts/probes/with_knobs.py)
+  timeout ${PROFILE_TIMEOUT:-120} python3 scripts/probes/with_knobs.py $PROFILE_KNOBS -- scripts/probes/ep_profile.py \
+    ${PROFILE_POINTS:-2,8 128,4096 bf16,fp8,nvfp4 high-throughput} > "$OUT/ep_profile_knobs.log" 2>&1
+  echo "profile with $PROFILE_KNOBS rc=$?" >> "$T"
+fi
 for point in ${OVERLAP_POINTS:-}; do  # R,T,fmt: the puts beside a shared expert (scripts/probes/ep_overlap.py)
   timeout 120 python3 scripts/probes/ep_overlap.py ${point//,/ } > "$OUT/ep_overlap_${point//,/_}.log" 2>&1
   { echo "overlap $point rc=$?"; cat "$OUT/ep_overlap_${point//,/_}.log" | tail -7; } >> "$T"
 done
-grep -E "^profile|^ +[0-9]" "$OUT/ep_profile.log" | awk '/^profile/{n=0} {if (n++ < 6) print}' | cut -c1-150 >> "$T"
+for log in "$OUT"/ep_profile*.log; do
+  echo "== $(basename "$log")" >> "$T"
+  grep -E "^profile|^ +[0-9]" "$log" | awk '/^profile/{n=0} {if (n++ < 6) print}' | cut -c1-150 >> "$T"
+done
 [ -z "${SKIP_BENCH:-}" ] && grep -E "^\|" "$OUT/bench_ep_virtual.log" | cut -d'|' -f2-16 >> "$T"
 cat "$T"
