@@ -267,8 +267,9 @@ def _load_values(x_ptr, tokens, valid, start, hidden, CHUNK: tl.constexpr, WHOLE
 
 @triton.jit
 def _global_scale(amax):
-    """Each token's global scale: amax / (6 * 448) (1 for a token of zeros, NaN for one with a NaN: amax is NaN)."""
-    return tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 2688.0))
+    """Each token's global scale: amax / (6 * 448), at least 2^-100 (moeserve.quant.nvfp4.MIN_GLOBAL_SCALE), 1 for a
+    token of zeros, NaN for one with a NaN (amax is NaN)."""
+    return tl.where(amax == 0, 1.0, _without_nan_rule(tl.math.div_rn(amax, 2688.0), 7.888609052210118e-31, False))
 
 
 @triton.jit
@@ -501,8 +502,8 @@ def chunk_of(hidden: int) -> int:
 
 NVFP4_PUT = (1, 8192, 4)  # the NVFP4 put's (tokens a program quantizes at once, values a step, warps). A step above
 # 1024 takes a row of up to that many values whole (one load for the amax and the codes); longer rows go in steps of
-# 1024. On an H100, 8 ranks x 4096 tokens, whole rows against steps of 1024: dispatch 2489 -> 2427 us
-# (scripts/probes/ep_nvfp4_variants.py; docs/perf.md)
+# 1024. On an H100, 8 ranks x 4096 tokens, whole rows against steps of 1024: LL dispatch 2489 -> 2427 us; with the
+# row addresses loaded first too, 2563 -> 2132 (scripts/probes/ep_nvfp4_variants.py; docs/perf.md)
 FP8_WHOLE_ROW_MAX = 0  # the FP8 put (a token a program) takes rows of up to this many values in one step (0: never).
 # A variant not yet timed on a GPU (8192 to try: the NVFP4 put's whole rows took it 118 -> 93 us a rank on an H100);
 # steps of 1024 measured 123 us there (docs/perf.md, 2026-12-07 late night)

@@ -317,7 +317,7 @@ def _add_up_partials(acc, partials_ptr, arrivals_ptr, pid_m, pid_n, pid_k, num_m
 
 # Dense split-K: the slices' sum made by the last slice to arrive (one kernel) instead of fp32 atomics into zeros and
 # a copy (three kernels; still the way under a graph captured before any counters exist, and for grouped GEMMs).
-# On an H100, DeepSeek-V2-Lite batch 1 decode steps: FP8 4.20 -> 4.10 ms, NVFP4 4.21 -> 4.19 (docs/perf.md).
+# On an H100, DeepSeek-V2-Lite batch 1 decode steps (p50): FP8 4.18 -> 4.06 ms, NVFP4 4.20 -> 4.16 (docs/perf.md).
 # MOESERVE_SPLIT_K=atomic turns it off (bench latency A/B).
 _SPLIT_K_SUMS = ("atomic", "in-kernel")
 if os.environ.get("MOESERVE_SPLIT_K", "in-kernel") not in _SPLIT_K_SUMS:

@@ -4,7 +4,7 @@ Bit layout (NVIDIA's NVFP4, ModelOpt checkpoints):
 - E2M1 code: bit 3 sign, bits 0-2 magnitude index into {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
 - Two codes per byte: element 2i in the low nibble, element 2i + 1 in the high nibble.
 - One E4M3 block scale per 16 consecutive elements along K; one fp32 global scale per tensor.
-- global = amax(W) / (6 * 448); block scale = e4m3(amax(block) / (6 * global)), at least 2^-9 (the
+- global = amax(W) / (6 * 448), at least 2^-100; block scale = e4m3(amax(block) / (6 * global)), at least 2^-9 (the
   smallest E4M3 subnormal), 1.0 for an all-zero block; codes = round_to_e2m1(w * r), r = 1 / (block * global)
   correctly rounded once per block (as NVIDIA's quantizers multiply by the reciprocal; a division per value costs a
   GPU kernel ten times the instructions), round to nearest with ties to the even code, saturating at 6.
@@ -55,10 +55,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
 
 
+MIN_GLOBAL_SCALE = 2.0**-100  # block scale (>= 2^-9) x global scale stays >= 2^-109: its reciprocal is finite
+
+
 def global_scale_of(amax: torch.Tensor) -> torch.Tensor:
-    """amax / (6 * 448); 1.0 where amax is 0 (NaN stays NaN)."""
+    """amax / (6 * 448), at least MIN_GLOBAL_SCALE (an amax under ~2e-27 quantizes as if it were that, coarsely,
+    instead of its reciprocal overflowing to inf and every code to 6); 1.0 where amax is 0 (NaN stays NaN)."""
     amax = amax.float()
-    return torch.where(amax == 0, torch.ones_like(amax), exact_div(amax, E2M1_MAX * E4M3_MAX))
+    return torch.where(amax == 0, torch.ones_like(amax),
+                       exact_div(amax, E2M1_MAX * E4M3_MAX).clamp(min=MIN_GLOBAL_SCALE))
 
 
 def _check_global(global_scale: torch.Tensor, data: torch.Tensor) -> None:

@@ -53,6 +53,20 @@ def test_nvfp4_round_trip_is_exact_on_representable_values():
     assert torch.equal(dequantize_nvfp4(packed, scales, global_scale), w)
 
 
+def test_nvfp4_tokens_far_below_one_flush_to_zero_instead_of_saturating():
+    """Near 1e-38 a block scale x global scale would be subnormal and its reciprocal inf, every nonzero code 6: under
+    the global scale's floor of 2^-100 such a token quantizes to zeros, and one near 1e-32 on the coarse grid."""
+    x = torch.zeros(2, 16)
+    x[0, :3] = torch.tensor([1e-38, 1e-40, -3e-39])
+    x[1, :3] = torch.tensor([1e-32, -5e-33, 2e-33])
+    global_scale = global_scale_of(x.abs().amax(dim=1, keepdim=True))
+    assert (global_scale == 2.0**-100).all()
+    packed, block_scale = quantize_nvfp4(x, global_scale)
+    restored = dequantize_nvfp4(packed, block_scale, global_scale)
+    assert (restored[0] == 0).all()
+    assert ((restored[1] - x[1]).abs() <= 0.25 * 1e-32).all() and (restored[1, :3] != 0).all()
+
+
 def test_e4m3_saturates_and_keeps_subnormals():
     x = torch.tensor([1000.0, -1000.0, 448.0, 2.0**-6, 2.0**-9, 2.0**-10, 3 * 2.0**-10, 0.1])
     assert to_e4m3(x).float().tolist() == [448.0, -448.0, 448.0, 2.0**-6, 2.0**-9, 0.0, 2.0**-8, 0.1015625]
