@@ -16,7 +16,7 @@ from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels import ep_transport
 
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
-PUTS = [(1, 8192, 4), (1, 1024, 4), (1, 8192, 2), (2, 8192, 8)]
+PUTS = [(1, 8192, 4), (1, 1024, 4), (1, 8192, 2), (1, 8192, 8), (2, 8192, 8)]
 RECEIVES = [(8, True), (4, True), (4, False)]  # (rows, in PTX: NVFP4_RECEIVE_PTX)
 
 
