@@ -4,7 +4,7 @@
 # DeepSeek-V3, 32 local experts) with the card's copy and read yardsticks, V2-Lite batch 1 with bf16 / FP8 / NVFP4
 # weights (the quantized ones with dense split-K summed by atomics, then in the kernel: MOESERVE_SPLIT_K), and the
 # no-compiles-after-warm-up test. Logs under $OUT; the table last. TESTS, RUNS (weights:sum ...), SKIP_SWEEP=1 and
-# SKIP_NO_COMPILES=1 narrow it; PROFILE=1 profiles each run's decode steps (GPU busy, kernels a step, top kernels).
+# SKIP_NO_COMPILES=1 narrow it; PROFILE=1 profiles each run's decode steps (GPU busy, kernels a step, top kernels; 110 s a run).
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -21,11 +21,12 @@ fi
 for run in ${RUNS:-bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel}; do  # weights:dense split-K's sum
   q=${run%:*}; [ "$q" = bf16 ] && q=""
   log="$OUT/latency_${run/:/_}.log"  # one log a run: a run that prints nothing shows as nothing
-  MOESERVE_SPLIT_K=${run#*:} timeout ${LATENCY_TIMEOUT:-55} python3 -m moeserve bench latency --load-format dummy \
+  limit=${LATENCY_TIMEOUT:-55}; [ -n "${PROFILE:-}" ] && limit=${LATENCY_TIMEOUT:-110}
+  MOESERVE_SPLIT_K=${run#*:} timeout $limit python3 -m moeserve bench latency --load-format dummy \
     --dtype bfloat16 --device cuda --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 \
     --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} ${PROFILE:+--profile} > "$log" 2>&1
   echo "== latency v2-lite b1 $run rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
-  [ -n "${PROFILE:-}" ] && grep -iE "GPU busy|kernels" "$log" | head -3 >> "$T"
+  [ -n "${PROFILE:-}" ] && grep -A6 "^profile" "$log" | cut -c1-150 >> "$T"
 done
 if [ -z "${SKIP_NO_COMPILES:-}" ]; then
   timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf > "$OUT/no_compiles.log" 2>&1

@@ -3,12 +3,13 @@
 # no-compiles test, then on a quiet GPU `bench ep --virtual-ranks` (eager and graph-replay times beside a copy of the
 # same bytes), the profile of each exchange (scripts/probes/ep_profile.py) and, for OVERLAP_POINTS, the puts beside a
 # shared expert's GEMMs (scripts/probes/ep_overlap.py); with NVFP4_VARIANTS=R,... the NVFP4 kernels' variants;
-# SKIP_BENCH=1 leaves the bench out; PROFILE_KNOBS="module.NAME=value ..." profiles a second time with those set.
+# SKIP_BENCH=1 leaves the bench out; PROFILE_KNOBS="module.NAME=value ..." (values without spaces) profiles a second
+# time with those set.
 # Logs under $OUT; the table last.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
-T="$OUT/table.txt"; : > "$T"
+T="$OUT/table.txt"; : > "$T"; rm -f "$OUT"/ep_profile*.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$T"  # (the device copy's .git is not this tree's)
 for f in ${TEST_FILES:-tests/gpu/test_peer_to_peer_cuda.py tests/gpu/test_no_compiles_after_warm_up.py}; do
   ( timeout ${TEST_TIMEOUT:-240} python3 -m pytest "$f" -q -p no:cacheprovider -rfE > "$OUT/$(basename "$f" .py).log" 2>&1

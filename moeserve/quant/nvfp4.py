@@ -73,8 +73,8 @@ def _check_global(global_scale: torch.Tensor, data: torch.Tensor) -> None:
 
 
 def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor):
-    """x [..., K] (K a multiple of 16), global_scale [..., 1] (same rank as x) ->
-    (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16])."""
+    """x [..., K] (K a multiple of 16), global_scale [..., 1] (same rank as x; at least MIN_GLOBAL_SCALE, as
+    global_scale_of makes it) -> (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16])."""
     if x.shape[-1] % BLOCK:
         raise ValueError(f"NVFP4 needs the reduced dimension to be a multiple of {BLOCK}, got {x.shape[-1]}")
     _check_global(global_scale, x)

@@ -55,7 +55,8 @@ def test_nvfp4_round_trip_is_exact_on_representable_values():
 
 def test_nvfp4_tokens_far_below_one_flush_to_zero_instead_of_saturating():
     """Near 1e-38 a block scale x global scale would be subnormal and its reciprocal inf, every nonzero code 6: under
-    the global scale's floor of 2^-100 such a token quantizes to zeros, and one near 1e-32 on the coarse grid."""
+    the global scale's floor of 2^-100 such a token quantizes to zeros, and one near 1e-32 saturates on the coarse
+    grid (at most 6 x 2^-109)."""
     x = torch.zeros(2, 16)
     x[0, :3] = torch.tensor([1e-38, 1e-40, -3e-39])
     x[1, :3] = torch.tensor([1e-32, -5e-33, 2e-33])

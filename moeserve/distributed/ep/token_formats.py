@@ -12,7 +12,7 @@ Byte layout of one token's payload, hidden size H (a multiple of 128 for the qua
 All multi-byte values are little-endian. `receive` hands the tokens on as the experts take them: FP8 tokens as
 zero-copy views of the payload (`Fp8Activations`: FP8 experts multiply them as they arrived, others dequantize),
 the other formats as float tensors (NVFP4 through the views of `Nvfp4Tokens`).
-NVFP4's global scale is per token (amax of the token / 2688). A NaN in a token makes that token's
+NVFP4's global scale is per token (amax of the token / 2688, at least 2^-100). A NaN in a token makes that token's
 scales NaN: it propagates, it is never hidden.
 """
 
