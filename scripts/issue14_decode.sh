@@ -4,7 +4,8 @@
 # DeepSeek-V3, 32 local experts) with the card's copy and read yardsticks, V2-Lite batch 1 with bf16 / FP8 / NVFP4
 # weights (the quantized ones with dense split-K summed by atomics, then in the kernel: MOESERVE_SPLIT_K), and the
 # no-compiles-after-warm-up test. Logs under $OUT; the table last. TESTS, RUNS (weights:sum ...), SKIP_SWEEP=1 and
-# SKIP_NO_COMPILES=1 narrow it; PROFILE=1 profiles each run's decode steps (GPU busy, kernels a step, top kernels; 110 s a run).
+# SKIP_NO_COMPILES=1 narrow it; PROFILE=1 profiles each run's decode steps (GPU busy, kernels a step, top kernels;
+# 110 s a run).
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache

@@ -230,9 +230,10 @@ def _put_tokens_nvfp4(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_p
                       LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                       WHOLE_ROW: tl.constexpr):
     """Tokens (a vector of ROWS; those not `valid` skipped), each quantized once to NVFP4 (as the nvfp4 token format
-    packs it: a global scale amax / 2688 per token (at least 2^-100), an E4M3 scale per 16 values, E2M1 codes two a byte), to every rank
-    it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its metadata for d].
-    Steps of CHUNK values: a first pass for the amax, a second to quantize; WHOLE_ROW: one load serves both."""
+    packs it: a global scale amax / 2688 per token (at least 2^-100), an E4M3 scale per 16 values, E2M1 codes two a
+    byte), to every rank it goes to: its row there gets [H/2 code bytes | H/16 E4M3 scales | fp32 global scale | its
+    metadata for d]. Steps of CHUNK values: a first pass for the amax, a second to quantize; WHOLE_ROW: one load
+    serves both."""
     payload_bytes = hidden // 2 + hidden // 16 + 4
     addresses = _rows_at_ranks(local_index_ptr, counts_ptr, recv_table_ptr, tokens, valid, row_bytes, me, region_rows,
                                EP, EP_POW2, LOW_LATENCY)
@@ -506,7 +507,8 @@ NVFP4_PUT = (1, 8192, 4)  # the NVFP4 put's (tokens a program quantizes at once,
 # row addresses loaded first too, 2563 -> 2132 (scripts/probes/ep_nvfp4_variants.py; docs/perf.md)
 FP8_WHOLE_ROW_MAX = 0  # the FP8 put (a token a program) takes rows of up to this many values in one step (0: never).
 # A variant not yet timed on a GPU (8192 to try: whole NVFP4 rows took that put's dispatch 2489 -> 2427 us on an
-# H100); FP8's steps of 1024 measured 123 us a rank there (docs/perf.md, 2026-12-07 late night)
+# H100); FP8's steps of 1024 measured 123 us a rank there (docs/perf.md, 2026-12-07 late night). Whole FP8 rows take
+# 8 warps: 4 would need 253 registers a thread (ptxas, sm_90), 8 take 128.
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -562,7 +564,7 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
         if fmt == "fp8":
             programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
             whole_row = rows_at_once == 1 and hidden <= FP8_WHOLE_ROW_MAX
-            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, num_warps=warps, WHOLE_ROW=whole_row,
+            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, WHOLE_ROW=whole_row, num_warps=8 if whole_row else warps,
                          CHUNK=triton.next_power_of_2(hidden) if whole_row else chunk_of(hidden))
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
             rows_at_once, chunk, warps = NVFP4_PUT

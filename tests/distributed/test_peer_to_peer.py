@@ -217,7 +217,7 @@ def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, 
     xs[0][1, :128] = 0  # an all-zero group
     xs[0][2, 5] = -1e-30  # a negative that rounds to zero
     xs[1][0] *= 1e-30  # tiny values: block scales near E4M3's subnormals (NVFP4: the global scale at its floor)
-    xs[1][1] *= 1e-36  # NVFP4: flushed to zeros under the global scale's floor
+    xs[1][1] *= 1e-36  # NVFP4: codes of 0 (a few 0.5) under the global scale's floor
     ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, 0.5, 3.0, 4.0, -6.0, 1.0, 0.0])
     xs[0][3] = 0.0
     xs[0][3, :16], xs[0][3, 16] = ties, 2688.0  # NVFP4: global scale 1, block scale 1: codes at every tie
