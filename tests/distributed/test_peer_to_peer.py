@@ -6,10 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moeserve.distributed.ep.peer_to_peer import Transport, VirtualRanks
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap
+from moeserve.kernels.ep_transport import _e2m1_codes
 from moeserve.quant.fp8 import Fp8Activations
 
 HIDDEN, TOP_K, EXPERTS = 256, 3, 12
@@ -540,3 +543,27 @@ def test_bench_ep_measures_the_p2p_backends_end_to_end_on_one_rank():
     for point in points.values():
         assert point.dispatch_us > 0 and point.combine_us > 0 and point.yardstick_us > 0
         assert point.dispatch_bytes == point.combine_bytes == 0  # one rank: nothing crosses
+
+
+@triton.jit
+def _e2m1_codes_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _e2m1_codes(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_the_puts_e2m1_codes_equal_the_formats_next_to_every_midpoint_and_at_the_edges():
+    """The put's E2M1 codes (rounding 2m below 2, one mantissa bit from 2 on) against moeserve.quant.nvfp4's compares:
+    every midpoint and the 16 fp32 values on each side of it, both signs; zeros, subnormals, the largest floats,
+    infinities, NaNs of both signs; and random bit patterns."""
+    from moeserve.quant.nvfp4 import e2m1_codes
+
+    points = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0]).view(torch.int32)
+    near = (points[:, None] + torch.arange(-16, 17)).flatten()
+    edges = torch.tensor([0, 1, 2, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000,
+                          0x7FFFFFFF], dtype=torch.int32)
+    bits = torch.cat((near, edges, torch.randint(0, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.int32)))
+    x = torch.cat((bits, bits | -2**31)).view(torch.float32)  # both signs
+    out = torch.empty(x.shape, dtype=torch.int32)
+    _e2m1_codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    assert torch.equal(out, e2m1_codes(x).to(torch.int32))
