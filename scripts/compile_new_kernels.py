@@ -52,9 +52,8 @@ for low_latency, rows in ((False, 1), (True, 1), (False, 8)):  # rows: 8 on an S
           LOW_LATENCY=c, BLOCK=c, META_BLOCK=c, ROWS=c), dict(**placement, BLOCK=1024, META_BLOCK=16, ROWS=rows))
     build(ep_transport._put_rows_fp8_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
           recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32", EP=c,
-          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c, WHOLE_ROW=c),
-          dict(**placement, GROUP=128, CHUNK=1024 if rows > 1 else 8192, BLOCK=16, ROWS=rows, WHOLE_ROW=rows == 1),
-          warps=8 if rows == 1 else 4)
+          EP_POW2=c, LOW_LATENCY=c, GROUP=c, CHUNK=c, BLOCK=c, ROWS=c),
+          dict(**placement, GROUP=128, CHUNK=1024, BLOCK=16, ROWS=rows))
     for nvfp4_rows, chunk in ((1, 1024), (4, 256), (1, 8192)):
         build(ep_transport._put_rows_nvfp4_kernel, dict(x_ptr="*bf16", meta_ptr="*i32", local_index_ptr="*i32", counts_ptr="*i32",
               recv_table_ptr="*i64", num_tokens="i32", hidden="i32", meta_words="i32", row_bytes="i32", me="i32", region_rows="i32",

@@ -14,7 +14,7 @@ from moeserve.bench.timing import graph_of
 from moeserve.distributed.ep.dispatchers import DISPATCHERS
 from moeserve.distributed.ep.peer_to_peer import PeerToPeerRank, PeerTransport
 from moeserve.distributed.layout import ExpertMap
-from moeserve.quant.fp8 import Fp8Activations
+from moeserve.quant.formats import dequantized_tokens
 
 
 P2P_MODES = ("p2p", "p2p-ll")  # the peer-to-peer transport, high-throughput (eager) and low-latency (CUDA graphs)
@@ -88,10 +88,10 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
 
 
 def experts_output(dispatcher, received) -> torch.Tensor:
-    """Experts that return their input (FP8 rows arrive quantized: the output is in the activation dtype), written
+    """Experts that return their input (quantized rows arrive as they travelled: the output is in the activation dtype), written
     where the dispatcher wants the experts' output (p2p: its results area, as the engine's experts write it)."""
     rows, _, handle = received
-    rows = rows.dequantize() if isinstance(rows, Fp8Activations) else rows
+    rows = dequantized_tokens(rows)
     results = dispatcher.results_buffer(handle)
     return rows if results is None else results.copy_(rows)
 

@@ -160,11 +160,10 @@ def _put_meta(meta_ptr, addresses, tokens, payload_bytes, meta_words, EP: tl.con
 def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden, meta_words,
                          row_bytes, me, region_rows, EP: tl.constexpr, EP_POW2: tl.constexpr,
                          LOW_LATENCY: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                         ROWS: tl.constexpr, WHOLE_ROW: tl.constexpr = False):
+                         ROWS: tl.constexpr):
     """Tokens p * ROWS onwards, ROWS at a time, every P * ROWS (program p of P), each quantized once to FP8 1x128 (as
-    quantize_fp8_groups), CHUNK values (CHUNK / 128 groups, a divisor of hidden) at a time, or WHOLE_ROW: the row in
-    one masked step of CHUNK >= hidden, to every rank it goes to: its row there gets [H codes | H/128 fp32 scales |
-    its metadata for d]."""
+    quantize_fp8_groups), CHUNK values (CHUNK / 128 groups, a divisor of hidden) at a time, to every rank it goes to:
+    its row there gets [H codes | H/128 fp32 scales | its metadata for d]."""
     payload_bytes = hidden + hidden // GROUP * 4
     for first in range(tl.program_id(0) * ROWS, num_tokens, tl.num_programs(0) * ROWS):
         tokens = (first + tl.arange(0, ROWS)).to(tl.int64)
@@ -173,18 +172,15 @@ def _put_rows_fp8_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_tabl
                                    region_rows, EP, EP_POW2, LOW_LATENCY)
         for start in range(0, hidden, CHUNK):
             offs = start + tl.arange(0, CHUNK)
-            in_row = _in_row(start, hidden, CHUNK, WHOLE_ROW)
-            x = tl.load(x_ptr + tokens[:, None] * hidden + offs[None, :], mask=valid[:, None] & in_row, other=0.0)
+            x = tl.load(x_ptr + tokens[:, None] * hidden + offs[None, :], mask=valid[:, None], other=0.0)
             values, scales = quantize_e4m3_group(tl.reshape(x.to(tl.float32), (ROWS * CHUNK // GROUP, GROUP)), 1)
             values = tl.reshape(values, (ROWS, CHUNK))
             scales = tl.reshape(scales, (ROWS, CHUNK // GROUP))
             scale_offs = start // GROUP + tl.arange(0, CHUNK // GROUP)
-            scales_in_row = _in_row(start // GROUP, hidden // GROUP, CHUNK // GROUP, WHOLE_ROW)
             for dest in range(EP):
                 rows, goes = _row_at(addresses, dest, EP_POW2, tl.uint8)
-                tl.store(rows.to(tl.pointer_type(tl.float8e4nv)) + offs[None, :], values, mask=goes & in_row)
-                tl.store((rows + hidden).to(tl.pointer_type(tl.float32)) + scale_offs[None, :], scales,
-                         mask=goes & scales_in_row)
+                tl.store(rows.to(tl.pointer_type(tl.float8e4nv)) + offs[None, :], values, mask=goes)
+                tl.store((rows + hidden).to(tl.pointer_type(tl.float32)) + scale_offs[None, :], scales, mask=goes)
         _put_meta(meta_ptr, addresses, tokens, payload_bytes, meta_words, EP, EP_POW2, BLOCK)
 
 
@@ -505,10 +501,6 @@ NVFP4_PUT = (1, 8192, 4)  # the NVFP4 put's (tokens a program quantizes at once,
 # 1024 takes a row of up to that many values whole (one load for the amax and the codes); longer rows go in steps of
 # 1024. On an H100, 8 ranks x 4096 tokens, whole rows against steps of 1024: LL dispatch 2489 -> 2427 us; with the
 # row addresses loaded first too, 2563 -> 2132 (scripts/probes/ep_nvfp4_variants.py; docs/perf.md)
-FP8_WHOLE_ROW_MAX = 0  # the FP8 put (a token a program) takes rows of up to this many values in one step (0: never).
-# A variant not yet timed on a GPU (8192 to try: whole NVFP4 rows took that put's dispatch 2489 -> 2427 us on an
-# H100); FP8's steps of 1024 measured 123 us a rank there (docs/perf.md, 2026-12-07 late night). Whole FP8 rows take
-# 8 warps: 4 would need 253 registers a thread (ptxas, sm_90), 8 take 128.
 BUDGET_ROWS, BUDGET_WARPS = 8, 8  # a put on an SM budget: rows a program moves at once, warps it has
 
 
@@ -562,10 +554,9 @@ def put_quantized_rows(fmt: str, x: torch.Tensor, meta: torch.Tensor, local_inde
     if tokens:
         kernel = {"fp8": _put_rows_fp8_kernel, "nvfp4": _put_rows_nvfp4_kernel}[fmt]
         if fmt == "fp8":
+            # (whole rows in one step, 8 warps, lost on an H100: 171 against 123 us a rank at 8 ranks x 4096 tokens)
             programs, rows_at_once, warps = programs_along_rows(tokens, 1, max_programs)
-            whole_row = rows_at_once == 1 and hidden <= FP8_WHOLE_ROW_MAX
-            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, WHOLE_ROW=whole_row, num_warps=8 if whole_row else warps,
-                         CHUNK=triton.next_power_of_2(hidden) if whole_row else chunk_of(hidden))
+            extra = dict(GROUP=FP8_GROUP, ROWS=rows_at_once, CHUNK=chunk_of(hidden), num_warps=warps)
         else:  # NVFP4: ROWS tokens at a time (their amax first), whatever the budget
             rows_at_once, chunk, warps = NVFP4_PUT
             programs = min(triton.cdiv(tokens, rows_at_once), max_programs or tokens)

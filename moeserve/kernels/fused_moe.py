@@ -9,11 +9,13 @@ from typing import Protocol
 import torch
 
 from moeserve.kernels.activation import quantize_fp8_activations, silu_and_mul, sum_over_k
+from moeserve.kernels.ep_transport import nvfp4_tokens
 from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
 from moeserve.kernels.row_layout import RowLayout
 from moeserve.kernels.tuning import tuned_config
 from moeserve.quant.fp8 import Fp8Activations
+from moeserve.quant.nvfp4 import Nvfp4Activations
 
 
 class ExpertWeights(Protocol):
@@ -29,20 +31,32 @@ def nvfp4_format(dtype: torch.dtype) -> str:
     return "nvfp4" if dtype == torch.bfloat16 else f"nvfp4-{str(dtype).removeprefix('torch.').replace('float', 'fp')}"
 
 
-def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations, layout: RowLayout,
+def takes_nvfp4(experts: ExpertWeights, x: Nvfp4Activations) -> bool:
+    """Whether the gate_up GEMM reads these NVFP4 rows as they are: bf16 tokens into bf16 or NVFP4 weights."""
+    weights = weight_format(experts.gate_up_proj)
+    return x.dtype == torch.bfloat16 and (weights == NVFP4 or weights == BF16
+                                          and experts.gate_up_proj.dtype == torch.bfloat16)
+
+
+def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations | Nvfp4Activations, layout: RowLayout,
                   config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [R, H], or rows already quantized 1x128 (an FP8 dispatch's): FP8 experts multiply them as they are. out
-    ([R, H], contiguous): where the result goes (a transport's results area)."""
+    """x: [R, H], or rows already quantized as a dispatch sent them: FP8 experts multiply FP8 1x128 rows as they
+    are, bf16 and NVFP4 experts turn NVFP4 rows into bf16 inside the gate_up GEMM. out ([R, H], contiguous): where
+    the result goes (a transport's results area)."""
     rows, top_k = layout.slots.shape
     weights = weight_format(experts.gate_up_proj)
     if isinstance(x, Fp8Activations) and weights != FP8:
         x = x.dequantize()
+    if isinstance(x, Nvfp4Activations) and not takes_nvfp4(experts, x):  # one kernel, over the rows in use
+        x = nvfp4_tokens(x.rows, x.hidden, x.dtype, x.rows_in_use)
     fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: nvfp4_format(x.dtype)}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k, experts.num_experts)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)
     fp8 = weights == FP8
     if isinstance(x, Fp8Activations):
         a, a_scale = x.values, x.scales
+    elif isinstance(x, Nvfp4Activations):
+        a, a_scale = x, None
     else:
         a, a_scale = quantize_fp8_activations(x) if fp8 else (x, None)
     intermediate = experts.down_proj.shape[-1]

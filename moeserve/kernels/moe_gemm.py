@@ -22,6 +22,7 @@ from moeserve.kernels.activation import quantize_e4m3_group
 from moeserve.kernels.device import multiprocessors
 from moeserve.kernels.moe_layout import BlockLayout
 from moeserve.quant.formats import Fp8BlockWeight, Nvfp4Weight
+from moeserve.quant.nvfp4 import Nvfp4Activations
 
 BF16, FP8, NVFP4 = 0, 1, 2
 FP8_QUANTIZING = 3  # FP8 weights, 16-bit activations quantized 1x128 inside the GEMM (BLOCK_K = 128)
@@ -125,6 +126,23 @@ def _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride
 
 
 @triton.jit
+def _nvfp4_rows_low_high(a_base, glob, valid, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Elements k0, k0 + 2, ... and k0 + 1, k0 + 3, ... ([BLOCK_M, BLOCK_K / 2] bf16 each) of NVFP4 token rows (the
+    nvfp4 token format's bytes from a_base, each row's global scale glob): code value * (block scale * global scale)
+    in fp32, rounded once to bf16, as dequantize_nvfp4 and the receive kernel make them."""
+    offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    offs_g = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    packed = tl.load(a_base[:, None] + offs_j[None, :], mask=valid[:, None] & (offs_j < K // 2)[None, :], other=0)
+    block_scale = tl.load((a_base + K // 2).to(tl.pointer_type(tl.float8e4nv))[:, None] + offs_g[None, :],
+                          mask=valid[:, None] & (offs_g < K // 16)[None, :], other=0.0).to(tl.float32)
+    scale = block_scale * glob[:, None]
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_M, BLOCK_K // 16, 8)), (BLOCK_M, BLOCK_K // 2))
+    low = (e2m1_to_float(packed & 0xF) * scale).to(tl.bfloat16)
+    high = (e2m1_to_float(packed >> 4) * scale).to(tl.bfloat16)
+    return low, high
+
+
+@triton.jit
 def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile index -> (M block, N tile, K slice): K slices outermost, then groups of GROUP_M M blocks in
     which the M block varies fastest."""
@@ -144,8 +162,9 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  FORMAT: tl.constexpr, PRECISION: tl.constexpr, TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False,
                  SWAP_AB: tl.constexpr = False, NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False,
-                 EVEN_K: tl.constexpr = False):
-    """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. TILE_IN_ONE_SCALE_BLOCK (FP8): the
+                 EVEN_K: tl.constexpr = False, A_NVFP4: tl.constexpr = False):
+    """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. A_NVFP4 (bf16 or NVFP4 weights): a_ptr
+    holds NVFP4 token rows (stride_am bytes apart), turned into bf16 here (_nvfp4_rows_low_high). TILE_IN_ONE_SCALE_BLOCK (FP8): the
     N tile lies in one 128-row weight scale block, so each K step's weight scale is one number. SWAP_AB: the product
     is computed transposed, W's tile times a's (acc [BLOCK_N, BLOCK_M]), so that a few rows still feed the
     tensor cores' wide wgmma, the weights filling its 64-row side. NIBBLES_TO_BF16 (NVFP4, bf16 activations): codes
@@ -155,17 +174,23 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if A_NVFP4:
+        a_base = a_ptr + a_rows * stride_am
+        a_glob = tl.load((a_base + K // 2 + K // 16).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if FORMAT == 2 and NIBBLES_TO_BF16:  # NVFP4 with bf16 activations: even and odd elements apart, no interleave
             w_even, w_odd = _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
                                             BLOCK_N, BLOCK_K, USE_ASM, EVEN_K)
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None], other=0.0)
+            if A_NVFP4:  # the low nibbles are the even elements
+                a_even, a_odd = _nvfp4_rows_low_high(a_base, a_glob, valid, k0, K, BLOCK_M, BLOCK_K)
             else:
-                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
-                            mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
-            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                if EVEN_K:
+                    a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None], other=0.0)
+                else:
+                    a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                                mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
+                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             if SWAP_AB:
                 acc = tl.dot(w_even, tl.trans(a_even), acc)
                 acc = tl.dot(w_odd, tl.trans(a_odd), acc)
@@ -185,9 +210,13 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
             part_scale = tl.load(w_global_base + offs_n // n_part, mask=n_ok, other=0.0)
             group_scale = group_scale * part_scale[:, None]
             scale = tl.reshape(tl.broadcast_to(group_scale[:, :, None], (BLOCK_N, BLOCK_K // 16, 16)), (BLOCK_N, BLOCK_K))
-            w = (e2m1_to_float(codes) * scale).to(a_ptr.dtype.element_ty)
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                        other=0.0)
+            if A_NVFP4:
+                a_low, a_high = _nvfp4_rows_low_high(a_base, a_glob, valid, k0, K, BLOCK_M, BLOCK_K)
+                a = tl.interleave(a_low, a_high)
+            else:
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
+                            mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = (e2m1_to_float(codes) * scale).to(a.dtype)
             if SWAP_AB:
                 acc += tl.dot(w, tl.trans(a), input_precision=PRECISION)
             else:
@@ -195,7 +224,12 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+            if A_NVFP4:  # bf16 weights
+                a_low, a_high = _nvfp4_rows_low_high(a_base, a_glob, valid, k0, K, BLOCK_M, BLOCK_K)
+                a = tl.interleave(a_low, a_high)
+            else:
+                a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
+                            other=0.0)
             if SWAP_AB:  # W's tile [BLOCK_N, BLOCK_K]
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                             other=0.0)
@@ -246,7 +280,7 @@ def _moe_gemm_kernel(
     FORMAT: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr = False,
     TILE_IN_ONE_SCALE_BLOCK: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     NIBBLES_TO_BF16: tl.constexpr = False, USE_ASM: tl.constexpr = False, EVEN_K: tl.constexpr = False,
-    partials_ptr=None, arrivals_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False,
+    partials_ptr=None, arrivals_ptr=None, REDUCE_IN_KERNEL: tl.constexpr = False, A_NVFP4: tl.constexpr = False,
 ):
     """Each program takes tiles program_id, + num_programs, ... among the tiles in use (M blocks below
     num_padded): one tile each for a full grid, several for a persistent one. DENSE: one weight matrix
@@ -275,7 +309,7 @@ def _moe_gemm_kernel(
                            offs_n, n_ok, pid_k * k_span, tl.minimum(K, (pid_k + 1) * k_span), K, n_part,
                            stride_am, stride_as, stride_wn, stride_wsn,
                            BLOCK_M, BLOCK_N, BLOCK_K, FORMAT, PRECISION, TILE_IN_ONE_SCALE_BLOCK, SWAP_AB,
-                           NIBBLES_TO_BF16, USE_ASM, EVEN_K)
+                           NIBBLES_TO_BF16, USE_ASM, EVEN_K, A_NVFP4)
         if SWAP_AB:
             acc = tl.trans(acc)
         if WEIGHTED:
@@ -377,9 +411,25 @@ def _weight_operands(weight, fmt: int, num_experts: int, n: int, k: int, config:
             weight.global_scale.reshape(num_experts, -1))
 
 
+def _nvfp4_operand(a: Nvfp4Activations, fmt: int, weight) -> torch.Tensor:
+    """NVFP4 token rows as the A operand: their bytes, checked for what the kernel's decode assumes."""
+    weight_dtype = getattr(weight, "dtype", torch.bfloat16)  # quantized weights: their products are bf16 here
+    if fmt not in (BF16, NVFP4) or a.dtype != torch.bfloat16 or weight_dtype != torch.bfloat16:
+        raise ValueError(f"NVFP4 activations go into bf16 or NVFP4 weights with bf16 activations, got {a.dtype} "
+                         "activations and these weights: dequantize them first")
+    if a.hidden % 128 or a.rows.stride(-1) != 1 or a.rows.shape[1] < a.hidden // 2 + a.hidden // 16 + 4:
+        raise ValueError(f"NVFP4 token rows of hidden size {a.hidden} need a multiple of 128 and "
+                         f"{a.hidden // 2 + a.hidden // 16 + 4} contiguous bytes a row, got {tuple(a.rows.shape)} "
+                         f"with strides {a.rows.stride()}")
+    return a.rows
+
+
 def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_rows, block_expert, num_padded,
             row_slots: int, num_rows: int, rows_per_a_row: int, dense: bool) -> None:
     fmt = weight_format(weight.inner if isinstance(weight, _OneMatrix) else weight)
+    a_nvfp4 = isinstance(a, Nvfp4Activations)
+    if a_nvfp4:
+        a = _nvfp4_operand(a, fmt, weight)
     if fmt == FP8 and a_scale is None:  # 16-bit activations for FP8 weights: the kernel quantizes them
         if a.dtype == torch.float8_e4m3fn:
             raise ValueError("FP8 activations need their scales")
@@ -411,9 +461,10 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
         DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
-        SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and a.dtype == torch.bfloat16 and config.block_k >= 32,
+        SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and (a.dtype == torch.bfloat16 or a_nvfp4)
+        and config.block_k >= 32,
         USE_ASM=bf16x2_multiply(a.device), EVEN_K=k % config.block_k == 0,
-        partials_ptr=partials, arrivals_ptr=arrivals, REDUCE_IN_KERNEL=in_kernel,
+        partials_ptr=partials, arrivals_ptr=arrivals, REDUCE_IN_KERNEL=in_kernel, A_NVFP4=a_nvfp4,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if target is not out:

@@ -3,7 +3,9 @@
 import torch
 
 from moeserve.kernels.row_layout import RowLayout
+from moeserve.quant.formats import dequantized_tokens
 from moeserve.quant.fp8 import Fp8Activations
+from moeserve.quant.nvfp4 import Nvfp4Activations
 
 
 def moe_route(router, logits: torch.Tensor, counts: torch.Tensor | None = None,
@@ -26,13 +28,13 @@ def moe_route(router, logits: torch.Tensor, counts: torch.Tensor | None = None,
     return topk_ids, topk_weights
 
 
-def moe_experts(experts, x: torch.Tensor | Fp8Activations, layout: RowLayout,
+def moe_experts(experts, x: torch.Tensor | Fp8Activations | Nvfp4Activations, layout: RowLayout,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [R, H] (or already FP8-quantized rows, as an FP8 dispatch receives them) -> [R, H], each row's weighted sum
+    """x [R, H] (or rows quantized as an FP8 or NVFP4 dispatch receives them) -> [R, H], each row's weighted sum
     over its experts: the fused Triton kernels on CUDA (every weight format), else `experts.reference(x, layout)`."""
     if x.device.type == "cuda":
         from moeserve.kernels.fused_moe import fused_experts
 
         return fused_experts(experts, x, layout, out=out)
-    y = experts.reference(x.dequantize() if isinstance(x, Fp8Activations) else x, layout)
+    y = experts.reference(dequantized_tokens(x), layout)
     return y if out is None else out.copy_(y)

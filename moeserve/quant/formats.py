@@ -1,14 +1,14 @@
 """Quantized weights as explicit objects: the data, its scales and its format, for one matrix or a
-stack of them ([..., N, K], e.g. [E, N, K] for experts)."""
+stack of them ([..., N, K], e.g. [E, N, K] for experts); and tokens as a quantized dispatch hands them on."""
 
 import math
 
 import torch
 from torch import nn
 
-from moeserve.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
+from moeserve.quant.fp8 import Fp8Activations, dequantize_fp8_block, quantize_fp8_block
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
-from moeserve.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4_weight
+from moeserve.quant.nvfp4 import Nvfp4Activations, dequantize_nvfp4, quantize_nvfp4_weight
 
 
 def _frozen(shape, dtype) -> nn.Parameter:
@@ -113,3 +113,9 @@ def weight_matrix(weight: torch.Tensor | QuantizedWeight, index, dtype: torch.dt
     if isinstance(weight, QuantizedWeight):
         return weight.dequantize(dtype, index)
     return weight[index]
+
+
+def dequantized_tokens(x: torch.Tensor | Fp8Activations | Nvfp4Activations) -> torch.Tensor:
+    """Tokens as a dispatch hands them on (a tensor, or rows still in their FP8 / NVFP4 wire format) as a tensor in
+    the dtype they stand for."""
+    return x.dequantize() if isinstance(x, (Fp8Activations, Nvfp4Activations)) else x

@@ -12,6 +12,7 @@ Bit layout (NVIDIA's NVFP4, ModelOpt checkpoints):
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -105,3 +106,41 @@ def quantize_nvfp4_weight(w: torch.Tensor):
     global_scale = global_scale_of(w.abs().amax(dim=(-2, -1)))
     packed, block_scale = quantize_nvfp4(w, global_scale[..., None, None])
     return packed, block_scale, global_scale
+
+
+@dataclass
+class Nvfp4Activations:
+    """Tokens quantized to NVFP4 one row each (global scale per token), in the nvfp4 token format's byte rows: H/2
+    bytes of codes, H/16 E4M3 block scales, one fp32 global scale. An NVFP4 expert-parallel dispatch hands its
+    received tokens on in this form, where they arrived, so that the experts' first GEMM turns them into bf16 in
+    registers instead of a pass writing them out in bf16 first."""
+
+    rows: torch.Tensor  # uint8 [T, >= H/2 + H/16 + 4]: rows may be strided, bytes contiguous
+    hidden: int
+    dtype: torch.dtype = torch.bfloat16  # what they stand for
+    rows_in_use: torch.Tensor | None = None  # bool [T]: only these hold tokens (a kernel may leave the others unmade)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows.shape[0], self.hidden))
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def packed(self) -> torch.Tensor:  # [T, H/2] uint8
+        return self.rows[:, : self.hidden // 2]
+
+    @property
+    def block_scales(self) -> torch.Tensor:  # [T, H/16] float8_e4m3fn
+        return self.rows[:, self.hidden // 2 : self.hidden // 2 + self.hidden // BLOCK].view(torch.float8_e4m3fn)
+
+    @property
+    def global_scales(self) -> torch.Tensor:  # [T, 1] float32
+        start = self.hidden // 2 + self.hidden // BLOCK
+        return self.rows[:, start : start + 4].view(torch.float32)
+
+    def dequantize(self) -> torch.Tensor:
+        """[T, H] in dtype, every row (the torch form; kernels.ep_transport.nvfp4_tokens is the one-kernel one)."""
+        return dequantize_nvfp4(self.packed, self.block_scales, self.global_scales, self.dtype)

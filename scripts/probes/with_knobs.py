@@ -1,5 +1,5 @@
 """Run a probe script with module-level knobs of moeserve set first, for A/B timings in one device call.
-Usage: PYTHONPATH=. python3 scripts/probes/with_knobs.py moeserve.kernels.ep_transport.FP8_WHOLE_ROW_MAX=8192 [...] \
+Usage: PYTHONPATH=. python3 scripts/probes/with_knobs.py moeserve.kernels.ep_transport.NVFP4_RECEIVE_ROWS=4 [...] \
          -- scripts/probes/ep_profile.py 8 4096 fp8 high-throughput
 Each value is a Python literal; the knob must already exist (a typo fails instead of timing the default)."""
 

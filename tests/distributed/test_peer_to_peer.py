@@ -13,6 +13,7 @@ from moeserve.distributed.ep.peer_to_peer import Transport, VirtualRanks
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap
 from moeserve.kernels.ep_transport import _e2m1_codes
+from moeserve.quant.formats import dequantized_tokens
 from moeserve.quant.fp8 import Fp8Activations
 
 HIDDEN, TOP_K, EXPERTS = 256, 3, 12
@@ -26,7 +27,7 @@ def routing(tokens: int, case: str, generator) -> tuple[torch.Tensor, torch.Tens
 
 def toy_experts(tokens, layout, ep_rank: int, slots_per_rank: int) -> torch.Tensor:
     """Each received row's sum over its experts here of weight * x * (physical slot + 1)."""
-    x = tokens.dequantize().float() if isinstance(tokens, Fp8Activations) else tokens.float()
+    x = dequantized_tokens(tokens).float()
     here = layout.slots >= 0
     factor = torch.where(here, layout.weights * (ep_rank * slots_per_rank + layout.slots + 1).float(), 0.0)
     return x * factor.sum(dim=1, keepdim=True)
@@ -200,15 +201,15 @@ def test_bench_ep_with_virtual_ranks_reports_every_point(capsys):
 
 
 @pytest.mark.parametrize("fmt,variant,hidden", [
-    ("fp8", {}, HIDDEN), ("fp8", {}, 640), ("fp8", {"FP8_WHOLE_ROW_MAX": 8192}, 640),
+    ("fp8", {}, HIDDEN), ("fp8", {}, 640),
     ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)}, HIDDEN), ("nvfp4", {"NVFP4_PUT": (4, 128, 4)}, HIDDEN),
     ("nvfp4", {"NVFP4_PUT": (2, 8192, 4)}, 640), ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)}, 640)],
-    ids=["fp8", "fp8-in-steps-hidden-640", "fp8-whole-rows-masked", "nvfp4", "nvfp4-4-tokens-at-once",
+    ids=["fp8", "fp8-hidden-640", "nvfp4", "nvfp4-4-tokens-at-once",
          "nvfp4-whole-rows-masked", "nvfp4-hidden-640"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_quantized_inside_the_put_writes_the_rows_the_format_writes(ranks, fmt, variant, hidden, monkeypatch):
     """The fused put (default on CUDA) fills every receive area byte for byte as packing with the torch format does
-    (FP8: a whole row in one masked step, or steps of 128 values; NVFP4: a token at a time, or 4 at once in steps of
+    (FP8: steps of 1024 or 128 values; NVFP4: a token at a time, or 4 at once in steps of
     128 values, or two whole rows of 640 values at once in one masked step of 1024)."""
     from moeserve.kernels import ep_transport
 

@@ -122,3 +122,15 @@ def test_unquantized_rows_are_received_where_they_lie():
     unaligned = received_rows(fmt.pack(x), extra=16)  # 264 values: the GEMM would load it element by element
     copied = fmt.receive(unaligned, 256, torch.bfloat16)
     assert copied.is_contiguous() and copied.data_ptr() != unaligned.data_ptr() and torch.equal(copied, x)
+
+
+def test_nvfp4_rows_are_received_where_they_lie_and_dequantize_like_unpack():
+    fmt = Nvfp4Format()
+    x = tokens(5, 256)
+    payload = received_rows(fmt.pack(x), extra=40)
+    received = fmt.receive(payload, 256, torch.bfloat16, rows_in_use=torch.tensor([True, False, True, True, True]))
+    assert received.rows.data_ptr() == payload.data_ptr() and received.shape == (5, 256)
+    assert received.packed.data_ptr() == payload.data_ptr()
+    assert received.block_scales.data_ptr() == payload.data_ptr() + 128
+    assert received.global_scales.data_ptr() == payload.data_ptr() + 144
+    assert torch.equal(received.dequantize(), fmt.unpack(payload, 256, torch.bfloat16))

@@ -59,3 +59,21 @@ def test_p2p_engine_on_two_ranks_of_one_gpu_equals_one_process(extra, tp_attenti
         assert graphs == (not extra.get("enforce_eager", False))
     if not tp_attention:  # DP: the rank with the short requests steps empty
         assert max(empty for _, _, empty in results) > 0
+
+
+def test_nvfp4_dispatch_on_two_ranks_of_one_gpu_equals_one_process_quantizing_the_same_way():
+    """NVFP4 tokens on the wire, read by the experts as they arrived (decode steps replayed as CUDA graphs): greedy
+    tokens equal one process whose MoE layers put each token through the same NVFP4 quantization."""
+    from moeserve.distributed.ep.token_formats import Nvfp4Format
+    from moeserve.layers.moe.dispatch import LocalDispatcher
+    from moeserve.llm import LLM
+
+    llm = LLM("tiny-deepseek-v3", device="cuda", enforce_eager=True, **ENGINE)
+    dispatchers = [m for m in llm.engine.runner.model.modules() if isinstance(getattr(m, "dispatcher", None),
+                                                                              LocalDispatcher)]
+    assert dispatchers
+    for module in dispatchers:
+        module.dispatcher.token_format = Nvfp4Format()
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params())]
+    for tokens, graphs, _ in run_ranks(2, generate_on_rank, {"ep_dispatch_format": "nvfp4"}, False):
+        assert graphs and tokens == expected

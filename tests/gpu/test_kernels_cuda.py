@@ -129,6 +129,36 @@ def test_silu_and_mul_fp8_on_gpu():
     assert ((a - b).abs() <= torch.maximum(b.abs() * 2.0**-3, torch.full_like(b, 2.0**-9))).all()
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("tokens", [7, 300, 4096])
+def test_experts_read_nvfp4_dispatched_rows_as_they_arrived_on_cuda(fmt, tokens):
+    """Rows received over an NVFP4 dispatch (strided views of the payload, 64-byte aligned as the p2p receive area
+    lays them out) go into the gate_up GEMM as they are, turned into bf16 in registers: the result is what the same
+    rows dequantized first give (the same bf16 values in the same tiles), a NaN token stays in its row."""
+    from moeserve.distributed.ep.token_formats import Nvfp4Format, as_row_bytes
+    from moeserve.quant.nvfp4 import Nvfp4Activations
+
+    x = (torch.randn(tokens, HIDDEN, device="cuda") * torch.rand(tokens, 1, device="cuda") * 4).bfloat16()
+    x[tokens // 2, 11] = float("nan")
+    slots = torch.rand(tokens, EXPERTS, device="cuda").argsort(dim=1)[:, :TOP_K].int()
+    slots[::5, 1] = -1  # pairs whose expert lives elsewhere
+    layout = RowLayout(slots, torch.rand(tokens, TOP_K, device="cuda"))
+    experts = experts_of(fmt)
+    wire = Nvfp4Format()
+    payload = wire.pack(x)
+    rows = torch.zeros(tokens, 4096, dtype=torch.uint8, device="cuda")  # 4096-byte rows: slots and weights after
+    rows[:, : payload.shape[1]] = payload
+    rows[:, payload.shape[1] : payload.shape[1] + 4 * TOP_K] = as_row_bytes(slots)
+    received = wire.receive(rows[:, : payload.shape[1]], HIDDEN, torch.bfloat16)
+    assert isinstance(received, Nvfp4Activations) and received.rows.data_ptr() == rows.data_ptr()
+    actual = fused_experts(experts, received, layout).float()
+    expected = fused_experts(experts, received.dequantize(), layout).float()
+    nan = torch.zeros(tokens, dtype=torch.bool, device="cuda")
+    nan[tokens // 2] = True
+    assert actual[nan].isnan().any() and torch.isfinite(actual[~nan]).all()
+    assert ((actual[~nan] - expected[~nan]).norm() / expected[~nan].norm()).item() < 1e-3
+
+
 @pytest.mark.parametrize("tokens", [7, 300])
 def test_fp8_experts_take_fp8_dispatched_rows_as_they_arrived_on_cuda(tokens):
     """Rows received over an FP8 dispatch (strided views of the payload) go into the FP8 GEMM as they are: the result

@@ -9,7 +9,7 @@ import torch
 from moeserve.distributed.ep.peer_to_peer import VirtualRanks
 from moeserve.distributed.ep.token_formats import token_format
 from moeserve.distributed.layout import ExpertMap
-from moeserve.quant.fp8 import Fp8Activations
+from moeserve.quant.formats import dequantized_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,7 +29,7 @@ def test_virtual_ranks_on_cuda_equal_the_reference(ranks, fmt):
     received = group.dispatch(xs, ids, weights)
     ys = []
     for rank, (tokens, layout, _) in enumerate(received):
-        x = tokens.dequantize().float() if isinstance(tokens, Fp8Activations) else tokens.float()  # (NVFP4: floats)
+        x = dequantized_tokens(tokens).float()
         slot = rank * expert_map.slots_per_rank + layout.slots
         ys.append((x * torch.where(layout.slots >= 0, layout.weights * (slot + 1), 0.0).sum(1, keepdim=True)).bfloat16())
     outs = group.combine(ys, [handle for _, _, handle in received])
@@ -87,12 +87,11 @@ def test_two_processes_exchange_through_symmetric_memory(low_latency):
             assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("fmt,variant", [("fp8", {}), ("fp8", {"FP8_WHOLE_ROW_MAX": 8192}), ("nvfp4", {}),
-                                         ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)})],
-                         ids=["fp8", "fp8-whole-rows", "nvfp4", "nvfp4-in-steps"])
+@pytest.mark.parametrize("fmt,variant", [("fp8", {}), ("nvfp4", {}), ("nvfp4", {"NVFP4_PUT": (1, 1024, 4)})],
+                         ids=["fp8", "nvfp4", "nvfp4-in-steps"])
 def test_quantized_inside_the_put_on_cuda_writes_the_rows_the_format_writes(fmt, variant, monkeypatch):
     """The fused put (the CUDA default) against the torch format's packing, byte for byte, with ties, zeros, a NaN and
-    an inf among the values: FP8 in steps of 1024 or whole rows, NVFP4 whole rows or in steps."""
+    an inf among the values: FP8 in steps of 1024, NVFP4 whole rows or in steps."""
     from moeserve.kernels import ep_transport
 
     for name, value in variant.items():
@@ -158,7 +157,7 @@ def test_low_latency_exchange_captured_in_a_cuda_graph_equals_eager(fmt):
 
 
 def toy_experts(received):
-    return [((t.dequantize() if isinstance(t, Fp8Activations) else t).float()
+    return [(dequantized_tokens(t).float()
              * (layout.weights * (layout.slots + 1)).sum(1, keepdim=True)).bfloat16() for t, layout, _ in received]
 
 

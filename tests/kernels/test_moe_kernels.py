@@ -279,3 +279,37 @@ def test_pairs_of_other_ranks_are_never_read_when_buffers_start_as_nan(fmt, monk
     layout.slots[2] = -1  # a row with no expert here at all (an all-gather's or a low-latency receive's): sums to 0
     out = fused_experts(experts, x, layout, GemmConfig(block_m=16, block_n=64, block_k=128))
     assert (out[2] == 0).all() and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("config", [None, GemmConfig(16, 32, 64), GemmConfig(16, 64, 128, swap_ab=True),
+                                    GemmConfig(16, 32, 16), GemmConfig(16, 32, 64, split_k=2),
+                                    GemmConfig(16, 32, 64, group_m=2, persistent=True)],
+                         ids=["tuned", "as-is", "swapped", "k16", "split2", "persistent"])
+def test_experts_read_an_nvfp4_dispatchs_tokens_as_they_arrived(config):
+    """Rows received over an NVFP4 dispatch (strided views of the byte payload, metadata after each) go into the gate_up
+    GEMM as they are: bf16 and NVFP4 experts give, bit for bit, what the dequantized tokens give (the same bf16 values
+    reach the same dots), a NaN token stays in its row; FP8 experts and fp32 tokens dequantize first."""
+    from moeserve.distributed.ep.token_formats import Nvfp4Format, as_row_bytes
+    from moeserve.quant.nvfp4 import Nvfp4Activations
+
+    torch.manual_seed(4)
+    decades = 10.0 ** torch.linspace(-3, 1, HIDDEN // 16).repeat_interleave(16)
+    x = (torch.randn(7, HIDDEN) * decades[torch.randperm(HIDDEN)]).bfloat16()
+    x[5, 3] = float("nan")
+    layout = routing(7, "other ranks")
+    wire = Nvfp4Format()
+    payload = torch.cat((wire.pack(x), as_row_bytes(layout.slots.int())), dim=1)[:, : wire.payload_bytes(HIDDEN)]
+    received = wire.receive(payload, HIDDEN, torch.bfloat16)
+    assert isinstance(received, Nvfp4Activations) and received.rows.data_ptr() == payload.data_ptr()
+    arrived = received.dequantize()
+    for fmt in (None, "nvfp4", "fp8"):
+        experts = random_experts(fmt, torch.bfloat16)
+        expected = fused_experts(experts, arrived, layout, config)
+        actual = fused_experts(experts, received, layout, config)
+        assert torch.equal(actual.isnan(), expected.isnan()) and actual[5].isnan().any(), fmt
+        assert torch.isfinite(actual[[0, 1, 2, 3, 4, 6]]).all(), fmt
+        assert torch.equal(actual.nan_to_num(), expected.nan_to_num()), fmt
+    as_fp32 = Nvfp4Activations(payload, HIDDEN, torch.float32)  # fp32 runs: dequantized first, then fp32 GEMMs
+    experts = random_experts(None)
+    assert torch.equal(fused_experts(experts, as_fp32, layout, config).nan_to_num(),
+                       fused_experts(experts, as_fp32.dequantize(), layout, config).nan_to_num())

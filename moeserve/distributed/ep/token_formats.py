@@ -9,23 +9,21 @@ Byte layout of one token's payload, hidden size H (a multiple of 128 for the qua
 | fp8 | H + H/32 | H float8_e4m3fn values, then H/128 float32 scales (one per 128 channels, a multiplier: x ~= value * scale) |
 | nvfp4 | H/2 + H/16 + 4 | H/2 bytes of E2M1 codes (element 2i in the low nibble), then H/16 float8_e4m3fn block scales (one per 16), then one float32 global scale |
 
-All multi-byte values are little-endian. `receive` hands the tokens on as the experts take them: FP8 tokens as
-zero-copy views of the payload (`Fp8Activations`: FP8 experts multiply them as they arrived, others dequantize),
-the other formats as float tensors (NVFP4 through the views of `Nvfp4Tokens`).
+All multi-byte values are little-endian. `receive` hands the tokens on as the experts take them: quantized tokens as
+zero-copy views of the payload (`Fp8Activations`: FP8 experts multiply them as they arrived, others dequantize;
+`Nvfp4Activations`: bf16 and NVFP4 experts turn them into bf16 inside their first GEMM, FP8 experts dequantize them),
+bf16 tokens as a tensor (a view where the rows' stride allows).
 NVFP4's global scale is per token (amax of the token / 2688, at least 2^-100). A NaN in a token makes that token's
 scales NaN: it propagates, it is never hidden.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from moeserve.kernels.device import has_fp8
-from moeserve.kernels.ep_transport import nvfp4_tokens
 from moeserve.quant.fp8 import Fp8Activations, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
-from moeserve.quant.nvfp4 import dequantize_nvfp4, global_scale_of, quantize_nvfp4
+from moeserve.quant.nvfp4 import Nvfp4Activations, dequantize_nvfp4, global_scale_of, quantize_nvfp4
 
 DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # bf16: unquantized
 FP8_GROUP = 128
@@ -97,13 +95,6 @@ class Fp8Format:
         return self.views(payload, hidden, dtype)
 
 
-@dataclass
-class Nvfp4Tokens:
-    packed: torch.Tensor  # [T, H/2] uint8 codes
-    block_scales: torch.Tensor  # [T, H/16] float8_e4m3fn
-    global_scales: torch.Tensor  # [T, 1] float32
-
-
 class Nvfp4Format:
     name = "nvfp4"
 
@@ -117,25 +108,18 @@ class Nvfp4Format:
         packed, block_scales = quantize_nvfp4(x, global_scale)
         return torch.cat((as_row_bytes(packed), as_row_bytes(block_scales), as_row_bytes(global_scale)), dim=1)
 
-    def views(self, payload: torch.Tensor, hidden: int) -> Nvfp4Tokens:
-        codes_end = hidden // 2
-        scales_end = codes_end + hidden // NVFP4_BLOCK
-        return Nvfp4Tokens(payload[:, :codes_end], payload[:, codes_end:scales_end].view(torch.float8_e4m3fn),
-                           payload[:, scales_end : scales_end + 4].view(torch.float32))
+    def views(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
+              rows_in_use: torch.Tensor | None = None) -> Nvfp4Activations:
+        return Nvfp4Activations(payload, hidden, dtype, rows_in_use)
 
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         tokens = self.views(payload, hidden)
         return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
 
     def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
-                rows_in_use: torch.Tensor | None = None) -> torch.Tensor:
-        """unpack; on CUDA one kernel over the received rows where they lie (the torch form takes a dozen passes),
-        and only over rows_in_use if given."""
-        if payload.is_cuda and payload.stride(-1) == 1 and has_fp8(payload.device):
-            return nvfp4_tokens(payload, hidden, dtype, rows_in_use)
-        return self.unpack(payload, hidden, dtype)
-
-
+                rows_in_use: torch.Tensor | None = None) -> Nvfp4Activations:
+        """The rows where they lie (rows_in_use: which hold tokens), for the experts to read."""
+        return self.views(payload, hidden, dtype, rows_in_use)
 
 
 def token_format(name: str, activation_dtype: torch.dtype = torch.bfloat16):
