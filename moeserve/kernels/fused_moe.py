@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from moeserve.kernels.activation import quantize_fp8_activations, silu_and_mul, sum_over_k
+from moeserve.kernels.device import has_fp8
 from moeserve.kernels.ep_transport import nvfp4_tokens
 from moeserve.kernels.moe_gemm import BF16, FP8, NVFP4, GemmConfig, moe_gemm, weight_format
 from moeserve.kernels.moe_layout import block_layout
@@ -32,10 +33,18 @@ def nvfp4_format(dtype: torch.dtype) -> str:
 
 
 def takes_nvfp4(experts: ExpertWeights, x: Nvfp4Activations) -> bool:
-    """Whether the gate_up GEMM reads these NVFP4 rows as they are: bf16 tokens into bf16 or NVFP4 weights."""
+    """Whether the gate_up GEMM reads these NVFP4 rows as they are: bf16 tokens into bf16 or NVFP4 weights, where
+    Triton has float8 (the block scales' type)."""
     weights = weight_format(experts.gate_up_proj)
-    return x.dtype == torch.bfloat16 and (weights == NVFP4 or weights == BF16
-                                          and experts.gate_up_proj.dtype == torch.bfloat16)
+    return x.dtype == torch.bfloat16 and has_fp8(x.device) and (
+        weights == NVFP4 or weights == BF16 and experts.gate_up_proj.dtype == torch.bfloat16)
+
+
+def dequantized_nvfp4_rows(x: Nvfp4Activations) -> torch.Tensor:
+    """NVFP4 rows dequantized: one kernel over the rows in use where Triton has float8, else the torch form."""
+    if has_fp8(x.device):
+        return nvfp4_tokens(x.rows, x.hidden, x.dtype, x.rows_in_use)
+    return x.dequantize()
 
 
 def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations | Nvfp4Activations, layout: RowLayout,
@@ -47,8 +56,8 @@ def fused_experts(experts: ExpertWeights, x: torch.Tensor | Fp8Activations | Nvf
     weights = weight_format(experts.gate_up_proj)
     if isinstance(x, Fp8Activations) and weights != FP8:
         x = x.dequantize()
-    if isinstance(x, Nvfp4Activations) and not takes_nvfp4(experts, x):  # one kernel, over the rows in use
-        x = nvfp4_tokens(x.rows, x.hidden, x.dtype, x.rows_in_use)
+    if isinstance(x, Nvfp4Activations) and not takes_nvfp4(experts, x):
+        x = dequantized_nvfp4_rows(x)
     fmt = {BF16: "bf16" if x.dtype != torch.float32 else "fp32", FP8: "fp8", NVFP4: nvfp4_format(x.dtype)}[weights]
     config = config or tuned_config(fmt, x.shape[1], experts.down_proj.shape[-1], rows * top_k, experts.num_experts)
     block = block_layout(layout.slots, experts.num_experts, config.block_m)

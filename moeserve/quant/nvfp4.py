@@ -142,5 +142,6 @@ class Nvfp4Activations:
         return self.rows[:, start : start + 4].view(torch.float32)
 
     def dequantize(self) -> torch.Tensor:
-        """[T, H] in dtype, every row (the torch form; kernels.ep_transport.nvfp4_tokens is the one-kernel one)."""
+        """[T, H] in dtype, every row, rows_in_use or not (the torch form; kernels.ep_transport.nvfp4_tokens is the
+        one-kernel one, which skips rows not in use)."""
         return dequantize_nvfp4(self.packed, self.block_scales, self.global_scales, self.dtype)

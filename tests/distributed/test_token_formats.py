@@ -128,8 +128,10 @@ def test_nvfp4_rows_are_received_where_they_lie_and_dequantize_like_unpack():
     fmt = Nvfp4Format()
     x = tokens(5, 256)
     payload = received_rows(fmt.pack(x), extra=40)
-    received = fmt.receive(payload, 256, torch.bfloat16, rows_in_use=torch.tensor([True, False, True, True, True]))
+    in_use = torch.tensor([True, False, True, True, True])
+    received = fmt.receive(payload, 256, torch.bfloat16, rows_in_use=in_use)
     assert received.rows.data_ptr() == payload.data_ptr() and received.shape == (5, 256)
+    assert received.rows_in_use is in_use  # for a conversion that skips the rows holding no token
     assert received.packed.data_ptr() == payload.data_ptr()
     assert received.block_scales.data_ptr() == payload.data_ptr() + 128
     assert received.global_scales.data_ptr() == payload.data_ptr() + 144

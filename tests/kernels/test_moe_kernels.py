@@ -285,7 +285,7 @@ def test_pairs_of_other_ranks_are_never_read_when_buffers_start_as_nan(fmt, monk
                                     GemmConfig(16, 32, 16), GemmConfig(16, 32, 64, split_k=2),
                                     GemmConfig(16, 32, 64, group_m=2, persistent=True)],
                          ids=["tuned", "as-is", "swapped", "k16", "split2", "persistent"])
-def test_experts_read_an_nvfp4_dispatchs_tokens_as_they_arrived(config):
+def test_experts_read_an_nvfp4_dispatchs_tokens_as_they_arrived(config, monkeypatch):
     """Rows received over an NVFP4 dispatch (strided views of the byte payload, metadata after each) go into the gate_up
     GEMM as they are: bf16 and NVFP4 experts give, bit for bit, what the dequantized tokens give (the same bf16 values
     reach the same dots), a NaN token stays in its row; FP8 experts and fp32 tokens dequantize first."""
@@ -302,10 +302,15 @@ def test_experts_read_an_nvfp4_dispatchs_tokens_as_they_arrived(config):
     received = wire.receive(payload, HIDDEN, torch.bfloat16)
     assert isinstance(received, Nvfp4Activations) and received.rows.data_ptr() == payload.data_ptr()
     arrived = received.dequantize()
+    gemm_inputs = []
+    monkeypatch.setattr(fused_moe, "moe_gemm", lambda a, *args, **kwargs: gemm_inputs.append(a) or moe_gemm(
+        a, *args, **kwargs))
     for fmt in (None, "nvfp4", "fp8"):
         experts = random_experts(fmt, torch.bfloat16)
         expected = fused_experts(experts, arrived, layout, config)
+        gemm_inputs.clear()
         actual = fused_experts(experts, received, layout, config)
+        assert (gemm_inputs[0] is received) == (fmt != "fp8"), fmt  # FP8 experts take it dequantized and quantized
         assert torch.equal(actual.isnan(), expected.isnan()) and actual[5].isnan().any(), fmt
         assert torch.isfinite(actual[[0, 1, 2, 3, 4, 6]]).all(), fmt
         assert torch.equal(actual.nan_to_num(), expected.nan_to_num()), fmt

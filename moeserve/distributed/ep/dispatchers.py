@@ -51,7 +51,8 @@ class ExpertParallelDispatcher(Dispatcher):
     def unpack_rows(self, rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype,
                     rows_in_use: torch.Tensor | None = None):
         """Byte rows [token payload | K int32 | K fp32 | any padding] -> (tokens [R, H] as the format hands them on
-        (FP8: Fp8Activations), int32 [R, K], fp32 [R, K]). rows_in_use: a format that converts may skip the others."""
+        (FP8: Fp8Activations, NVFP4: Nvfp4Activations), int32 [R, K], fp32 [R, K]). rows_in_use: which rows hold a
+        token (a conversion of the rows may skip the others)."""
         token_bytes = self.format.payload_bytes(hidden)
         tokens = self.format.receive(rows[:, :token_bytes], hidden, dtype, rows_in_use)
         ints = rows[:, token_bytes : token_bytes + 4 * top_k].contiguous().view(torch.int32)

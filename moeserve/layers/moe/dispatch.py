@@ -4,8 +4,8 @@
 process and, for each row, its local expert slots and weights (a RowLayout); the experts return
 each row's weighted sum; `combine(y, handle) -> out` brings those back to token order. On one device
 the rows are the tokens themselves; expert-parallel dispatchers (moeserve.distributed.ep) move rows
-between ranks behind the same interface. Rows carry their format: an FP8 dispatch hands them on as
-`Fp8Activations` (quantized as they travelled), which FP8 experts multiply as they are.
+between ranks behind the same interface. Rows carry their format: an FP8 or NVFP4 dispatch hands them on as
+`Fp8Activations` / `Nvfp4Activations` (quantized as they travelled), which the experts' kernels read as they are.
 
 Each exchange also comes in halves, so that other work runs while tokens travel: `dispatch_send(x, topk_ids,
 topk_weights, micro_batch) -> sent`, `dispatch_recv(sent) -> (rows, layout, handle)`, `combine_send(y, handle) ->
