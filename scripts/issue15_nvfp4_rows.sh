@@ -12,7 +12,7 @@ run_test() {  # file, -k expression
   echo "$1 -k '$2' rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$(basename "$1" .py).log" | tail -1)" >> "$T"
 }
 run_test tests/gpu/test_kernels_cuda.py "dispatched" &
-run_test tests/gpu/test_ep_engine_one_gpu.py "nvfp4 or decode-graphs" &
+run_test tests/gpu/test_ep_engine_one_gpu.py "${ENGINE_TESTS:-nvfp4 or decode-graphs}" &
 [ -z "${SKIP_P2P_TESTS:-}" ] && run_test tests/gpu/test_peer_to_peer_cuda.py "nvfp4 or low_latency" &
 wait
 grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-200 | head -8 >> "$T"
