@@ -2,11 +2,10 @@
 (chunked attention on RoPE layers, NoPE layers with temperature tuning, L2 q/k norm)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import AttentionConfig, RopeConfig
-from moeserve.layers.linear import fuse_linear_weights
+from moeserve.layers.linear import fuse_linear_weights, linear
 from moeserve.layers.norm import RMSNorm, rms_normalize
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.ops.rotary import rotate_query_key
@@ -54,8 +53,8 @@ class GQAttention(nn.Module):
         if self.fused_qkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         weight, bias = self.fused_qkv
-        sizes = [linear.out_features for linear in (self.q_proj, self.k_proj, self.v_proj)]
-        return F.linear(x, weight, bias).split(sizes, dim=-1)
+        sizes = [proj.out_features for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        return linear(x, weight, bias).split(sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         # x: [T, H], positions: [T], attn: the AttentionBackend

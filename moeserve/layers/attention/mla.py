@@ -11,7 +11,7 @@ from torch import nn
 
 from moeserve.config import MLAConfig, RopeConfig
 from moeserve.layers.attention.dense import attention_with_lse
-from moeserve.layers.linear import fuse_linear_weights
+from moeserve.layers.linear import fuse_linear_weights, linear
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding, yarn_mscale
 from moeserve.ops.rotary import rotate_query_key
@@ -58,7 +58,7 @@ class MLAttention(nn.Module):
         """x [T, H] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x))."""
         if self.fused_input_proj is not None:
             weight, bias = self.fused_input_proj
-            return F.linear(x, weight, bias).split([weight.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
+            return linear(x, weight, bias).split([weight.shape[0] - self.mla.latent_dim, self.mla.latent_dim], dim=-1)
         first = self.q_proj if self.mla.q_lora_rank is None else self.q_a_proj
         return first(x), self.kv_a_proj_with_mqa(x)
 
