@@ -5,7 +5,7 @@
 # weights (the quantized ones with dense split-K summed by atomics, then in the kernel: MOESERVE_SPLIT_K), and the
 # no-compiles-after-warm-up test. Logs under $OUT; the table last. TESTS, RUNS (weights:sum ...), SKIP_SWEEP=1 and
 # SKIP_NO_COMPILES=1 narrow it; PROFILE=1 profiles each run's decode steps (GPU busy, kernels a step, top kernels;
-# 110 s a run).
+# 110 s a run); BASELINE_TREE=DIR runs the same latency runs again from an older copy of the package there.
 set -u
 OUT=${OUT:-/tmp/moeserve-out}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 MOESERVE_CACHE_DIR=/tmp/moeserve-cache
@@ -19,15 +19,18 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
   grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
 fi
+for tree in . ${BASELINE_TREE:-}; do  # BASELINE_TREE: an older copy of the package (git archive REV moeserve | tar -x -C DIR)
 for run in ${RUNS:-bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel}; do  # weights:dense split-K's sum
   q=${run%:*}; [ "$q" = bf16 ] && q=""
-  log="$OUT/latency_${run/:/_}.log"  # one log a run: a run that prints nothing shows as nothing
+  tag=""; [ "$tree" != . ] && tag="_$(basename "$tree")"
+  log="$OUT/latency_${run/:/_}$tag.log"  # one log a run: a run that prints nothing shows as nothing
   limit=${LATENCY_TIMEOUT:-55}; [ -n "${PROFILE:-}" ] && limit=${LATENCY_TIMEOUT:-110}
-  MOESERVE_SPLIT_K=${run#*:} timeout $limit python3 -m moeserve bench latency --load-format dummy \
+  PYTHONPATH=$tree MOESERVE_SPLIT_K=${run#*:} timeout $limit python3 -m moeserve bench latency --load-format dummy \
     --dtype bfloat16 --device cuda --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 \
     --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} ${PROFILE:+--profile} > "$log" 2>&1
-  echo "== latency v2-lite b1 $run rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
+  echo "== latency v2-lite b1 $run (tree $tree) rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
   [ -n "${PROFILE:-}" ] && grep -A6 "^profile" "$log" | cut -c1-150 >> "$T"
+done
 done
 if [ -z "${SKIP_NO_COMPILES:-}" ]; then
   timeout 75 python3 -m pytest tests/gpu/test_no_compiles_after_warm_up.py -q -p no:cacheprovider -rf > "$OUT/no_compiles.log" 2>&1

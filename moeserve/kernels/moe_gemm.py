@@ -460,7 +460,8 @@ def _launch(a, a_scale, weight, out, row_weights, config: GemmConfig, sorted_row
         GROUP_M=config.group_m, SPLIT_K=config.split_k,
         FORMAT=fmt, WEIGHTED=row_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay fp32 (no TF32)
-        DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(n_part, config),
+        DENSE=dense, TILE_IN_ONE_SCALE_BLOCK=fmt in (FP8, FP8_QUANTIZING) and tile_in_one_scale_block(
+            n_part, config, parts=2 if len(shape) == 4 else 1),
         SWAP_AB=config.swap_ab, NIBBLES_TO_BF16=fmt == NVFP4 and (a.dtype == torch.bfloat16 or a_nvfp4)
         and config.block_k >= 32,
         USE_ASM=bf16x2_multiply(a.device), EVEN_K=k % config.block_k == 0,
@@ -494,9 +495,11 @@ def bf16x2_multiply(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def tile_in_one_scale_block(n_part: int, config: GemmConfig) -> bool:
-    """Whether every N tile lies inside one 128-row FP8 weight block (of one part of a gate_up weight)."""
-    return FP8_BLOCK % config.block_n == 0 and n_part % FP8_BLOCK == 0
+def tile_in_one_scale_block(n_part: int, config: GemmConfig, parts: int = 2) -> bool:
+    """Whether every N tile lies inside one 128-row FP8 weight block. Tiles of a width dividing 128 start on multiples
+    of it, so in one matrix they always do (its last block may be partial: a fused q + kv_a); in a gate_up pair
+    (parts = 2) only when each part fills whole blocks."""
+    return FP8_BLOCK % config.block_n == 0 and (parts == 1 or n_part % FP8_BLOCK == 0)
 
 
 @functools.cache

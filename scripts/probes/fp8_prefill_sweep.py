@@ -37,8 +37,8 @@ def with_one_scale(enabled: bool):
     original = moe_gemm.tile_in_one_scale_block.__wrapped__ if hasattr(moe_gemm.tile_in_one_scale_block, "__wrapped__") \
         else moe_gemm.tile_in_one_scale_block
 
-    def choose(n_part, config):
-        return enabled and original(n_part, config)
+    def choose(*args, **kwargs):
+        return enabled and original(*args, **kwargs)
     choose.__wrapped__ = original
     moe_gemm.tile_in_one_scale_block = choose
 

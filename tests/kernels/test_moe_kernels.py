@@ -209,7 +209,7 @@ def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n,
 
     chosen = []
     original = moe_gemm_module.tile_in_one_scale_block
-    moe_gemm_module.tile_in_one_scale_block = lambda n_part, cfg: chosen.append(original(n_part, cfg)) or chosen[-1]
+    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
     x = torch.randn(rows, hidden, generator=generator)
     slots = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(rows)])
     a, a_scale = quantize_fp8_groups(x)
@@ -318,3 +318,29 @@ def test_experts_read_an_nvfp4_dispatchs_tokens_as_they_arrived(config, monkeypa
     experts = random_experts(None)
     assert torch.equal(fused_experts(experts, as_fp32, layout, config).nan_to_num(),
                        fused_experts(experts, as_fp32.dequantize(), layout, config).nan_to_num())
+
+
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+def test_one_fp8_matrix_with_a_partial_last_block_reads_one_scale_a_tile(block_n):
+    """A dense FP8 matrix whose rows end inside a scale block (a fused q + kv_a: 2.5 blocks here), each block scaled by
+    another power of two: its tiles take the one-scale path and each reads its own block's scale."""
+    import moeserve.kernels.moe_gemm as moe_gemm_module
+    from moeserve.kernels.moe_gemm import dense_gemm
+
+    generator = torch.Generator().manual_seed(block_n)
+    w = torch.randn(320, 256, generator=generator) / 16 * (2.0 ** torch.arange(3)).repeat_interleave(128)[:320, None]
+    weight = make_quantized_weight("fp8", (320, 256))
+    weight.quantize_from(w)
+    x = torch.randn(5, 256, generator=generator)
+    a, a_scale = quantize_fp8_groups(x)
+    out = torch.full((5, 320), float("nan"))
+    chosen = []
+    original = moe_gemm_module.tile_in_one_scale_block
+    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
+    try:
+        dense_gemm(a, a_scale, weight, out, GemmConfig(block_m=16, block_n=block_n, block_k=128))
+    finally:
+        moe_gemm_module.tile_in_one_scale_block = original
+    assert chosen == [True]
+    expected = fp8_group_round_trip(x) @ weight.dequantize(torch.float32).t()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -70,5 +70,31 @@ def test_an_fp8_mlp_runs_gate_and_up_as_one_gemm_that_is_no_submodule():
     parameters = sum(p.numel() for p in mlp.parameters())
     mlp.fuse_projections()
     assert isinstance(mlp.gate_up_weight, Fp8BlockWeight)
+    mlp.gate_proj.forward = mlp.up_proj.forward = lambda x: pytest.fail("gate and up ran apart after fusion")
     assert sum(p.numel() for p in mlp.parameters()) == parameters  # the fused weight is not counted twice
     torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_fp8_mla_model_gives_the_same_logits_with_its_input_projections_fused():
+    """tiny-deepseek-v3 with FP8 q_a_proj (64 rows) and kv_a_proj_with_mqa (48: a partial last block) in 32x32 blocks:
+    fused into one weight of 112 rows, the logits stay those of the separate GEMMs."""
+    import moeserve
+    from moeserve.layers.attention.mla import MLAttention
+    from moeserve.models.base import fuse_projections
+
+    torch.manual_seed(0)
+    model = moeserve.load_model("tiny-deepseek-v3", progress=False)
+    attentions = [m for m in model.modules() if isinstance(m, MLAttention)]
+    for attention in attentions:
+        for name in ("q_a_proj", "kv_a_proj_with_mqa"):
+            plain = getattr(attention, name)
+            setattr(attention, name, QuantLinear(quantized("fp8", plain.weight.detach(), block=(32, 32)), None))
+    input_ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids)
+        fuse_projections(model)
+        assert all(isinstance(a.fused_input_proj[0], Fp8BlockWeight) for a in attentions)
+        assert all(a.fused_input_proj[0].shape == (112, a.q_a_proj.in_features) for a in attentions)
+        actual = model(input_ids)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
