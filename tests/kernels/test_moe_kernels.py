@@ -209,7 +209,8 @@ def test_fp8_tiles_inside_one_weight_scale_block_read_that_blocks_scale(block_n,
 
     chosen = []
     original = moe_gemm_module.tile_in_one_scale_block
-    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
+    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(
+        original(*args, **kwargs)) or chosen[-1]
     x = torch.randn(rows, hidden, generator=generator)
     slots = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(rows)])
     a, a_scale = quantize_fp8_groups(x)
@@ -336,7 +337,8 @@ def test_one_fp8_matrix_with_a_partial_last_block_reads_one_scale_a_tile(block_n
     out = torch.full((5, 320), float("nan"))
     chosen = []
     original = moe_gemm_module.tile_in_one_scale_block
-    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
+    moe_gemm_module.tile_in_one_scale_block = lambda *args, **kwargs: chosen.append(
+        original(*args, **kwargs)) or chosen[-1]
     try:
         dense_gemm(a, a_scale, weight, out, GemmConfig(block_m=16, block_n=block_n, block_k=128))
     finally:
