@@ -88,8 +88,9 @@ def measure_point(tokens: int, hidden: int, top_k: int, experts: int, fmt: str, 
 
 
 def experts_output(dispatcher, received) -> torch.Tensor:
-    """Experts that return their input (quantized rows arrive as they travelled: the output is in the activation dtype), written
-    where the dispatcher wants the experts' output (p2p: its results area, as the engine's experts write it)."""
+    """Experts that return their input (quantized rows arrive as they travelled: the output is in the activation
+    dtype), written where the dispatcher wants the experts' output (p2p: its results area, as the engine's experts write
+    it)."""
     rows, _, handle = received
     rows = dequantized_tokens(rows)
     results = dispatcher.results_buffer(handle)

@@ -166,9 +166,8 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
     """sum over k in [k_lo, k_hi) of a[a_rows, k] * W[offs_n, k], in fp32. A_NVFP4 (bf16 or NVFP4 weights): a_ptr
     holds NVFP4 token rows (stride_am bytes apart), turned into bf16 here (_nvfp4_rows_low_high).
     TILE_IN_ONE_SCALE_BLOCK (FP8): the N tile lies in one 128-row weight scale block, so each K step's weight scale is
-    one number. SWAP_AB: the product
-    is computed transposed, W's tile times a's (acc [BLOCK_N, BLOCK_M]), so that a few rows still feed the
-    tensor cores' wide wgmma, the weights filling its 64-row side. NIBBLES_TO_BF16 (NVFP4, bf16 activations): codes
+    one number. SWAP_AB: the product is computed transposed, W's tile times a's (acc [BLOCK_N, BLOCK_M]), so that a
+    few rows still feed the tensor cores' wide wgmma, the weights filling its 64-row side. NIBBLES_TO_BF16 (NVFP4, bf16 activations): codes
     become bf16 by bit operations (in PTX with USE_ASM), the block scale multiplies them in bf16 exactly, and the global
     scale multiplies the sum."""
     if SWAP_AB:

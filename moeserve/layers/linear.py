@@ -28,9 +28,9 @@ def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor | Fp8BlockWei
     blocks of rows (their scale rows then stack as the rows do). None, and nothing changed, when they cannot share a
     GEMM: other formats (NVFP4's global scale is per matrix), or different dtypes, devices, input sizes or bias
     presence."""
-    if all(type(linear) is nn.Linear for linear in linears):
+    if all(type(module) is nn.Linear for module in linears):
         fused = _fuse_plain_weights(linears)
-    elif all(type(linear) is QuantLinear for linear in linears):
+    elif all(type(module) is QuantLinear for module in linears):
         fused = _fuse_fp8_weights(linears)
     else:
         return None
@@ -40,18 +40,18 @@ def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor | Fp8BlockWei
 
 
 def _fuse_plain_weights(linears) -> torch.Tensor | None:
-    weights = [linear.weight for linear in linears]
+    weights = [module.weight for module in linears]
     if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or not _same_bias_presence(linears) or (
             weights[0].is_meta):
         return None
     fused = torch.cat([w.detach() for w in weights])
-    for linear, part in zip(linears, fused.split([w.shape[0] for w in weights])):
-        linear.weight = nn.Parameter(part, requires_grad=False)
+    for module, part in zip(linears, fused.split([w.shape[0] for w in weights])):
+        module.weight = nn.Parameter(part, requires_grad=False)
     return fused
 
 
 def _fuse_fp8_weights(linears) -> Fp8BlockWeight | None:
-    weights = [linear.weight for linear in linears]
+    weights = [module.weight for module in linears]
     if not all(isinstance(w, Fp8BlockWeight) and len(w.shape) == 2 for w in weights) or not _same_bias_presence(
             linears) or weights[0].values.is_meta:
         return None
@@ -72,15 +72,15 @@ def _fuse_fp8_weights(linears) -> Fp8BlockWeight | None:
 
 
 def _same_bias_presence(linears) -> bool:
-    return len({linear.bias is not None for linear in linears}) == 1
+    return len({module.bias is not None for module in linears}) == 1
 
 
 def _fuse_biases(linears) -> torch.Tensor | None:
     if linears[0].bias is None:
         return None
-    fused_bias = torch.cat([linear.bias.detach() for linear in linears])
-    for linear, part in zip(linears, fused_bias.split([linear.out_features for linear in linears])):
-        linear.bias = nn.Parameter(part, requires_grad=False)
+    fused_bias = torch.cat([module.bias.detach() for module in linears])
+    for module, part in zip(linears, fused_bias.split([module.out_features for module in linears])):
+        module.bias = nn.Parameter(part, requires_grad=False)
     return fused_bias
 
 

@@ -346,3 +346,16 @@ def test_one_fp8_matrix_with_a_partial_last_block_reads_one_scale_a_tile(block_n
     assert chosen == [True]
     expected = fp8_group_round_trip(x) @ weight.dequantize(torch.float32).t()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nvfp4_rows_into_fp8_weights_are_refused_with_what_to_do():
+    from moeserve.distributed.ep.token_formats import Nvfp4Format
+
+    wire = Nvfp4Format()
+    received = wire.receive(wire.pack(torch.randn(3, HIDDEN).bfloat16()), HIDDEN, torch.bfloat16)
+    experts = random_experts("fp8", torch.bfloat16)
+    layout = routing(3, "random")
+    block = block_layout(layout.slots, EXPERTS, 16)
+    out = torch.empty(3 * TOP_K, 2 * INTERMEDIATE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="NVFP4 activations go into bf16 or NVFP4 weights .* dequantize them first"):
+        moe_gemm(received, None, experts.gate_up_proj, block, out, rows_per_a_row=TOP_K, config=GemmConfig(16, 64, 128))
