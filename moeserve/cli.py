@@ -640,7 +640,9 @@ def bench_ep_virtual(args: argparse.Namespace) -> int:
         raise ConfigError("bench ep --virtual-ranks runs Triton kernels: use a CUDA device, or set TRITON_INTERPRET=1 "
                           "to interpret them on the CPU (slow)")
     print(f"EP dispatch/combine, peer-to-peer transport, virtual ranks on one {args.device} device, hidden "
-          f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform and skewed routing\n{HEADER}", flush=True)
+          f"{args.hidden}, top-{args.topk} of {args.experts} experts, uniform and skewed routing; a dispatch ends with "
+          "the rows where the experts read them (FP8 and NVFP4 still quantized: their conversion is the experts' "
+          f"GEMM's, not timed here)\n{HEADER}", flush=True)
     for ranks in (int(r) for r in args.virtual_ranks.split(",")):
         if args.experts % ranks:
             raise ConfigError(f"--experts {args.experts} cannot be split over {ranks} virtual ranks")
