@@ -19,15 +19,16 @@ if [ -z "${SKIP_SWEEP:-}" ]; then
   timeout 120 python3 scripts/probes/swap_ab_sweep.py moe fp8,nvfp4 > "$OUT/sweep_moe.txt" 2>&1
   grep -v "^  " "$OUT/sweep_moe.txt" >> "$T"; echo "wrong variants: $(grep -c WRONG "$OUT/sweep_moe.txt")" >> "$T"
 fi
-for tree in . ${BASELINE_TREE:-}; do  # BASELINE_TREE: an older copy of the package (git archive REV moeserve | tar -x -C DIR)
+for tree in . ${BASELINE_TREE:-}; do  # BASELINE_TREE: a folder with an older copy of the package (git archive REV
+  # moeserve | tar -x -C DIR), run from inside it: `python3 -m` puts the working folder ahead of PYTHONPATH
 for run in ${RUNS:-bf16:atomic fp8:atomic fp8:in-kernel nvfp4:atomic nvfp4:in-kernel}; do  # weights:dense split-K's sum
   q=${run%:*}; [ "$q" = bf16 ] && q=""
   tag=""; [ "$tree" != . ] && tag="_$(basename "$tree")"
   log="$OUT/latency_${run/:/_}$tag.log"  # one log a run: a run that prints nothing shows as nothing
   limit=${LATENCY_TIMEOUT:-55}; [ -n "${PROFILE:-}" ] && limit=${LATENCY_TIMEOUT:-110}
-  PYTHONPATH=$tree MOESERVE_SPLIT_K=${run#*:} timeout $limit python3 -m moeserve bench latency --load-format dummy \
+  ( cd "$tree" && MOESERVE_SPLIT_K=${run#*:} timeout $limit python3 -m moeserve bench latency --load-format dummy \
     --dtype bfloat16 --device cuda --max-model-len 4096 --model deepseek-v2-lite --batch-size 1 --input-len 256 \
-    --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} ${PROFILE:+--profile} > "$log" 2>&1
+    --output-len 64 --num-iters 2 --num-iters-warmup 1 ${q:+--quantization $q} ${PROFILE:+--profile} ) > "$log" 2>&1
   echo "== latency v2-lite b1 $run (tree $tree) rc=$? $(grep -E '^\| moeserve|Error' "$log" | tail -1)" >> "$T"
   [ -n "${PROFILE:-}" ] && grep -A6 "^profile" "$log" | cut -c1-150 >> "$T"
 done

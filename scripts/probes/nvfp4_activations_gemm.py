@@ -21,11 +21,13 @@ HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 7168, 2048, 256, 8
 
 
 def experts_of(fmt: str, local: int) -> Experts:
-    experts = Experts(local, HIDDEN, INTERMEDIATE).cuda()
-    gate_up = torch.randn(local, 2 * INTERMEDIATE, HIDDEN, device="cuda").bfloat16() / HIDDEN**0.5
-    down = torch.randn(local, HIDDEN, INTERMEDIATE, device="cuda").bfloat16() / INTERMEDIATE**0.5
+    with torch.device("meta"):  # its fp32 parameters are replaced below, never made
+        experts = Experts(local, HIDDEN, INTERMEDIATE)
+    gate_up = torch.randn(local, 2 * INTERMEDIATE, HIDDEN, device="cuda", dtype=torch.bfloat16) / HIDDEN**0.5
+    down = torch.randn(local, HIDDEN, INTERMEDIATE, device="cuda", dtype=torch.bfloat16) / INTERMEDIATE**0.5
     if fmt == "bf16":
-        experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
+        experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+        experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
         return experts
     del experts.gate_up_proj, experts.down_proj
     with torch.device("cuda"):
