@@ -18,6 +18,8 @@ def enable() -> None:
         from triton.runtime import interpreter
     except ImportError:  # no triton: kernel tests skip
         return
+    from moeserve.quant.fp8 import to_e4m3  # the GPU's fp32 -> E4M3 conversion, as our torch format writes it
+
     original = interpreter.InterpreterBuilder.create_dot
 
     def as_fp32(handle):
@@ -46,10 +48,9 @@ def enable() -> None:
     original_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:  # as the GPU's cvt.rn.satfinite
-            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            x = torch.where(x.isnan(), x.abs(), x.clamp(-448.0, 448.0))  # NaN -> 0x7F, whatever its sign
-            return interpreter.TensorHandle(x.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), tl.float8e4nv)
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:  # as the GPU's cvt.rn.satfinite does
+            codes = to_e4m3(torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)))
+            return interpreter.TensorHandle(codes.view(torch.uint8).numpy(), tl.float8e4nv)
         return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp

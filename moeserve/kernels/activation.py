@@ -25,8 +25,15 @@ def round_to_e4m3_grid(x):
 
 @triton.jit
 def max_keeping_nan(a, b):
-    """max(a, b), NaN if either is (the GPU's plain max drops a NaN); a combine function for tl.reduce."""
+    """max(a, b), NaN if either is (the GPU's plain max drops a NaN; torch's keeps it); a combine function for
+    tl.reduce."""
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def min_keeping_nan(a, b):
+    """min(a, b), NaN if either is (as torch's clamp)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -36,7 +43,7 @@ def quantize_e4m3_group(y, axis: tl.constexpr):
     approximate on the GPU), a NaN anywhere in a group makes its scale and values NaN, zero-padded
     elements of a partial group count as 0."""
     amax = tl.reduce(tl.abs(y), axis, max_keeping_nan)
-    scale = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, 1e-12)), 448.0)  # NaN as the GPU makes it
+    scale = tl.math.div_rn(max_keeping_nan(amax, 1e-12), 448.0)  # a NaN divided as the GPU divides it
     divisor = scale if axis == 0 else tl.expand_dims(scale, axis)
     # A zero dividend sends the GPU's correctly rounded division down its slow path (the padded rows of every
     # decode tile are zeros): divide something else there and keep the zero, with its sign.

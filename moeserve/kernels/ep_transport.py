@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.activation import FP8_GROUP, max_keeping_nan, quantize_e4m3_group, round_to_e4m3_grid
+from moeserve.kernels.activation import (FP8_GROUP, max_keeping_nan, min_keeping_nan, quantize_e4m3_group,
+                                         round_to_e4m3_grid)
 from moeserve.kernels.moe_gemm import e2m1_to_float
 
 WORDS_PER_PROGRAM = 1024
@@ -199,13 +200,6 @@ def _e2m1_codes(scaled):
 
 
 @triton.jit
-def _without_nan_rule(value, bound, take_min: tl.constexpr):
-    """min / max with a bound that keeps a NaN (the GPU's min and max would drop it; torch's clamp keeps it)."""
-    bounded = tl.minimum(value, bound) if take_min else tl.maximum(value, bound)
-    return tl.where(value != value, value, bounded)
-
-
-@triton.jit
 def _put_rows_nvfp4_kernel(x_ptr, meta_ptr, local_index_ptr, counts_ptr, recv_table_ptr, num_tokens, hidden,
                            meta_words, row_bytes, me, region_rows, code_bytes, EP: tl.constexpr,
                            EP_POW2: tl.constexpr, LOW_LATENCY: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -266,7 +260,7 @@ def _load_values(x_ptr, tokens, valid, start, hidden, CHUNK: tl.constexpr, WHOLE
 def _global_scale(amax):
     """Each token's global scale: amax / (6 * 448), at least 2^-100 (moeserve.quant.nvfp4.MIN_GLOBAL_SCALE), 1 for a
     token of zeros, NaN for one with a NaN (amax is NaN)."""
-    return tl.where(amax == 0, 1.0, _without_nan_rule(tl.math.div_rn(amax, 2688.0), 7.888609052210118e-31, False))
+    return tl.where(amax == 0, 1.0, max_keeping_nan(tl.math.div_rn(amax, 2688.0), 7.888609052210118e-31))
 
 
 @triton.jit
@@ -282,9 +276,9 @@ def _quantize_nvfp4_values(blocks, block_amax, glob, ROWS: tl.constexpr, CHUNK: 
     """Blocks of 16 values [ROWS, CHUNK / 16, 16] fp32 with their amax, under the tokens' global scales glob [ROWS] ->
     (codes two a byte [ROWS, CHUNK / 2] uint8, E4M3-valued block scales [ROWS, CHUNK / 16] fp32), as
     moeserve.quant.nvfp4.quantize_nvfp4: one division a block, then a multiplication a value."""
-    raw = _without_nan_rule(tl.math.div_rn(block_amax, (glob * 6.0)[:, None]), 0.001953125, False)  # at least 2^-9
+    raw = max_keeping_nan(tl.math.div_rn(block_amax, (glob * 6.0)[:, None]), 0.001953125)  # at least 2^-9
     scale = tl.where(block_amax == 0, 1.0, raw)
-    scale = round_to_e4m3_grid(_without_nan_rule(scale, 448.0, True))
+    scale = round_to_e4m3_grid(min_keeping_nan(scale, 448.0))
     reciprocal = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * glob[:, None])
     low, high = tl.split(tl.reshape(_e2m1_codes(blocks * reciprocal[:, :, None]), (ROWS, CHUNK // 16, 8, 2)))
     return tl.reshape((low | (high << 4)).to(tl.uint8), (ROWS, CHUNK // 2)), scale

@@ -181,10 +181,10 @@ def _dot_k_range(a_ptr, a_scale_ptr, w_base, w_scale_base, w_global_base, a_rows
         if FORMAT == 2 and NIBBLES_TO_BF16:  # NVFP4 with bf16 activations: even and odd elements apart, no interleave
             w_even, w_odd = _nvfp4_even_odd(w_base, w_scale_base, offs_n, n_ok, k0, K, stride_wn, stride_wsn,
                                             BLOCK_N, BLOCK_K, USE_ASM, EVEN_K)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
             if A_NVFP4:  # the low nibbles are the even elements
                 a_even, a_odd = _nvfp4_rows_low_high(a_base, a_glob, valid, k0, K, BLOCK_M, BLOCK_K)
             else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
                 if EVEN_K:
                     a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=valid[:, None], other=0.0)
                 else:

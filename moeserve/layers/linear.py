@@ -28,6 +28,8 @@ def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor | Fp8BlockWei
     blocks of rows (their scale rows then stack as the rows do). None, and nothing changed, when they cannot share a
     GEMM: other formats (NVFP4's global scale is per matrix), or different dtypes, devices, input sizes or bias
     presence."""
+    if len({module.bias is not None for module in linears}) != 1:
+        return None
     if all(type(module) is nn.Linear for module in linears):
         fused = _fuse_plain_weights(linears)
     elif all(type(module) is QuantLinear for module in linears):
@@ -41,8 +43,7 @@ def fuse_linear_weights(*linears: nn.Module) -> tuple[torch.Tensor | Fp8BlockWei
 
 def _fuse_plain_weights(linears) -> torch.Tensor | None:
     weights = [module.weight for module in linears]
-    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or not _same_bias_presence(linears) or (
-            weights[0].is_meta):
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].is_meta:
         return None
     fused = torch.cat([w.detach() for w in weights])
     for module, part in zip(linears, fused.split([w.shape[0] for w in weights])):
@@ -52,8 +53,7 @@ def _fuse_plain_weights(linears) -> torch.Tensor | None:
 
 def _fuse_fp8_weights(linears) -> Fp8BlockWeight | None:
     weights = [module.weight for module in linears]
-    if not all(isinstance(w, Fp8BlockWeight) and len(w.shape) == 2 for w in weights) or not _same_bias_presence(
-            linears) or weights[0].values.is_meta:
+    if not all(isinstance(w, Fp8BlockWeight) and len(w.shape) == 2 for w in weights) or weights[0].values.is_meta:
         return None
     rows_per_block = weights[0].block[0]
     if len({(w.block, w.shape[1], w.values.device) for w in weights}) != 1 or any(
@@ -69,10 +69,6 @@ def _fuse_fp8_weights(linears) -> Fp8BlockWeight | None:
         weight.values = nn.Parameter(part_values, requires_grad=False)
         weight.scale = nn.Parameter(part_scale, requires_grad=False)
     return fused
-
-
-def _same_bias_presence(linears) -> bool:
-    return len({module.bias is not None for module in linears}) == 1
 
 
 def _fuse_biases(linears) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch
 
 from moeserve.quant.fp8 import Fp8Activations, quantize_fp8_groups
 from moeserve.quant.nvfp4 import BLOCK as NVFP4_BLOCK
-from moeserve.quant.nvfp4 import Nvfp4Activations, dequantize_nvfp4, global_scale_of, quantize_nvfp4
+from moeserve.quant.nvfp4 import Nvfp4Activations, global_scale_of, quantize_nvfp4
 
 DISPATCH_FORMATS = ("bf16", "fp8", "nvfp4")  # bf16: unquantized
 FP8_GROUP = 128
@@ -113,8 +113,7 @@ class Nvfp4Format:
         return Nvfp4Activations(payload, hidden, dtype, rows_in_use)
 
     def unpack(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        tokens = self.views(payload, hidden)
-        return dequantize_nvfp4(tokens.packed, tokens.block_scales, tokens.global_scales, dtype)
+        return self.views(payload, hidden, dtype).dequantize()
 
     def receive(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype = torch.bfloat16,
                 rows_in_use: torch.Tensor | None = None) -> Nvfp4Activations:
